@@ -1,0 +1,79 @@
+"""The run directory: resolved config, one metrics line per round, PEFT adapters, a plot.
+
+Each round's line is appended and flushed before the next round starts, so a crash loses
+at most the round in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from peft import PeftConfig
+
+from fedlora.adapter import AdapterLayout, save_peft_dir
+from fedlora.config import Config
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, one per round (round 0 = before training)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+class RunDirectory:
+    def __init__(self, path: Path, config: Config) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.toml").write_text(config.to_toml())
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def write_json(self, name: str, payload: Any) -> None:
+        (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(row, allow_nan=True) + "\n")
+
+    def save_adapter(self, server_round: int, vector: np.ndarray, layout: AdapterLayout, peft_config: PeftConfig) -> Path:
+        return save_peft_dir(self.path / "adapters" / f"round-{server_round:04d}", vector, layout, peft_config)
+
+    def publish_final(self, source: Path) -> Path:
+        final = self.path / "adapters" / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(source, final)
+        return final
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def plot(self) -> Path:
+        """metrics.png: losses and accuracy per round."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        for key in ("train_loss", "eval_loss"):
+            points = [(r["round"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+            if points:
+                loss_axis.plot(*zip(*points), marker="o", label=key)
+        loss_axis.set(xlabel="round", ylabel="loss", title="loss per round")
+        loss_axis.legend()
+        points = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None and math.isfinite(r["eval_accuracy"])]
+        if points:
+            accuracy_axis.plot(*zip(*points), marker="o", color="tab:green")
+        accuracy_axis.set(xlabel="round", ylabel="held-out accuracy", title="accuracy per round", ylim=(0, 1))
+        figure.tight_layout()
+        out = self.path / "metrics.png"
+        figure.savefig(out, dpi=100)
+        plt.close(figure)
+        return out

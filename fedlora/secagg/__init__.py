@@ -1,0 +1,61 @@
+"""Secure aggregation (SecAgg+, Bell et al. CCS 2020; Bonawitz et al. CCS 2017).
+
+Pure Python/numpy, no Flower: the coordinator relays the plain-data messages of
+`messages` between a `SecAggServer` (one per bucket) and the stage functions of
+`participant` (`setup`, `share_keys`, `mask_input`, `unmask`).
+"""
+
+from . import crypto, participant, shamir
+from .buckets import assign_buckets
+from .errors import SecAggAbort, SecAggError, SecAggProtocolError
+from .fixedpoint import check_no_overflow, choose_scale, clip, decode, encode, error_bound
+from .graph import communication_graph, default_degree, default_threshold
+from .local import run_secure_sum
+from .messages import (
+    KeysAdvert,
+    KeysRelay,
+    MaskedInput,
+    Message,
+    ParticipantState,
+    SetupRequest,
+    SharesRelay,
+    SharesUpload,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from .prg import apply_mask, expand_mask
+from .server import SecAggServer, SumResult
+
+__all__ = [
+    "KeysAdvert",
+    "KeysRelay",
+    "MaskedInput",
+    "Message",
+    "ParticipantState",
+    "SecAggAbort",
+    "SecAggError",
+    "SecAggProtocolError",
+    "SecAggServer",
+    "SetupRequest",
+    "SharesRelay",
+    "SharesUpload",
+    "SumResult",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "apply_mask",
+    "assign_buckets",
+    "check_no_overflow",
+    "choose_scale",
+    "clip",
+    "communication_graph",
+    "crypto",
+    "decode",
+    "default_degree",
+    "default_threshold",
+    "encode",
+    "error_bound",
+    "expand_mask",
+    "participant",
+    "run_secure_sum",
+    "shamir",
+]

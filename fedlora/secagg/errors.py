@@ -1,0 +1,30 @@
+"""Exceptions raised by the secure-aggregation protocol.
+
+Two failure kinds need different handling by the coordinator: a *protocol error*
+names a participant that sent something invalid (exclude or revoke it, then retry),
+while an *abort* means too few participants remain for the threshold to hold, so
+the round must end with the global state unchanged (Bonawitz et al., CCS 2017, §4).
+"""
+
+from __future__ import annotations
+
+
+class SecAggError(Exception):
+    """Base class of every secure-aggregation failure."""
+
+
+class SecAggProtocolError(SecAggError):
+    """A message broke the protocol; `participant` names the sender held responsible."""
+
+    def __init__(self, participant: int | None, message: str) -> None:
+        self.participant = participant
+        who = f"participant {participant}" if participant is not None else "protocol"
+        super().__init__(f"{who}: {message}")
+
+
+class SecAggAbort(SecAggError):
+    """The round cannot complete securely (e.g. fewer than `threshold` survivors)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

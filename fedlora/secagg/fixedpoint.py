@@ -1,0 +1,101 @@
+"""Fixed-point encoding of float updates into Z_{2^32}.
+
+Masking (Bonawitz et al., CCS 2017) works in a finite group, so each clipped
+update is scaled, stochastically rounded (unbiased, as in Kairouz et al.,
+"The Distributed Discrete Gaussian", ICML 2021) and mapped to uint32 in two's
+complement. The scale is chosen so that the sum of all participants' vectors
+cannot leave the signed 32-bit range: wraparound would corrupt the sum silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WIRE_BITS = 32
+# Float64 clipping can leave a norm a few ulps above clip_norm; budget for it.
+_CLIP_SLACK = 1.0 + 1e-9
+
+
+def _max_abs(bits: int) -> int:
+    if not 2 <= bits <= WIRE_BITS:
+        raise ValueError(f"bits must be in [2, {WIRE_BITS}], got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def clip(vec: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Return `vec` as float64 scaled down to L2 norm <= clip_norm; reject NaN/inf."""
+    if not clip_norm > 0 or not np.isfinite(clip_norm):
+        raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
+    v = np.array(vec, dtype=np.float64).ravel()  # a copy: callers' arrays stay untouched
+    if not np.all(np.isfinite(v)):
+        bad = np.flatnonzero(~np.isfinite(v))
+        kind = "NaN" if np.isnan(v[bad[0]]) else "inf"
+        raise ValueError(
+            f"update contains {bad.size} non-finite value(s) ({kind} at index {bad[0]}); "
+            "fix the local training step (e.g. lower the learning rate) before masking"
+        )
+    norm = float(np.linalg.norm(v))
+    if norm > clip_norm:
+        v *= clip_norm / norm
+    return v
+
+
+def encode(vec: np.ndarray, clip_norm: float, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Clip to `clip_norm`, scale, round stochastically, return uint32 (two's complement)."""
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    check_no_overflow(clip_norm, 1, scale)  # even one vector must fit in int32
+    v = clip(vec, clip_norm)
+    v *= scale  # |v| <= clip_norm * scale < 2^31 / n_participants (see choose_scale)
+    low = np.floor(v)
+    v -= low  # fractional part in [0, 1)
+    # Round up with probability equal to the fractional part: E[result] = v (to 2^-24).
+    low += rng.random(v.shape, dtype=np.float32) < v
+    return low.astype(np.int32).view(np.uint32)  # two's complement in Z_{2^32}
+
+
+def decode(sum_u32: np.ndarray, scale: float, dtype: type = np.float32) -> np.ndarray:
+    """Interpret a uint32 sum as signed int32 and divide by `scale`."""
+    ints = np.asarray(sum_u32, dtype=np.uint32).view(np.int32)
+    return (ints.astype(np.float64) / scale).astype(dtype)
+
+
+def choose_scale(clip_norm: float, n_participants: int, bits: int = WIRE_BITS) -> float:
+    """Largest scale such that n clipped, rounded vectors cannot overflow `bits` signed.
+
+    Each coordinate satisfies |x| <= clip_norm, so after rounding |round(x*scale)| <
+    clip_norm*scale + 1 and the sum of n is below n*(clip_norm*scale + 1).
+    """
+    if n_participants < 1:
+        raise ValueError(f"n_participants must be >= 1, got {n_participants}")
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+    levels = (_max_abs(bits) / n_participants - 1.0) / _CLIP_SLACK
+    if levels < 1.0:
+        limit = _max_abs(bits) // 2
+        raise ValueError(
+            f"{n_participants} participants cannot be summed in {bits}-bit fixed point: "
+            f"each update would get less than one quantisation step per clip_norm; "
+            f"use secure-aggregation buckets of at most {limit} participants"
+        )
+    scale = levels / clip_norm
+    check_no_overflow(clip_norm, n_participants, scale, bits)
+    return scale
+
+
+def check_no_overflow(
+    clip_norm: float, n_participants: int, scale: float, bits: int = WIRE_BITS
+) -> None:
+    """Raise ValueError if n clipped vectors at this scale could overflow the signed range."""
+    worst = n_participants * (clip_norm * _CLIP_SLACK * scale + 1.0)
+    if worst > _max_abs(bits):
+        raise ValueError(
+            f"fixed-point overflow: {n_participants} participants x clip_norm {clip_norm} "
+            f"x scale {scale:.6g} can reach {worst:.6g} > {_max_abs(bits)} ({bits}-bit signed); "
+            f"use scale <= choose_scale(clip_norm, n_participants) or smaller buckets"
+        )
+
+
+def error_bound(n_participants: int, scale: float) -> float:
+    """Max abs error per coordinate of a decoded sum of n vectors (before dtype rounding)."""
+    return n_participants / scale

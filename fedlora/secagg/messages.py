@@ -1,0 +1,171 @@
+"""Plain-data messages of the SecAgg+ stages and the participant's state.
+
+Every field is `str`, `int`, `float`, `bytes`, a list of one of those, or a
+uint32 numpy array, so the coordinator can map a message onto Flower records
+(scalars and lists -> ConfigRecord, arrays -> ArrayRecord) without knowing the
+protocol. Maps keyed by participant are parallel lists (`ids[i]` <-> `x[i]`),
+because record keys must be strings. `from_dict` type-checks everything that
+arrives from the wire before the protocol looks at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .errors import SecAggProtocolError
+
+M = TypeVar("M", bound="Message")
+_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "float": (int, float),
+    "bytes": bytes,
+}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    if annotation == "np.ndarray":
+        return isinstance(value, np.ndarray) and value.dtype == np.uint32 and value.ndim == 1
+    if annotation.startswith("list["):
+        inner = _SCALARS[annotation[5:-1]]
+        return isinstance(value, list) and all(
+            isinstance(v, inner) and not isinstance(v, bool) for v in value
+        )
+    return isinstance(value, _SCALARS[annotation]) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base: a frozen dataclass of plain fields with dict (de)serialisation."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[M], data: dict[str, Any], sender: int | None = None) -> M:
+        """Build and type-check; a malformed message is blamed on `sender`."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                raise SecAggProtocolError(sender, f"{cls.__name__} lacks field '{f.name}'")
+            value = data[f.name]
+            if isinstance(value, tuple):
+                value = list(value)
+            if not _matches(value, str(f.type)):
+                raise SecAggProtocolError(
+                    sender, f"{cls.__name__}.{f.name} must be {f.type}, got {type(value).__name__}"
+                )
+            values[f.name] = value
+        return cls(**values)
+
+
+# Stage 1: server -> each participant.
+@dataclass(frozen=True)
+class SetupRequest(Message):
+    round_id: str  # unique per (round, bucket): binds keys, masks and ciphertexts
+    receiver: int
+    neighbours: list[int]
+    threshold: int
+    vector_length: int
+    clip_norm: float
+    scale: float
+
+
+# Stage 2: participant -> server.
+@dataclass(frozen=True)
+class KeysAdvert(Message):
+    round_id: str
+    sender: int
+    c_public: bytes  # X25519, encrypts shares
+    s_public: bytes  # X25519, agrees pairwise mask seeds
+
+
+# Stage 3 request: server -> participant, the keys of neighbours that advertised.
+@dataclass(frozen=True)
+class KeysRelay(Message):
+    round_id: str
+    receiver: int
+    ids: list[int]
+    c_publics: list[bytes]
+    s_publics: list[bytes]
+
+
+# Stage 3 reply: participant -> server, one ciphertext per neighbour in the relay.
+@dataclass(frozen=True)
+class SharesUpload(Message):
+    round_id: str
+    sender: int
+    receivers: list[int]
+    ciphertexts: list[bytes]
+    b_commitment: bytes  # SHA-256 commitment to the self-mask seed, checked on recovery
+
+
+# Stage 4 request: server -> participant, the ciphertexts addressed to it.
+@dataclass(frozen=True)
+class SharesRelay(Message):
+    round_id: str
+    receiver: int
+    senders: list[int]
+    ciphertexts: list[bytes]
+
+
+# Stage 4 reply: participant -> server.
+@dataclass(frozen=True)
+class MaskedInput(Message):
+    round_id: str
+    sender: int
+    masked: np.ndarray  # uint32, length vector_length
+
+
+# Stage 5 request: server -> surviving participant.
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    round_id: str
+    receiver: int
+    survived: list[int]  # neighbours whose masked input arrived: reveal b-shares
+    dropped: list[int]  # neighbours who masked with us but sent nothing: reveal s-shares
+
+
+# Stage 5 reply: participant -> server.
+@dataclass(frozen=True)
+class UnmaskResponse(Message):
+    round_id: str
+    sender: int
+    b_owners: list[int]
+    b_shares: list[bytes]
+    s_owners: list[int]
+    s_shares: list[bytes]
+
+
+@dataclass(frozen=True)
+class ParticipantState(Message):
+    """Everything a participant keeps between stages (secret: never leaves the client).
+
+    Plain data so a stateless ClientApp can keep it in Flower's `context.state`.
+    """
+
+    round_id: str
+    participant_id: int
+    neighbours: list[int]
+    threshold: int
+    vector_length: int
+    clip_norm: float
+    scale: float
+    stage: str  # "advertised" -> "shared" -> "masked" -> "unmasked"
+    c_private: bytes
+    s_private: bytes
+    c_public: bytes
+    s_public: bytes
+    key_ids: list[int]  # neighbours whose keys were relayed to us (stage 3)
+    key_c_publics: list[bytes]
+    key_s_publics: list[bytes]
+    b_seed: bytes
+    own_b_share: bytes
+    own_s_share: bytes
+    share_owners: list[int]  # neighbours whose shares we hold (stage 4): U2 ∩ N(self)
+    held_b_shares: list[bytes]
+    held_s_shares: list[bytes]

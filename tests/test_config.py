@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import Config, ConfigError, build_config, config_from_flat, load_config
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path: Path) -> None:
+    cfg = Config()
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["federation.rounds=7", "lora.target_modules=q_proj,v_proj", "train.lr=0.01", "secagg.enabled=false"])
+    assert cfg.federation.rounds == 7
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.lr == pytest.approx(0.01)
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key federation\.roundz.*rounds"):
+        load_config(None, ["federation.roundz=3"])
+
+
+def test_unknown_section_lists_sections() -> None:
+    with pytest.raises(ConfigError, match=r"unknown section \[fedration\].*federation"):
+        build_config({"fedration": {"rounds": 1}})
+
+
+def test_bad_value_names_key_and_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"model\.quantization: 'nf3' is not one of nf4, int8, none"):
+        load_config(None, ["model.quantization=nf3"])
+    with pytest.raises(ConfigError, match=r"federation\.rounds: expected an integer"):
+        load_config(None, ["federation.rounds=three"])
+    with pytest.raises(ConfigError, match=r"federation\.min_participants"):
+        load_config(None, ["federation.participants=2", "federation.min_participants=5"])
+
+
+def test_missing_file_and_bad_attack_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match="simulation.attack"):
+        load_config(None, ["simulation.adversaries=0.25", "simulation.attack=teleport"])
+
+
+def test_flower_run_config_maps_onto_sections() -> None:
+    cfg = config_from_flat({"config-file": "", "federation.rounds": 5, "lora.r": 4})
+    assert (cfg.federation.rounds, cfg.lora.r) == (5, 4)

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from fedlora.adapter import AdapterLayout, adapter_state, adapter_vector, load_adapter_vector, load_peft_dir, save_peft_dir
+from fedlora.config import LoraSection, ModelSection, TrainSection
+from fedlora.data import answer_choices, load_examples
+from fedlora.config import DataSection
+from fedlora.model import load_base_model, load_model
+from fedlora.train import train_local
+
+
+@pytest.fixture(scope="module")
+def nf4_model():
+    return load_model(ModelSection(), LoraSection(), [], seed=0)
+
+
+def test_nf4_base_is_really_4bit_and_only_lora_trains(nf4_model) -> None:
+    model = nf4_model.model
+    quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantised, "no bitsandbytes Linear4bit layers in the base"
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in quantised)
+    assert all(m.weight.dtype == torch.uint8 for m in quantised)  # packed 4-bit pairs
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+    base_before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    lora_before, layout = adapter_vector(model)
+    examples = load_examples(DataSection(max_examples=32))
+    train_local(model, nf4_model.tokenizer, examples, TrainSection(local_steps=2, batch_size=4), "generation", [], 128, seed=0)
+    lora_after, _ = adapter_vector(model)
+    b_offsets = [s for s in layout.specs if "lora_B" in s.name]
+    assert all(np.abs(lora_after[s.offset : s.offset + s.size]).sum() > 0 for s in b_offsets)  # B left zero-init
+    assert all(torch.equal(base_before[name], p) for name, p in model.named_parameters() if not p.requires_grad)
+    load_adapter_vector(model, lora_before, layout)
+
+
+def test_adapter_vector_round_trip_is_lossless(nf4_model, tmp_path: Path) -> None:
+    model = nf4_model.model
+    vector, layout = adapter_vector(model)
+    state = adapter_state(model)
+    restored = layout.unflatten(vector)
+    assert list(restored) == list(state)
+    assert all(np.array_equal(restored[k], state[k]) for k in state)
+    perturbed = vector + np.random.default_rng(0).normal(size=vector.shape).astype(np.float32)
+    load_adapter_vector(model, perturbed, layout)
+    assert np.array_equal(adapter_vector(model)[0], perturbed)
+    save_peft_dir(tmp_path / "a", perturbed, layout, model.peft_config["default"])
+    assert np.array_equal(load_peft_dir(tmp_path / "a", layout), perturbed)
+    assert AdapterLayout.from_json(layout.to_json()) == layout
+    load_adapter_vector(model, vector, layout)
+
+
+def test_layout_rejects_wrong_shapes_and_nan(nf4_model) -> None:
+    vector, layout = adapter_vector(nf4_model.model)
+    with pytest.raises(ValueError, match="shape"):
+        layout.unflatten(vector[:-1])
+    bad = vector.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        layout.unflatten(bad)
+
+
+def test_saved_adapter_loads_in_stock_peft_with_identical_logits(tmp_path: Path) -> None:
+    loaded = load_model(ModelSection(quantization="none"), LoraSection(), [], seed=1)
+    vector, layout = adapter_vector(loaded.model)
+    trained = vector + np.random.default_rng(1).normal(scale=0.05, size=vector.shape).astype(np.float32)
+    load_adapter_vector(loaded.model, trained, layout)
+    save_peft_dir(tmp_path / "adapter", trained, layout, loaded.model.peft_config["default"])
+
+    stock = PeftModel.from_pretrained(load_base_model(ModelSection(quantization="none")), str(tmp_path / "adapter"))
+    ids = loaded.tokenizer("### Record\nAge: 50\n### Answer\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+
+
+def test_classification_on_the_real_pretrained_encoder() -> None:
+    labels = answer_choices(load_examples(DataSection()))
+    loaded = load_model(ModelSection(name="builtin:minilm", task="classification"), LoraSection(), labels, seed=0)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    vector, layout = adapter_vector(loaded.model)
+    assert any("classifier" in name for name in layout.names)  # the fresh head travels with the adapter
+    again = load_model(ModelSection(name="builtin:minilm", task="classification"), LoraSection(), labels, seed=0)
+    assert np.array_equal(adapter_vector(again.model)[0], vector)  # same seed, same initial adapter
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        load_base_model(ModelSection(name=str(tmp_path / "nowhere")))
