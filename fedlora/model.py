@@ -29,7 +29,7 @@ from transformers import (
 from fedlora.config import LoraSection, ModelSection
 from fedlora.tokenizer import builtin_tokenizer
 
-TINY_LLAMA_VERSION = "v1"
+TINY_LLAMA_VERSION = "v2"
 # Heads that a classification model creates fresh: kept unquantised and trained in full.
 CLASSIFIER_HEADS = ["classifier", "score"]
 
@@ -69,6 +69,9 @@ def builtin_tiny_llama_dir() -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+        # With the default init (std 0.02) a frozen random head caps every logit near 2.5, so no
+        # adapter could make an answer likely; rows of norm ~2 let the adapter steer the output.
+        torch.nn.init.normal_(model.lm_head.weight, std=2.0 / model.config.hidden_size**0.5)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-llama-"))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
