@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 
 from coordinator.outputs import RunDirectory
 from coordinator.screen import Rejection, Update, screen
+from coordinator.secure import run_secure_round
 from fedlora.adapter import AdapterLayout, adapter_vector
-from fedlora.aggregate import weighted_mean
+from fedlora.aggregate import Contribution, aggregate_round, make_aggregator, make_server_optimizer, weighted_mean
 from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.model import load_model
@@ -80,6 +81,10 @@ class Coordinator:
         sim = cfg.simulation
         self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
         self.attack = resolve_attack(sim.attack) if self.adversaries else None
+        fed = cfg.federation
+        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed)
+        # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
+        self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
 
     def name(self, node: int, metrics: dict[str, float] | None = None) -> str:
@@ -106,6 +111,18 @@ class Coordinator:
                 except (KeyError, TypeError, ValueError) as err:
                     rejected.append(Rejection(self.name(node), f"malformed reply (missing {err})"))
         return sorted(updates, key=lambda u: u.participant), rejected
+
+    def rank_of(self, update: Update) -> int:
+        """The LoRA rank this participant trains (lora.participant_ranks by partition id, else lora.r)."""
+        return self.cfg.lora.rank_for(int(update.metrics.get("partition_id", -1)))
+
+    def upload_size(self, update: Update) -> int:
+        """Expected length of a participant's upload; rejects one that trained the wrong rank."""
+        rank = self.rank_of(update)
+        reported = update.metrics.get("lora_r")
+        if reported is not None and int(reported) != rank:
+            raise ValueError(f"trained LoRA rank {int(reported)}, but the configuration gives it rank {rank}")
+        return self.aggregator.upload_layout(self.adapter.layout, rank).size
 
     def simulate_attacks(self, updates: list[Update], server_round: int) -> list[Update]:
         """Replace malicious participants' updates (simulation only); they see the honest ones."""
@@ -147,8 +164,13 @@ class Coordinator:
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
         sampled = sample_nodes(sorted(nodes, key=self.name), self.cfg, server_round)
         replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
+        if self.cfg.secagg.enabled:  # updates stay with the participants until masked: summed per bucket
+            row = run_secure_round(self, server_round, sampled, replies)
+            row.update(self.evaluate(nodes, server_round))
+            row["seconds"] = round(time.monotonic() - started, 3)
+            return row
         updates, rejected = self.collect(replies)
-        accepted, screened_out = screen(self.simulate_attacks(updates, server_round), self.adapter.layout.size)
+        accepted, screened_out = screen(self.simulate_attacks(updates, server_round), self.upload_size)
         rejected += screened_out
         for rejection in rejected:
             log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
@@ -164,8 +186,11 @@ class Coordinator:
             row["applied"] = False
             log.warning("round %d: only %d valid updates (< min_participants=%d); global adapter unchanged", server_round, len(accepted), fed.min_participants)
         else:
-            delta = weighted_mean([u.vector for u in accepted], [u.num_examples for u in accepted])
-            self.adapter.vector = self.adapter.vector + delta
+            contributions = [Contribution(u.participant, u.vector, u.num_examples, self.rank_of(u)) for u in accepted]
+            step = aggregate_round(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, contributions)
+            delta = step.vector - self.adapter.vector
+            self.adapter.vector = step.vector
+            row.update(step.metrics)  # participant_updates (norm, cosine), svd_truncation_error in exact mode
             row["applied"] = True
             row["train_loss"] = float(np.average([u.metrics["train_loss"] for u in accepted], weights=[u.num_examples for u in accepted]))
             row["update_norm"] = float(np.linalg.norm(delta))

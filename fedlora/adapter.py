@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,78 @@ class AdapterLayout:
     @classmethod
     def from_json(cls, text: str) -> AdapterLayout:
         return cls.from_shapes({name: tuple(shape) for name, shape in json.loads(text)})
+
+    # --- sub-layouts: what trains and travels ------------------------------------------
+
+    def select(self, keep: Callable[[str], bool]) -> AdapterLayout:
+        """The tensors whose name passes `keep`, packed into a shorter vector (same order)."""
+        return AdapterLayout.from_shapes({spec.name: spec.shape for spec in self.specs if keep(spec.name)})
+
+    def uploaded(self, mode: str) -> AdapterLayout:
+        """The tensors a participant trains and sends in aggregation mode `mode` (`lora.mode`).
+
+        In 'frozen-a' every lora_A is fixed from the run seed, so only lora_B and the fully
+        trained tensors (e.g. a classifier head) travel; in the other modes everything does.
+        Secure aggregation, clipping and noise act on this sub-vector.
+        """
+        return self.select(lambda name: not is_lora_a(name)) if mode == "frozen-a" else self
+
+    def positions(self, sub: AdapterLayout) -> np.ndarray:
+        """Indices into this layout's vector of every entry of `sub` (a `select` of it)."""
+        by_name = {spec.name: spec for spec in self.specs}
+        parts = []
+        for spec in sub.specs:
+            if spec.name not in by_name or by_name[spec.name].shape != spec.shape:
+                raise ValueError(f"{spec.name} {spec.shape} is not a tensor of this layout")
+            start = by_name[spec.name].offset
+            parts.append(np.arange(start, start + spec.size))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def take(self, vector: np.ndarray, sub: AdapterLayout) -> np.ndarray:
+        """The entries of `vector` that belong to `sub`, as `sub`'s vector."""
+        check_vector(vector, self.size)
+        return vector[self.positions(sub)]
+
+    def put(self, vector: np.ndarray, sub: AdapterLayout, values: np.ndarray) -> np.ndarray:
+        """A copy of `vector` with `sub`'s entries replaced by `values`."""
+        check_vector(values, sub.size, "sub-vector")
+        out = np.array(vector, dtype=np.float32, copy=True)
+        out[self.positions(sub)] = values
+        return out
+
+    def trainable_mask(self, mode: str) -> np.ndarray:
+        """Boolean mask over this layout's vector: True where `uploaded(mode)` has an entry."""
+        mask = np.zeros(self.size, dtype=bool)
+        mask[self.positions(self.uploaded(mode))] = True
+        return mask
+
+    def with_rank(self, rank: int) -> AdapterLayout:
+        """The same adapter at LoRA rank `rank`: lora_A (r, in) and lora_B (out, r) resized."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for spec in self.specs:
+            if is_lora_a(spec.name):
+                shapes[spec.name] = (rank, *spec.shape[1:])
+            elif is_lora_b(spec.name):
+                shapes[spec.name] = (spec.shape[0], rank, *spec.shape[2:])
+            else:
+                shapes[spec.name] = spec.shape
+        return AdapterLayout.from_shapes(shapes)
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank shared by every lora_A of this layout (0 when there is none)."""
+        ranks = {spec.shape[0] for spec in self.specs if is_lora_a(spec.name)}
+        if len(ranks) > 1:
+            raise ValueError(f"layout mixes LoRA ranks {sorted(ranks)}")
+        return ranks.pop() if ranks else 0
+
+
+def is_lora_a(name: str) -> bool:
+    return ".lora_A." in name
+
+
+def is_lora_b(name: str) -> bool:
+    return ".lora_B." in name
 
 
 def check_vector(vector: np.ndarray, size: int, what: str = "adapter vector") -> None:

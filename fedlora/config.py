@@ -8,6 +8,7 @@ and what is allowed, so a mistake fails at load time rather than in round 37.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -61,13 +62,43 @@ class LoraSection:
     alpha: float = _help("LoRA scaling numerator (scale = alpha / r).", 16.0)
     dropout: float = _help("Dropout on the LoRA input.", 0.0)
     target_modules: list[str] = _help("Module names to adapt; empty = PEFT's default for the architecture.", [])
-    mode: str = _help("How adapters are aggregated: 'fedavg' (average A and B separately).", "fedavg")
+    mode: str = _help(
+        "How adapters are aggregated: 'frozen-a' (FFA-LoRA: A fixed from the seed, only B trains and "
+        "travels; exact and linear), 'fedavg' (average A and B separately, the common baseline), "
+        "'exact' (mean of the products B*A per layer, re-factorised to lora.r by truncated SVD; "
+        "allows lora.participant_ranks; needs plaintext updates) or 'auto' (frozen-a when secagg.enabled "
+        "or privacy.noise_multiplier > 0, else exact when lora.participant_ranks is set, else fedavg). "
+        "The resolved mode is what config.toml records.",
+        "auto",
+    )
+    participant_ranks: list[int] = _help(
+        "LoRA rank per participant, indexed by partition id (e.g. [4, 8, 16, 16]); empty = every "
+        "participant trains lora.r. Needs lora.mode='exact'; lora.r stays the global adapter's rank, "
+        "and a participant without a partition id trains lora.r.",
+        [],
+    )
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _require_choice(self.mode, "lora.mode", ("fedavg",))
+        from fedlora.aggregate.registry import MODES
+
+        _require_choice(self.mode, "lora.mode", ("auto", *MODES))
+        bad = [r for r in self.participant_ranks if r < 1]
+        _require(not bad, "lora.participant_ranks", f"every rank must be >= 1, got {self.participant_ranks}")
+        _require(
+            not self.participant_ranks or self.mode in ("exact", "auto"),
+            "lora.participant_ranks",
+            f"participants with different ranks need lora.mode='exact' (lora.mode={self.mode!r} averages "
+            "factors, which only works when every participant has the same shapes)",
+        )
+
+    def rank_for(self, partition_id: int) -> int:
+        """The LoRA rank participant `partition_id` trains (lora.r when it has none of its own)."""
+        if 0 <= partition_id < len(self.participant_ranks):
+            return self.participant_ranks[partition_id]
+        return self.r
 
 
 @dataclass
@@ -96,11 +127,17 @@ class TrainSection:
     lr: float = _help("AdamW learning rate for the adapter.", 3e-3)
     batch_size: int = _help("Examples per local step.", 8)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
+    fedprox_mu: float = _help(
+        "FedProx proximal term (Li et al. 2020): adds mu/2 * ||w - w_round_start||^2 over the trained "
+        "tensors to the local loss, pulling each participant towards the global adapter (0 = off).",
+        0.0,
+    )
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local_steps", f"must be >= 1, got {self.local_steps}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.fedprox_mu >= 0, "train.fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
 
 
 @dataclass
@@ -111,8 +148,23 @@ class FederationSection:
     min_participants: int = _help("A round is applied only if at least this many valid updates arrive.", 2)
     seed: int = _help("Seed for sampling, partitioning, LoRA init and local training.", 0)
     timeout_s: float = _help("Seconds the coordinator waits for replies in each stage.", 600.0)
+    server_optimizer: str = _help(
+        "How the coordinator applies the round's mean update (Reddi et al. 2021): 'fedavg' (plain step), "
+        "'fedadam' or 'fedyogi' (adaptive, with server moments).",
+        "fedavg",
+    )
+    server_lr: float = _help("Server learning rate; 0 = the optimiser's default (fedavg 1.0, fedadam/fedyogi 0.01).", 0.0)
+    server_beta1: float = _help("First-moment decay of fedadam/fedyogi.", 0.9)
+    server_beta2: float = _help("Second-moment decay of fedadam/fedyogi.", 0.99)
+    server_tau: float = _help("Adaptivity floor of fedadam/fedyogi (added to sqrt(v)).", 1e-3)
 
     def __post_init__(self) -> None:
+        from fedlora.aggregate.server import make_server_optimizer
+
+        try:
+            make_server_optimizer(self.server_optimizer, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
+        except ValueError as err:
+            raise ConfigError(f"federation.server_optimizer: {err}") from err
         _require(self.rounds >= 1, "federation.rounds", f"must be >= 1, got {self.rounds}")
         _require(self.participants >= 1, "federation.participants", f"must be >= 1, got {self.participants}")
         _require(0.0 < self.fraction <= 1.0, "federation.fraction", f"must be in (0, 1], got {self.fraction}")
@@ -122,7 +174,56 @@ class FederationSection:
 
 @dataclass
 class SecaggSection:
-    enabled: bool = _help("Secure aggregation of the updates.", False)
+    enabled: bool = _help(
+        "Secure aggregation (SecAgg+ over Flower messages): the coordinator only sees sums of masked "
+        "updates, per bucket; participants that drop out after masking are recovered from shares.",
+        False,
+    )
+    threshold: float = _help(
+        "Shares needed to recover a dropped participant's masks: 0 = the smallest secure value (just over "
+        "half of each neighbourhood, most dropout-tolerant), a fraction in (0.5, 1] of the neighbourhood, "
+        "or a count >= 2. A bucket aborts its round when fewer than this many neighbours stay.",
+        0.0,
+    )
+    bucket_size: int = _help(
+        "Participants per secure sum: the round's participants are shuffled into buckets of at least this "
+        "many (and fewer than twice as many), each summed securely; 0 = one bucket with everyone.",
+        0,
+    )
+    clip_norm: float = _help(
+        "L2 bound each participant's update is clipped to before masking; also sizes the fixed-point "
+        "encoding. Set it near typical update norms to bound any one participant's influence.",
+        10.0,
+    )
+    timeout_s: float = _help("Seconds the coordinator waits for replies in each secure-aggregation stage.", 300.0)
+    degree: int = _help(
+        "Neighbours per participant in the SecAgg+ communication graph (even); 0 = about 3*log2(bucket size), "
+        "the complete graph for small buckets.",
+        0,
+    )
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        _require(
+            t == 0 or 0.5 < t <= 1 or (t >= 2 and t == int(t)),
+            "secagg.threshold",
+            f"{t} is neither 0 (auto), a fraction in (0.5, 1] nor a whole count >= 2; at or below half "
+            "of a neighbourhood two disjoint groups could each reconstruct a participant's secrets",
+        )
+        _require(self.bucket_size >= 0, "secagg.bucket_size", f"must be >= 0 (0 = one bucket), got {self.bucket_size}")
+        _require(
+            not (self.enabled and self.bucket_size == 1),
+            "secagg.bucket_size",
+            "1 would sum each participant's update alone, i.e. send it in the clear; use >= 2 "
+            "(or secagg.enabled=false for plaintext aggregation)",
+        )
+        _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "secagg.clip_norm", f"must be a positive number, got {self.clip_norm}")
+        _require(self.timeout_s > 0, "secagg.timeout_s", "must be > 0")
+        _require(
+            self.degree == 0 or (self.degree >= 2 and self.degree % 2 == 0),
+            "secagg.degree",
+            f"must be 0 (auto) or an even number >= 2 (no odd-degree regular graph on an odd number of nodes), got {self.degree}",
+        )
 
 
 @dataclass
@@ -177,12 +278,69 @@ class Config:
             "federation.min_participants",
             f"{fed.min_participants} exceeds federation.participants={fed.participants}",
         )
-        _require(not self.secagg.enabled, "secagg.enabled", "secure aggregation is not available yet; set it to false")
+        self._resolve_lora_mode()
+        self._check_secagg()
         # Validate the attack spec now rather than in the first round.
         if self.simulation.adversaries > 0:
             from fedlora.attacks import resolve_attack
 
             resolve_attack(self.simulation.attack)
+
+    def _resolve_lora_mode(self) -> None:
+        """Turn lora.mode='auto' into a mode and refuse combinations that cannot work (DESIGN decision 1)."""
+        lora = self.lora
+        secure = bool(getattr(self.secagg, "enabled", False))
+        private = self.privacy.noise_multiplier > 0
+        if lora.mode == "auto":
+            lora.mode = "frozen-a" if (secure or private) else ("exact" if lora.participant_ranks else "fedavg")
+        _require(
+            not (secure and lora.mode == "exact"),
+            "lora.mode",
+            "'exact' needs every participant's factors in the clear, which secure aggregation hides; "
+            "use lora.mode='frozen-a' (exact and linear, so it works under secure aggregation) or set secagg.enabled=false",
+        )
+        _require(
+            not lora.participant_ranks or lora.mode == "exact",
+            "lora.participant_ranks",
+            f"participants with different ranks need lora.mode='exact', but the mode is {lora.mode!r}"
+            + (" (chosen because secure aggregation or DP is on)" if secure or private else ""),
+        )
+        _require(
+            not lora.participant_ranks or len(lora.participant_ranks) == self.federation.participants,
+            "lora.participant_ranks",
+            f"gives {len(lora.participant_ranks)} ranks for federation.participants={self.federation.participants}; "
+            "give one rank per partition id",
+        )
+
+    def _check_secagg(self) -> None:
+        """Secure-aggregation settings that depend on the federation: bucket sizes, threshold, overflow."""
+        sec, fed = self.secagg, self.federation
+        if not sec.enabled:
+            return
+        from fedlora.secagg.plan import bucket_sizes, check_fixed_point, neighbourhood_degree, resolve_threshold
+
+        sampled = min(fed.participants, max(fed.min_participants, math.ceil(fed.fraction * fed.participants)))
+        _require(
+            sec.bucket_size <= sampled,
+            "secagg.bucket_size",
+            f"{sec.bucket_size} exceeds the {sampled} participants sampled per round; lower it or sample more",
+        )
+        sizes = bucket_sizes(sampled, sec.bucket_size)
+        _require(sizes[0] >= 2, "secagg.enabled", f"a secure sum needs >= 2 participants per round, but {sampled} are sampled")
+        _require(
+            sec.threshold <= 1 or sec.threshold <= sizes[0],
+            "secagg.threshold",
+            f"{int(sec.threshold)} exceeds the bucket size {sizes[0]}: no bucket could ever be unmasked",
+        )
+        for members in sorted(set(sizes)):
+            try:
+                resolve_threshold(sec.threshold, neighbourhood_degree(members, sec.degree))
+            except ValueError as err:
+                raise ConfigError(f"secagg.threshold: in a bucket of {members}, {err}") from None
+        try:
+            check_fixed_point(sec.clip_norm, sizes[-1])
+        except ValueError as err:
+            raise ConfigError(f"secagg.clip_norm: {err}") from None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -200,6 +358,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [item.strip() for item in value.split(",") if item.strip()]
         _require(isinstance(value, list), key, f"expected a list, got {value!r}")
+        if typing.get_args(annotation) == (int,):
+            # "4,8,16" on the command line arrives as strings.
+            value = [int(item) if isinstance(item, str) and item.strip().lstrip("-").isdigit() else item for item in value]
+            return [_coerce(item, int, key) for item in value]
         return [str(item) for item in value]
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):

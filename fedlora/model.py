@@ -174,10 +174,19 @@ def lora_config(cfg: LoraSection, task: str) -> LoraConfig:
 
 
 def attach_lora(base: torch.nn.Module, cfg: LoraSection, task: str, seed: int) -> PeftModel:
-    """Wrap the base with fresh LoRA weights drawn from `seed`, identical on every machine."""
+    """Wrap the base with fresh LoRA weights drawn from `seed`, identical on every machine.
+
+    In lora.mode='frozen-a' (FFA-LoRA) every lora_A keeps that seeded value for the whole run:
+    it is frozen here, so only lora_B (and any fully trained head) reaches the optimiser.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(base, lora_config(cfg, task))
+        model = get_peft_model(base, lora_config(cfg, task))
+    if cfg.mode == "frozen-a":
+        for name, parameter in model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
+    return model
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Local training: a plain loop over the participant's shard, whole step on one screen.
 
-Only adapter parameters train (the base is frozen, NF4 or not). The loss is the model's own:
-for a causal LM the prompt tokens carry label -100, so only the answer is learned.
+Only adapter parameters train (the base is frozen, NF4 or not; in frozen-a mode lora_A too).
+The loss is the model's own: for a causal LM the prompt tokens carry label -100, so only the
+answer is learned. With train.fedprox_mu > 0 the objective adds FedProx's proximal term.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def train_local(
     device = next(loaded_model.parameters()).device
     trainable = [p for p in loaded_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # FedProx (Li et al. 2020): the round's starting point, which the proximal term pulls towards.
+    anchor = [p.detach().clone() for p in trainable] if cfg.fedprox_mu > 0 else []
     loaded_model.train()
     losses = []
     stream = batches(examples, cfg.batch_size, np.random.default_rng(seed))
@@ -55,9 +58,12 @@ def train_local(
         loss = loaded_model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"local training loss became {loss.item()}; lower train.lr")
+        objective = loss
+        if cfg.fedprox_mu > 0:
+            objective = loss + cfg.fedprox_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # the task loss, comparable with and without the proximal term
     loaded_model.eval()
     return TrainResult(float(np.mean(losses)), cfg.local_steps, cfg.local_steps * cfg.batch_size)

@@ -1,6 +1,7 @@
 """Flower ClientApp of a participant: load the global adapter, train locally, reply with the delta.
 
-Only the adapter delta and counts leave the participant; the records stay in its shard.
+Only the adapter delta (in frozen-a mode: its lora_B part) and counts leave the participant;
+the records stay in its shard.
 """
 
 from __future__ import annotations
@@ -8,39 +9,24 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.adapter import adapter_vector, check_vector, load_adapter_vector
+from fedlora.adapter import check_vector, load_adapter_vector
 from fedlora.evaluate import evaluate
-from fedlora.train import train_local
 from fedlora.wire import read_instruction, reply_content
-from participant.runtime import get_runtime
+from participant import secure
+from participant.runtime import get_runtime, train_round
 
 app = ClientApp()
+secure.register(app)  # query.secagg_<stage>: the secure-aggregation stages
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = read_instruction(msg.content)
-    cfg = instruction.config
-    runtime = get_runtime(cfg, dict(context.node_config))
-    check_vector(instruction.vector, runtime.layout.size, "global adapter")
-    load_adapter_vector(runtime.loaded.model, instruction.vector, runtime.layout)
-    result = train_local(
-        runtime.loaded.model,
-        runtime.loaded.tokenizer,
-        runtime.shard.train,
-        cfg.train,
-        cfg.model.task,
-        runtime.loaded.label_names,
-        cfg.data.max_length,
-        seed=cfg.federation.seed * 100_003 + instruction.server_round * 1_009 + runtime.partition_id,
-    )
-    trained, _ = adapter_vector(runtime.loaded.model)
-    metrics = {
-        "num-examples": len(runtime.shard.train),
-        "train_loss": result.mean_loss,
-        "partition_id": runtime.partition_id,
-    }
-    return Message(reply_content(metrics, trained - instruction.vector), reply_to=msg)
+    runtime = get_runtime(instruction.config, dict(context.node_config), own_rank=True)
+    upload, metrics = train_round(runtime, instruction.config, instruction.vector, instruction.server_round)
+    if instruction.config.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
+        return secure.hold_update(msg, context, instruction.config, upload, metrics, instruction.server_round)
+    return Message(reply_content(metrics, upload), reply_to=msg)
 
 
 @app.evaluate()

@@ -3,19 +3,26 @@
 Flower may call the ClientApp many times in one worker process, and in a simulation one
 worker serves several virtual participants. The base model is loaded once per process
 and reused (simulation users report memory growth when actors reload models each round);
-only the adapter weights are overwritten for each call.
+only the adapter weights are overwritten for each call. With lora.participant_ranks a process
+may hold one model per LoRA rank it serves (its own rank for training, lora.r for evaluating
+the global adapter).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.adapter import AdapterLayout, adapter_vector
+import numpy as np
+
+from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
+from fedlora.aggregate import make_aggregator
 from fedlora.config import Config
 from fedlora.data import answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
+from fedlora.train import train_local
 
 
 @dataclass
@@ -24,6 +31,7 @@ class ParticipantRuntime:
     layout: AdapterLayout
     shard: Shard
     partition_id: int
+    rank: int  # the LoRA rank of `loaded` (lora.r, or this participant's own in lora.participant_ranks)
 
 
 _MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout]] = {}
@@ -46,15 +54,56 @@ def local_shard(cfg: Config, node_config: dict[str, Any]) -> tuple[Shard, int]:
     return split_holdout(examples, cfg.data.test_fraction, cfg.federation.seed), int(node_config.get("participant-id", -1))
 
 
-def get_runtime(cfg: Config, node_config: dict[str, Any]) -> ParticipantRuntime:
-    model_key = (repr(cfg.model), repr(cfg.lora), repr(cfg.data), cfg.federation.seed)
-    if model_key not in _MODEL:
-        _MODEL.clear()  # one base model per process: a new config replaces the old one
-        loaded = load_model(cfg.model, cfg.lora, label_names_for(cfg), cfg.federation.seed)
-        _MODEL[model_key] = (loaded, adapter_vector(loaded.model)[1])
+def get_runtime(cfg: Config, node_config: dict[str, Any], own_rank: bool = False) -> ParticipantRuntime:
+    """The participant's model and shard; `own_rank` picks its training rank instead of lora.r."""
     shard_key = (repr(cfg.data), cfg.federation.seed, cfg.federation.participants, tuple(sorted(node_config.items())))
     if shard_key not in _SHARDS:
         _SHARDS[shard_key] = local_shard(cfg, node_config)
-    loaded, layout = _MODEL[model_key]
     shard, partition_id = _SHARDS[shard_key]
-    return ParticipantRuntime(loaded, layout, shard, partition_id)
+    rank = cfg.lora.rank_for(partition_id) if own_rank else cfg.lora.r
+    lora = dataclasses.replace(cfg.lora, r=rank, participant_ranks=[])
+    base_key = (repr(cfg.model), repr(cfg.lora), repr(cfg.data), cfg.federation.seed)
+    if any(key[:-1] != base_key for key in _MODEL):
+        _MODEL.clear()  # one base model per process: a new config replaces the old one
+    if base_key + (rank,) not in _MODEL:
+        loaded = load_model(cfg.model, lora, label_names_for(cfg), cfg.federation.seed)
+        _MODEL[base_key + (rank,)] = (loaded, adapter_vector(loaded.model)[1])
+    loaded, layout = _MODEL[base_key + (rank,)]
+    return ParticipantRuntime(loaded, layout, shard, partition_id, rank)
+
+
+def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
+    """The seed of one participant's local training in one round (batches, dropout)."""
+    return cfg.federation.seed * 100_003 + server_round * 1_009 + partition_id
+
+
+def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int) -> tuple[np.ndarray, dict[str, float]]:
+    """One round on this participant: start from the global adapter, train, return (upload, metrics).
+
+    The start is the global adapter as the aggregation mode defines it at this participant's
+    rank; the upload is the delta of what the mode sends (in frozen-a: lora_B and heads only).
+    """
+    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed)
+    global_layout = runtime.layout.with_rank(cfg.lora.r)
+    check_vector(global_vector, global_layout.size, "global adapter")
+    start = aggregator.start(global_vector, global_layout, runtime.rank)
+    load_adapter_vector(runtime.loaded.model, start, runtime.layout)
+    result = train_local(
+        runtime.loaded.model,
+        runtime.loaded.tokenizer,
+        runtime.shard.train,
+        cfg.train,
+        cfg.model.task,
+        runtime.loaded.label_names,
+        cfg.data.max_length,
+        seed=local_seed(cfg, server_round, runtime.partition_id),
+    )
+    trained, _ = adapter_vector(runtime.loaded.model)
+    upload = runtime.layout.take(trained - start, aggregator.upload_layout(global_layout, runtime.rank))
+    metrics = {
+        "num-examples": len(runtime.shard.train),
+        "train_loss": result.mean_loss,
+        "partition_id": runtime.partition_id,
+        "lora_r": runtime.rank,
+    }
+    return upload, metrics

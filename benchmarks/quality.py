@@ -1,0 +1,322 @@
+"""Held-out quality of federated LoRA against centralised and local-only training.
+
+On a non-IID split of a built-in clinical task (Dirichlet alpha=0.3 label skew, and a natural
+split by age band), for the pretrained MiniLM encoder (classification) and the built-in tiny
+Llama (generation), at equal local compute:
+
+- centralised: one LoRA trained on the pooled training records, `participants x local_steps`
+  steps per round (the whole federation's compute), scored on every participant's test split;
+- local-only: each participant trains alone, `local_steps` per round, scored on its own split
+  (reported as the mean over participants);
+- federated: every `lora.mode` (fedavg, frozen-a, exact) with the FedAvg and FedAdam server
+  optimisers, `local_steps` per participant per round, the global adapter scored on every split.
+
+Everything runs in this one process, without Ray, through the same functions the Flower apps
+call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
+(mean, server optimiser, re-factorisation) and `fedlora.evaluate.evaluate`.
+
+    python benchmarks/quality.py            # the full table (about 15 min on 2 CPU cores)
+    python benchmarks/quality.py --quick    # smoke run of every code path (about 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedlora.adapter import adapter_vector, load_adapter_vector  # noqa: E402
+from fedlora.aggregate import Contribution, aggregate_round, make_aggregator, make_server_optimizer  # noqa: E402
+from fedlora.config import Config, load_config  # noqa: E402
+from fedlora.data import answer_choices, load_examples  # noqa: E402
+from fedlora.evaluate import evaluate  # noqa: E402
+from fedlora.model import load_model  # noqa: E402
+from fedlora.partition import Shard, shard_for  # noqa: E402
+from participant.runtime import ParticipantRuntime, train_round  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {
+    "minilm": ["model.name=builtin:minilm", "model.task=classification"],
+    "tiny-llama": ["model.name=builtin:tiny-llama", "model.task=generation"],
+}
+SPLITS = ["dirichlet:0.3", "natural:Age"]
+FEDERATED = [(mode, opt) for mode in ("fedavg", "frozen-a", "exact") for opt in ("fedavg", "fedadam")]
+TARGET_SHARE = 0.95
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much training each method gets; the same for every method of a scenario."""
+
+    participants: int = 4
+    rounds: int = 4
+    local_steps: int = 5
+    batch_size: int = 8
+    lr: float = 3e-3  # train.lr's default, not tuned per method
+    quantization: str = "none"  # NF4 on CPU costs minilm 2-3x per step; `--quantization nf4` for the QLoRA base
+    max_examples: int = 800  # diabetes has 768 records; larger tables are capped to keep evaluation cheap
+    seed: int = 0
+    dataset: str = "diabetes"
+
+
+FULL = Scale()
+QUICK = Scale(participants=3, rounds=2, local_steps=2, batch_size=4, max_examples=150)
+
+
+def scenario_config(model: str, split: str, scale: Scale, mode: str = "fedavg", server: str = "fedavg", local_steps: int = 0) -> Config:
+    return load_config(
+        None,
+        MODELS[model]
+        + [
+            f"data.dataset={scale.dataset}",
+            f"data.partition={split}",
+            f"data.max_examples={scale.max_examples}",
+            f"model.quantization={scale.quantization}",
+            "model.device=cpu",
+            f"lora.mode={mode}",
+            f"federation.participants={scale.participants}",
+            f"federation.rounds={scale.rounds}",
+            f"federation.seed={scale.seed}",
+            f"federation.server_optimizer={server}",
+            f"train.local_steps={local_steps or scale.local_steps}",
+            f"train.batch_size={scale.batch_size}",
+            f"train.lr={scale.lr}",
+        ],
+    )
+
+
+def shards_for(cfg: Config) -> tuple[list[Shard], list[str]]:
+    """Each participant's train/test records, exactly as `participant.runtime.local_shard` makes them."""
+    examples = load_examples(cfg.data, cfg.federation.seed)
+    n = cfg.federation.participants
+    shards = [shard_for(examples, cfg.data.partition, n, p, cfg.data.test_fraction, cfg.federation.seed) for p in range(n)]
+    return shards, answer_choices(examples)
+
+
+def score(loaded, cfg: Config, shards: list[Shard]) -> dict[str, Any]:
+    """The loaded adapter on every participant's test split, and pooled (example-weighted)."""
+    per = [evaluate(loaded.model, loaded.tokenizer, s.test, cfg.model.task, loaded.label_names, cfg.data.max_length) for s in shards]
+    sizes = [r.examples for r in per]
+    return {
+        "accuracy": float(np.average([r.accuracy for r in per], weights=sizes)),
+        "loss": float(np.average([r.loss for r in per], weights=sizes)),
+        "per_participant_accuracy": [r.accuracy for r in per],
+        "per_participant_loss": [r.loss for r in per],
+    }
+
+
+_LOADED: dict[tuple, tuple[Any, np.ndarray, Any]] = {}
+
+
+def fresh_model(cfg: Config, labels: list[str]):
+    """The model with its seeded initial adapter; loaded once per (model, lora.mode) and reset after."""
+    key = (repr(cfg.model), repr(cfg.lora), tuple(labels), cfg.federation.seed)
+    if key not in _LOADED:
+        if any(k[0] != key[0] for k in _LOADED):
+            _LOADED.clear()
+        loaded = load_model(cfg.model, cfg.lora, labels, cfg.federation.seed)
+        _LOADED[key] = (loaded, *adapter_vector(loaded.model))
+    loaded, initial, layout = _LOADED[key]
+    load_adapter_vector(loaded.model, initial, layout)
+    return loaded, initial.copy(), layout
+
+
+def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: dict[str, Any]) -> list[dict[str, Any]]:
+    """R rounds of: every participant trains from the global adapter, then one aggregation step."""
+    loaded, vector, layout = fresh_model(cfg, labels)
+    fed = cfg.federation
+    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed)
+    optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
+    runtimes = [ParticipantRuntime(loaded, layout, shard, p, cfg.lora.r) for p, shard in enumerate(shards)]
+    curve = [{"round": 0, **start}]  # the seeded initial adapter: the same for every method
+    for server_round in range(1, fed.rounds + 1):
+        contributions = []
+        for runtime in runtimes:
+            upload, metrics = train_round(runtime, cfg, vector, server_round)
+            contributions.append(Contribution(f"participant-{runtime.partition_id}", upload, metrics["num-examples"], runtime.rank))
+        step = aggregate_round(aggregator, optimizer, vector, layout, contributions)
+        vector = step.vector
+        load_adapter_vector(loaded.model, vector, layout)
+        row = {"round": server_round, **score(loaded, cfg, shards)}
+        row["mean_cosine_to_aggregate"] = float(np.mean([u["cosine_to_aggregate"] for u in step.metrics["participant_updates"]]))
+        if "svd_truncation_error" in step.metrics:
+            row["svd_truncation_error"] = step.metrics["svd_truncation_error"]
+        curve.append(row)
+    return curve
+
+
+def run_alone(cfg: Config, shard: Shard, partition_id: int, labels: list[str], eval_shards: list[Shard], start: dict[str, Any]) -> list[dict[str, Any]]:
+    """One party training by itself for R rounds (its 'global' adapter is its own), same loop as above."""
+    loaded, vector, layout = fresh_model(cfg, labels)
+    runtime = ParticipantRuntime(loaded, layout, shard, partition_id, cfg.lora.r)
+    curve = [{"round": 0, **start}]
+    for server_round in range(1, cfg.federation.rounds + 1):
+        upload, _ = train_round(runtime, cfg, vector, server_round)
+        vector = vector + upload
+        load_adapter_vector(loaded.model, vector, layout)
+        curve.append({"round": server_round, **score(loaded, cfg, eval_shards)})
+    return curve
+
+
+def run_scenario(model: str, split: str, scale: Scale) -> dict[str, Any]:
+    started = time.monotonic()
+    base = scenario_config(model, split, scale)
+    shards, labels = shards_for(base)
+    methods: dict[str, list[dict[str, Any]]] = {}
+
+    start = score(fresh_model(base, labels)[0], base, shards)
+    pooled = Shard([e for s in shards for e in s.train], [e for s in shards for e in s.test])
+    central_cfg = scenario_config(model, split, scale, local_steps=scale.participants * scale.local_steps)
+    methods["centralised"] = run_alone(central_cfg, pooled, -1, labels, shards, start)
+
+    own_start = [
+        {"accuracy": a, "loss": l, "per_participant_accuracy": [a], "per_participant_loss": [l]}
+        for a, l in zip(start["per_participant_accuracy"], start["per_participant_loss"])
+    ]
+    local_curves = [run_alone(base, shard, p, labels, [shard], own_start[p]) for p, shard in enumerate(shards)]
+    methods["local-only"] = [
+        {
+            "round": rows[0]["round"],
+            "accuracy": float(np.mean([r["accuracy"] for r in rows])),  # mean over participants, each on its own split
+            "loss": float(np.mean([r["loss"] for r in rows])),
+            "per_participant_accuracy": [r["accuracy"] for r in rows],
+            "per_participant_loss": [r["loss"] for r in rows],
+        }
+        for rows in zip(*local_curves)
+    ]
+    for mode, server in FEDERATED:
+        methods[f"{mode} + {server}"] = run_federated(scenario_config(model, split, scale, mode, server), shards, labels, start)
+        print(f"  {model} {split} {mode} + {server}: accuracy {methods[f'{mode} + {server}'][-1]['accuracy']:.3f}", flush=True)
+
+    return {
+        "model": model,
+        "dataset": scale.dataset,
+        "split": split,
+        "participants": [
+            {"train": len(s.train), "test": len(s.test), "labels": {name: sum(e.response == name for e in s.train) for name in labels}}
+            for s in shards
+        ],
+        "methods": methods,
+        "verdict": verdict(methods),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Best federated method (final pooled accuracy) against centralised and local-only training."""
+    federated = {name: rows[-1] for name, rows in methods.items() if name not in ("centralised", "local-only")}
+    best = max(federated, key=lambda name: federated[name]["accuracy"])
+    central = methods["centralised"][-1]["accuracy"]
+    local = methods["local-only"][-1]["per_participant_accuracy"]
+    ours = federated[best]["per_participant_accuracy"]
+    return {
+        "best_federated": best,
+        "best_federated_accuracy": federated[best]["accuracy"],
+        "centralised_accuracy": central,
+        "local_only_accuracy": methods["local-only"][-1]["accuracy"],
+        "share_of_centralised": federated[best]["accuracy"] / central if central > 0 else math.nan,
+        "reaches_95_percent_of_centralised": federated[best]["accuracy"] >= TARGET_SHARE * central,
+        "participants_better_than_local_only": int(sum(o > l for o, l in zip(ours, local))),
+        "participants_tied_with_local_only": int(sum(o == l for o, l in zip(ours, local))),
+        "participants": len(local),
+        "beats_local_only_on_every_split": all(o > l for o, l in zip(ours, local)),
+    }
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(results), 2, figsize=(12, 3.6 * len(results)), squeeze=False)
+    for (acc_axis, loss_axis), scenario in zip(axes, results):
+        for name, rows in scenario["methods"].items():
+            style = {"centralised": dict(color="black", linestyle="--"), "local-only": dict(color="grey", linestyle=":")}.get(name, {})
+            rounds = [r["round"] for r in rows]
+            acc_axis.plot(rounds, [r["accuracy"] for r in rows], marker="o", markersize=3, label=name, **style)
+            loss_axis.plot(rounds, [r["loss"] for r in rows], marker="o", markersize=3, label=name, **style)
+        title = f"{scenario['model']}, {scenario['dataset']}, {scenario['split']}"
+        acc_axis.set(title=f"{title}: held-out accuracy", xlabel="round", ylabel="accuracy")
+        loss_axis.set(title=f"{title}: held-out loss", xlabel="round", ylabel="loss")
+    axes[0][1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for scenario in results:
+        v = scenario["verdict"]
+        lines += [
+            f"**{scenario['model']}, {scenario['dataset']}, {scenario['split']}** ({scenario['seconds']:.0f} s)",
+            "",
+            "| method | accuracy | loss | per-participant accuracy |",
+            "|---|---|---|---|",
+        ]
+        for name, rows in scenario["methods"].items():
+            last = rows[-1]
+            per = ", ".join(f"{a:.2f}" for a in last["per_participant_accuracy"])
+            extra = f" (SVD error {last['svd_truncation_error']:.3f})" if "svd_truncation_error" in last else ""
+            lines.append(f"| {name}{extra} | {last['accuracy']:.3f} | {last['loss']:.3f} | {per} |")
+        lines += [
+            "",
+            f"Best federated: {v['best_federated']} at {v['share_of_centralised']:.1%} of centralised "
+            f"({'meets' if v['reaches_95_percent_of_centralised'] else 'misses'} the 95% target); better than local-only "
+            f"on {v['participants_better_than_local_only']} of {v['participants']} participants' splits"
+            f" ({v['participants_tied_with_local_only']} tied).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run of every method (not for the docs)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--splits", nargs="+", default=SPLITS)
+    parser.add_argument("--dataset", help="built-in task (default diabetes); results go to quality-<dataset>.json")
+    parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: none)")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quality[-quick].json)")
+    args = parser.parse_args()
+    scale = QUICK if args.quick else FULL
+    if args.quantization:
+        scale = replace(scale, quantization=args.quantization)
+    if args.dataset:
+        scale = replace(scale, dataset=args.dataset)
+    name = "quality" + ("" if scale.dataset == "diabetes" else f"-{scale.dataset}") + ("-quick" if args.quick else "")
+    out = args.out or RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    started = time.monotonic()
+    results = []
+    for model in args.models:
+        for split in args.splits:
+            print(f"{model} / {split} ...", flush=True)
+            results.append(run_scenario(model, split, scale))
+    payload = {
+        "scale": asdict(scale),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.monotonic() - started, 1),
+        "scenarios": results,
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(markdown(results))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {payload['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Aggregation modes (`lora.mode`): the protocol every mode implements, and the registry.
+
+A mode says what a participant sends (`upload_layout`), where it starts the round (`start`),
+in which coordinates the server combines updates (`server_point`, `server_deltas`) and how
+a server point becomes the next global adapter (`global_from`). Everything in between (the
+weighted mean, the server optimiser) is shared: see `fedlora.aggregate.step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from fedlora.aggregate.exact import ExactAggregator
+from fedlora.aggregate.fedavg import FedAvgAggregator
+from fedlora.aggregate.frozen_a import FrozenAAggregator
+
+if TYPE_CHECKING:
+    from fedlora.adapter import AdapterLayout
+
+MODES = ("fedavg", "frozen-a", "exact")
+
+
+class Aggregator(Protocol):
+    mode: str
+
+    def upload_layout(self, layout: AdapterLayout, rank: int) -> AdapterLayout: ...
+
+    def start(self, global_vector: np.ndarray, layout: AdapterLayout, rank: int) -> np.ndarray: ...
+
+    def server_point(self, global_vector: np.ndarray, layout: AdapterLayout) -> np.ndarray: ...
+
+    def server_deltas(
+        self, global_vector: np.ndarray, layout: AdapterLayout, uploads: Sequence[np.ndarray], ranks: Sequence[int]
+    ) -> list[np.ndarray]: ...
+
+    def global_from(self, point: np.ndarray, global_vector: np.ndarray, layout: AdapterLayout) -> tuple[np.ndarray, dict[str, Any]]: ...
+
+
+def make_aggregator(mode: str, alpha: float = 16.0, seed: int = 0) -> Aggregator:
+    """Turn `lora.mode` into an aggregator; `alpha` (lora.alpha) and `seed` matter to 'exact' only."""
+    if mode == "fedavg":
+        return FedAvgAggregator()
+    if mode == "frozen-a":
+        return FrozenAAggregator()
+    if mode == "exact":
+        return ExactAggregator(alpha, seed)
+    raise ValueError(f"aggregation mode {mode!r} is not one of {', '.join(MODES)}")

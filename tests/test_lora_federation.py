@@ -1,0 +1,83 @@
+"""Aggregation modes on the real NF4 model: frozen A, FedProx, and whole simulated federations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from fedlora.adapter import adapter_vector, load_adapter_vector
+from fedlora.config import DataSection, LoraSection, ModelSection, TrainSection, load_config
+from fedlora.data import load_examples
+from fedlora.model import load_model
+from fedlora.simulation import simulate
+from fedlora.train import train_local
+from tests.conftest import SMALL
+
+
+def lora_tensors(run_dir: Path, name: str, kind: str) -> dict[str, np.ndarray]:
+    tensors = load_file(str(run_dir / "adapters" / name / "adapter_model.safetensors"))
+    return {key: value for key, value in tensors.items() if f".lora_{kind}." in key}
+
+
+def test_frozen_a_trains_only_b_and_fedprox_pulls_towards_the_start() -> None:
+    loaded = load_model(ModelSection(quantization="none"), LoraSection(mode="frozen-a"), [], seed=0)
+    model = loaded.model
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_B." in name for name in trainable)
+    examples = load_examples(DataSection(max_examples=32))
+    start, layout = adapter_vector(model)
+    a_mask = ~layout.trainable_mask("frozen-a")
+
+    distances = {}
+    for mu in (0.0, 50.0):
+        load_adapter_vector(model, start, layout)
+        cfg = TrainSection(local_steps=4, batch_size=4, lr=1e-2, fedprox_mu=mu)
+        result = train_local(model, loaded.tokenizer, examples, cfg, "generation", [], 64, seed=0)
+        trained, _ = adapter_vector(model)
+        assert np.array_equal(trained[a_mask], start[a_mask])  # A never moves
+        assert np.isfinite(result.mean_loss)
+        distances[mu] = float(np.linalg.norm(trained - start))
+    assert 0 < distances[50.0] < distances[0.0]
+
+
+@pytest.fixture(scope="module")
+def frozen_a_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    cfg = load_config(None, SMALL + ["lora.mode=frozen-a", "federation.server_optimizer=fedadam"])
+    run_dir = tmp_path_factory.mktemp("frozen-a")
+    return run_dir, simulate(cfg, run_dir)
+
+
+def test_frozen_a_federation_never_changes_a_and_sends_only_b(frozen_a_run) -> None:
+    run_dir, rows = frozen_a_run
+    initial_a, final_a = lora_tensors(run_dir, "round-0000", "A"), lora_tensors(run_dir, "final", "A")
+    assert initial_a and all(np.array_equal(initial_a[k], final_a[k]) for k in initial_a)
+    initial_b, final_b = lora_tensors(run_dir, "round-0000", "B"), lora_tensors(run_dir, "final", "B")
+    assert all(not initial_b[k].any() for k in initial_b) and any(final_b[k].any() for k in final_b)
+    b_bytes = 4 * sum(v.size for v in initial_b.values())
+    for row in rows[1:]:
+        assert row["applied"] and row["participants"] == 3 and not row["skipped"]
+        assert row["bytes_up"] == 3 * b_bytes  # B only: A never travels
+        assert [u["participant"] for u in row["participant_updates"]] == ["participant-0", "participant-1", "participant-2"]
+        assert all(u["update_norm"] > 0 and -1 <= u["cosine_to_aggregate"] <= 1 for u in row["participant_updates"])
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])["participant_updates"]
+    assert np.isfinite(rows[-1]["eval_loss"])
+
+
+def test_exact_federation_with_mixed_ranks_publishes_the_global_rank(tmp_path: Path) -> None:
+    cfg = load_config(None, SMALL + ["lora.mode=exact", "lora.participant_ranks=4,8,16", "lora.r=8", "federation.rounds=2"])
+    rows = simulate(cfg, tmp_path)
+    for row in rows[1:]:
+        assert row["applied"] and row["participants"] == 3 and not row["skipped"], row["skipped"]
+        assert 0 <= row["svd_truncation_error"] < 1
+        assert len(row["participant_updates"]) == 3
+    assert rows[2]["svd_truncation_error"] > 0  # three participants' products do not fit in rank 8
+    final_a = lora_tensors(tmp_path, "final", "A")
+    assert final_a and all(a.shape[0] == 8 for a in final_a.values())
+    assert json.loads((tmp_path / "adapters" / "final" / "adapter_config.json").read_text())["r"] == 8
+    assert np.isfinite(rows[-1]["eval_loss"]) and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert torch.isfinite(torch.tensor(rows[-1]["eval_accuracy"]))

@@ -1,0 +1,254 @@
+"""Secure aggregation wired into the coordinator and participant over Flower messages.
+
+The message stages run first in-process (`coordinator.local_grid.LocalGrid`: real Flower
+messages through protobuf, no engine) on synthetic updates; then whole federations on the
+Simulation Engine compare a secure run with a plaintext one and exercise dropout recovery
+and an aborted round.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from safetensors.numpy import load_file
+
+from coordinator.local_grid import LocalGrid
+from coordinator.secure import Member, secure_sum
+from fedlora.config import ConfigError, SecaggSection, load_config
+from fedlora.secagg import clip
+from fedlora.secure_wire import STAGE, read_meta
+from fedlora.simulation import simulate
+from participant import app as participant_app
+from participant import secure as participant_secure
+from tests.conftest import SMALL
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# --- in-process: the stages over Flower messages ---------------------------------------
+
+def _federation(n: int, d: int, app: ClientApp | None = None, seed: int = 0, big: tuple[int, ...] = ()):
+    """n nodes holding random updates for round 3 (those in `big` exceed clip_norm)."""
+    if app is None:
+        app = ClientApp()
+        participant_secure.register(app)
+    nodes = [1000 + 7 * i for i in range(n)]
+    grid = LocalGrid(app, {node: {} for node in nodes})
+    rng = np.random.default_rng(seed)
+    updates, counts = {}, {}
+    for i, node in enumerate(nodes):
+        updates[node] = (rng.normal(size=d) * (1.0 if i in big else 0.01)).astype(np.float32)
+        counts[node] = int(rng.integers(5, 200))
+        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, i)
+    members = [Member(node, f"participant-{i}", counts[node]) for i, node in enumerate(nodes)]
+    return grid, members, updates, counts
+
+
+def _expected(members, updates, counts, clip_norm, names):
+    chosen = [m for m in members if m.name in names]
+    total = sum(counts[m.node] * clip(updates[m.node], clip_norm) for m in chosen)
+    return total, float(sum(counts[m.node] for m in chosen))
+
+
+def _check_sum(result, members, updates, counts, clip_norm, names):
+    total, weight = _expected(members, updates, counts, clip_norm, names)
+    got_total = sum(b.total for b in result.buckets)
+    got_weight = sum(b.weight for b in result.buckets)
+    assert sorted(n for b in result.buckets for n in b.survivors) == sorted(names)
+    assert np.max(np.abs(got_total - total)) <= sum(b.error_bound for b in result.buckets)
+    assert abs(got_weight - weight) <= 1e-6 * weight
+
+
+def test_bucket_sums_equal_the_weighted_plaintext_sum() -> None:
+    sec = SecaggSection(enabled=True, bucket_size=3, clip_norm=1.0)
+    grid, members, updates, counts = _federation(7, 3000, big=(1, 4))
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=3000, run_tag="t")
+    assert not result.aborted and not result.skipped
+    assert sorted(len(b.members) for b in result.buckets) == [3, 4]
+    assert sorted(n for b in result.buckets for n in b.members) == sorted(m.name for m in members)
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members})
+    # What travelled up is masked uint32: 4 bytes per parameter (+1 weight slot) plus keys and shares.
+    per_param = result.bytes_up / (len(members) * 3001)
+    assert 4.0 <= per_param < 4.5
+    # Each participant masked its update once and answered one unmask: its state says so.
+    for context in grid.contexts.values():
+        assert participant_secure.UPDATE not in context.state
+        assert context.state[participant_secure.STATE]["stage"] == "unmasked"
+
+
+def test_dropouts_before_and_after_masking() -> None:
+    sec = SecaggSection(enabled=True, clip_norm=1.0, timeout_s=1.0)
+    grid, members, updates, counts = _federation(5, 500)
+    before, after = members[1], members[3]
+    grid.silent |= {(before.node, STAGE["mask_input"].message_type), (after.node, STAGE["unmask"].message_type)}
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=500, run_tag="t")
+    # `after` sent its masked input, then vanished: recovered from its neighbours' shares.
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {before.name})
+    assert [r["participant"] for r in result.recovered] == [after.name]
+    assert [(r.participant, "mask_input" in r.reason) for r in result.skipped] == [(before.name, True)]
+
+
+def test_below_threshold_the_bucket_aborts_with_a_reason() -> None:
+    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    grid, members, updates, counts = _federation(4, 200)  # complete graph, threshold 3
+    for member in members[:2]:
+        grid.silent.add((member.node, STAGE["unmask"].message_type))
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=200, run_tag="t")
+    assert not result.buckets and result.layout[0]["status"] == "aborted"
+    assert "threshold" in result.aborted[0]
+    assert {r.participant for r in result.skipped} == {m.name for m in members}
+
+
+tampering_app = ClientApp()
+for _stage in ("setup", "mask_input", "unmask"):
+    tampering_app.query(STAGE[_stage].action)(participant_secure.HANDLERS[_stage])
+
+
+@tampering_app.query(STAGE["share_keys"].action)
+def _stray_share(msg: Message, context: Context) -> Message:
+    """Node 1007 addresses an extra share to a participant it never got keys for."""
+    reply = participant_secure.share_keys(msg, context)
+    if context.node_id == 1007:
+        record = reply.content["secagg"]
+        record["receivers"] = [*record["receivers"], 42]
+        record["ciphertexts"] = [*record["ciphertexts"], record["ciphertexts"][0]]
+    return reply
+
+
+def test_protocol_violation_before_masking_excludes_the_offender_and_restarts() -> None:
+    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    grid, members, updates, counts = _federation(5, 300, app=tampering_app)
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
+    assert result.layout[0]["status"] == "ok" and result.layout[0]["attempts"] == 2
+    assert [r.participant for r in result.skipped] == ["participant-1"]
+    assert "protocol violation" in result.skipped[0].reason and "[42]" in result.skipped[0].reason
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
+
+
+def test_a_participant_masks_its_update_only_once() -> None:
+    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    grid, members, _, _ = _federation(3, 50)
+    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t")
+    again = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t2")
+    assert not again.buckets
+    assert all("no unmasked update" in r.reason for r in again.skipped)
+
+
+def test_attacks_apply_before_masking() -> None:
+    cfg = load_config(None, SMALL + ["secagg.enabled=true", "simulation.adversaries=0.34", "simulation.attack=sign-flip"])
+    update = np.arange(4, dtype=np.float32)
+    from fedlora.attacks import choose_adversaries
+
+    bad = choose_adversaries(3, 0.34, cfg.federation.seed)[0]
+    good = next(i for i in range(3) if i != bad)
+    np.testing.assert_array_equal(participant_secure.simulated_attack(cfg, update, 1, bad), -update)
+    np.testing.assert_array_equal(participant_secure.simulated_attack(cfg, update, 1, good), update)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["secagg.bucket_size=1"], "secagg.bucket_size", "in the clear"),
+        (["secagg.threshold=5"], "secagg.threshold", "exceeds the bucket size 3"),
+        (["secagg.threshold=0.5"], "secagg.threshold", "fraction in (0.5, 1]"),
+        (["secagg.threshold=2", "federation.participants=8"], "secagg.threshold", "must be in [5, 8]"),
+        (["secagg.bucket_size=4"], "secagg.bucket_size", "exceeds the 3 participants"),
+        (["secagg.degree=3"], "secagg.degree", "even"),
+        (["secagg.clip_norm=0"], "secagg.clip_norm", "positive"),
+        (["lora.mode=exact"], "lora.mode", "secure aggregation"),
+    ],
+)
+def test_impossible_secagg_settings_fail_at_load_time(overrides, key, words) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, SMALL + ["secagg.enabled=true", *overrides])
+    assert str(err.value).startswith(key) and words in str(err.value)
+
+
+def test_fixed_point_overflow_is_refused_at_load_time() -> None:
+    from fedlora.secagg.plan import check_fixed_point
+
+    check_fixed_point(10.0, 50)
+    with pytest.raises(ValueError, match="buckets"):
+        check_fixed_point(1.0, 2**30)
+
+
+# --- whole federations on the Simulation Engine ----------------------------------------
+
+VANISH_AT_UNMASK = {1: {3}, 2: {2, 3}}  # server round -> partitions that go offline after masking
+
+vanishing_app = ClientApp()
+vanishing_app.train()(participant_app.train)
+vanishing_app.evaluate()(participant_app.evaluate_global)
+for _stage in ("setup", "share_keys", "mask_input"):
+    vanishing_app.query(STAGE[_stage].action)(participant_secure.HANDLERS[_stage])
+
+
+@vanishing_app.query(STAGE["unmask"].action)
+def _vanish(msg: Message, context: Context) -> Message:
+    partition = int(context.node_config["partition-id"])
+    if partition in VANISH_AT_UNMASK.get(int(read_meta(msg.content)["server_round"]), ()):
+        raise ConnectionError(f"participant {partition} went offline after sending its masked input")
+    return participant_secure.unmask(msg, context)
+
+
+FOUR = SMALL + ["federation.participants=4", "lora.mode=frozen-a"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
+    plain_dir, secure_dir = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
+    plain = simulate(load_config(None, FOUR + ["federation.rounds=1"]), plain_dir)
+    original = participant_app.app
+    participant_app.app = vanishing_app
+    try:
+        secure = simulate(load_config(None, FOUR + ["federation.rounds=2", "secagg.enabled=true"]), secure_dir)
+    finally:
+        participant_app.app = original
+    return {"plain": (plain_dir, plain), "secure": (secure_dir, secure)}
+
+
+def _adapter(run_dir: Path, name: str) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "adapters" / name / "adapter_model.safetensors"))
+
+
+def test_secure_round_matches_plaintext_within_the_fixed_point_bound(runs) -> None:
+    (plain_dir, _), (secure_dir, rows) = runs["plain"], runs["secure"]
+    row = rows[1]
+    assert row["applied"] and row["participants"] == 4
+    bound = row["secagg"]["mean_error_bound"]
+    assert 0 < bound < 1e-6
+    plain, secure = _adapter(plain_dir, "round-0001"), _adapter(secure_dir, "round-0001")
+    before = _adapter(secure_dir, "round-0000")
+    moved = 0.0
+    for name, expected in plain.items():
+        slack = 4 * np.finfo(np.float32).eps * np.abs(expected).max()
+        assert np.max(np.abs(secure[name] - expected)) <= bound + slack, name
+        moved = max(moved, float(np.max(np.abs(expected - before[name]))))
+    assert moved > 100 * bound  # the round did move the adapter, far beyond the tolerance
+
+
+def test_participant_vanishing_after_masking_is_recovered(runs) -> None:
+    (_, plain_rows), (_, rows) = runs["plain"], runs["secure"]
+    row = rows[1]
+    assert [r["participant"] for r in row["secagg"]["recovered"]] == ["participant-3"]
+    assert "went offline" in row["secagg"]["recovered"][0]["reason"]
+    assert row["skipped"] == [] and row["secagg"]["buckets"][0]["survivors"] == [f"participant-{i}" for i in range(4)]
+    # Masked uint32 vectors are as big as the float32 uploads; keys and shares add a little.
+    assert plain_rows[1]["bytes_up"] < row["bytes_up"] < 1.25 * plain_rows[1]["bytes_up"]
+
+
+def test_round_below_threshold_aborts_and_leaves_the_adapter_unchanged(runs) -> None:
+    secure_dir, rows = runs["secure"]
+    row = rows[2]
+    assert row["applied"] is False and "threshold" in row["aborted"]
+    assert len(row["skipped"]) == 4 and row["participants"] == 0
+    before, after = _adapter(secure_dir, "round-0001"), _adapter(secure_dir, "final")
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert np.isfinite(row["eval_loss"])
