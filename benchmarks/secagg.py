@@ -35,6 +35,8 @@ n=50 x d=16M cell alone takes ~5 minutes and 11 GB here), and no cell starts aft
 `--budget-s` (default 1500 s; a running cell is stopped at the budget and reported skipped).
 
     python benchmarks/secagg.py [--quick] [--n 5,10,20,50] [--d 1M,4M,16M] [--out benchmarks/results/secagg.json]
+
+`--quick` (n=5,10 x d=1M, under a minute) writes benchmarks/results/secagg-quick.json.
 """
 
 from __future__ import annotations
@@ -391,13 +393,14 @@ def main() -> None:
     parser.add_argument("--flower-max-params", default="800M", help="skip Flower cells with n*d above this")
     parser.add_argument("--budget-s", type=float, default=1500.0, help="stop starting cells after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "secagg.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/secagg.json (secagg-quick.json with --quick)")
     parser.add_argument("--cell", nargs=3, metavar=("IMPL", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         impl, n, d = args.cell
         print(json.dumps(run_cell(impl, int(n), int(d), args.seed)))
         return
+    args.out = args.out or RESULTS / ("secagg-quick.json" if args.quick else "secagg.json")
     ns = [5, 10] if args.quick else [int(x) for x in args.n.split(",")]
     ds = [1_000_000] if args.quick else [parse_size(x) for x in args.d.split(",")]
     impls = args.impls.split(",")
