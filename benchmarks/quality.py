@@ -15,8 +15,11 @@ Everything runs in this one process, without Ray, through the same functions the
 call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
 (mean, server optimiser, re-factorisation) and `fedlora.evaluate.evaluate`.
 
-    python benchmarks/quality.py            # the full table (about 15 min on 2 CPU cores)
-    python benchmarks/quality.py --quick    # smoke run of every code path (about 1 min)
+    python benchmarks/quality.py                        # diabetes, both models, both splits
+    python benchmarks/quality.py --dataset hypertension --models minilm
+    python benchmarks/quality.py --quick                # smoke run of every code path (about 1 min)
+
+Scenarios run in parallel processes (`--jobs`, default 2) with one torch thread each.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -212,6 +217,16 @@ def run_scenario(model: str, split: str, scale: Scale) -> dict[str, Any]:
     }
 
 
+def scenario_job(job: tuple[str, str, Scale, int]) -> dict[str, Any]:
+    """One scenario in a worker process with its own torch thread count."""
+    import torch
+
+    model, split, scale, threads = job
+    torch.set_num_threads(threads)
+    print(f"{model} / {split} ...", flush=True)
+    return run_scenario(model, split, scale)
+
+
 def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Best federated method (final pooled accuracy) against centralised and local-only training."""
     federated = {name: rows[-1] for name, rows in methods.items() if name not in ("centralised", "local-only")}
@@ -288,6 +303,9 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=SPLITS)
     parser.add_argument("--dataset", help="built-in task (default diabetes); results go to quality-<dataset>.json")
     parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: none)")
+    parser.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel processes (default 2, one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: with several "
+                        "processes, or other load, 2+ threads spin-wait and each step gets 3x slower)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quality[-quick].json)")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
@@ -298,17 +316,15 @@ def main() -> None:
     name = "quality" + ("" if scale.dataset == "diabetes" else f"-{scale.dataset}") + ("-quick" if args.quick else "")
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
     started = time.monotonic()
-    results = []
-    for model in args.models:
-        for split in args.splits:
-            print(f"{model} / {split} ...", flush=True)
-            results.append(run_scenario(model, split, scale))
+    jobs = [(model, split, scale, args.threads) for model in args.models for split in args.splits]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(scenario_job, jobs))
     payload = {
         "scale": asdict(scale),
-        "torch_threads": torch.get_num_threads(),
+        "processes": max(1, args.jobs),
+        "torch_threads_per_process": args.threads,
+        "cpu_count": os.cpu_count(),
         "seconds": round(time.monotonic() - started, 1),
         "scenarios": results,
     }
