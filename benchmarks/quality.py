@@ -348,19 +348,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     jobs = [(model, split, scales[model], args.threads) for model in args.models for split in args.splits]
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # each scenario records its own scale
+    payload = {"processes": max(1, args.jobs), "torch_threads_per_process": args.threads, "cpu_count": os.cpu_count()}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         for result in pool.map(scenario_job, jobs):  # written as each finishes, so a crash keeps finished scenarios
             results.append(result)
-            payload = {
-                "scales": {model: asdict(scale) for model, scale in scales.items()},
-                "processes": max(1, args.jobs),
-                "torch_threads_per_process": args.threads,
-                "cpu_count": os.cpu_count(),
-                "seconds": round(time.monotonic() - started, 1),
-                "complete": len(results) == len(jobs),
-                "scenarios": results,
-            }
+            payload |= {"seconds": round(time.monotonic() - started, 1), "complete": len(results) == len(jobs), "scenarios": results}
             out.write_text(json.dumps(payload, indent=2) + "\n")
             plot(results, out.with_suffix(".png"))
     print(markdown(results))
@@ -368,6 +361,7 @@ def main() -> None:
 
 
 def report(path: Path) -> None:
+    """Re-derive verdicts, plot and table from a run's per-round rows, so a change of verdict needs no rerun."""
     payload = json.loads(path.read_text())
     for scenario in payload["scenarios"]:
         scenario["verdict"] = verdict(scenario["methods"])
