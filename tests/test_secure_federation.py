@@ -175,7 +175,7 @@ def test_fixed_point_overflow_is_refused_at_load_time() -> None:
 
     check_fixed_point(10.0, 50)
     with pytest.raises(ValueError, match="buckets"):
-        check_fixed_point(1.0, 2**30)
+        check_fixed_point(1.0, 2**31)
 
 
 # --- whole federations on the Simulation Engine ----------------------------------------

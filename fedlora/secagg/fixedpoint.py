@@ -9,6 +9,9 @@ cannot leave the signed 32-bit range: wraparound would corrupt the sum silently.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 WIRE_BITS = 32
@@ -46,7 +49,7 @@ def encode(vec: np.ndarray, clip_norm: float, scale: float, rng: np.random.Gener
         raise ValueError(f"scale must be positive, got {scale}")
     check_no_overflow(clip_norm, 1, scale)  # even one vector must fit in int32
     v = clip(vec, clip_norm)
-    v *= scale  # |v| <= clip_norm * scale < 2^31 / n_participants (see choose_scale)
+    v *= scale  # |v| <= coordinate_bound(clip_norm, scale) <= 2^31 / n_participants
     low = np.floor(v)
     v -= low  # fractional part in [0, 1)
     # Round up with probability equal to the fractional part: E[result] = v (to 2^-24).
@@ -60,26 +63,38 @@ def decode(sum_u32: np.ndarray, scale: float, dtype: type = np.float32) -> np.nd
     return (ints.astype(np.float64) / scale).astype(dtype)
 
 
-def choose_scale(clip_norm: float, n_participants: int, bits: int = WIRE_BITS) -> float:
-    """Largest scale such that n clipped, rounded vectors cannot overflow `bits` signed.
+def coordinate_bound(clip_norm: float, scale: float) -> int:
+    """Largest |integer| one encoded coordinate can take, computed exactly.
 
-    Each coordinate satisfies |x| <= clip_norm, so after rounding |round(x*scale)| <
-    clip_norm*scale + 1 and the sum of n is below n*(clip_norm*scale + 1).
+    A clipped coordinate satisfies |x| <= clip_norm * _CLIP_SLACK (the slack also covers the
+    float64 rounding of x * scale), and stochastic rounding moves |x * scale| to at most its
+    ceiling. The product is taken in exact rational arithmetic, so the bound is never below
+    what `encode` can produce.
+    """
+    return math.ceil(Fraction(clip_norm) * Fraction(_CLIP_SLACK) * Fraction(scale))
+
+
+def choose_scale(clip_norm: float, n_participants: int, bits: int = WIRE_BITS) -> float:
+    """Largest float scale such that n clipped, rounded vectors cannot overflow `bits` signed.
+
+    Each participant gets the integer budget L = floor(max / n); the scale is the largest
+    float with coordinate_bound(clip_norm, scale) <= L, so n * L <= max holds in integers
+    and `check_no_overflow` accepts every scale this returns.
     """
     if n_participants < 1:
         raise ValueError(f"n_participants must be >= 1, got {n_participants}")
-    if not clip_norm > 0:
-        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-    levels = (_max_abs(bits) / n_participants - 1.0) / _CLIP_SLACK
-    if levels < 1.0:
-        limit = _max_abs(bits) // 2
+    if not clip_norm > 0 or not math.isfinite(clip_norm):
+        raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
+    budget = _max_abs(bits) // n_participants
+    if budget < 1:
         raise ValueError(
             f"{n_participants} participants cannot be summed in {bits}-bit fixed point: "
             f"each update would get less than one quantisation step per clip_norm; "
-            f"use secure-aggregation buckets of at most {limit} participants"
+            f"use secure-aggregation buckets of at most {_max_abs(bits)} participants"
         )
-    scale = levels / clip_norm
-    check_no_overflow(clip_norm, n_participants, scale, bits)
+    scale = float(Fraction(budget) / (Fraction(clip_norm) * Fraction(_CLIP_SLACK)))
+    while coordinate_bound(clip_norm, scale) > budget:  # float rounding went up: step down
+        scale = math.nextafter(scale, 0.0)
     return scale
 
 
@@ -87,11 +102,11 @@ def check_no_overflow(
     clip_norm: float, n_participants: int, scale: float, bits: int = WIRE_BITS
 ) -> None:
     """Raise ValueError if n clipped vectors at this scale could overflow the signed range."""
-    worst = n_participants * (clip_norm * _CLIP_SLACK * scale + 1.0)
+    worst = n_participants * coordinate_bound(clip_norm, scale)
     if worst > _max_abs(bits):
         raise ValueError(
             f"fixed-point overflow: {n_participants} participants x clip_norm {clip_norm} "
-            f"x scale {scale:.6g} can reach {worst:.6g} > {_max_abs(bits)} ({bits}-bit signed); "
+            f"x scale {scale:.6g} can reach {worst} > {_max_abs(bits)} ({bits}-bit signed); "
             f"use scale <= choose_scale(clip_norm, n_participants) or smaller buckets"
         )
 

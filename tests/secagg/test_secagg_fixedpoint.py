@@ -1,7 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 
 from fedlora.secagg import check_no_overflow, choose_scale, decode, encode, error_bound
+from fedlora.secagg.fixedpoint import coordinate_bound
+from fedlora.secagg.plan import check_fixed_point
 
 
 def test_round_trip_within_one_step():
@@ -47,6 +51,38 @@ def test_choose_scale_is_the_largest_safe_scale():
     check_no_overflow(1.0, 1000, scale)
     with pytest.raises(ValueError, match="overflow"):
         check_no_overflow(1.0, 1000, scale * 1.001)
+
+
+CLIP_NORMS = [1e-6, 0.01, 0.1, 0.5, 1.0, math.sqrt(2), 3.0, 10.0, 10 * math.sqrt(2), 14.142135623730951, 100.0, 12345.678]
+
+
+@pytest.mark.parametrize("clip_norm", CLIP_NORMS)
+def test_every_scale_chosen_is_accepted_by_the_overflow_check(clip_norm):
+    # The float planning once picked scales its own exact-bound check refused (n = 13, 26, 43 ...).
+    for n in range(2, 10_001):
+        scale = choose_scale(clip_norm, n)
+        check_no_overflow(clip_norm, n, scale)
+        assert n * coordinate_bound(clip_norm, scale) <= 2**31 - 1
+        # ... and it is the largest such float: one ulp up would use more than the budget.
+        assert coordinate_bound(clip_norm, math.nextafter(scale, math.inf)) >= coordinate_bound(clip_norm, scale)
+
+
+@pytest.mark.parametrize("n", [13, 26, 43, 52, 70, 83, 86])
+def test_bucket_sizes_the_float_planning_refused_now_plan(n):
+    check_fixed_point(10.0, n)  # the default clip norm, sqrt(2) C on the wire
+
+
+@pytest.mark.parametrize("n", [2, 13, 43, 9_999])
+def test_worst_case_inputs_at_the_chosen_scale_reach_but_never_pass_the_range(n):
+    # Every participant puts its whole (slightly over-clipped) norm on one coordinate.
+    clip_norm = 14.142135623730951
+    scale = choose_scale(clip_norm, n)
+    rng = np.random.default_rng(0)
+    edge = clip_norm * (1 + 1e-12)
+    ones = [encode(np.array(v), clip_norm, scale, rng).view(np.int32)[k] for k, v in enumerate([[edge, 0.0], [0.0, -edge]])]
+    worst = n * np.abs(np.array(ones, dtype=np.int64))
+    assert np.all(worst <= 2**31 - 1)
+    assert np.all(worst >= (2**31 - 1) - 2 * n)  # the budget is used, not wasted
 
 
 def test_impossible_configuration_refused():
