@@ -42,6 +42,7 @@ n=50 x d=16M cell alone takes ~5 minutes and 11 GB here), and no cell starts aft
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -151,7 +152,7 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
     secure.register(app)
     grid = LocalGrid(app, {node: {} for node in nodes})
     for i, node in enumerate(nodes):
-        secure.keep_update(grid.contexts[node], updates[node], counts[node], 1, seed * 1000 + i)
+        secure.keep_update(grid.contexts[node], updates[node], counts[node], 1, hashlib.sha256(f"{seed}/{i}".encode()).digest())
     del updates
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(nodes)]
     sec = SecaggSection(enabled=True, clip_norm=CLIP_NORM)

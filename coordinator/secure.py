@@ -12,9 +12,10 @@ Failure handling, per bucket:
 - a participant that does not answer a stage in `secagg.timeout_s`, fails, or sends a
   malformed reply is dropped at that stage; after its masked input arrived it is still in
   the sum, recovered from its neighbours' shares;
-- a `SecAggProtocolError` blaming a participant before any masked input was sent excludes it
-  and restarts the bucket with a fresh instance (new keys, new round id); after masked inputs
-  were seen a restart could let the coordinator difference two sums, so the bucket aborts;
+- a participant the protocol convicts of a violation (bad or copied key, bad share bundle,
+  false accusation, bad share at unmask; see `fedlora.secagg.server`) is named in the
+  bucket's `blamed` and, unless its masked input is already in the sum, left out of it;
+  nothing restarts, since every participant masks at most once per round;
 - a `SecAggAbort` (too few participants left for the threshold) aborts the bucket.
 The round is applied from the buckets that completed, when they hold at least
 `federation.min_participants` updates; otherwise the global adapter stays unchanged and the
@@ -35,7 +36,7 @@ from coordinator.screen import Rejection
 from fedlora.aggregate import apply_mean, weighted_mean
 from fedlora.config import SecaggSection
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
-from fedlora.secagg.plan import input_clip_norm, neighbourhood_degree, resolve_threshold, split_weighted_sum
+from fedlora.secagg.plan import input_clip_norm, neighbourhood_degree, resolve_threshold, round_context, split_weighted_sum
 from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_protocol
 from fedlora.wire import read_reply
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedlora.coordinator")
 NEXT = {stage.name: nxt.name for stage, nxt in zip(STAGES, STAGES[1:])}
-RESTARTABLE = ("setup", "share_keys")  # stages whose replies precede any masked input
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class BucketSum:
 @dataclass
 class SecureSum:
     buckets: list[BucketSum] = field(default_factory=list)
-    layout: list[dict[str, Any]] = field(default_factory=list)  # per bucket: members, survivors, attempts, status
+    layout: list[dict[str, Any]] = field(default_factory=list)  # per bucket: members, survivors, status, blamed
     skipped: list[Rejection] = field(default_factory=list)  # updates in no sum, with the reason
     recovered: list[dict[str, str]] = field(default_factory=list)  # vanished after masking, still summed
     aborted: list[str] = field(default_factory=list)
@@ -86,46 +86,47 @@ class SecureSum:
 
 
 class _Bucket:
-    """One bucket's secure sum: a `SecAggServer`, restarted without an offender when allowed."""
+    """One bucket's secure sum: a `SecAggServer` driven stage by stage over Flower messages."""
 
     def __init__(self, index: int, members: list[Member], sec: SecaggSection, server_round: int, length: int, run_tag: str) -> None:
         self.index, self.members, self.sec = index, members, sec
-        self.server_round, self.length, self.run_tag = server_round, length, run_tag
-        self.attempt, self.status, self.reason = 0, "running", ""
+        self.server_round, self.length = server_round, length
+        self.status, self.reason = "running", ""
         self.result: BucketSum | None = None
         self.dropped: dict[str, str] = {}
         self.recovered: dict[str, str] = {}
         self.bytes_up = self.bytes_down = 0
-        self._start(members)
-
-    def _start(self, active: list[Member]) -> None:
-        self.active = active
-        self.by_id = dict(enumerate(active))
-        self.weight_ref = float(max((m.num_examples for m in active), default=1))
-        self.round_id = f"{self.run_tag}/round-{self.server_round}/bucket-{self.index}/attempt-{self.attempt}"
+        self.by_id = dict(enumerate(members))
+        self.weight_ref = float(max((m.num_examples for m in members), default=1))
+        self.round_id = f"{run_tag}/round-{server_round}/bucket-{index}"
         self.stage = "setup"
+        self.server: SecAggServer | None = None
         try:
-            if len(active) < 2:
+            if len(members) < 2:
                 raise ValueError("a secure sum needs at least 2 participants")
-            k = neighbourhood_degree(len(active), self.sec.degree)
+            k = neighbourhood_degree(len(members), sec.degree)
             self.server = SecAggServer(
-                self.round_id, list(self.by_id), self.length + 1, input_clip_norm(self.sec.clip_norm),
-                degree=k, threshold=resolve_threshold(self.sec.threshold, k), graph_seed=self.round_id.encode(),
+                self.round_id, list(self.by_id), length + 1, input_clip_norm(sec.clip_norm),
+                degree=k, threshold=resolve_threshold(sec.threshold, k),
+                context=round_context(server_round, self.weight_ref),
             )
             self.requests: list[Any] = self.server.setup()
         except ValueError as err:
-            self._fail(f"cannot run with {len(active)} participants: {err}")
+            self._fail(f"cannot run with {len(members)} participants: {err}")
 
     def _fail(self, reason: str) -> None:
         self.status, self.reason = "aborted", f"bucket {self.index}: {reason}"
 
+    def blamed(self) -> dict[str, str]:
+        """Members the protocol convicted of a violation, with the reason."""
+        if self.server is None:
+            return {}
+        return {self.by_id[i].name: why for i, why in self.server.blamed.items() if i in self.by_id}
+
     def outgoing(self) -> list[Message]:
-        meta: dict[str, Any] = {"server_round": self.server_round}
-        if self.stage == "setup":
-            meta["weight_ref"] = self.weight_ref
         messages = []
         for request in self.requests:
-            content = protocol_content(request, meta)
+            content = protocol_content(request, {"server_round": self.server_round})
             self.bytes_down += content_bytes(content)
             node = self.by_id[request.receiver].node
             messages.append(Message(content, dst_node_id=node, message_type=STAGE[self.stage].message_type, group_id=str(self.server_round)))
@@ -140,7 +141,7 @@ class _Bucket:
 
     def receive(self, replies: dict[int, Message], timeout_s: float) -> None:
         stage = STAGE[self.stage]
-        parsed, alive = [], []
+        parsed = []
         for request in self.requests:
             member = self.by_id[request.receiver]
             reply = replies.get(member.node)
@@ -159,7 +160,7 @@ class _Bucket:
                 self._drop(member, f"malformed reply ({err})")
                 continue
             parsed.append(msg)
-            alive.append(member)
+        assert self.server is not None  # a bucket without a server is never running
         collect = {
             "setup": self.server.collect_keys,
             "share_keys": self.server.collect_shares,
@@ -168,16 +169,6 @@ class _Bucket:
         }[self.stage]
         try:
             out = collect(parsed)
-        except SecAggProtocolError as err:
-            offender = self.by_id.get(err.participant) if err.participant is not None else None
-            if offender is None or self.stage not in RESTARTABLE:
-                self._fail(f"protocol error at stage {self.stage}: {err}")
-                return
-            self.dropped[offender.name] = f"secure aggregation: excluded for a protocol violation at stage {self.stage}: {err}"
-            log.warning("round %d bucket %d: excluded %s: %s", self.server_round, self.index, offender.name, err)
-            self.attempt += 1
-            self._start([m for m in alive if m is not offender])
-            return
         except SecAggAbort as err:
             self._fail(err.reason)
             return
@@ -195,13 +186,17 @@ class _Bucket:
     def skipped(self) -> list[Rejection]:
         """Members whose update is in no sum, with the reason."""
         included = set(self.result.survivors) if self.result else set()
+        blamed = self.blamed()
         out = []
         for member in self.members:
             if member.name in included:
                 continue
-            reason = self.dropped.get(member.name) or (
-                f"secure aggregation aborted ({self.reason})" if self.status != "ok"
-                else "secure aggregation: left out, too few of its neighbours stayed to recover its masks"
+            reason = (
+                f"secure aggregation: excluded for a protocol violation: {blamed[member.name]}" if member.name in blamed
+                else self.dropped.get(member.name) or (
+                    f"secure aggregation aborted ({self.reason})" if self.status != "ok"
+                    else "secure aggregation: left out, too few of its neighbours stayed to recover its masks"
+                )
             )
             out.append(Rejection(member.name, reason))
         return out
@@ -233,8 +228,8 @@ def secure_sum(grid: Grid, members: list[Member], sec: SecaggSection, seed: int,
             {
                 "members": [m.name for m in bucket.members],
                 "survivors": bucket.result.survivors if bucket.result else [],
-                "attempts": bucket.attempt + 1,
                 "status": bucket.status,
+                **({"blamed": bucket.blamed()} if bucket.blamed() else {}),
                 **({"reason": bucket.reason} if bucket.reason else {}),
                 **({"error_bound": bucket.result.error_bound} if bucket.result else {}),
             }

@@ -253,6 +253,12 @@ class SimulationSection:
     adversaries: float = _help("Share of simulated participants that are malicious.", 0.0)
     attack: str = _help("'sign-flip', 'scaling:<factor>', 'gaussian:<std>' or '<module>:<function>'.", "sign-flip")
     cpus_per_participant: float = _help("CPU cores Ray reserves for each virtual participant.", 1.0)
+    reproducible_rounding: bool = _help(
+        "Derive secure aggregation's stochastic rounding from (seed, round, partition) so a simulated secure "
+        "run repeats exactly. Off by default: the rounding then comes from the OS CSPRNG, which nobody else "
+        "can recompute. Never turn it on in a deployment.",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.adversaries < 1.0, "simulation.adversaries", f"must be in [0, 1), got {self.adversaries}")

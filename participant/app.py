@@ -22,6 +22,8 @@ secure.register(app)  # query.secagg_<stage>: the secure-aggregation stages
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = read_instruction(msg.content)
+    if instruction.config.secagg.enabled:  # a replayed round is refused before any training
+        secure.refuse_replay(context, instruction.server_round, "a train request")
     runtime = get_runtime(instruction.config, dict(context.node_config), own_rank=True)
     upload, metrics = train_round(runtime, instruction.config, instruction.vector, instruction.server_round)
     if instruction.config.secagg.enabled:  # kept in context.state until masked (participant/secure.py)

@@ -7,14 +7,22 @@ replies with metadata only. The coordinator then runs the stages of `fedlora.sec
 `context.state`, runs the pure stage function, and saves the new state before replying, so
 the protocol's invariants (e.g. one unmask per instance) hold across stateless calls.
 
-The update is masked at most once: it is deleted from `context.state` as its masked input is
-built, so a coordinator that restarts an instance after seeing masked inputs (and could then
-difference two sums) gets nothing.
+The update is masked at most once per round: it is deleted from `context.state` as its masked
+input is built, and the round is recorded, so a train, setup or mask request for a round already
+masked is refused (logged, and answered with an error): a coordinator that could get two sums
+over the same members, one with and one without a target, could difference them.
+
+The round's application parameters (server round, example-count reference) reach the protocol
+as the setup request's `context`, which is bound into every key derivation: the weight a
+participant applies is the one its neighbours' masks were derived for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -24,19 +32,40 @@ from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.secagg import participant as protocol
 from fedlora.secagg.messages import ParticipantState
-from fedlora.secagg.plan import weighted_input
+from fedlora.secagg.plan import round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, array_view, protocol_content, read_meta, read_protocol
 from fedlora.wire import reply_content
 
+log = logging.getLogger("fedlora.participant")
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
-HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding seed, weight reference
+HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, weight reference
 STATE = "secagg.state"  # ConfigRecord: the ParticipantState of the current instance
+MASKED = "secagg.masked"  # ConfigRecord: the server rounds this participant has masked an input for
 
 
-def _rounding_seed(cfg: Config, server_round: int, partition_id: int) -> int:
-    """Seed of the stochastic rounding: fixed by the run seed, so a secure run is reproducible."""
+def rounding_key(cfg: Config, server_round: int, partition_id: int) -> bytes:
+    """Key of the stochastic rounding: fresh from the OS CSPRNG, so nobody can recompute it.
+
+    `simulation.reproducible_rounding` derives it from (seed, round, partition) instead, so a
+    simulated secure run repeats exactly; the coordinator could then recompute it too.
+    """
+    if not cfg.simulation.reproducible_rounding:
+        return os.urandom(32)
     text = f"fedlora/secagg/rounding/{cfg.federation.seed}/{server_round}/{partition_id}".encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+    return hashlib.sha256(text).digest()
+
+
+def refuse_replay(context: Context, server_round: int, what: str) -> None:
+    """Refuse (RuntimeError, logged) any request for a round this participant already masked."""
+    if MASKED in context.state and server_round in list(context.state[MASKED]["rounds"]):
+        reason = f"refused {what} for round {server_round}: this participant already masked an input for it (replay)"
+        log.warning(reason)
+        raise RuntimeError(reason)
+
+
+def _record_masked(context: Context, server_round: int) -> None:
+    rounds = list(context.state[MASKED]["rounds"]) if MASKED in context.state else []
+    context.state[MASKED] = ConfigRecord({"rounds": [*rounds, server_round]})
 
 
 def simulated_attack(cfg: Config, update: np.ndarray, server_round: int, partition_id: int) -> np.ndarray:
@@ -55,17 +84,19 @@ def hold_update(msg: Message, context: Context, cfg: Config, update: np.ndarray,
     """Keep this round's update for the secure stages; reply with the metadata only."""
     partition_id = int(metrics.get("partition_id", -1))
     update = simulated_attack(cfg, update, server_round, partition_id)
-    keep_update(context, update, int(metrics["num-examples"]), server_round, _rounding_seed(cfg, server_round, partition_id))
+    keep_update(context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id))
     return Message(reply_content(metrics), reply_to=msg)
 
 
-def keep_update(context: Context, update: np.ndarray, num_examples: int, server_round: int, rounding_seed: int) -> None:
+def keep_update(context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes) -> None:
     """Store an update (float32) in `context.state` until the mask_input stage consumes it."""
+    refuse_replay(context, server_round, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
-    context.state[HELD] = ConfigRecord({"server_round": server_round, "num_examples": num_examples, "rounding_seed": rounding_seed})
+    context.state[HELD] = ConfigRecord({"server_round": server_round, "num_examples": num_examples, "rounding_key": key})
 
 
-def _held(context: Context, server_round: int) -> ConfigRecord:
+def _held(context: Context, server_round: int, what: str) -> ConfigRecord:
+    refuse_replay(context, server_round, what)
     if HELD not in context.state or UPDATE not in context.state:
         raise RuntimeError(f"holds no unmasked update for round {server_round} (not trained, or already masked)")
     held = context.state[HELD]
@@ -86,10 +117,14 @@ def _save(context: Context, state: ParticipantState) -> None:
 
 def setup(msg: Message, context: Context) -> Message:
     """Stage 1: check the round, make key pairs, advertise the public keys."""
-    meta = read_meta(msg.content)
-    held = _held(context, int(meta["server_round"]))
-    state, advert = protocol.setup(read_protocol(msg.content, STAGE["setup"].request))
-    held["weight_ref"] = float(meta["weight_ref"])
+    request = read_protocol(msg.content, STAGE["setup"].request)
+    bound = json.loads(request.context)
+    server_round, weight_ref = int(bound["server_round"]), float.fromhex(bound["weight_ref"])
+    if request.context != round_context(server_round, weight_ref):
+        raise ValueError(f"setup context {request.context!r} is not in canonical form")
+    held = _held(context, server_round, "a setup request")
+    state, advert = protocol.setup(request)
+    held["weight_ref"] = weight_ref
     _save(context, state)
     return Message(protocol_content(advert), reply_to=msg)
 
@@ -105,13 +140,14 @@ def mask_input(msg: Message, context: Context) -> Message:
     """Stage 3: mask [w * clip(update), w * C] in Z_2^32 and upload it (uint32); forget the update."""
     relay = read_protocol(msg.content, STAGE["mask_input"].request)
     state = _load(context)
-    held = _held(context, int(read_meta(msg.content)["server_round"]))
+    server_round = int(read_meta(msg.content)["server_round"])
+    held = _held(context, server_round, "a mask request")
     clip_norm = state.clip_norm / np.sqrt(2.0)  # the protocol's bound is sqrt(2) C (fedlora.secagg.plan)
     update = array_view(context.state[UPDATE]["update"])
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm)
-    rng = np.random.default_rng(int(held["rounding_seed"]))
-    state, masked = protocol.mask_input(state, relay, vector, rng)
-    del context.state[UPDATE]  # masked at most once
+    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]))
+    del context.state[UPDATE]  # masked at most once ...
+    _record_masked(context, server_round)  # ... and never again for this round
     _save(context, state)
     return Message(protocol_content(masked), reply_to=msg)
 

@@ -8,6 +8,7 @@ and an aborted round.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fedlora.config import ConfigError, SecaggSection, load_config
 from fedlora.secagg import clip
 from fedlora.secure_wire import STAGE, read_meta
 from fedlora.simulation import simulate
+from fedlora.wire import instruction_content
 from participant import app as participant_app
 from participant import secure as participant_secure
 from tests.conftest import SMALL
@@ -45,7 +47,7 @@ def _federation(n: int, d: int, app: ClientApp | None = None, seed: int = 0, big
     for i, node in enumerate(nodes):
         updates[node] = (rng.normal(size=d) * (1.0 if i in big else 0.01)).astype(np.float32)
         counts[node] = int(rng.integers(5, 200))
-        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, i)
+        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, os.urandom(32))
     members = [Member(node, f"participant-{i}", counts[node]) for i, node in enumerate(nodes)]
     return grid, members, updates, counts
 
@@ -117,27 +119,52 @@ def _stray_share(msg: Message, context: Context) -> Message:
     if context.node_id == 1007:
         record = reply.content["secagg"]
         record["receivers"] = [*record["receivers"], 42]
-        record["ciphertexts"] = [*record["ciphertexts"], record["ciphertexts"][0]]
+        for key in ("ciphertexts", "b_share_commitments", "s_share_commitments"):
+            record[key] = [*record[key], record[key][0]]
     return reply
 
 
-def test_protocol_violation_before_masking_excludes_the_offender_and_restarts() -> None:
+def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_summed() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0)
     grid, members, updates, counts = _federation(5, 300, app=tampering_app)
     result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
-    assert result.layout[0]["status"] == "ok" and result.layout[0]["attempts"] == 2
+    assert result.layout[0]["status"] == "ok"
+    assert list(result.layout[0]["blamed"]) == ["participant-1"]
     assert [r.participant for r in result.skipped] == ["participant-1"]
-    assert "protocol violation" in result.skipped[0].reason and "[42]" in result.skipped[0].reason
+    assert "protocol violation" in result.skipped[0].reason and "42" in result.skipped[0].reason
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
 
 
 def test_a_participant_masks_its_update_only_once() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0)
     grid, members, _, _ = _federation(3, 50)
-    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t")
+    first = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t")
+    assert len(first.buckets) == 1
     again = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t2")
     assert not again.buckets
-    assert all("no unmasked update" in r.reason for r in again.skipped)
+    assert all("already masked an input for it (replay)" in r.reason for r in again.skipped)
+
+
+def test_a_replayed_train_message_for_a_masked_round_is_refused_before_training() -> None:
+    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    grid, members, _, _ = _federation(3, 50, app=participant_app.app)
+    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t")
+    config = load_config(None, SMALL + ["secagg.enabled=true"])
+    node = members[0].node
+    content = instruction_content(np.zeros(4, np.float32), 3, config.to_toml())
+    train = Message(content, dst_node_id=node, message_type="train", group_id="3")
+    (reply,) = grid.send_and_receive([train])
+    assert reply.has_error() and "refused a train request for round 3" in reply.error.reason
+    assert participant_secure.UPDATE not in grid.contexts[node].state  # nothing trained or held
+
+
+def test_rounding_keys_are_fresh_unless_a_simulation_asks_for_reproducible_ones() -> None:
+    secret = load_config(None, SMALL + ["secagg.enabled=true"])
+    keys = {participant_secure.rounding_key(secret, 3, 0) for _ in range(3)}
+    reproducible = load_config(None, SMALL + ["secagg.enabled=true", "simulation.reproducible_rounding=true"])
+    derived = participant_secure.rounding_key(reproducible, 3, 0)
+    assert len(keys) == 3 and derived not in keys  # the coordinator cannot recompute the rounding
+    assert derived == participant_secure.rounding_key(reproducible, 3, 0) != participant_secure.rounding_key(reproducible, 3, 1)
 
 
 def test_attacks_apply_before_masking() -> None:

@@ -1,9 +1,10 @@
 """Exceptions raised by the secure-aggregation protocol.
 
-Two failure kinds need different handling by the coordinator: a *protocol error*
-names a participant that sent something invalid (exclude or revoke it, then retry),
-while an *abort* means too few participants remain for the threshold to hold, so
-the round must end with the global state unchanged (Bonawitz et al., CCS 2017, §4).
+A *protocol error* is what a participant raises when a request or a relayed message is
+invalid; it names the party held responsible where the participant can tell. (The server does
+not raise it: it books a violation in `SecAggServer.blamed` and treats the sender as dropped.)
+An *abort* means too few participants remain for the threshold to hold, so the round must end
+with the global state unchanged (Bonawitz et al., CCS 2017, §4).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from .prg import expand_mask
+
 WIRE_BITS = 32
 # Float64 clipping can leave a norm a few ulps above clip_norm; budget for it.
 _CLIP_SLACK = 1.0 + 1e-9
@@ -43,8 +45,12 @@ def clip(vec: np.ndarray, clip_norm: float) -> np.ndarray:
     return v
 
 
-def encode(vec: np.ndarray, clip_norm: float, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Clip to `clip_norm`, scale, round stochastically, return uint32 (two's complement)."""
+def encode(vec: np.ndarray, clip_norm: float, scale: float, rounding_key: bytes) -> np.ndarray:
+    """Clip to `clip_norm`, scale, round stochastically, return uint32 (two's complement).
+
+    The rounding draws come from AES-CTR keyed by `rounding_key` (32 bytes): with a fresh
+    secret key nobody else can recompute them; the same key repeats the encoding exactly.
+    """
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     check_no_overflow(clip_norm, 1, scale)  # even one vector must fit in int32
@@ -52,8 +58,9 @@ def encode(vec: np.ndarray, clip_norm: float, scale: float, rng: np.random.Gener
     v *= scale  # |v| <= coordinate_bound(clip_norm, scale) <= 2^31 / n_participants
     low = np.floor(v)
     v -= low  # fractional part in [0, 1)
-    # Round up with probability equal to the fractional part: E[result] = v (to 2^-24).
-    low += rng.random(v.shape, dtype=np.float32) < v
+    v *= 2.0**32
+    # Round up with probability equal to the fractional part: E[result] = v (to 2^-32).
+    low += expand_mask(rounding_key, v.size) < v
     return low.astype(np.int32).view(np.uint32)  # two's complement in Z_{2^32}
 
 

@@ -63,8 +63,7 @@ def run_secure_sum(
     for shares in server.collect_shares(uploads):
         i = shares.receiver
         if i not in gone:
-            rng = np.random.default_rng([seed, i])
-            states[i], y = part.mask_input(_wire(states[i]), _wire(shares), vectors[i], rng)
+            states[i], y = part.mask_input(_wire(states[i]), _wire(shares), vectors[i])
             masked.append(_wire(y, i))
     asks = server.collect_masked(masked)
     gone |= set(drop_before_unmask)

@@ -66,13 +66,16 @@ class Message:
 # Stage 1: server -> each participant.
 @dataclass(frozen=True)
 class SetupRequest(Message):
-    round_id: str  # unique per (round, bucket): binds keys, masks and ciphertexts
+    round_id: str  # unique per (run, round, bucket): binds keys, masks and ciphertexts
     receiver: int
+    members: list[int]  # every participant of the instance, in order (bound into the keys)
     neighbours: list[int]
     threshold: int
     vector_length: int
     clip_norm: float
     scale: float
+    context: str  # the application's public parameters (bound into the keys)
+    server_public: bytes  # fresh X25519 key the proofs of possession answer to
 
 
 # Stage 2: participant -> server.
@@ -80,8 +83,10 @@ class SetupRequest(Message):
 class KeysAdvert(Message):
     round_id: str
     sender: int
-    c_public: bytes  # X25519, encrypts shares
     s_public: bytes  # X25519, agrees pairwise mask seeds
+    c_ids: list[int]  # its neighbours, in order ...
+    c_publics: list[bytes]  # ... and the key it receives each one's shares on
+    possession: bytes  # proof it holds the private keys of s_public and c_publics
 
 
 # Stage 3 request: server -> participant, the keys of neighbours that advertised.
@@ -90,7 +95,7 @@ class KeysRelay(Message):
     round_id: str
     receiver: int
     ids: list[int]
-    c_publics: list[bytes]
+    c_publics: list[bytes]  # ids[m]'s receiving key for shares from this receiver
     s_publics: list[bytes]
 
 
@@ -102,6 +107,8 @@ class SharesUpload(Message):
     receivers: list[int]
     ciphertexts: list[bytes]
     b_commitment: bytes  # SHA-256 commitment to the self-mask seed, checked on recovery
+    b_share_commitments: list[bytes]  # per receiver: commitment to the b-share dealt to it
+    s_share_commitments: list[bytes]  # per receiver: commitment to the s-share dealt to it
 
 
 # Stage 4 request: server -> participant, the ciphertexts addressed to it.
@@ -111,6 +118,8 @@ class SharesRelay(Message):
     receiver: int
     senders: list[int]
     ciphertexts: list[bytes]
+    b_share_commitments: list[bytes]  # what each sender committed to for this receiver
+    s_share_commitments: list[bytes]
 
 
 # Stage 4 reply: participant -> server.
@@ -118,7 +127,9 @@ class SharesRelay(Message):
 class MaskedInput(Message):
     round_id: str
     sender: int
-    masked: np.ndarray  # uint32, length vector_length
+    masked: np.ndarray  # uint32, length vector_length + 1 (the last word counts members)
+    accused: list[int]  # senders whose share bundle did not open or match its commitments ...
+    revealed_keys: list[bytes]  # ... and the receiving private key that opens each one
 
 
 # Stage 5 request: server -> surviving participant.
@@ -145,27 +156,26 @@ class UnmaskResponse(Message):
 class ParticipantState(Message):
     """Everything a participant keeps between stages (secret: never leaves the client).
 
-    Plain data so a stateless ClientApp can keep it in Flower's `context.state`.
+    Plain data so a stateless ClientApp can keep it in Flower's `context.state`; every secret
+    field is emptied once the participant has answered unmask.
     """
 
     round_id: str
     participant_id: int
+    params: bytes  # digest of the instance's public parameters (crypto.params_digest)
     neighbours: list[int]
     threshold: int
     vector_length: int
     clip_norm: float
     scale: float
     stage: str  # "advertised" -> "shared" -> "masked" -> "unmasked"
-    c_private: bytes
     s_private: bytes
-    c_public: bytes
     s_public: bytes
+    c_privates: list[bytes]  # receiving key per neighbour (same order as `neighbours`)
     key_ids: list[int]  # neighbours whose keys were relayed to us (stage 3)
-    key_c_publics: list[bytes]
     key_s_publics: list[bytes]
     b_seed: bytes
     own_b_share: bytes
-    own_s_share: bytes
-    share_owners: list[int]  # neighbours whose shares we hold (stage 4): U2 ∩ N(self)
+    share_owners: list[int]  # neighbours whose valid shares we hold (stage 4)
     held_b_shares: list[bytes]
     held_s_shares: list[bytes]

@@ -1,12 +1,16 @@
 """Participant side of SecAgg+ as pure functions `(state, request) -> (state, reply)`.
 
 Follows Bonawitz et al. (CCS 2017, Fig. 4) restricted to a neighbourhood as in
-Bell et al. (CCS 2020): advertise two X25519 keys, Shamir-share the self-mask
-seed b and the masking key s_sk among neighbours, upload
-y = encode(x) + PRG(b) + sum_j ±PRG(s_ij) mod 2^32, then reveal for each
+Bell et al. (CCS 2020): advertise a masking key and one receiving key per neighbour
+(with a proof of possession), Shamir-share the self-mask seed b and the masking key
+s_sk among neighbours with a commitment to every share, upload
+y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij) mod 2^32, then reveal for each
 neighbour either its b-share (it survived) or its s-share (it dropped), never
-both. State is a plain `ParticipantState` so a stateless Flower ClientApp can
-keep it in `context.state` between messages.
+both. A share bundle that does not open is not fatal: the participant masks anyway
+and accuses the sender, revealing the one receiving key that lets the server check
+the accusation (see `crypto`). State is a plain `ParticipantState` so a stateless
+Flower ClientApp can keep it in `context.state` between messages; its secrets are
+erased once unmask is answered.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import crypto, shamir
 from .errors import SecAggAbort, SecAggProtocolError
-from .fixedpoint import encode
+from .fixedpoint import WIRE_BITS, encode
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -33,7 +37,7 @@ from .messages import (
 )
 from .prg import SEED_BYTES, apply_mask
 
-BUNDLE_BYTES = 32 + 2 * shamir.SHARE_BYTES  # keys digest || b-share || s-share
+BUNDLE_BYTES = 2 * shamir.SHARE_BYTES  # b-share || s-share
 
 
 def x_coord(participant: int) -> int:
@@ -44,6 +48,49 @@ def x_coord(participant: int) -> int:
 def mask_sign(me: int, other: int) -> int:
     """+1 if `me` adds PRG(s_ij), -1 if it subtracts: the pair's masks cancel in the sum."""
     return 1 if me < other else -1
+
+
+def request_params(request: SetupRequest) -> bytes:
+    """Digest of the public parameters a setup request fixes (both sides compute it)."""
+    return crypto.params_digest(
+        request.round_id,
+        request.members,
+        request.threshold,
+        request.vector_length,
+        request.clip_norm,
+        request.scale,
+        WIRE_BITS,
+        request.context,
+    )
+
+
+def open_bundle(
+    params: bytes,
+    receiver_private: bytes,
+    blob: bytes,
+    sender: int,
+    receiver: int,
+    sender_s_public: bytes,
+    b_commitment: bytes,
+    s_commitment: bytes,
+) -> tuple[bytes, bytes]:
+    """Decrypt one share bundle and check it against the sender's commitments.
+
+    Pure, so the server runs exactly the receiver's check when it judges an accusation.
+    Raises ValueError saying what is wrong.
+    """
+    try:
+        bundle = crypto.open_sealed(receiver_private, blob, params, sender, receiver, sender_s_public)
+    except InvalidTag:
+        raise ValueError("share ciphertext failed authentication") from None
+    if len(bundle) != BUNDLE_BYTES:
+        raise ValueError(f"share bundle is {len(bundle)} bytes, expected {BUNDLE_BYTES}")
+    b_share, s_share = bundle[: shamir.SHARE_BYTES], bundle[shamir.SHARE_BYTES :]
+    if crypto.commit_share(params, sender, receiver, b"b", b_share) != b_commitment or crypto.commit_share(
+        params, sender, receiver, b"s", s_share
+    ) != s_commitment:
+        raise ValueError("shares do not match the sender's commitments")
+    return b_share, s_share
 
 
 def _check_ids(ids: list[int], what: str) -> None:
@@ -65,11 +112,14 @@ def _expect(state: ParticipantState, stage: str, round_id: str, receiver: int) -
 
 
 def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
-    """Stage 1->2: check the round parameters, make key pairs c and s, advertise them."""
+    """Stage 1->2: check the round parameters, make the keys, advertise them with a proof."""
     me, k, t = request.receiver, len(request.neighbours), request.threshold
+    _check_ids(request.members, "members")
     _check_ids(request.neighbours, "neighbours")
-    if me in request.neighbours:
-        raise SecAggProtocolError(None, f"participant {me} is listed as its own neighbour")
+    if me in request.neighbours or me not in request.members:
+        raise SecAggProtocolError(None, f"participant {me} is its own neighbour or not a member")
+    if not set(request.neighbours) <= set(request.members):
+        raise SecAggProtocolError(None, "neighbours must be members of the instance")
     if not (k + 1) // 2 < t <= k + 1:
         # A threshold at or below half the neighbourhood lets a server collect both
         # shares of someone from two disjoint halves: refuse to take part.
@@ -80,142 +130,152 @@ def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
         )
     if request.vector_length < 1 or not request.scale > 0 or not request.clip_norm > 0:
         raise SecAggProtocolError(None, "vector_length, scale and clip_norm must be positive")
-    c_private, c_public = crypto.generate_keypair()
+    params = request_params(request)
     s_private, s_public = crypto.generate_keypair()
+    receiving = [crypto.generate_keypair() for _ in request.neighbours]
+    try:
+        proof = crypto.possession_proof(
+            [s_private, *(c for c, _ in receiving)], request.server_public, params, me
+        )
+    except ValueError as err:
+        raise SecAggProtocolError(None, f"server key refused: {err}") from None
     state = ParticipantState(
         round_id=request.round_id,
         participant_id=me,
-        neighbours=sorted(request.neighbours),
+        params=params,
+        neighbours=list(request.neighbours),
         threshold=t,
         vector_length=request.vector_length,
         clip_norm=float(request.clip_norm),
         scale=float(request.scale),
         stage="advertised",
-        c_private=c_private,
         s_private=s_private,
-        c_public=c_public,
         s_public=s_public,
+        c_privates=[c for c, _ in receiving],
         key_ids=[],
-        key_c_publics=[],
         key_s_publics=[],
         b_seed=b"",
         own_b_share=b"",
-        own_s_share=b"",
         share_owners=[],
         held_b_shares=[],
         held_s_shares=[],
     )
-    return state, KeysAdvert(request.round_id, me, c_public, s_public)
+    advert = KeysAdvert(
+        request.round_id, me, s_public, list(request.neighbours), [p for _, p in receiving], proof
+    )
+    return state, advert
+
+
+def _check_relayed_keys(state: ParticipantState, relay: KeysRelay) -> None:
+    """Every relayed key well-formed and distinct from every other and from ours (blames its owner)."""
+    me = state.participant_id
+    own = {state.s_public, *(crypto.public_from_private(c) for c in state.c_privates)}
+    seen: set[bytes] = set()
+    for j, c_pub, s_pub in zip(relay.ids, relay.c_publics, relay.s_publics, strict=True):
+        if j not in state.neighbours:
+            raise SecAggProtocolError(j, f"keys relayed to {me} but {j} is not its neighbour")
+        for key in (c_pub, s_pub):
+            try:
+                crypto.check_public_key(key)
+            except ValueError as err:
+                raise SecAggProtocolError(j, f"relayed key refused by {me}: {err}") from None
+            if key in own or key in seen:
+                raise SecAggProtocolError(j, f"relayed a key that is not distinct (seen by {me})")
+            seen.add(key)
 
 
 def share_keys(state: ParticipantState, relay: KeysRelay) -> tuple[ParticipantState, SharesUpload]:
-    """Stage 3: draw b, Shamir-share b and s_sk over self + neighbours, encrypt per neighbour."""
+    """Stage 3: draw b, Shamir-share b and s_sk over self + neighbours, seal per neighbour."""
     _expect(state, "advertised", relay.round_id, relay.receiver)
     me, t = state.participant_id, state.threshold
     ids = relay.ids
     if not len(ids) == len(relay.c_publics) == len(relay.s_publics):
         raise SecAggProtocolError(None, "key relay lists have different lengths")
     _check_ids(ids, "relayed key owners")
-    for j, c_pub, s_pub in zip(ids, relay.c_publics, relay.s_publics, strict=True):
-        if j not in state.neighbours:
-            raise SecAggProtocolError(j, f"keys relayed to {me} but {j} is not its neighbour")
-        if len(c_pub) != crypto.KEY_BYTES or len(s_pub) != crypto.KEY_BYTES:
-            raise SecAggProtocolError(j, "public keys must be 32 bytes")
-        if s_pub == state.s_public or c_pub == state.c_public:
-            raise SecAggProtocolError(j, f"advertised participant {me}'s own public key")
+    _check_relayed_keys(state, relay)
     if len(ids) + 1 < t:
         raise SecAggAbort(f"participant {me}: only {len(ids)} neighbours left, threshold is {t}")
     b_seed = os.urandom(SEED_BYTES)
     holders = [x_coord(h) for h in [me, *ids]]
     b_shares = shamir.split(b_seed, t, holders)
     s_shares = shamir.split(state.s_private, t, holders)
-    digest = crypto.keys_digest(state.c_public, state.s_public)
-    ciphertexts = []
+    ciphertexts, b_commits, s_commits = [], [], []
     for j, c_pub in zip(ids, relay.c_publics, strict=True):
-        bundle = digest + b_shares[x_coord(j)] + s_shares[x_coord(j)]
-        key = crypto.share_key(state.c_private, c_pub, state.round_id)
-        ciphertexts.append(
-            crypto.encrypt(key, bundle, crypto.associated_data(state.round_id, me, j))
-        )
+        b_share, s_share = b_shares[x_coord(j)], s_shares[x_coord(j)]
+        try:
+            ciphertexts.append(crypto.seal_bundle(c_pub, b_share + s_share, state.params, me, j, state.s_public))
+        except ValueError as err:
+            raise SecAggProtocolError(j, f"receiving key refused by {me}: {err}") from None
+        b_commits.append(crypto.commit_share(state.params, me, j, b"b", b_share))
+        s_commits.append(crypto.commit_share(state.params, me, j, b"s", s_share))
     new = dataclasses.replace(
         state,
         stage="shared",
         key_ids=list(ids),
-        key_c_publics=list(relay.c_publics),
         key_s_publics=list(relay.s_publics),
         b_seed=b_seed,
         own_b_share=b_shares[x_coord(me)],
-        own_s_share=s_shares[x_coord(me)],
     )
-    commitment = crypto.commit_seed(state.round_id, me, b_seed)
-    return new, SharesUpload(state.round_id, me, list(ids), ciphertexts, commitment)
-
-
-def _open_bundle(state: ParticipantState, sender: int, blob: bytes) -> tuple[bytes, bytes]:
-    """Decrypt and check one neighbour's share bundle; blame `sender` for any defect."""
-    me = state.participant_id
-    if sender not in state.key_ids:
-        raise SecAggProtocolError(
-            sender, f"shares relayed to {me} from a sender whose keys it never received"
-        )
-    pos = state.key_ids.index(sender)
-    c_pub, s_pub = state.key_c_publics[pos], state.key_s_publics[pos]
-    key = crypto.share_key(state.c_private, c_pub, state.round_id)
-    try:
-        bundle = crypto.decrypt(key, blob, crypto.associated_data(state.round_id, sender, me))
-    except (InvalidTag, ValueError):
-        raise SecAggProtocolError(
-            sender,
-            f"share ciphertext to {me} failed authentication "
-            "(tampered, or replayed from another pair or round)",
-        ) from None
-    if len(bundle) != BUNDLE_BYTES:
-        raise SecAggProtocolError(
-            sender, f"share bundle is {len(bundle)} bytes, expected {BUNDLE_BYTES}"
-        )
-    if bundle[:32] != crypto.keys_digest(c_pub, s_pub):
-        raise SecAggProtocolError(
-            sender, f"share bundle names keys that {me} did not receive for it"
-        )
-    return bundle[32 : 32 + shamir.SHARE_BYTES], bundle[32 + shamir.SHARE_BYTES :]
+    commitment = crypto.commit_seed(state.params, me, b_seed)
+    return new, SharesUpload(state.round_id, me, list(ids), ciphertexts, commitment, b_commits, s_commits)
 
 
 def mask_input(
-    state: ParticipantState, relay: SharesRelay, vector: np.ndarray, rng: np.random.Generator
+    state: ParticipantState, relay: SharesRelay, vector: np.ndarray, rounding_key: bytes | None = None
 ) -> tuple[ParticipantState, MaskedInput]:
-    """Stage 4: store neighbours' shares, upload y = encode(x) + PRG(b) + sum_j ±PRG(s_ij)."""
+    """Stage 4: keep neighbours' shares, upload y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij).
+
+    A bundle that does not open (or does not match its commitments) is left out and its sender
+    accused, with the receiving key that opens just that bundle as evidence. `rounding_key`
+    keys the stochastic rounding; by default it is fresh from the OS CSPRNG, so nobody can
+    recompute the rounding (a fixed key is for reproducible simulations only).
+    """
     _expect(state, "shared", relay.round_id, relay.receiver)
     me, senders = state.participant_id, relay.senders
-    if len(senders) != len(relay.ciphertexts):
+    if not len(senders) == len(relay.ciphertexts) == len(relay.b_share_commitments) == len(relay.s_share_commitments):
         raise SecAggProtocolError(None, "share relay lists have different lengths")
     _check_ids(senders, "share senders")
+    unknown = sorted(set(senders) - set(state.key_ids))
+    if unknown:
+        raise SecAggProtocolError(
+            unknown[0], f"shares relayed to {me} from a sender whose keys it never received"
+        )
     if len(senders) + 1 < state.threshold:
         raise SecAggAbort(
             f"participant {me}: only {len(senders)} neighbours shared keys, "
             f"threshold is {state.threshold}"
         )
-    pairs = zip(senders, relay.ciphertexts, strict=True)
-    opened = [_open_bundle(state, j, blob) for j, blob in pairs]
     vec = np.asarray(vector)
     if vec.shape != (state.vector_length,):
         raise ValueError(
             f"update has shape {vec.shape}, the round expects ({state.vector_length},)"
         )
-    masked = encode(vec, state.clip_norm, state.scale, rng)
+    owners, held_b, held_s, accused, revealed = [], [], [], [], []
+    for j, blob, b_commit, s_commit in zip(
+        senders, relay.ciphertexts, relay.b_share_commitments, relay.s_share_commitments, strict=True
+    ):
+        receiving = state.c_privates[state.neighbours.index(j)]
+        s_pub = state.key_s_publics[state.key_ids.index(j)]
+        try:
+            b_share, s_share = open_bundle(state.params, receiving, blob, j, me, s_pub, b_commit, s_commit)
+        except ValueError:
+            accused.append(j)
+            revealed.append(receiving)
+            continue
+        owners.append(j)
+        held_b.append(b_share)
+        held_s.append(s_share)
+    masked = np.empty(state.vector_length + 1, dtype=np.uint32)
+    masked[:-1] = encode(vec, state.clip_norm, state.scale, rounding_key or os.urandom(SEED_BYTES))
+    masked[-1] = 1  # the count slot: the unmasked sum must equal the number of members in it
     apply_mask(masked, state.b_seed, 1)
     for j in senders:
         s_pub = state.key_s_publics[state.key_ids.index(j)]
-        apply_mask(
-            masked, crypto.pairwise_seed(state.s_private, s_pub, state.round_id), mask_sign(me, j)
-        )
+        apply_mask(masked, crypto.pairwise_seed(state.s_private, s_pub, state.params), mask_sign(me, j))
     new = dataclasses.replace(
-        state,
-        stage="masked",
-        share_owners=list(senders),
-        held_b_shares=[b for b, _ in opened],
-        held_s_shares=[s for _, s in opened],
+        state, stage="masked", share_owners=owners, held_b_shares=held_b, held_s_shares=held_s
     )
-    return new, MaskedInput(state.round_id, me, masked)
+    return new, MaskedInput(state.round_id, me, masked, accused, revealed)
 
 
 def unmask(
@@ -254,6 +314,18 @@ def unmask(
         s_owners=list(request.dropped),
         s_shares=[state.held_s_shares[pos[j]] for j in request.dropped],
     )
-    # Forget secrets no longer needed; the stage mark makes any later request fail.
-    done = dataclasses.replace(state, stage="unmasked", b_seed=b"", s_private=b"", c_private=b"")
-    return done, response
+    return erase_secrets(state), response
+
+
+def erase_secrets(state: ParticipantState) -> ParticipantState:
+    """The state after unmask: public facts only, so a later leak of it reveals nothing."""
+    return dataclasses.replace(
+        state,
+        stage="unmasked",
+        s_private=b"",
+        c_privates=[],
+        b_seed=b"",
+        own_b_share=b"",
+        held_b_shares=[],
+        held_s_shares=[],
+    )

@@ -8,8 +8,8 @@ may see only sums. Each participant masks the d+1 vector
 
     [w_i * clip(x_i, C), w_i * C],   w_i = min(n_i / n_ref, 1),
 
-where n_ref is the largest example count in its bucket (public, sent by the coordinator with
-the setup request). The last coordinate sums to C * sum_i w_i, so the bucket's weighted sum and
+where n_ref is the largest example count in its bucket (public, sent by the coordinator in the
+setup request's bound context, `round_context`). The last coordinate sums to C * sum_i w_i, so the bucket's weighted sum and
 its total weight both come out of one secure sum, consistent with each other even if a
 participant misreports its count in plaintext metadata. The L2 norm of the vector is at most
 sqrt(2) * C, which is the norm the fixed-point encoding is sized for (`input_clip_norm`).
@@ -17,6 +17,7 @@ sqrt(2) * C, which is the norm the fixed-point encoding is sized for (`input_cli
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -68,6 +69,15 @@ def check_fixed_point(clip_norm: float, members: int) -> float:
     scale = choose_scale(norm, members)
     check_no_overflow(norm, members, scale)
     return scale
+
+
+def round_context(server_round: int, weight_ref: float) -> str:
+    """The round's public parameters as the protocol binds them (`SetupRequest.context`).
+
+    Canonical JSON with the float written exactly, so coordinator and participant derive the
+    same key schedule from the same values, and different keys from any difference.
+    """
+    return json.dumps({"server_round": server_round, "weight_ref": float(weight_ref).hex()}, sort_keys=True)
 
 
 def weighted_input(update: np.ndarray, num_examples: int, weight_ref: float, clip_norm: float) -> np.ndarray:

@@ -1,24 +1,39 @@
-"""Server side of SecAgg+: validate, relay, and finally unmask the sum.
+"""Server side of SecAgg+: validate, relay, judge accusations, and finally unmask the sum.
 
-One `SecAggServer` runs one instance (one bucket of one round): Bonawitz et
-al. (CCS 2017) stages over the sparse graph of Bell et al. (CCS 2020). Each
-`collect_*` method takes the replies that arrived for a stage, validates them
-(blaming the sender in a `SecAggProtocolError`), treats silent participants as
-dropped, and returns the requests for the next stage. Fewer than `threshold`
-live participants anywhere a secret must be recovered raises `SecAggAbort`.
-The server is trusted to relay honestly (no PKI signatures on keys).
+One `SecAggServer` runs one instance (one bucket of one round): Bonawitz et al. (CCS 2017)
+stages over the sparse graph of Bell et al. (CCS 2020). Each `collect_*` method takes the
+replies that arrived for a stage and returns the requests for the next one. A participant
+that sends something invalid is *blamed* (`blamed`: id -> reason) and treated like one that
+dropped out at that stage, so one malicious participant cannot stop a bucket on its own:
+
+- keys: non-canonical, low-order or unproved keys, and any key advertised twice (only a
+  holder of the private key can prove possession, so everyone sharing a key is guilty);
+- shares: uploads not addressed to exactly the relayed neighbours, or malformed;
+- masked inputs: an accusation is judged by opening the accused bundle with the revealed
+  receiving key, exactly as the accuser did; whoever is wrong is blamed;
+- unmask: a revealed share that does not match its owner's commitment convicts its holder;
+  shares that match but lie off one polynomial (found by Berlekamp-Welch decoding over all
+  shares received) convict the owner, who dealt them.
+
+Fewer than `threshold` live holders of a secret that must be recovered raises `SecAggAbort`
+before any share is revealed. After unmasking, the count slot (each member adds 1) must equal
+the number of members summed: members given different public parameters derive unrelated
+masks, and the sum is refused instead of revealing anything. The server is trusted to relay
+honestly (no signatures on its messages); see docs/threat-model.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from . import crypto, shamir
-from .errors import SecAggAbort, SecAggProtocolError
-from .fixedpoint import check_no_overflow, choose_scale, decode, error_bound
+from .errors import SecAggAbort
+from .fixedpoint import WIRE_BITS, check_no_overflow, choose_scale, decode, error_bound
 from .graph import check_ids, communication_graph, default_degree, default_threshold
 from .messages import (
     KeysAdvert,
@@ -30,10 +45,12 @@ from .messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from .participant import BUNDLE_BYTES, mask_sign, x_coord
+from .participant import BUNDLE_BYTES, mask_sign, open_bundle, x_coord
 from .prg import apply_mask
 
-CIPHERTEXT_BYTES = crypto.NONCE_BYTES + BUNDLE_BYTES + crypto.TAG_BYTES
+log = logging.getLogger("fedlora.secagg")
+CIPHERTEXT_BYTES = crypto.KEY_BYTES + crypto.NONCE_BYTES + BUNDLE_BYTES + crypto.TAG_BYTES
+_DIGEST_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -41,12 +58,13 @@ class SumResult:
     """Decoded sum of the survivors' clipped inputs."""
 
     total: np.ndarray  # float32, length vector_length
-    sum_u32: np.ndarray  # the unmasked sum in Z_{2^32}, for exact re-decoding
+    sum_u32: np.ndarray  # the unmasked sum in Z_{2^32} (without the count slot), for re-decoding
     count: int
     survivors: list[int]
     dropped: list[int]
     scale: float
     error_bound: float  # per coordinate, before float32 rounding of `total`
+    blamed: dict[int, str] = field(default_factory=dict)  # protocol violations, by participant
 
 
 class _Reply(Protocol):
@@ -56,12 +74,15 @@ class _Reply(Protocol):
     def sender(self) -> int: ...
 
 
+R = TypeVar("R", bound=_Reply)
+
+
 class SecAggServer:
     """State machine of one secure-aggregation instance, stage by stage.
 
-    Call `setup`, `collect_keys`, `collect_shares`, `collect_masked`,
-    `collect_unmask` in order, each with the replies that arrived in time.
-    After any exception the instance is spent: start a new one (new round_id).
+    Call `setup`, `collect_keys`, `collect_shares`, `collect_masked`, `collect_unmask` in
+    order, each with the replies that arrived in time. After `SecAggAbort` the instance is
+    spent; a new one needs a new round_id (participants mask at most once per round anyway).
     """
 
     def __init__(
@@ -74,7 +95,8 @@ class SecAggServer:
         degree: int | None = None,
         threshold: int | None = None,
         scale: float | None = None,
-        graph_seed: bytes | int = 0,
+        graph_seed: bytes | int | None = None,
+        context: str = "",
     ) -> None:
         ids = check_ids(list(participant_ids))
         n = len(ids)
@@ -92,36 +114,55 @@ class SecAggServer:
         if scale is None:
             scale = choose_scale(clip_norm, n)
         check_no_overflow(clip_norm, n, scale)
-        self.round_id, self.ids, self.d = round_id, ids, vector_length
+        self.round_id, self.ids, self.d, self.context = round_id, ids, vector_length, context
         self.clip_norm, self.scale = float(clip_norm), float(scale)
         self.threshold, self.degree = t, k
-        self.graph = communication_graph(ids, k, graph_seed)
+        seed = round_id.encode() if graph_seed is None else graph_seed
+        self.graph = communication_graph(ids, k, seed)
+        self.params = crypto.params_digest(
+            round_id, ids, t, vector_length, self.clip_norm, self.scale, WIRE_BITS, context
+        )
+        self._server_private, self._server_public = crypto.generate_keypair()
         self.stage = "setup"
-        self.keys: dict[int, tuple[bytes, bytes]] = {}  # id -> (c_public, s_public)
+        self.blamed: dict[int, str] = {}
+        self.s_publics: dict[int, bytes] = {}
+        self.receiving: dict[tuple[int, int], bytes] = {}  # (holder, sender) -> holder's key
         self.key_relay: dict[int, list[int]] = {}  # id -> neighbours whose keys it got (U1)
+        self.relayed: dict[int, list[int]] = {}  # id -> neighbours whose shares it got (U2)
+        self.boxes: dict[tuple[int, int], tuple[bytes, bytes, bytes]] = {}  # (from, to) -> ct, commits
         self.commitments: dict[int, bytes] = {}
-        self.relayed: dict[int, list[int]] = {}  # id -> neighbours whose shares it holds (U2)
+        self.lacking: set[tuple[int, int]] = set()  # (holder, owner): holder has no valid shares
         self.total = np.zeros(0, dtype=np.uint32)
         self.u3: set[int] = set()
         self.asked: dict[int, UnmaskRequest] = {}
 
+    # --- bookkeeping ----------------------------------------------------------------
     def _advance(self, expected: str, nxt: str) -> None:
         if self.stage != expected:
             raise RuntimeError(f"SecAggServer is at stage {self.stage!r}, cannot run {expected!r}")
         self.stage = nxt
 
-    def _check_sender(self, msg: _Reply, allowed: set[int], seen: set[int]) -> int:
-        sender = msg.sender
-        if msg.round_id != self.round_id:
-            raise SecAggProtocolError(
-                sender, f"message for round {msg.round_id!r}, expected {self.round_id!r}"
-            )
-        if sender not in allowed:
-            raise SecAggProtocolError(sender, "unknown or unexpected sender at this stage")
-        if sender in seen:
-            raise SecAggProtocolError(sender, "sent two replies for the same stage")
-        seen.add(sender)
-        return sender
+    def blame(self, participant: int, reason: str) -> None:
+        """Book a protocol violation on `participant` (the first reason is kept)."""
+        if participant not in self.blamed:
+            log.warning("%s: participant %d blamed: %s", self.round_id, participant, reason)
+            self.blamed[participant] = reason
+
+    def _accept(self, replies: list[R], allowed: set[int], stage: str) -> dict[int, R]:
+        """Replies from expected senders, one each; anything else is blamed and ignored."""
+        counts = Counter(msg.sender for msg in replies)
+        accepted = {}
+        for msg in replies:
+            i = msg.sender
+            if counts[i] > 1:
+                self.blame(i, f"sent {counts[i]} replies at {stage}")
+            elif msg.round_id != self.round_id:
+                self.blame(i, f"reply for round {msg.round_id!r} at {stage}, expected {self.round_id!r}")
+            elif i not in allowed:
+                self.blame(i, f"unexpected reply at {stage}")
+            else:
+                accepted[i] = msg
+        return accepted
 
     def _prune(self, alive: set[int], stage: str) -> set[int]:
         """Drop members with < t-1 live neighbours: their secrets could not be recovered."""
@@ -138,182 +179,246 @@ class SecAggServer:
             )
         return alive
 
+    # --- stages ---------------------------------------------------------------------
     def setup(self) -> list[SetupRequest]:
-        """Stage 1: one request per participant with its neighbours and the round parameters."""
+        """Stage 1: one request per participant with its neighbours and the public parameters."""
         self._advance("setup", "keys")
         return [
             SetupRequest(
-                self.round_id, i, self.graph[i], self.threshold, self.d, self.clip_norm, self.scale
+                self.round_id, i, list(self.ids), self.graph[i], self.threshold, self.d,
+                self.clip_norm, self.scale, self.context, self._server_public,
             )
             for i in self.ids
         ]
 
+    def _key_fault(self, i: int, msg: KeysAdvert) -> str | None:
+        if msg.c_ids != self.graph[i] or len(msg.c_publics) != len(msg.c_ids):
+            return "advertised receiving keys for other participants than its neighbours"
+        publics = [msg.s_public, *msg.c_publics]
+        try:
+            for key in publics:
+                crypto.check_public_key(key)
+            crypto.check_possession(self._server_private, publics, msg.possession, self.params, i)
+        except ValueError as err:
+            return f"advertised keys refused: {err}"
+        return None
+
     def collect_keys(self, adverts: list[KeysAdvert]) -> list[KeysRelay]:
-        """Stage 2 -> 3: record public keys, relay each participant its live neighbours' keys."""
+        """Stage 2 -> 3: check keys (form, order, possession, distinctness), relay them."""
         self._advance("keys", "shares")
-        seen: set[int] = set()
-        for msg in adverts:
-            i = self._check_sender(msg, set(self.ids), seen)
-            if len(msg.c_public) != crypto.KEY_BYTES or len(msg.s_public) != crypto.KEY_BYTES:
-                raise SecAggProtocolError(i, "public keys must be 32 bytes")
-            self.keys[i] = (msg.c_public, msg.s_public)
-        alive = self._prune(set(seen), "key advertisement")
+        valid = {}
+        for i, msg in self._accept(adverts, set(self.ids), "key advertisement").items():
+            fault = self._key_fault(i, msg)
+            if fault:
+                self.blame(i, fault)
+            else:
+                valid[i] = msg
+        owners: dict[bytes, list[int]] = {}
+        for i, msg in valid.items():
+            for key in (msg.s_public, *msg.c_publics):
+                owners.setdefault(key, []).append(i)
+        for holders in owners.values():
+            if len(holders) > 1:  # each proved possession: they share a private key
+                for i in holders:
+                    self.blame(i, f"advertised a key that participants {sorted(set(holders))} all hold")
+        alive = self._prune(set(valid) - set(self.blamed), "key advertisement")
+        for i in alive:
+            self.s_publics[i] = valid[i].s_public
+            for j, key in zip(valid[i].c_ids, valid[i].c_publics, strict=True):
+                self.receiving[(i, j)] = key
         relays = []
         for i in sorted(alive):
             nbrs = [j for j in self.graph[i] if j in alive]
             self.key_relay[i] = nbrs
             relays.append(
                 KeysRelay(
-                    self.round_id,
-                    i,
-                    nbrs,
-                    [self.keys[j][0] for j in nbrs],
-                    [self.keys[j][1] for j in nbrs],
+                    self.round_id, i, nbrs,
+                    [self.receiving[(j, i)] for j in nbrs], [self.s_publics[j] for j in nbrs],
                 )
             )
         return relays
+
+    def _upload_fault(self, i: int, msg: SharesUpload) -> str | None:
+        lists = (msg.ciphertexts, msg.b_share_commitments, msg.s_share_commitments)
+        if any(len(x) != len(msg.receivers) for x in lists) or len(msg.b_commitment) != _DIGEST_BYTES:
+            return "malformed share upload"
+        if sorted(msg.receivers) != self.key_relay[i]:
+            return f"addressed shares to {sorted(msg.receivers)}, not to its neighbours with keys {self.key_relay[i]}"
+        if any(len(blob) != CIPHERTEXT_BYTES for blob in msg.ciphertexts):
+            return f"share ciphertexts must be {CIPHERTEXT_BYTES} bytes"
+        if any(len(c) != _DIGEST_BYTES for c in msg.b_share_commitments + msg.s_share_commitments):
+            return "share commitments must be 32 bytes"
+        return None
 
     def collect_shares(self, uploads: list[SharesUpload]) -> list[SharesRelay]:
         """Stage 3 -> 4: check each upload is addressed to exactly its relayed neighbours, relay."""
         self._advance("shares", "masked")
-        seen: set[int] = set()
-        boxes: dict[tuple[int, int], bytes] = {}
-        for msg in uploads:
-            i = self._check_sender(msg, set(self.key_relay), seen)
-            if len(msg.receivers) != len(msg.ciphertexts) or len(msg.b_commitment) != 32:
-                raise SecAggProtocolError(i, "malformed share upload")
-            stray = sorted(set(msg.receivers) - set(self.key_relay[i]))
-            if stray:
-                raise SecAggProtocolError(
-                    i, f"addressed shares to {stray}, not among its neighbours with keys"
-                )
-            if sorted(msg.receivers) != self.key_relay[i]:
-                missing = sorted(set(self.key_relay[i]) - set(msg.receivers))
-                raise SecAggProtocolError(
-                    i, f"sent no shares (or duplicates) for neighbours {missing}"
-                )
-            for j, blob in zip(msg.receivers, msg.ciphertexts, strict=True):
-                if len(blob) != CIPHERTEXT_BYTES:
-                    raise SecAggProtocolError(
-                        i, f"ciphertext to {j} is {len(blob)} bytes, expected {CIPHERTEXT_BYTES}"
-                    )
-                boxes[(i, j)] = blob
+        valid = set()
+        for i, msg in self._accept(uploads, set(self.key_relay), "share exchange").items():
+            fault = self._upload_fault(i, msg)
+            if fault:
+                self.blame(i, fault)
+                continue
+            valid.add(i)
             self.commitments[i] = msg.b_commitment
-        alive = self._prune(set(seen), "share exchange")
+            for j, blob, b_c, s_c in zip(
+                msg.receivers, msg.ciphertexts, msg.b_share_commitments, msg.s_share_commitments,
+                strict=True,
+            ):
+                self.boxes[(i, j)] = (blob, b_c, s_c)
+        alive = self._prune(valid, "share exchange")
         relays = []
         for i in sorted(alive):
             senders = [j for j in self.key_relay[i] if j in alive]
             self.relayed[i] = senders
-            relays.append(SharesRelay(self.round_id, i, senders, [boxes[(j, i)] for j in senders]))
+            boxes = [self.boxes[(j, i)] for j in senders]
+            relays.append(
+                SharesRelay(
+                    self.round_id, i, senders,
+                    [b[0] for b in boxes], [b[1] for b in boxes], [b[2] for b in boxes],
+                )
+            )
         return relays
 
+    def _judge(self, accuser: int, accused: int, revealed: bytes) -> None:
+        """Open the accused bundle with the revealed key, as the accuser did; blame who is wrong."""
+        if accused not in self.relayed[accuser]:
+            self.blame(accuser, f"accused {accused}, whose shares were never relayed to it")
+            return
+        try:
+            genuine = crypto.public_from_private(revealed) == self.receiving[(accuser, accused)]
+        except ValueError:
+            genuine = False
+        if not genuine:
+            self.blame(accuser, f"accused {accused} with a key that is not its receiving key")
+            return
+        blob, b_commit, s_commit = self.boxes[(accused, accuser)]
+        try:
+            open_bundle(
+                self.params, revealed, blob, accused, accuser, self.s_publics[accused], b_commit, s_commit
+            )
+        except ValueError as err:
+            self.blame(accused, f"sent participant {accuser} a bad share bundle ({err})")
+            self.lacking.add((accuser, accused))
+            return
+        self.blame(accuser, f"accused {accused} falsely: the bundle it received opens and matches")
+
     def collect_masked(self, inputs: list[MaskedInput]) -> list[UnmaskRequest]:
-        """Stage 4 -> 5: sum masked vectors; ask survivors for exactly one share per neighbour."""
+        """Stage 4 -> 5: judge accusations, sum masked vectors, ask survivors for shares."""
         self._advance("masked", "unmask")
-        seen: set[int] = set()
-        self.total = np.zeros(self.d, dtype=np.uint32)
-        for msg in inputs:
-            i = self._check_sender(msg, set(self.relayed), seen)
+        arrived = {}
+        for i, msg in self._accept(inputs, set(self.relayed), "masked input").items():
             y = msg.masked
-            if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.shape != (self.d,):
-                got = getattr(y, "shape", None), getattr(y, "dtype", type(y).__name__)
-                raise SecAggProtocolError(
-                    i, f"masked input has shape/dtype {got}, expected ({self.d},) uint32"
-                )
-            np.add(self.total, y, out=self.total)  # wraps mod 2^32
-        self.u3 = seen
-        t = self.threshold
-        for u in self.relayed:  # every secret we may need must have >= t live holders
-            holders = self.u3.intersection(self.relayed[u])
-            need = u in self.u3 or bool(holders)
-            if need and len(holders) + (u in self.u3) < t:
-                raise SecAggAbort(
-                    f"round {self.round_id}: only {len(holders)} live holders of participant {u}'s "
-                    f"shares, threshold is {t}"
-                )
+            if y.shape != (self.d + 1,):
+                self.blame(i, f"masked input has shape {y.shape}, expected ({self.d + 1},)")
+            elif len(msg.accused) != len(msg.revealed_keys) or len(set(msg.accused)) != len(msg.accused):
+                self.blame(i, "malformed accusation lists")
+            else:
+                arrived[i] = msg
+        for i, msg in arrived.items():
+            for accused, key in zip(msg.accused, msg.revealed_keys, strict=True):
+                self._judge(i, accused, key)
+        self.u3 = set(arrived) - set(self.blamed)
+        if len(self.u3) < self.threshold:
+            raise SecAggAbort(
+                f"round {self.round_id}: {len(self.u3)} valid masked inputs, threshold is {self.threshold}"
+            )
+        self.total = np.zeros(self.d + 1, dtype=np.uint32)
+        for i in sorted(self.u3):
+            np.add(self.total, arrived[i].masked, out=self.total)  # wraps mod 2^32
+        for u in self.relayed:  # every secret we will need must have >= t live holders
+            partners = self.u3.intersection(self.relayed[u])
+            if u in self.u3 or partners:
+                shares = len(self._holders(u)) + (u in self.u3)
+                if shares < self.threshold:
+                    raise SecAggAbort(
+                        f"round {self.round_id}: only {shares} live holders of participant {u}'s "
+                        f"shares, threshold is {self.threshold}"
+                    )
         requests = []
         for i in sorted(self.u3):
-            survived = [j for j in self.relayed[i] if j in self.u3]
-            dropped = [j for j in self.relayed[i] if j not in self.u3]
+            held = [j for j in self.relayed[i] if (i, j) not in self.lacking]
+            survived = [j for j in held if j in self.u3]
+            dropped = [j for j in held if j not in self.u3]
             self.asked[i] = UnmaskRequest(self.round_id, i, survived, dropped)
             requests.append(self.asked[i])
         return requests
 
+    def _holders(self, owner: int) -> list[int]:
+        """Survivors holding valid shares of `owner` (its neighbours that did not accuse it)."""
+        return [h for h in self.relayed[owner] if h in self.u3 and (h, owner) not in self.lacking]
+
+    def _gather(self, responses: list[UnmaskResponse]) -> dict[bytes, dict[int, dict[int, bytes]]]:
+        """kind -> owner -> {x of holder: share}, keeping only shares that match their commitment."""
+        parts: dict[bytes, dict[int, dict[int, bytes]]] = {b"b": {}, b"s": {}}
+        for h, msg in self._accept(responses, self.u3, "unmask").items():
+            ask = self.asked[h]
+            if sorted(msg.b_owners) != sorted([h, *ask.survived]) or sorted(msg.s_owners) != sorted(ask.dropped):
+                self.blame(h, "unmask response does not answer exactly what was asked")
+                continue
+            if len(msg.b_shares) != len(msg.b_owners) or len(msg.s_shares) != len(msg.s_owners):
+                self.blame(h, "unmask response lists have different lengths")
+                continue
+            for kind, owners, shares in ((b"b", msg.b_owners, msg.b_shares), (b"s", msg.s_owners, msg.s_shares)):
+                for u, share in zip(owners, shares, strict=True):
+                    if u != h and crypto.commit_share(self.params, u, h, kind, share) != self.boxes[(u, h)][1 if kind == b"b" else 2]:
+                        self.blame(h, f"revealed a {kind.decode()}-share of {u} that {u} never dealt to it")
+                        continue
+                    parts[kind].setdefault(u, {})[x_coord(h)] = share
+        return parts
+
+    def _recover(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
+        """Decode from every share; shares off the polynomial were dealt wrong by the owner."""
+        if len(shares) < self.threshold:
+            raise SecAggAbort(
+                f"round {self.round_id}: {len(shares)} valid shares of participant {owner}'s {what}, "
+                f"threshold is {self.threshold}"
+            )
+        try:
+            result = shamir.reconstruct(shares, self.threshold)
+        except ValueError as err:
+            self.blame(owner, f"dealt shares of its {what} that do not reconstruct ({err})")
+            raise SecAggAbort(f"round {self.round_id}: {what} of {owner} cannot be recovered: {err}") from None
+        if result.bad:
+            holders = [x - 1 for x in result.bad]
+            self.blame(owner, f"dealt inconsistent shares of its {what} to {holders}")
+        return result.secret
+
     def collect_unmask(self, responses: list[UnmaskResponse]) -> SumResult:
         """Stage 5: reconstruct b of survivors and s_sk of dropped neighbours; unmask the sum."""
         self._advance("unmask", "done")
-        seen: set[int] = set()
-        b_parts: dict[int, dict[int, bytes]] = {}
-        s_parts: dict[int, dict[int, bytes]] = {}
-        for msg in responses:
-            h = self._check_sender(msg, self.u3, seen)
-            ask = self.asked[h]
-            if sorted(msg.b_owners) != sorted([h, *ask.survived]) or sorted(msg.s_owners) != sorted(
-                ask.dropped
-            ):
-                raise SecAggProtocolError(
-                    h, "unmask response does not answer exactly what was asked"
-                )
-            if len(msg.b_shares) != len(msg.b_owners) or len(msg.s_shares) != len(msg.s_owners):
-                raise SecAggProtocolError(h, "unmask response lists have different lengths")
-            for owners, shares, parts in (
-                (msg.b_owners, msg.b_shares, b_parts),
-                (msg.s_owners, msg.s_shares, s_parts),
-            ):
-                for u, share in zip(owners, shares, strict=True):
-                    if len(share) != shamir.SHARE_BYTES:
-                        raise SecAggProtocolError(h, f"share of {u} is {len(share)} bytes")
-                    parts.setdefault(u, {})[x_coord(h)] = share
+        parts = self._gather(responses)
         for u in sorted(self.u3):
-            b_seed = self._recover(u, b_parts.get(u, {}), "self-mask seed")
-            if crypto.commit_seed(self.round_id, u, b_seed) != self.commitments[u]:
-                raise SecAggProtocolError(
-                    None,
-                    f"recovered self-mask seed of {u} does not match its commitment: "
-                    "a holder sent a bad share",
-                )
+            b_seed = self._recover(u, parts[b"b"].get(u, {}), "self-mask seed")
+            if crypto.commit_seed(self.params, u, b_seed) != self.commitments[u]:
+                self.blame(u, "its self-mask seed does not match its commitment")
+                raise SecAggAbort(f"round {self.round_id}: self-mask of {u} cannot be removed")
             apply_mask(self.total, b_seed, -1)
-        dropped = sorted(set(self.ids) - self.u3)
         for j in sorted(set(self.relayed) - self.u3):
             partners = [i for i in self.relayed[j] if i in self.u3]
             if not partners:
                 continue
-            s_private = self._recover(j, s_parts.get(j, {}), "masking key")
-            if (
-                len(s_private) != crypto.KEY_BYTES
-                or crypto.public_from_private(s_private) != self.keys[j][1]
-            ):
-                raise SecAggProtocolError(
-                    None,
-                    f"recovered masking key of {j} does not match its public key: "
-                    "a holder sent a bad share",
-                )
+            s_private = self._recover(j, parts[b"s"].get(j, {}), "masking key")
+            if len(s_private) != crypto.KEY_BYTES or crypto.public_from_private(s_private) != self.s_publics[j]:
+                self.blame(j, "its shared masking key does not match its public key")
+                raise SecAggAbort(f"round {self.round_id}: pairwise masks of {j} cannot be removed")
             for i in partners:  # i added mask_sign(i, j) * PRG(s_ij): take it out
-                apply_mask(
-                    self.total,
-                    crypto.pairwise_seed(s_private, self.keys[i][1], self.round_id),
-                    -mask_sign(i, j),
-                )
+                seed = crypto.pairwise_seed(s_private, self.s_publics[i], self.params)
+                apply_mask(self.total, seed, -mask_sign(i, j))
         n = len(self.u3)
+        if int(self.total[-1]) != n:
+            raise SecAggAbort(
+                f"round {self.round_id}: the unmasked count slot reads {int(self.total[-1])}, not {n}: "
+                "the members did not derive the same masks (inconsistent public parameters?); sum refused"
+            )
+        total = self.total[:-1]
         return SumResult(
-            total=decode(self.total, self.scale),
-            sum_u32=self.total,
+            total=decode(total, self.scale),
+            sum_u32=total,
             count=n,
             survivors=sorted(self.u3),
-            dropped=dropped,
+            dropped=sorted(set(self.ids) - self.u3),
             scale=self.scale,
             error_bound=error_bound(n, self.scale),
+            blamed=dict(self.blamed),
         )
-
-    def _recover(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
-        if len(shares) < self.threshold:
-            raise SecAggAbort(
-                f"round {self.round_id}: {len(shares)} shares of participant {owner}'s {what}, "
-                f"threshold is {self.threshold}"
-            )
-        try:
-            return shamir.combine(shares, self.threshold)
-        except ValueError as err:
-            raise SecAggProtocolError(
-                None, f"{what} of {owner} could not be recovered: {err}"
-            ) from None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedlora.secagg import participant as part
+from fedlora.secagg.fixedpoint import clip, decode
 from fedlora.secagg.server import SecAggServer
 
 
@@ -35,9 +36,10 @@ class Round:
         rng = np.random.default_rng(0)
         self.vectors = {i: rng.normal(size=self.d).astype(np.float32) * 0.05 for i in range(self.n)}
 
-    def adverts(self):
+    def adverts(self, setups=None):
         out = []
-        for req in self.server.setup():
+        self.setups = self.server.setup() if setups is None else setups
+        for req in self.setups:
             self.states[req.receiver], advert = part.setup(req)
             out.append(advert)
         return out
@@ -52,9 +54,8 @@ class Round:
     def masked(self, share_relays):
         out = []
         for req in share_relays:
-            rng = np.random.default_rng(req.receiver)
             self.states[req.receiver], y = part.mask_input(
-                self.states[req.receiver], req, self.vectors[req.receiver], rng
+                self.states[req.receiver], req, self.vectors[req.receiver]
             )
             out.append(y)
         return out
@@ -65,6 +66,18 @@ class Round:
             self.states[req.receiver], resp = part.unmask(self.states[req.receiver], req)
             out.append(resp)
         return out
+
+    def finish(self, key_relays):
+        """Run the remaining stages honestly from the key relays; return the SumResult."""
+        relays = self.server.collect_shares(self.uploads(key_relays))
+        asks = self.server.collect_masked(self.masked(relays))
+        return self.server.collect_unmask(self.responses(asks))
+
+    def check_sum(self, result, members):
+        """Assert the result is the sum of exactly `members`' clipped vectors."""
+        assert result.survivors == sorted(members)
+        expected = sum(clip(self.vectors[i], 1.0) for i in members)
+        assert np.max(np.abs(decode(result.sum_u32, result.scale, np.float64) - expected)) <= result.error_bound
 
     def to_share_relays(self):
         return self.server.collect_shares(self.uploads(self.server.collect_keys(self.adverts())))

@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -7,13 +8,15 @@ from fedlora.secagg import check_no_overflow, choose_scale, decode, encode, erro
 from fedlora.secagg.fixedpoint import coordinate_bound
 from fedlora.secagg.plan import check_fixed_point
 
+KEY = bytes(range(32))  # a fixed rounding key: tests repeat exactly
+
 
 def test_round_trip_within_one_step():
     rng = np.random.default_rng(0)
     x = rng.normal(size=10_000).astype(np.float32)
     x *= 0.9 / np.linalg.norm(x)
     scale = choose_scale(1.0, 4)
-    back = decode(encode(x, 1.0, scale, rng), scale, np.float64)
+    back = decode(encode(x, 1.0, scale, KEY), scale, np.float64)
     assert np.max(np.abs(back - x)) <= error_bound(1, scale)
 
 
@@ -21,7 +24,7 @@ def test_round_trip_within_one_step():
 def test_clips_to_clip_norm_without_touching_the_input(dtype):
     x = np.full(100, 10.0, dtype=dtype)
     scale = choose_scale(2.0, 1)
-    back = decode(encode(x, 2.0, scale, np.random.default_rng(0)), scale, np.float64)
+    back = decode(encode(x, 2.0, scale, KEY), scale, np.float64)
     assert np.linalg.norm(back) == pytest.approx(2.0, rel=1e-6)
     assert np.all(x == 10.0)
 
@@ -29,15 +32,15 @@ def test_clips_to_clip_norm_without_touching_the_input(dtype):
 @pytest.mark.parametrize("n", [1, 3, 100, 10_000])
 def test_worst_case_sum_does_not_overflow(n):
     # All of the norm on one coordinate is the extreme case, positive and negative.
-    clip_norm, rng = 0.5, np.random.default_rng(1)
+    clip_norm = 0.5
     scale = choose_scale(clip_norm, n)
     x = np.array([clip_norm, 0.0, 0.0], dtype=np.float32)
     y = np.array([0.0, -clip_norm, 0.0], dtype=np.float32)
     acc_pos = np.zeros(3, np.uint32)
     acc_neg = np.zeros(3, np.uint32)
     for _ in range(n):
-        acc_pos += encode(x, clip_norm, scale, rng)
-        acc_neg += encode(y, clip_norm, scale, rng)
+        acc_pos += encode(x, clip_norm, scale, os.urandom(32))
+        acc_neg += encode(y, clip_norm, scale, os.urandom(32))
     assert decode(acc_pos, scale, np.float64)[0] == pytest.approx(
         n * clip_norm, abs=error_bound(n, scale)
     )
@@ -77,9 +80,8 @@ def test_worst_case_inputs_at_the_chosen_scale_reach_but_never_pass_the_range(n)
     # Every participant puts its whole (slightly over-clipped) norm on one coordinate.
     clip_norm = 14.142135623730951
     scale = choose_scale(clip_norm, n)
-    rng = np.random.default_rng(0)
     edge = clip_norm * (1 + 1e-12)
-    ones = [encode(np.array(v), clip_norm, scale, rng).view(np.int32)[k] for k, v in enumerate([[edge, 0.0], [0.0, -edge]])]
+    ones = [encode(np.array(v), clip_norm, scale, KEY).view(np.int32)[k] for k, v in enumerate([[edge, 0.0], [0.0, -edge]])]
     worst = n * np.abs(np.array(ones, dtype=np.int64))
     assert np.all(worst <= 2**31 - 1)
     assert np.all(worst >= (2**31 - 1) - 2 * n)  # the budget is used, not wasted
@@ -94,11 +96,17 @@ def test_impossible_configuration_refused():
 
 @pytest.mark.parametrize("value", [0.3, -0.7, 2.25])
 def test_stochastic_rounding_is_unbiased(value):
-    rng = np.random.default_rng(2)
     x = np.full(200_000, value, dtype=np.float64)
-    q = decode(encode(x, 1e9, 1.0, rng), 1.0, np.float64)
+    q = decode(encode(x, 1e9, 1.0, os.urandom(32)), 1.0, np.float64)
     assert set(np.unique(q)) == {np.floor(value), np.ceil(value)}
     assert abs(q.mean() - value) < 0.005  # ~ 4.5 standard errors
+
+
+def test_rounding_is_repeated_by_its_key_and_only_by_it():
+    x = np.full(10_000, 0.5, dtype=np.float64)
+    a, b = encode(x, 1e9, 1.0, KEY), encode(x, 1e9, 1.0, os.urandom(32))
+    np.testing.assert_array_equal(a, encode(x, 1e9, 1.0, KEY))
+    assert 0.4 < np.mean(a != b) < 0.6  # independent coin flips disagree half the time
 
 
 @pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "inf")])
@@ -106,4 +114,4 @@ def test_non_finite_rejected(bad, word):
     x = np.zeros(10, dtype=np.float32)
     x[3] = bad
     with pytest.raises(ValueError, match=word):
-        encode(x, 1.0, 1.0, np.random.default_rng(0))
+        encode(x, 1.0, 1.0, KEY)

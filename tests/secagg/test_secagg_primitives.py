@@ -28,21 +28,93 @@ def test_masks_are_deterministic_per_seed_and_need_full_seeds():
         expand_mask(a[:4], 10)
 
 
-def test_agreement_is_symmetric_and_aead_binds_the_pair():
+PARAMS = crypto.params_digest("run/round-1/bucket-0", [0, 1, 2], 2, 10, 1.0, 100.0, 32, "ctx")
+
+
+def test_pairwise_seeds_are_symmetric_and_bound_to_every_public_parameter():
     a_priv, a_pub = crypto.generate_keypair()
     b_priv, b_pub = crypto.generate_keypair()
-    key = crypto.share_key(a_priv, b_pub, "r1")
-    assert key == crypto.share_key(b_priv, a_pub, "r1") != crypto.share_key(b_priv, a_pub, "r2")
-    assert crypto.pairwise_seed(a_priv, b_pub, "r1") != key
-    blob = crypto.encrypt(key, b"shares", crypto.associated_data("r1", 1, 2))
-    assert crypto.decrypt(key, blob, crypto.associated_data("r1", 1, 2)) == b"shares"
-    for aad in [("r1", 1, 3), ("r1", 2, 1), ("r2", 1, 2)]:
+    seed = crypto.pairwise_seed(a_priv, b_pub, PARAMS)
+    assert seed == crypto.pairwise_seed(b_priv, a_pub, PARAMS)
+    changed = [
+        ("run/round-2/bucket-0", [0, 1, 2], 2, 10, 1.0, 100.0, 32, "ctx"),  # another round
+        ("run/round-1/bucket-0", [0, 1, 3], 2, 10, 1.0, 100.0, 32, "ctx"),  # other members
+        ("run/round-1/bucket-0", [0, 1, 2], 3, 10, 1.0, 100.0, 32, "ctx"),  # threshold
+        ("run/round-1/bucket-0", [0, 1, 2], 2, 11, 1.0, 100.0, 32, "ctx"),  # vector length
+        ("run/round-1/bucket-0", [0, 1, 2], 2, 10, 1.5, 100.0, 32, "ctx"),  # clip norm
+        ("run/round-1/bucket-0", [0, 1, 2], 2, 10, 1.0, 100.0000001, 32, "ctx"),  # scale
+        ("run/round-1/bucket-0", [0, 1, 2], 2, 10, 1.0, 100.0, 16, "ctx"),  # modulus
+        ("run/round-1/bucket-0", [0, 1, 2], 2, 10, 1.0, 100.0, 32, "ctx2"),  # weight reference
+    ]
+    for fields in changed:
+        assert crypto.pairwise_seed(a_priv, b_pub, crypto.params_digest(*fields)) != seed, fields
+
+
+def test_a_sealed_bundle_opens_only_for_its_pair_parameters_and_key():
+    r_priv, r_pub = crypto.generate_keypair()
+    s_pub = crypto.generate_keypair()[1]
+    blob = crypto.seal_bundle(r_pub, b"shares", PARAMS, 1, 2, s_pub)
+    assert crypto.open_sealed(r_priv, blob, PARAMS, 1, 2, s_pub) == b"shares"
+    other = crypto.params_digest("run/round-1/bucket-0", [0, 1, 2], 2, 10, 1.0, 100.0, 32, "other")
+    for args in [(PARAMS, 1, 3, s_pub), (PARAMS, 2, 1, s_pub), (other, 1, 2, s_pub), (PARAMS, 1, 2, r_pub)]:
         with pytest.raises(InvalidTag):
-            crypto.decrypt(key, blob, crypto.associated_data(*aad))
+            crypto.open_sealed(r_priv, blob, *args)
+    with pytest.raises(InvalidTag):
+        crypto.open_sealed(crypto.generate_keypair()[0], blob, PARAMS, 1, 2, s_pub)
+
+
+def test_every_seal_uses_a_fresh_ephemeral_key_and_nonce():
+    r_pub, s_pub = crypto.generate_keypair()[1], crypto.generate_keypair()[1]
+    blobs = [crypto.seal_bundle(r_pub, b"same", PARAMS, 1, 2, s_pub) for _ in range(2)]
+    key_end, nonce_end = crypto.KEY_BYTES, crypto.KEY_BYTES + crypto.NONCE_BYTES
+    assert blobs[0][:key_end] != blobs[1][:key_end]
+    assert blobs[0][key_end:nonce_end] != blobs[1][key_end:nonce_end]
+
+
+# Low-order points of Curve25519 (u = 0, 1, and the order-8 points), canonical encodings.
+LOW_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    (2**255 - 20).to_bytes(32, "little"),  # u = p - 1
+]
+
+
+@pytest.mark.parametrize("low", LOW_ORDER)
+def test_low_order_keys_are_refused_wherever_they_are_used(low):
+    priv, pub = crypto.generate_keypair()
+    with pytest.raises(ValueError, match="low order"):
+        crypto.pairwise_seed(priv, low, PARAMS)
+    with pytest.raises(ValueError, match="low order"):
+        crypto.seal_bundle(low, b"x", PARAMS, 1, 2, pub)
+    with pytest.raises(ValueError, match="low order"):
+        crypto.check_possession(priv, [low], bytes(32), PARAMS, 1)
+
+
+def test_non_canonical_encodings_of_a_key_are_refused():
+    pub = crypto.generate_keypair()[1]
+    with_top_bit = pub[:-1] + bytes([pub[-1] | 0x80])  # X25519 ignores bit 255: same point
+    for key in (with_top_bit, (2**255 - 19).to_bytes(32, "little"), pub[:31]):
+        with pytest.raises(ValueError, match="canonical|32 bytes"):
+            crypto.check_public_key(key)
+    crypto.check_public_key(pub)
+
+
+def test_possession_is_proved_only_with_every_private_key():
+    server_priv, server_pub = crypto.generate_keypair()
+    mine = [crypto.generate_keypair() for _ in range(3)]
+    proof = crypto.possession_proof([p for p, _ in mine], server_pub, PARAMS, 4)
+    publics = [q for _, q in mine]
+    crypto.check_possession(server_priv, publics, proof, PARAMS, 4)
+    copied = [publics[0], crypto.generate_keypair()[1], publics[2]]  # someone else's key in the middle
+    for args in [(copied, proof, PARAMS, 4), (publics, proof, PARAMS, 5), (publics, proof, crypto.params_digest("x", [0], 1, 1, 1.0, 1.0, 32, ""), 4)]:
+        with pytest.raises(ValueError, match="does not verify"):
+            crypto.check_possession(server_priv, *args)
 
 
 def test_message_round_trip_and_type_check():
-    msg = MaskedInput("r", 4, np.arange(5, dtype=np.uint32))
+    msg = MaskedInput("r", 4, np.arange(5, dtype=np.uint32), [], [])
     back = MaskedInput.from_dict(msg.to_dict())
     assert back.sender == 4 and np.array_equal(back.masked, msg.masked)
     bad = dict(msg.to_dict(), masked=np.zeros(5, np.float64))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedlora.secagg import SecAggAbort, default_threshold, run_secure_sum
+from fedlora.secagg import SecAggAbort, apply_mask, default_threshold, run_secure_sum
 from fedlora.secagg.fixedpoint import clip, decode, encode
 
 
@@ -80,21 +80,27 @@ def test_too_few_left_before_shares_aborts():
         run_secure_sum(vecs, 1.0, drop_before_shares={10, 13, 16})
 
 
-def test_masked_vector_looks_uniform_to_the_server(make_round):
+def _chi2(words: np.ndarray) -> float:
+    counts = np.bincount(words.view(np.uint8), minlength=256)
+    expected = words.size * 4 / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("known", ["nothing", "self-mask seed"])
+def test_masked_vector_looks_uniform_to_the_server(make_round, known):
+    # A survivor's self-mask seed is reconstructed by the server at unmask: the pairwise masks
+    # alone must still hide its input, or one masked input minus PRG(b) would be the input.
     rnd = make_round(n=3, d=100_000)
     # A very structured input: a ramp. Unmasked, its encoding is far from uniform.
     rnd.vectors[0] = np.linspace(-1, 1, 100_000).astype(np.float32) * 1e-3
     relays = rnd.to_share_relays()
-    y = {m.sender: m.masked for m in rnd.masked(relays)}[0]
-    state = rnd.states[0]  # the control: the same input encoded but not masked
-    x_enc = encode(rnd.vectors[0], state.clip_norm, state.scale, np.random.default_rng(0))
-
-    def chi2(words):
-        counts = np.bincount(words.view(np.uint8), minlength=256)
-        expected = words.size * 4 / 256
-        return float(((counts - expected) ** 2 / expected).sum())
-
-    assert chi2(y) < 400  # 255 d.o.f.: mean 255, sd 22.6; 400 is p < 1e-8
-    assert chi2(x_enc) > 10_000  # the control: the same test catches structure
+    y = {m.sender: m.masked for m in rnd.masked(relays)}[0].copy()
+    state = rnd.states[0]
+    if known == "self-mask seed":
+        apply_mask(y, state.b_seed, -1)
+    y = y[:-1]  # the count slot
+    x_enc = encode(rnd.vectors[0], state.clip_norm, state.scale, bytes(32))  # the control: not masked
+    assert _chi2(y) < 400  # 255 d.o.f.: mean 255, sd 22.6; 400 is p < 1e-8
+    assert _chi2(x_enc) > 10_000  # the control: the same test catches structure
     corr = np.corrcoef(y.astype(np.float64), x_enc.view(np.int32).astype(np.float64))[0, 1]
     assert abs(corr) < 0.02  # sd of r under independence is 1/sqrt(d) ~ 0.003

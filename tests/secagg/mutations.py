@@ -1,0 +1,210 @@
+"""Break each secure-aggregation mechanism on purpose and check that a test notices.
+
+Run by hand (not in CI; about 10 minutes on 2 cores):
+
+    python tests/secagg/mutations.py [--only NAME] [--out docs/secagg-mutations.md]
+
+Each mutation replaces one exact piece of source in a temporary copy of the repository and runs
+the protocol tests there (tests/secagg and the in-process stage tests of
+tests/test_secure_federation.py, without the simulated federations). A mutation is *caught*
+when at least one test fails. A mutation whose source text no longer exists is reported as
+stale, so the list cannot silently rot when the code changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = ["tests/secagg", "tests/test_secure_federation.py"]
+SIMULATIONS = "not secure_round_matches and not vanishing_after_masking and not round_below_threshold"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str  # the property it removes
+    edits: tuple[tuple[str, str, str], ...]  # (file, exact old text, new text)
+
+
+MUTATIONS = [
+    Mutation(
+        "no-pairwise-masks",
+        "pairwise masks removed from participant and server together",
+        (
+            ("fedlora/secagg/participant.py",
+             "        apply_mask(masked, crypto.pairwise_seed(state.s_private, s_pub, state.params), mask_sign(me, j))",
+             "        pass"),
+            ("fedlora/secagg/server.py", "                apply_mask(self.total, seed, -mask_sign(i, j))", "                pass"),
+        ),
+    ),
+    Mutation(
+        "predictable-self-mask-seed",
+        "self-mask seed derived from public data",
+        (("fedlora/secagg/participant.py", "    b_seed = os.urandom(SEED_BYTES)", '    b_seed = crypto.commit_seed(state.params, me, b"")'),),
+    ),
+    Mutation(
+        "seeded-shamir-coefficients",
+        "Shamir coefficients from a seeded random.Random",
+        (("fedlora/secagg/shamir.py", "    draw: _RandRange = rng or _SYSTEM_RNG", '    draw: _RandRange = rng or __import__("random").Random(0)'),),
+    ),
+    Mutation(
+        "fixed-aead-nonce",
+        "share encryption with a fixed nonce",
+        (("fedlora/secagg/crypto.py", "    nonce = os.urandom(NONCE_BYTES)", "    nonce = bytes(NONCE_BYTES)"),),
+    ),
+    Mutation(
+        "pairwise-seed-ignores-round",
+        "pairwise seed not bound to the round (or any public parameter)",
+        (("fedlora/secagg/crypto.py", 'b"pairwise-mask|" + params)', 'b"pairwise-mask|")'),),
+    ),
+    Mutation(
+        "no-participant-survivor-check",
+        "participant answers unmask with fewer than t-1 surviving neighbours",
+        (("fedlora/secagg/participant.py", "    if len(survived) + 1 < state.threshold:", "    if False:"),),
+    ),
+    Mutation(
+        "no-pre-unmask-abort",
+        "server asks for shares although a secret lacks t live holders",
+        (("fedlora/secagg/server.py", "                if shares < self.threshold:", "                if False:"),),
+    ),
+    Mutation(
+        "no-possession-check",
+        "advertised keys accepted without proof of possession",
+        (("fedlora/secagg/server.py",
+          "            crypto.check_possession(self._server_private, publics, msg.possession, self.params, i)",
+          "            pass"),),
+    ),
+    Mutation(
+        "non-canonical-keys",
+        "non-canonical key encodings accepted",
+        (("fedlora/secagg/crypto.py", '    if int.from_bytes(public, "little") >= _FIELD:', "    if False:"),),
+    ),
+    Mutation(
+        "low-order-keys",
+        "low-order keys accepted (all-zero shared secret used)",
+        (("fedlora/secagg/crypto.py",
+          '        raise ValueError("public key is of low order (the shared secret would be zero)") from None',
+          "        return bytes(32)"),),
+    ),
+    Mutation(
+        "duplicate-keys",
+        "a key held by several participants accepted",
+        (("fedlora/secagg/server.py", "            if len(holders) > 1:  # each proved possession: they share a private key", "            if False:"),),
+    ),
+    Mutation(
+        "accusations-believed",
+        "accusations believed without opening the bundle",
+        (("fedlora/secagg/server.py",
+          '        """Open the accused bundle with the revealed key, as the accuser did; blame who is wrong."""',
+          '        self.blame(accused, "accused"); self.lacking.add((accuser, accused)); return'),),
+    ),
+    Mutation(
+        "share-commitments-unchecked",
+        "revealed shares not checked against their owner's commitment",
+        (("fedlora/secagg/server.py", "                    if u != h and crypto.commit_share(", "                    if False and crypto.commit_share("),),
+    ),
+    Mutation(
+        "first-t-shares-only",
+        "reconstruction from the first t shares, no error decoding",
+        (("fedlora/secagg/server.py",
+          "            result = shamir.reconstruct(shares, self.threshold)",
+          "            result = shamir.Reconstruction(shamir.combine(shares, self.threshold), [])"),),
+    ),
+    Mutation(
+        "count-slot-unchecked",
+        "unmasked sum accepted whatever its count slot says",
+        (("fedlora/secagg/server.py", "        if int(self.total[-1]) != n:", "        if False:"),),
+    ),
+    Mutation(
+        "params-not-in-share-aad",
+        "share encryption not bound to the public parameters",
+        (("fedlora/secagg/crypto.py", '    return DOMAIN + b"|share|" + params + struct.pack(', '    return DOMAIN + b"|share|" + struct.pack('),),
+    ),
+    Mutation(
+        "fixed-rounding-key",
+        "stochastic rounding from a key anyone can recompute",
+        (("participant/secure.py", "        return os.urandom(32)", "        return bytes(32)"),),
+    ),
+    Mutation(
+        "no-replay-refusal",
+        "a participant masks again for a round it already masked",
+        (("participant/secure.py",
+          '    if MASKED in context.state and server_round in list(context.state[MASKED]["rounds"]):',
+          "    if False:"),),
+    ),
+    Mutation(
+        "secrets-kept",
+        "keys and shares kept after unmask",
+        (("fedlora/secagg/participant.py",
+          "    return erase_secrets(state), response",
+          '    return dataclasses.replace(state, stage="unmasked"), response'),),
+    ),
+]
+
+
+def _copy_tree(target: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def run(mutation: Mutation) -> tuple[str, str, float]:
+    """Apply `mutation` to a fresh copy and run the tests: (verdict, first failing test, seconds)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as tmp:
+        copy = Path(tmp)
+        _copy_tree(copy)
+        for file, old, new in mutation.edits:
+            path = copy / file
+            text = path.read_text()
+            if text.count(old) != 1:
+                return "stale", f"{file}: the text to mutate occurs {text.count(old)} times", 0.0
+            path.write_text(text.replace(old, new))
+        env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS, "-k", SIMULATIONS],
+            cwd=copy, env=env, capture_output=True, text=True,
+        )
+        seconds = time.perf_counter() - started
+        failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+        if proc.returncode == 0:
+            return "SURVIVED", "", seconds
+        if not failed:
+            return "error", proc.stdout[-400:] + proc.stderr[-400:], seconds
+        return "caught", failed[0], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="run one mutation by name")
+    parser.add_argument("--out", type=Path, help="write the result table (markdown) here")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.only in (None, m.name)]
+    if not chosen:
+        parser.error(f"unknown mutation {args.only!r}; choose from {', '.join(m.name for m in MUTATIONS)}")
+    rows = ["| mutation | what it breaks | result | first failing test |", "|---|---|---|---|"]
+    survived = 0
+    for mutation in chosen:
+        verdict, test, seconds = run(mutation)
+        survived += verdict != "caught"
+        print(f"{mutation.name:32s} {verdict:9s} {seconds:6.1f} s  {test}", flush=True)
+        rows.append(f"| `{mutation.name}` | {mutation.what} | {verdict} | `{test}` |")
+    if args.out:
+        args.out.write_text("\n".join(rows) + "\n")
+    sys.exit(1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()
