@@ -28,25 +28,37 @@ def dirichlet(alpha: float, min_size: int = 4, max_tries: int = 100) -> Partitio
 
     Hsu, Qi & Brown, "Measuring the Effects of Non-Identical Data Distribution" (2019).
     Small alpha gives each participant few labels; draws repeat until every shard has
-    at least `min_size` records.
+    at least `min_size` records. With many participants a plain draw almost always leaves
+    someone nearly empty; then every participant first gets `min_size` random records and only
+    the rest is spread by Dir(alpha) (the skew is kept, the floor guaranteed).
     """
+
+    def draw(labels: np.ndarray, pool: np.ndarray, parts: list[list[int]], rng: np.random.Generator) -> None:
+        for label in sorted(set(labels[pool])):
+            members = rng.permutation(pool[labels[pool] == label])
+            shares = rng.dirichlet(np.full(len(parts), alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for part, chunk in zip(parts, np.split(members, cuts)):
+                part.extend(chunk.tolist())
 
     def split(examples: list[Example], num_partitions: int, rng: np.random.Generator) -> list[list[int]]:
         labels = np.array([example.response for example in examples])
+        if len(examples) < min_size * num_partitions:
+            raise ValueError(
+                f"data.partition: {len(examples)} records cannot give {num_partitions} participants "
+                f"{min_size} records each; use fewer participants or more data"
+            )
+        everything = np.arange(len(examples))
         for _ in range(max_tries):
             parts: list[list[int]] = [[] for _ in range(num_partitions)]
-            for label in sorted(set(labels)):
-                members = rng.permutation(np.flatnonzero(labels == label))
-                shares = rng.dirichlet(np.full(num_partitions, alpha))
-                cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-                for part, chunk in zip(parts, np.split(members, cuts)):
-                    part.extend(chunk.tolist())
+            draw(labels, everything, parts, rng)
             if min(len(part) for part in parts) >= min_size:
                 return [sorted(part) for part in parts]
-        raise ValueError(
-            f"data.partition: dirichlet:{alpha} left a participant with fewer than {min_size} records "
-            f"in {max_tries} draws; raise alpha or use fewer participants"
-        )
+        order = rng.permutation(len(examples))
+        floor = order[: min_size * num_partitions]
+        parts = [floor[i::num_partitions].tolist() for i in range(num_partitions)]
+        draw(labels, np.sort(order[min_size * num_partitions :]), parts, rng)
+        return [sorted(part) for part in parts]
 
     return split
 

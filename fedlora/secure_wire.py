@@ -2,9 +2,10 @@
 
 Each SecAgg+ stage is one Flower message exchange of type `query.secagg_<stage>`. The
 protocol message (`fedlora.secagg.messages`, plain fields plus at most one uint32 array)
-travels as a ConfigRecord `secagg` and an ArrayRecord `secagg_arrays`; the round's public
-parameters that are not part of the protocol (server round, example-count reference) ride in
-a ConfigRecord `round`. The masked vector travels as uint32: 4 bytes per parameter.
+travels as a ConfigRecord `secagg` and an ArrayRecord `secagg_arrays`; the server round, which
+the handlers route by, rides in a ConfigRecord `round`. Everything the protocol depends on
+travels inside the protocol message, where it is bound into the keys. The masked vector
+travels as uint32: 4 bytes per parameter.
 """
 
 from __future__ import annotations

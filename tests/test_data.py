@@ -66,6 +66,19 @@ def test_dirichlet_skews_labels_and_natural_groups_by_column() -> None:
     assert all(oldest[k] <= youngest[k + 1] for k in range(3))
 
 
+@pytest.mark.parametrize("participants", [13, 26, 43, 90])
+def test_dirichlet_gives_every_one_of_many_participants_a_trainable_shard_and_keeps_the_skew(participants) -> None:
+    examples = load_examples(DataSection())  # a plain Dir(0.5) draw leaves someone nearly empty from ~40 on
+    parts = make_partitioner("dirichlet:0.5")(examples, participants, np.random.default_rng(0))
+    assert min(len(part) for part in parts) >= 4
+    assert sorted(i for part in parts for i in part) == list(range(len(examples)))  # a partition
+    yes_share = [np.mean([examples[i].response == "yes" for i in part]) for part in parts]
+    assert max(yes_share) - min(yes_share) > 0.3
+    assert parts == make_partitioner("dirichlet:0.5")(examples, participants, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cannot give"):
+        make_partitioner("dirichlet:0.5")(examples[:100], 30, np.random.default_rng(0))
+
+
 def test_holdout_never_reaches_training_and_is_reproducible() -> None:
     examples = load_examples(DataSection())
     shard = shard_for(examples, "dirichlet:0.5", 4, 2, 0.2, seed=3)

@@ -32,7 +32,7 @@ def _replace(msgs, who, attr="sender", **changes):
 # --- keys ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["masking key", "receiving key"])
-@pytest.mark.parametrize("low", LOW_ORDER[:3])
+@pytest.mark.parametrize("low", LOW_ORDER[:3], ids=["u=0", "u=1", "order-8"])
 def test_a_low_order_key_is_blamed_on_its_advertiser_and_the_rest_summed(make_round, which, low):
     rnd = make_round(n=5)
     adverts = rnd.adverts()
@@ -178,6 +178,18 @@ def test_shares_dealt_inconsistently_are_blamed_on_their_dealer(make_round):
     result = rnd.server.collect_unmask(rnd.responses(asks))
     assert list(result.blamed) == [3] and "inconsistent" in result.blamed[3]
     rnd.check_sum(result, list(range(6)))
+
+
+def test_a_sum_whose_masks_do_not_cancel_is_refused_by_the_count_slot(make_round):
+    # A participant that masks with anything but its agreed seeds turns the sum into noise; the
+    # server cannot tell whose input it was, but it refuses the noise instead of publishing it.
+    rnd = make_round(n=5)
+    masked = rnd.masked(rnd.to_share_relays())
+    noise = np.random.default_rng(0).integers(0, 2**32, size=rnd.d + 1, dtype=np.uint32)
+    _replace(masked, 2, masked=noise)
+    asks = rnd.server.collect_masked(masked)
+    with pytest.raises(SecAggAbort, match="count slot"):
+        rnd.server.collect_unmask(rnd.responses(asks))
 
 
 def test_malformed_or_unexpected_replies_are_blamed_and_ignored(make_round):

@@ -81,7 +81,7 @@ LOW_ORDER = [
 ]
 
 
-@pytest.mark.parametrize("low", LOW_ORDER)
+@pytest.mark.parametrize("low", LOW_ORDER, ids=["u=0", "u=1", "order-8a", "order-8b", "u=p-1"])
 def test_low_order_keys_are_refused_wherever_they_are_used(low):
     priv, pub = crypto.generate_keypair()
     with pytest.raises(ValueError, match="low order"):
