@@ -140,7 +140,8 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
     from flwr.clientapp import ClientApp
 
     from coordinator.local_grid import LocalGrid
-    from coordinator.secure import Member, secure_sum
+    from coordinator.gather import Member
+    from coordinator.secure import secure_sum
     from fedlora.aggregate import weighted_mean
     from fedlora.config import SecaggSection
     from fedlora.secagg.plan import neighbourhood_degree, resolve_threshold
@@ -160,7 +161,7 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
     result = secure_sum(grid, members, sec, seed, 1, d, "bench")
     mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])
     wall = time.perf_counter() - started
-    if result.aborted or len(result.buckets[0].survivors) != n:
+    if result.aborted or len(result.buckets[0].members) != n:
         raise RuntimeError(f"secure sum failed: {result.aborted} {result.skipped}")
     _, updates, _ = inputs(n, d, seed)
     error = float(np.max(np.abs(mean - expected_mean(updates, counts))))

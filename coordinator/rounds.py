@@ -1,12 +1,14 @@
 """The coordinator's round loop, as named stages over Flower messages.
 
-sample -> send global -> collect (timeout) -> simulated attacks -> screen -> aggregate ->
-apply -> evaluate -> write. The math of each stage is a function in `fedlora/`; this file
-only moves vectors between Flower messages and those functions.
+sample -> send global -> gather units (plaintext: simulated attacks, screen; secure: SecAgg+
+per bucket) -> combine units -> server step -> evaluate -> write. Plaintext and secure rounds
+differ only in the gatherer; everything after it is one path (DESIGN.md, "The round
+pipeline"). The math of each stage is a function in `fedlora/`; this file only sequences it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -18,12 +20,12 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from coordinator.gather import Gathered, Member, gather_plaintext, read_train_replies
 from coordinator.outputs import RunDirectory
-from coordinator.screen import Rejection, Update, screen
-from coordinator.secure import run_secure_round
+from coordinator.secure import gather_secure, run_tag
 from fedlora.adapter import AdapterLayout, adapter_vector
-from fedlora.aggregate import Contribution, aggregate_round, make_aggregator, make_server_optimizer, weighted_mean
-from fedlora.attacks import choose_adversaries, resolve_attack
+from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
+from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.model import load_model
 from fedlora.wire import instruction_content, read_reply
@@ -95,48 +97,31 @@ class Coordinator:
     def _content(self, server_round: int):
         return lambda: instruction_content(self.adapter.vector, server_round, self.config_toml)
 
-    def collect(self, replies: dict[int, Message | None]) -> tuple[list[Update], list[Rejection]]:
-        updates, rejected = [], []
-        for node, reply in replies.items():
-            if reply is None:
-                rejected.append(Rejection(self.name(node), f"no reply within {self.cfg.federation.timeout_s:g} s"))
-            elif reply.has_error():
-                rejected.append(Rejection(self.name(node), f"participant failed: {reply.error.reason}"))
-            else:
-                try:
-                    vector, metrics = read_reply(reply.content)
-                    if vector is None:
-                        raise KeyError("update")
-                    updates.append(Update(self.name(node, metrics), vector, int(metrics["num-examples"]), metrics))
-                except (KeyError, TypeError, ValueError) as err:
-                    rejected.append(Rejection(self.name(node), f"malformed reply (missing {err})"))
-        return sorted(updates, key=lambda u: u.participant), rejected
-
-    def rank_of(self, update: Update) -> int:
+    def rank_of(self, member: Member) -> int:
         """The LoRA rank this participant trains (lora.participant_ranks by partition id, else lora.r)."""
-        return self.cfg.lora.rank_for(int(update.metrics.get("partition_id", -1)))
+        return self.cfg.lora.rank_for(int(member.metrics.get("partition_id", -1)))
 
-    def upload_size(self, update: Update) -> int:
+    def upload_size(self, member: Member) -> int:
         """Expected length of a participant's upload; rejects one that trained the wrong rank."""
-        rank = self.rank_of(update)
-        reported = update.metrics.get("lora_r")
+        rank = self.rank_of(member)
+        reported = member.metrics.get("lora_r")
         if reported is not None and int(reported) != rank:
             raise ValueError(f"trained LoRA rank {int(reported)}, but the configuration gives it rank {rank}")
         return self.aggregator.upload_layout(self.adapter.layout, rank).size
 
-    def simulate_attacks(self, updates: list[Update], server_round: int) -> list[Update]:
+    def server_deltas(self, members: list[Member]) -> list[np.ndarray]:
+        """Screened uploads in the aggregation mode's server coordinates (B·A products in exact mode)."""
+        uploads = [m.vector for m in members]
+        return self.aggregator.server_deltas(self.adapter.vector, self.adapter.layout, uploads, [self.rank_of(m) for m in members])
+
+    def simulate_attacks(self, members: list[Member], server_round: int) -> list[Member]:
         """Replace malicious participants' updates (simulation only); they see the honest ones."""
         if not self.attack:
-            return updates
+            return members
         malicious = {f"participant-{pid}" for pid in self.adversaries}
-        benign = [u.vector for u in updates if u.participant not in malicious]
         rng = np.random.default_rng([self.cfg.federation.seed, server_round, 0xBAD])
-        return [
-            Update(u.participant, np.asarray(self.attack(u.vector, benign, rng)), u.num_examples, u.metrics)
-            if u.participant in malicious
-            else u
-            for u in updates
-        ]
+        attacked = attack_updates({m.name: m.vector for m in members}, malicious, self.attack, rng)
+        return [dataclasses.replace(m, vector=attacked[m.name]) for m in members]
 
     def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
         replies = exchange(grid=self.grid, nodes=nodes, content_fn=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
@@ -159,43 +144,55 @@ class Coordinator:
 
     def run_round(self, server_round: int) -> dict[str, Any]:
         started = time.monotonic()
-        fed = self.cfg.federation
+        fed, sec = self.cfg.federation, self.cfg.secagg
         nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
         sampled = sample_nodes(sorted(nodes, key=self.name), self.cfg, server_round)
         replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
-        if self.cfg.secagg.enabled:  # updates stay with the participants until masked: summed per bucket
-            row = run_secure_round(self, server_round, sampled, replies)
-            row.update(self.evaluate(nodes, server_round))
-            row["seconds"] = round(time.monotonic() - started, 3)
-            return row
-        updates, rejected = self.collect(replies)
-        accepted, screened_out = screen(self.simulate_attacks(updates, server_round), self.upload_size)
-        rejected += screened_out
-        for rejection in rejected:
+        members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
+        if sec.enabled:  # updates stay with the participants until masked: summed per bucket
+            length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
+            gathered = gather_secure(self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid))
+        else:
+            gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
+        gathered.skipped = rejected + gathered.skipped
+        row = self.apply(server_round, len(sampled), gathered)
+        row.update(self.evaluate(nodes, server_round))
+        row["seconds"] = round(time.monotonic() - started, 3)
+        return row
+
+    def apply(self, server_round: int, sampled: int, gathered: Gathered) -> dict[str, Any]:
+        """Combine the round's units, move the global adapter, and build the metrics row."""
+        fed = self.cfg.federation
+        for rejection in gathered.skipped:
             log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
         row: dict[str, Any] = {
             "round": server_round,
-            "sampled": len(sampled),
-            "participants": len(accepted),
-            "skipped": [{"participant": r.participant, "reason": r.reason} for r in rejected],
-            "bytes_down": int(self.adapter.vector.nbytes * len(sampled)),
-            "bytes_up": int(sum(u.vector.nbytes for u in updates)),
+            "sampled": sampled,
+            "participants": len(gathered.included),
+            "skipped": [{"participant": r.participant, "reason": r.reason} for r in gathered.skipped],
+            "bytes_down": int(self.adapter.vector.nbytes * sampled) + gathered.bytes_down,
+            "bytes_up": gathered.bytes_up,
+            **gathered.row,
         }
-        if len(accepted) < fed.min_participants:
+        if gathered.aborted:
+            row["aborted"] = "; ".join(gathered.aborted)
+        if len(gathered.included) < fed.min_participants or not gathered.units:
             row["applied"] = False
-            log.warning("round %d: only %d valid updates (< min_participants=%d); global adapter unchanged", server_round, len(accepted), fed.min_participants)
-        else:
-            contributions = [Contribution(u.participant, u.vector, u.num_examples, self.rank_of(u)) for u in accepted]
-            step = aggregate_round(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, contributions)
-            delta = step.vector - self.adapter.vector
-            self.adapter.vector = step.vector
-            row.update(step.metrics)  # participant_updates (norm, cosine), svd_truncation_error in exact mode
-            row["applied"] = True
-            row["train_loss"] = float(np.average([u.metrics["train_loss"] for u in accepted], weights=[u.num_examples for u in accepted]))
-            row["update_norm"] = float(np.linalg.norm(delta))
-        row.update(self.evaluate(nodes, server_round))
-        row["seconds"] = round(time.monotonic() - started, 3)
+            log.warning(
+                "round %d: %d valid updates (< min_participants=%d); global adapter unchanged%s",
+                server_round, len(gathered.included), fed.min_participants, f" ({row['aborted']})" if gathered.aborted else "",
+            )
+            return row
+        combined = combine_units(gathered.units)
+        step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
+        row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
+        self.adapter.vector = step.vector
+        row.update(combined.metrics)  # participant_updates / bucket_updates (norm, cosine), mean_error_bound
+        row.update(step.metrics)  # svd_truncation_error in exact mode
+        row["applied"] = True
+        kept = gathered.included
+        row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in kept], weights=[m.num_examples for m in kept]))
         return row
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:

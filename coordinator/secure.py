@@ -4,9 +4,9 @@ After the train exchange (participants reply with metadata only and keep their u
 round's participants are shuffled into buckets (`secagg.bucket_size`), and one
 `fedlora.secagg.SecAggServer` per bucket is driven through its stages: each stage is one
 `grid.send_and_receive` of `query.secagg_<stage>` messages for all buckets at once. The
-coordinator only ever holds masked vectors and, at the end, one sum per bucket
-(`BucketSum`): the example-weighted sum of its survivors' clipped updates and their total
-weight, both out of the same secure sum (see `fedlora.secagg.plan`).
+coordinator only ever holds masked vectors and, at the end, one sum per bucket: a
+`fedlora.aggregate.Unit` with the example-weighted sum of its survivors' clipped updates and
+their total weight, both out of the same secure sum (see `fedlora.secagg.plan`).
 
 Failure handling, per bucket:
 - a participant that does not answer a stage in `secagg.timeout_s`, fails, or sends a
@@ -17,14 +17,12 @@ Failure handling, per bucket:
   bucket's `blamed` and, unless its masked input is already in the sum, left out of it;
   nothing restarts, since every participant masks at most once per round;
 - a `SecAggAbort` (too few participants left for the threshold) aborts the bucket.
-The round is applied from the buckets that completed, when they hold at least
-`federation.min_participants` updates; otherwise the global adapter stays unchanged and the
-row in metrics.jsonl says why.
+`gather_secure` hands the completed buckets to the round pipeline as units, like the
+plaintext gatherer's units of one.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,51 +30,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Message
 
-from coordinator.screen import Rejection
-from fedlora.aggregate import apply_mean, weighted_mean
+from coordinator.gather import Gathered, Member, Rejection
+from fedlora.aggregate import Unit
 from fedlora.config import SecaggSection
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
 from fedlora.secagg.plan import input_clip_norm, neighbourhood_degree, resolve_threshold, round_context, split_weighted_sum
 from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_protocol
-from fedlora.wire import read_reply
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-    from coordinator.rounds import Coordinator
-
-log = logging.getLogger("fedlora.coordinator")
 NEXT = {stage.name: nxt.name for stage, nxt in zip(STAGES, STAGES[1:])}
-
-
-@dataclass(frozen=True)
-class Member:
-    """A participant that trained this round and holds its update for the secure sum."""
-
-    node: int
-    name: str
-    num_examples: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BucketSum:
-    """What the coordinator learns from one bucket: a sum, never an individual update."""
-
-    members: list[str]
-    survivors: list[str]  # whose updates are in the sum
-    total: np.ndarray  # float64: sum over survivors of num_examples * clip(update)
-    weight: float  # sum over survivors of num_examples (from the secure sum)
-    error_bound: float  # max abs fixed-point error per coordinate of `total`
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.total / self.weight
 
 
 @dataclass
 class SecureSum:
-    buckets: list[BucketSum] = field(default_factory=list)
+    buckets: list[Unit] = field(default_factory=list)  # one unit per completed bucket: its survivors' sum
     layout: list[dict[str, Any]] = field(default_factory=list)  # per bucket: members, survivors, status, blamed
     skipped: list[Rejection] = field(default_factory=list)  # updates in no sum, with the reason
     recovered: list[dict[str, str]] = field(default_factory=list)  # vanished after masking, still summed
@@ -92,7 +61,7 @@ class _Bucket:
         self.index, self.members, self.sec = index, members, sec
         self.server_round, self.length = server_round, length
         self.status, self.reason = "running", ""
-        self.result: BucketSum | None = None
+        self.result: Unit | None = None
         self.dropped: dict[str, str] = {}
         self.recovered: dict[str, str] = {}
         self.bytes_up = self.bytes_down = 0
@@ -179,13 +148,15 @@ class _Bucket:
         if not weight > 0:
             self._fail(f"the secure sum of example weights is {weight}")
             return
-        survivors = [self.by_id[i].name for i in out.survivors]
-        self.result = BucketSum([m.name for m in self.members], survivors, total, weight, out.error_bound * self.weight_ref)
+        survivors = tuple(self.by_id[i].name for i in out.survivors)
+        # The weight is decoded from the weight slot (scale C): its error is the sum's over C.
+        bound = out.error_bound * self.weight_ref
+        self.result = Unit(survivors, total, weight, bound, bound / self.sec.clip_norm)
         self.status = "ok"
 
     def skipped(self) -> list[Rejection]:
         """Members whose update is in no sum, with the reason."""
-        included = set(self.result.survivors) if self.result else set()
+        included = set(self.result.members) if self.result else set()
         blamed = self.blamed()
         out = []
         for member in self.members:
@@ -227,7 +198,7 @@ def secure_sum(grid: Grid, members: list[Member], sec: SecaggSection, seed: int,
         result.layout.append(
             {
                 "members": [m.name for m in bucket.members],
-                "survivors": bucket.result.survivors if bucket.result else [],
+                "survivors": list(bucket.result.members) if bucket.result else [],
                 "status": bucket.status,
                 **({"blamed": bucket.blamed()} if bucket.blamed() else {}),
                 **({"reason": bucket.reason} if bucket.reason else {}),
@@ -249,61 +220,16 @@ def run_tag(grid: Grid) -> str:
         return f"run-{os.urandom(8).hex()}"
 
 
-def run_secure_round(coord: Coordinator, server_round: int, sampled: list[int], replies: dict[int, Message | None]) -> dict[str, Any]:
-    """The rest of a round after the train exchange, in secure mode; returns the metrics row."""
-    cfg = coord.cfg
-    fed, sec = cfg.federation, cfg.secagg
-    members, rejected = [], []
-    for node, reply in replies.items():
-        if reply is None:
-            rejected.append(Rejection(coord.name(node), f"no reply within {fed.timeout_s:g} s"))
-        elif reply.has_error():
-            rejected.append(Rejection(coord.name(node), f"participant failed: {reply.error.reason}"))
-        else:
-            try:
-                _, metrics = read_reply(reply.content)
-                count = int(metrics["num-examples"])
-                if count <= 0:
-                    raise ValueError(f"example count {count} is not positive")
-                members.append(Member(node, coord.name(node, metrics), count, metrics))
-            except (KeyError, TypeError, ValueError) as err:
-                rejected.append(Rejection(coord.name(node), f"malformed reply ({err})"))
-    length = coord.aggregator.upload_layout(coord.adapter.layout, cfg.lora.r).size
-    summed = secure_sum(coord.grid, members, sec, fed.seed, server_round, length, run_tag(coord.grid))
-    rejected += summed.skipped
-    for rejection in rejected:
-        log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
-    included = {name for bucket in summed.buckets for name in bucket.survivors}
-    row: dict[str, Any] = {
-        "round": server_round,
-        "sampled": len(sampled),
-        "participants": len(included),
-        "skipped": [{"participant": r.participant, "reason": r.reason} for r in rejected],
-        "bytes_down": int(coord.adapter.vector.nbytes * len(sampled)) + summed.bytes_down,
-        "bytes_up": summed.bytes_up,
-        "secagg": {"buckets": summed.layout, "recovered": summed.recovered},
-    }
-    if summed.aborted:
-        row["aborted"] = "; ".join(summed.aborted)
-    if len(included) < fed.min_participants or not summed.buckets:
-        row["applied"] = False
-        log.warning(
-            "round %d: secure aggregation gave %d updates (< min_participants=%d); global adapter unchanged (%s)",
-            server_round, len(included), fed.min_participants, row.get("aborted", "no bucket completed"),
-        )
-        return row
-    # The mean over bucket means, weighted by example counts (the robust rules replace this).
-    mean = weighted_mean([b.mean for b in summed.buckets], [b.weight for b in summed.buckets])
-    # Fixed-point error per coordinate of `mean`: the sums' bound over the total weight, plus the
-    # same relative error in that weight (its coordinate is encoded like the others, at scale C).
-    total_weight = sum(b.weight for b in summed.buckets)
-    bound = sum(b.error_bound for b in summed.buckets) / total_weight
-    row["secagg"]["mean_error_bound"] = bound * (1.0 + float(np.max(np.abs(mean), initial=0.0)) / sec.clip_norm)
-    step = apply_mean(coord.aggregator, coord.server_optimizer, coord.adapter.vector, coord.adapter.layout, mean)
-    row["update_norm"] = float(np.linalg.norm(step.vector - coord.adapter.vector))
-    coord.adapter.vector = step.vector
-    row.update(step.metrics)
-    row["applied"] = True
-    kept = [m for m in members if m.name in included]
-    row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in kept], weights=[m.num_examples for m in kept]))
-    return row
+def gather_secure(grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str) -> Gathered:
+    """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
+    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag)
+    names = {name for unit in summed.buckets for name in unit.members}
+    return Gathered(
+        units=summed.buckets,
+        included=[m for m in members if m.name in names],
+        skipped=summed.skipped,
+        bytes_up=summed.bytes_up,
+        bytes_down=summed.bytes_down,
+        row={"secagg": {"buckets": summed.layout, "recovered": summed.recovered}},
+        aborted=summed.aborted,
+    )

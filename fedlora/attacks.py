@@ -63,6 +63,14 @@ def resolve_attack(spec: str) -> Attack:
     )
 
 
+def attack_updates(
+    updates: dict[str, np.ndarray], malicious: set[str], attack: Attack, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """What each participant sends when those in `malicious` attack; they see the honest updates."""
+    benign = [vector for name, vector in updates.items() if name not in malicious]
+    return {name: np.asarray(attack(vector, benign, rng)) if name in malicious else vector for name, vector in updates.items()}
+
+
 def choose_adversaries(num_participants: int, fraction: float, seed: int) -> list[int]:
     """Partition ids of the malicious participants, fixed by the seed."""
     count = int(round(fraction * num_participants))

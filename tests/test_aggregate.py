@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedlora.aggregate import weighted_mean
+from fedlora.aggregate import Unit, combine_units, single_units, weighted_mean
 
 
 def test_weighted_mean_matches_hand_computation() -> None:
@@ -29,3 +29,30 @@ def test_weighted_mean_rejects_bad_input() -> None:
         weighted_mean([np.zeros(3, np.float32), np.zeros(4, np.float32)], [1, 1])
     with pytest.raises(ValueError, match="weights"):
         weighted_mean([np.zeros(3, np.float32)], [0])
+
+
+def test_plaintext_units_and_bucket_sums_combine_to_the_same_weighted_mean() -> None:
+    # The pipeline's promise: a bucket of members contributes exactly what its members would.
+    rng = np.random.default_rng(3)
+    deltas = [rng.normal(size=6) for _ in range(4)]
+    weights = [5.0, 1.0, 3.0, 7.0]
+    singles = single_units(["a", "b", "c", "d"], deltas, weights)
+    buckets = [
+        Unit(("a", "b"), singles[0].total + singles[1].total, 6.0),
+        Unit(("c", "d"), singles[2].total + singles[3].total, 10.0),
+    ]
+    one, two = combine_units(singles), combine_units(buckets)
+    np.testing.assert_allclose(one.delta, np.average(deltas, axis=0, weights=weights), rtol=1e-6)
+    np.testing.assert_allclose(two.delta, one.delta, rtol=1e-6)
+    assert [r["participant"] for r in one.metrics["participant_updates"]] == ["a", "b", "c", "d"]
+    assert [r["members"] for r in two.metrics["bucket_updates"]] == [["a", "b"], ["c", "d"]]
+    assert "mean_error_bound" not in one.metrics
+
+
+def test_the_error_bound_of_combined_secure_sums_covers_sum_and_weight_errors() -> None:
+    units = [Unit(("a", "b"), np.array([4.0, -8.0]), 4.0, error_bound=0.01, weight_error=0.001)]
+    combined = combine_units(units)
+    # (0.01 + |mean|_max * 0.001) / 4 with mean = [1, -2]
+    assert combined.metrics["mean_error_bound"] == pytest.approx((0.01 + 2.0 * 0.001) / 4.0)
+    with pytest.raises(ValueError, match="no units"):
+        combine_units([])

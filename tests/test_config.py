@@ -48,3 +48,9 @@ def test_missing_file_and_bad_attack_fail_clearly(tmp_path: Path) -> None:
 def test_flower_run_config_maps_onto_sections() -> None:
     cfg = config_from_flat({"config-file": "", "federation.rounds": 5, "lora.r": 4})
     assert (cfg.federation.rounds, cfg.lora.r) == (5, 4)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path: Path) -> None:
+    cfg = load_config(path, [])
+    assert cfg.federation.rounds >= 1

@@ -278,7 +278,7 @@ def test_registries_name_the_valid_choices() -> None:
 
 def test_update_diagnostics() -> None:
     mean = np.array([1.0, 0.0], dtype=np.float32)
-    rows = update_diagnostics(["a", "b", "c"], [np.array([2.0, 0.0]), np.array([0.0, 3.0]), np.array([-1.0, 0.0])], mean)
+    rows = update_diagnostics([np.array([2.0, 0.0]), np.array([0.0, 3.0]), np.array([-1.0, 0.0])], mean)
     assert [r["update_norm"] for r in rows] == [2.0, 3.0, 1.0]
     assert [r["cosine_to_aggregate"] for r in rows] == [1.0, 0.0, -1.0]
 

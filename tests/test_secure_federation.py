@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray.cloudpickle
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
 from coordinator.local_grid import LocalGrid
-from coordinator.secure import Member, secure_sum
+from coordinator.gather import Member
+from coordinator.secure import secure_sum
 from fedlora.config import ConfigError, SecaggSection, load_config
 from fedlora.secagg import clip
 from fedlora.secure_wire import STAGE, read_meta
@@ -62,7 +64,7 @@ def _check_sum(result, members, updates, counts, clip_norm, names):
     total, weight = _expected(members, updates, counts, clip_norm, names)
     got_total = sum(b.total for b in result.buckets)
     got_weight = sum(b.weight for b in result.buckets)
-    assert sorted(n for b in result.buckets for n in b.survivors) == sorted(names)
+    assert sorted(n for b in result.buckets for n in b.members) == sorted(names)
     assert np.max(np.abs(got_total - total)) <= sum(b.error_bound for b in result.buckets)
     assert abs(got_weight - weight) <= 1e-6 * weight
 
@@ -107,32 +109,54 @@ def test_below_threshold_the_bucket_aborts_with_a_reason() -> None:
     assert {r.participant for r in result.skipped} == {m.name for m in members}
 
 
-tampering_app = ClientApp()
-for _stage in ("setup", "mask_input", "unmask"):
-    tampering_app.query(STAGE[_stage].action)(participant_secure.HANDLERS[_stage])
+def _share_keys_tampered_by(node: int, tamper: Callable[[ConfigRecord], None]) -> ClientApp:
+    """An honest ClientApp, except that `node` edits its share upload with `tamper` before replying."""
+    app = ClientApp()
+    for stage in ("setup", "mask_input", "unmask"):
+        app.query(STAGE[stage].action)(participant_secure.HANDLERS[stage])
+
+    @app.query(STAGE["share_keys"].action)
+    def _share_keys(msg: Message, context: Context) -> Message:
+        reply = participant_secure.share_keys(msg, context)
+        if context.node_id == node:
+            tamper(reply.content["secagg"])
+        return reply
+
+    return app
 
 
-@tampering_app.query(STAGE["share_keys"].action)
-def _stray_share(msg: Message, context: Context) -> Message:
-    """Node 1007 addresses an extra share to a participant it never got keys for."""
-    reply = participant_secure.share_keys(msg, context)
-    if context.node_id == 1007:
-        record = reply.content["secagg"]
-        record["receivers"] = [*record["receivers"], 42]
-        for key in ("ciphertexts", "b_share_commitments", "s_share_commitments"):
-            record[key] = [*record[key], record[key][0]]
-    return reply
+def _add_stray_receiver(record: ConfigRecord) -> None:
+    """Address an extra share to participant 42, which never got keys."""
+    record["receivers"] = [*record["receivers"], 42]
+    for key in ("ciphertexts", "b_share_commitments", "s_share_commitments"):
+        record[key] = [*record[key], record[key][0]]
+
+
+def _garble_first_bundle(record: ConfigRecord) -> None:
+    """Random bytes instead of the share bundle for the first neighbour."""
+    record["ciphertexts"] = [os.urandom(len(record["ciphertexts"][0])), *record["ciphertexts"][1:]]
 
 
 def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_summed() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0)
-    grid, members, updates, counts = _federation(5, 300, app=tampering_app)
+    grid, members, updates, counts = _federation(5, 300, app=_share_keys_tampered_by(1007, _add_stray_receiver))
     result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-1"]
     assert [r.participant for r in result.skipped] == ["participant-1"]
     assert "protocol violation" in result.skipped[0].reason and "42" in result.skipped[0].reason
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
+
+
+def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messages() -> None:
+    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    grid, members, updates, counts = _federation(6, 300, app=_share_keys_tampered_by(1014, _garble_first_bundle))
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
+    assert result.layout[0]["status"] == "ok"
+    assert list(result.layout[0]["blamed"]) == ["participant-2"]  # node 1014, never its accuser
+    assert "bad share bundle" in result.layout[0]["blamed"]["participant-2"]
+    assert [r.participant for r in result.skipped] == ["participant-2"]
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-2"})
 
 
 def test_a_participant_masks_its_update_only_once() -> None:
@@ -248,7 +272,7 @@ def test_secure_round_matches_plaintext_within_the_fixed_point_bound(runs) -> No
     (plain_dir, _), (secure_dir, rows) = runs["plain"], runs["secure"]
     row = rows[1]
     assert row["applied"] and row["participants"] == 4
-    bound = row["secagg"]["mean_error_bound"]
+    bound = row["mean_error_bound"]
     assert 0 < bound < 1e-6
     plain, secure = _adapter(plain_dir, "round-0001"), _adapter(secure_dir, "round-0001")
     before = _adapter(secure_dir, "round-0000")

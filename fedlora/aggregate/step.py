@@ -1,9 +1,8 @@
-"""One aggregation step: participants' uploads -> weighted mean -> server optimiser -> global adapter.
+"""One aggregation step: the round's update -> server optimiser -> global adapter.
 
-The same function runs in the coordinator's round loop and in `benchmarks/quality.py`.
-With secure aggregation the coordinator only ever sees the mean; `apply_mean` is the part
-of the step that needs nothing more (valid for the linear modes, whose server deltas are
-the uploads themselves).
+`apply_mean` is what the coordinator runs after combining a round's units (plaintext or
+secure, `fedlora.aggregate.units`); `aggregate_round` is the whole plaintext step from
+participants' uploads, for `benchmarks/quality.py` and tests.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlora.aggregate.mean import weighted_mean
+from fedlora.aggregate.units import combine_units, single_units
 
 if TYPE_CHECKING:
     from fedlora.adapter import AdapterLayout
@@ -54,7 +53,10 @@ def aggregate_round(
     layout: AdapterLayout,
     contributions: Sequence[Contribution],
 ) -> StepResult:
-    """The whole step, with per-participant diagnostics in `metrics['participant_updates']`."""
+    """The whole plaintext step: uploads -> server deltas -> units of one -> combine -> apply.
+
+    Per-participant diagnostics land in `metrics['participant_updates']`.
+    """
     if not contributions:
         raise ValueError("no contributions to aggregate")
     for c in contributions:
@@ -62,24 +64,8 @@ def aggregate_round(
         if c.upload.shape != (expected,):
             raise ValueError(f"{c.participant}: upload has shape {c.upload.shape}, expected ({expected},) at rank {c.rank}")
     deltas = aggregator.server_deltas(global_vector, layout, [c.upload for c in contributions], [c.rank for c in contributions])
-    mean = weighted_mean(deltas, [c.weight for c in contributions])
-    result = apply_mean(aggregator, optimizer, global_vector, layout, mean)
-    result.metrics["participant_updates"] = update_diagnostics([c.participant for c in contributions], deltas, mean)
+    units = single_units([c.participant for c in contributions], deltas, [c.weight for c in contributions])
+    combined = combine_units(units)
+    result = apply_mean(aggregator, optimizer, global_vector, layout, combined.delta)
+    result.metrics.update(combined.metrics)
     return result
-
-
-def update_diagnostics(names: Sequence[str], deltas: Sequence[np.ndarray], mean: np.ndarray) -> list[dict[str, Any]]:
-    """Each participant's update norm and its cosine to the mean update (server coordinates).
-
-    A participant far from the others (cosine near 0 or negative, norm out of line) stands out
-    here before any robust rule is configured.
-    """
-    mean64 = mean.astype(np.float64)
-    mean_norm = float(np.linalg.norm(mean64))
-    rows = []
-    for name, delta in zip(names, deltas):
-        delta64 = delta.astype(np.float64)
-        norm = float(np.linalg.norm(delta64))
-        cosine = float(delta64 @ mean64 / (norm * mean_norm)) if norm > 0 and mean_norm > 0 else 0.0
-        rows.append({"participant": name, "update_norm": norm, "cosine_to_aggregate": cosine})
-    return rows

@@ -1,0 +1,93 @@
+"""The coordinator's whole view of a round: units, and the one function that combines them.
+
+A unit is a bucket of participants as the coordinator learns it: the member names, the sum of
+their weighted updates (in the aggregation mode's server coordinates), the total weight, and
+the error bound of that sum. In plaintext mode each participant's update is a bucket of one;
+under secure aggregation each bucket's secure sum is one unit. Robust rules and noise act on
+units, so they are written once and run the same with and without secure aggregation
+(DESIGN.md, "The round pipeline").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedlora.aggregate.mean import weighted_mean
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One bucket's contribution: never more than the sum of its members' updates."""
+
+    members: tuple[str, ...]
+    total: np.ndarray  # float64: sum over members of weight_i * delta_i
+    weight: float  # sum over members of weight_i (example counts)
+    error_bound: float = 0.0  # max abs error per coordinate of `total` (secure sums' fixed point)
+    weight_error: float = 0.0  # max abs error of `weight`
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.weight
+
+
+def single_units(names: Sequence[str], deltas: Sequence[np.ndarray], weights: Sequence[float]) -> list[Unit]:
+    """Plaintext updates as buckets of one (exact sums, no error)."""
+    return [
+        Unit((name,), np.asarray(delta, dtype=np.float64) * float(weight), float(weight))
+        for name, delta, weight in zip(names, deltas, weights, strict=True)
+    ]
+
+
+@dataclass
+class Combined:
+    """The round's update in server coordinates, and what the coordinator reports about it."""
+
+    delta: np.ndarray  # float32
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def combine_units(units: Sequence[Unit]) -> Combined:
+    """Units -> the round's update: the example-weighted mean of the unit means.
+
+    Reports each unit's norm and cosine to the result (`participant_updates` when every unit
+    is one participant, `bucket_updates` otherwise) and, when the sums carry fixed-point error,
+    the per-coordinate error bound of the result (`mean_error_bound`).
+    """
+    if not units:
+        raise ValueError("no units to combine")
+    means = [unit.mean for unit in units]
+    delta = weighted_mean(means, [unit.weight for unit in units])
+    metrics: dict[str, Any] = {}
+    diagnostics = update_diagnostics(means, delta)
+    if all(len(unit.members) == 1 for unit in units):
+        metrics["participant_updates"] = [{"participant": u.members[0], **d} for u, d in zip(units, diagnostics)]
+    else:
+        metrics["bucket_updates"] = [{"members": list(u.members), **d} for u, d in zip(units, diagnostics)]
+    if any(unit.error_bound or unit.weight_error for unit in units):
+        # |mean error| <= (sum of total errors + |mean| * sum of weight errors) / total weight.
+        total_weight = sum(unit.weight for unit in units)
+        largest = float(np.max(np.abs(delta), initial=0.0))
+        errors = sum(unit.error_bound for unit in units) + largest * sum(unit.weight_error for unit in units)
+        metrics["mean_error_bound"] = errors / total_weight
+    return Combined(delta, metrics)
+
+
+def update_diagnostics(deltas: Sequence[np.ndarray], mean: np.ndarray) -> list[dict[str, float]]:
+    """Each update's norm and its cosine to the mean update (server coordinates).
+
+    An update far from the others (cosine near 0 or negative, norm out of line) stands out
+    here before any robust rule is configured.
+    """
+    mean64 = mean.astype(np.float64)
+    mean_norm = float(np.linalg.norm(mean64))
+    rows = []
+    for delta in deltas:
+        delta64 = np.asarray(delta, dtype=np.float64)
+        norm = float(np.linalg.norm(delta64))
+        cosine = float(delta64 @ mean64 / (norm * mean_norm)) if norm > 0 and mean_norm > 0 else 0.0
+        rows.append({"update_norm": norm, "cosine_to_aggregate": cosine})
+    return rows
