@@ -25,6 +25,7 @@ from coordinator.outputs import RunDirectory
 from coordinator.secure import gather_secure, run_tag
 from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
+from fedlora.aggregate.robust import make_rule
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.model import load_model
@@ -87,6 +88,7 @@ class Coordinator:
         self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed)
         # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
         self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
+        self.rule = make_rule(cfg.robust.rule)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
 
     def name(self, node: int, metrics: dict[str, float] | None = None) -> str:
@@ -175,16 +177,18 @@ class Coordinator:
             "bytes_up": gathered.bytes_up,
             **gathered.row,
         }
+        if gathered.units and len(gathered.units) < self.rule.min_units():  # dropouts left too few units
+            gathered.aborted.append(f"{len(gathered.units)} units arrived, robust.rule {self.rule.name!r} needs {self.rule.min_units()}")
         if gathered.aborted:
             row["aborted"] = "; ".join(gathered.aborted)
-        if len(gathered.included) < fed.min_participants or not gathered.units:
+        if len(gathered.included) < fed.min_participants or len(gathered.units) < self.rule.min_units():
             row["applied"] = False
             log.warning(
                 "round %d: %d valid updates (< min_participants=%d); global adapter unchanged%s",
                 server_round, len(gathered.included), fed.min_participants, f" ({row['aborted']})" if gathered.aborted else "",
             )
             return row
-        combined = combine_units(gathered.units)
+        combined = combine_units(gathered.units, self.rule)
         step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector

@@ -228,10 +228,20 @@ class SecaggSection:
 
 @dataclass
 class RobustSection:
-    rule: str = _help("How (bucket) updates are combined: 'mean' (weighted by example count).", "mean")
+    rule: str = _help(
+        "How the round's units (a participant's update, or a bucket's sum under secure aggregation) are "
+        "combined: 'mean' (weighted by example count), 'trimmed-mean:<beta>', 'median', 'multi-krum:<f>', "
+        "'geomedian' or 'centered-clip:<tau>' (fedlora/aggregate/robust.py says what each tolerates).",
+        "mean",
+    )
 
     def __post_init__(self) -> None:
-        _require_choice(self.rule, "robust.rule", ("mean",))
+        from fedlora.aggregate.robust import make_rule
+
+        try:
+            make_rule(self.rule)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -286,6 +296,7 @@ class Config:
         )
         self._resolve_lora_mode()
         self._check_secagg()
+        self._check_robust()
         # Validate the attack spec now rather than in the first round.
         if self.simulation.adversaries > 0:
             from fedlora.attacks import resolve_attack
@@ -325,7 +336,7 @@ class Config:
             return
         from fedlora.secagg.plan import bucket_sizes, check_fixed_point, neighbourhood_degree, resolve_threshold
 
-        sampled = min(fed.participants, max(fed.min_participants, math.ceil(fed.fraction * fed.participants)))
+        sampled = self._sampled_per_round()
         _require(
             sec.bucket_size <= sampled,
             "secagg.bucket_size",
@@ -347,6 +358,22 @@ class Config:
             check_fixed_point(sec.clip_norm, sizes[-1])
         except ValueError as err:
             raise ConfigError(f"secagg.clip_norm: {err}") from None
+
+    def _sampled_per_round(self) -> int:
+        fed = self.federation
+        return min(fed.participants, max(fed.min_participants, math.ceil(fed.fraction * fed.participants)))
+
+    def _check_robust(self) -> None:
+        """A robust rule must have enough units per round: participants, or buckets under secure aggregation."""
+        from fedlora.aggregate.robust import check_rule_fits, make_rule
+        from fedlora.secagg.plan import bucket_sizes
+
+        sampled = self._sampled_per_round()
+        units = len(bucket_sizes(sampled, self.secagg.bucket_size)) if self.secagg.enabled else sampled
+        try:
+            check_rule_fits(make_rule(self.robust.rule), units)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

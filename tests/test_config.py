@@ -54,3 +54,17 @@ def test_flower_run_config_maps_onto_sections() -> None:
 def test_every_example_config_loads(path: Path) -> None:
     cfg = load_config(path, [])
     assert cfg.federation.rounds >= 1
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["robust.rule=multi-krum:2", "federation.participants=6"], "needs at least 7 units per round, got 6"),
+        (["robust.rule=median", "secagg.enabled=true", "federation.participants=8", "secagg.bucket_size=4"], "got 2"),
+        (["robust.rule=krum"], "valid forms: mean, trimmed-mean:<beta>"),
+    ],
+)
+def test_a_robust_rule_that_cannot_work_with_a_rounds_units_is_refused_at_load_time(overrides, words) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith("robust.rule") and words in str(err.value)

@@ -22,7 +22,9 @@ from safetensors.numpy import load_file
 
 from coordinator.local_grid import LocalGrid
 from coordinator.gather import Member
-from coordinator.secure import secure_sum
+from coordinator.secure import gather_secure, secure_sum
+from fedlora.aggregate import combine_units
+from fedlora.aggregate.robust import make_rule
 from fedlora.config import ConfigError, SecaggSection, load_config
 from fedlora.secagg import clip
 from fedlora.secure_wire import STAGE, read_meta
@@ -84,6 +86,33 @@ def test_bucket_sums_equal_the_weighted_plaintext_sum() -> None:
     for context in grid.contexts.values():
         assert participant_secure.UPDATE not in context.state
         assert context.state[participant_secure.STATE]["stage"] == "unmasked"
+
+
+def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> None:
+    # The coordinator sees one sum per bucket of 2; participant 0 sends a sign-flipped update
+    # (clipped like everyone's), and Multi-Krum over the 5 bucket means leaves its bucket out.
+    app = ClientApp()
+    participant_secure.register(app)
+    nodes = [2000 + i for i in range(10)]
+    grid = LocalGrid(app, {node: {} for node in nodes})
+    rng = np.random.default_rng(1)
+    honest = rng.normal(size=400)
+    honest *= 0.5 / np.linalg.norm(honest)
+    for i, node in enumerate(nodes):
+        update = -10 * honest if i == 0 else honest + rng.normal(size=400) * 0.005
+        participant_secure.keep_update(grid.contexts[node], update.astype(np.float32), 50, 3, os.urandom(32))
+    members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
+    sec = SecaggSection(enabled=True, bucket_size=2, clip_norm=1.0)
+    gathered = gather_secure(grid, members, sec, seed=0, server_round=3, length=400, run_tag="t")
+    assert [len(u.members) for u in gathered.units] == [2] * 5  # sums of two, never one update
+    attacked = next(k for k, u in enumerate(gathered.units) if "participant-0" in u.members)
+    robust = combine_units(gathered.units, make_rule("multi-krum:1"))
+    assert robust.metrics["robust"]["dropped"] == [attacked]
+    # Honest noise is 0.1 per participant, ~0.035 over the 8 kept: the rule stays within that,
+    # while the mean is pulled by the attacker's clipped update (norm 1) over 10 members: ~0.15.
+    robust_error = np.linalg.norm(robust.delta - honest)
+    plain_error = np.linalg.norm(combine_units(gathered.units).delta - honest)
+    assert robust_error < 0.06 and plain_error > 0.12
 
 
 def test_dropouts_before_and_after_masking() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.aggregate.mean import weighted_mean
+from fedlora.aggregate.robust import RobustRule
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,24 @@ class Combined:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def combine_units(units: Sequence[Unit]) -> Combined:
-    """Units -> the round's update: the example-weighted mean of the unit means.
+def combine_units(units: Sequence[Unit], rule: RobustRule | None = None) -> Combined:
+    """Units -> the round's update: `rule` over the unit means (default: the weighted mean).
 
     Reports each unit's norm and cosine to the result (`participant_updates` when every unit
-    is one participant, `bucket_updates` otherwise) and, when the sums carry fixed-point error,
-    the per-coordinate error bound of the result (`mean_error_bound`).
+    is one participant, `bucket_updates` otherwise; a robust rule's unit indices refer to this
+    order, under `robust`) and, when the sums carry fixed-point error, the per-coordinate error
+    bound of the result (`mean_error_bound`, for the mean: a robust rule moves by whole units).
     """
     if not units:
         raise ValueError("no units to combine")
     means = [unit.mean for unit in units]
-    delta = weighted_mean(means, [unit.weight for unit in units])
     metrics: dict[str, Any] = {}
+    if rule is None or rule.name == "mean":
+        delta = weighted_mean(means, [unit.weight for unit in units])
+    else:
+        result = rule.aggregate(means, [unit.weight for unit in units])
+        delta = result.vector
+        metrics["robust"] = {"rule": rule.name, **result.metrics}
     diagnostics = update_diagnostics(means, delta)
     if all(len(unit.members) == 1 for unit in units):
         metrics["participant_updates"] = [{"participant": u.members[0], **d} for u, d in zip(units, diagnostics)]
