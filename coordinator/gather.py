@@ -34,6 +34,7 @@ class Member:
 class Rejection:
     participant: str
     reason: str
+    fault: bool = False  # the participant sent something wrong (counts towards quarantine), not a timeout
 
 
 @dataclass
@@ -83,7 +84,7 @@ def screen(members: Sequence[Member], size: int | Callable[[Member], int]) -> tu
             if member.num_examples <= 0:
                 raise ValueError(f"example count {member.num_examples} is not positive")
         except ValueError as err:
-            rejected.append(Rejection(member.name, str(err)))
+            rejected.append(Rejection(member.name, str(err), fault=True))
             continue
         accepted.append(member)
     return accepted, rejected

@@ -20,15 +20,17 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from coordinator.gather import Gathered, Member, gather_plaintext, read_train_replies
+from coordinator.gather import Gathered, Member, Rejection, gather_plaintext, read_train_replies
 from coordinator.outputs import RunDirectory
 from coordinator.secure import gather_secure, run_tag
 from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule
+from fedlora.aggregate.screen import screen_units
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.model import load_model
+from fedlora.reputation import Reputation
 from fedlora.wire import instruction_content, read_reply
 from participant.runtime import label_names_for
 
@@ -89,6 +91,7 @@ class Coordinator:
         # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
         self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.rule = make_rule(cfg.robust.rule)
+        self.reputation = Reputation(cfg.robust.quarantine_after, cfg.robust.quarantine_window)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
 
     def name(self, node: int, metrics: dict[str, float] | None = None) -> str:
@@ -133,8 +136,8 @@ class Coordinator:
                 log.warning("evaluation by %s failed: %s", self.name(node), "timeout" if reply is None else reply.error.reason)
                 continue
             _, metrics = read_reply(reply.content)
-            self.name(node, metrics)
-            rows.append(metrics)
+            if not self.excluded(self.name(node, metrics)):  # a revoked participant's scores are refused too
+                rows.append(metrics)
         rows.sort(key=lambda m: m["partition_id"])
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
@@ -149,9 +152,12 @@ class Coordinator:
         fed, sec = self.cfg.federation, self.cfg.secagg
         nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
-        sampled = sample_nodes(sorted(nodes, key=self.name), self.cfg, server_round)
+        eligible = [node for node in sorted(nodes, key=self.name) if not self.excluded(self.name(node))]
+        sampled = sample_nodes(eligible, self.cfg, server_round)
         replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
         members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
+        rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
+        members = [m for m in members if not self.excluded(m.name)]  # a name may be learnt only from its reply
         if sec.enabled:  # updates stay with the participants until masked: summed per bucket
             length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
             gathered = gather_secure(self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid))
@@ -159,13 +165,32 @@ class Coordinator:
             gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
         gathered.skipped = rejected + gathered.skipped
         row = self.apply(server_round, len(sampled), gathered)
+        quarantined = self.reputation.record(server_round, [self.name(n) for n in sampled], [r.participant for r in gathered.skipped if r.fault])
+        if quarantined:
+            row["quarantined"] = {name: self.reputation.quarantined[name] for name in quarantined}
+            log.warning("round %d: quarantined %s", server_round, ", ".join(quarantined))
         row.update(self.evaluate(nodes, server_round))
         row["seconds"] = round(time.monotonic() - started, 3)
         return row
 
+    def excluded(self, name: str) -> str:
+        """Why `name` may not take part ('' if it may): revoked by the operator, or quarantined."""
+        if name in self.cfg.robust.revoked:
+            return "revoked (robust.revoked)"
+        return f"quarantined: {self.reputation.quarantined[name]}" if name in self.reputation.quarantined else ""
+
+    def screen(self, gathered: Gathered) -> None:
+        """Set aside units that cannot be combined; their members are skipped with the reason."""
+        length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
+        gathered.units, rejected = screen_units(gathered.units, length, self.cfg.robust.max_norm_ratio)
+        out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
+        gathered.included = [m for m in gathered.included if m.name not in out]
+        gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]
+
     def apply(self, server_round: int, sampled: int, gathered: Gathered) -> dict[str, Any]:
         """Combine the round's units, move the global adapter, and build the metrics row."""
         fed = self.cfg.federation
+        self.screen(gathered)
         for rejection in gathered.skipped:
             log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
         row: dict[str, Any] = {

@@ -169,7 +169,7 @@ class _Bucket:
                     else "secure aggregation: left out, too few of its neighbours stayed to recover its masks"
                 )
             )
-            out.append(Rejection(member.name, reason))
+            out.append(Rejection(member.name, reason, fault=member.name in blamed))
         return out
 
 

@@ -235,8 +235,34 @@ class RobustSection:
         "mean",
     )
 
+    max_norm_ratio: float = _help(
+        "Screening before the rule: a unit whose update norm exceeds this many times the round's median "
+        "unit norm is set aside (with 3 or more units); 0 = off.",
+        10.0,
+    )
+
+    quarantine_after: int = _help(
+        "Quarantine a participant (never sampled again this run) once it was rejected for a fault (invalid or "
+        "screened-out update, protocol violation) in this many of its last robust.quarantine_window rounds; "
+        "0 = never. Under secure aggregation a rejected bucket counts against all its members.",
+        0,
+    )
+    quarantine_window: int = _help("Rounds of history robust.quarantine_after looks at.", 5)
+    revoked: list[str] = _help("Participants (e.g. 'participant-3') never sampled and whose replies are refused.", [])
+
     def __post_init__(self) -> None:
         from fedlora.aggregate.robust import make_rule
+
+        _require(
+            0 <= self.quarantine_after <= self.quarantine_window and self.quarantine_window >= 1,
+            "robust.quarantine_after",
+            f"need 0 <= quarantine_after <= quarantine_window (>= 1), got {self.quarantine_after} and {self.quarantine_window}",
+        )
+        _require(
+            self.max_norm_ratio == 0 or self.max_norm_ratio > 1,
+            "robust.max_norm_ratio",
+            f"must be 0 (off) or above 1 (at or below 1 it would reject typical updates), got {self.max_norm_ratio}",
+        )
 
         try:
             make_rule(self.rule)
