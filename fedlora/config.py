@@ -287,7 +287,11 @@ class PrivacySection:
 @dataclass
 class SimulationSection:
     adversaries: float = _help("Share of simulated participants that are malicious.", 0.0)
-    attack: str = _help("'sign-flip', 'scaling:<factor>', 'gaussian:<std>' or '<module>:<function>'.", "sign-flip")
+    attack: str = _help(
+        "'sign-flip', 'scaling:<factor>', 'gaussian:<std>', 'alie[:<z>]' (Baruch et al. 2019), 'ipm:<eps>' "
+        "(Xie et al. 2019) or '<module>:<function>'. alie and ipm read the round's honest updates (plaintext only).",
+        "sign-flip",
+    )
     cpus_per_participant: float = _help("CPU cores Ray reserves for each virtual participant.", 1.0)
     reproducible_rounding: bool = _help(
         "Derive secure aggregation's stochastic rounding from (seed, round, partition) so a simulated secure "
@@ -328,6 +332,12 @@ class Config:
             from fedlora.attacks import resolve_attack
 
             resolve_attack(self.simulation.attack)
+            _require(
+                not (self.secagg.enabled and self.simulation.attack.partition(":")[0] == "alie"),
+                "simulation.attack",
+                "alie needs the round's honest updates, which nobody sees under secure aggregation (it would send "
+                "its own update unchanged); use ipm:<eps>, sign-flip or scaling:<factor>, or secagg.enabled=false",
+            )
 
     def _resolve_lora_mode(self) -> None:
         """Turn lora.mode='auto' into a mode and refuse combinations that cannot work (DESIGN decision 1)."""

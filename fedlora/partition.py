@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fedlora.aggregate.robust import SpecForm, parse_spec
 from fedlora.data import Example
 
 Partitioner = Callable[[list[Example], int, np.random.Generator], list[list[int]]]
@@ -88,22 +89,22 @@ def natural(column: str) -> Partitioner:
     return split
 
 
+PARTITION_FORMS = (
+    SpecForm("iid"),
+    SpecForm("dirichlet", "alpha", low=0.0, low_open=True),
+    SpecForm("natural", "column"),  # text: resolved before parse_spec, listed in its errors
+)
+
+
 def make_partitioner(spec: str) -> Partitioner:
-    """Turn 'iid', 'dirichlet:<alpha>' or 'natural:<column>' into a partitioner."""
-    name, _, arg = spec.partition(":")
-    if name == "iid" and not arg:
-        return iid
-    if name == "dirichlet":
-        try:
-            alpha = float(arg)
-        except ValueError:
-            alpha = -1.0
-        if alpha <= 0:
-            raise ValueError(f"data.partition: dirichlet needs a positive alpha, e.g. dirichlet:0.3 (got {spec!r})")
+    """Turn `data.partition` ('iid', 'dirichlet:<alpha>' or 'natural:<column>') into a partitioner."""
+    name, _, column = spec.strip().partition(":")
+    if name == "natural" and column:  # a column name, not a number: parse_spec reads numbers only
+        return natural(column)
+    name, alpha = parse_spec(spec, PARTITION_FORMS, "data.partition")
+    if name == "dirichlet" and alpha is not None:
         return dirichlet(alpha)
-    if name == "natural" and arg:
-        return natural(arg)
-    raise ValueError(f"data.partition: {spec!r} is not one of iid, dirichlet:<alpha>, natural:<column>")
+    return iid  # parse_spec returns "natural" only with an argument, handled above
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,70 @@
 import numpy as np
 import pytest
 
-from fedlora.attacks import choose_adversaries, resolve_attack
+from fedlora.attacks import ATTACK_FORMS, attack_updates, choose_adversaries, resolve_attack
+
+RNG = np.random.default_rng(0)
+OWN = np.array([1.0, -2.0, 3.0], dtype=np.float32)
+BENIGN = [np.array([1.0, 0.0, 4.0], np.float32), np.array([3.0, 0.0, 2.0], np.float32), np.array([2.0, 3.0, 3.0], np.float32)]
+# By hand, per coordinate: mean = [2, 1, 3]; deviations [-1, 1, 0], [-1, -1, 2], [1, -1, 0] -> std = [sqrt(2/3), sqrt(2), sqrt(2/3)].
+MEAN = np.array([2.0, 1.0, 3.0])
+STD = np.sqrt([2 / 3, 2.0, 2 / 3])
 
 
-def test_builtin_attacks() -> None:
+def test_sign_flip_scaling_and_gaussian_do_what_their_names_say() -> None:
     rng = np.random.default_rng(0)
-    update = np.array([1.0, -2.0, 3.0], dtype=np.float32)
-    np.testing.assert_array_equal(resolve_attack("sign-flip")(update, [], rng), -update)
-    np.testing.assert_array_equal(resolve_attack("scaling:10")(update, [], rng), 10 * update)
+    np.testing.assert_array_equal(resolve_attack("sign-flip")(OWN, [], rng), -OWN)
+    np.testing.assert_array_equal(resolve_attack("scaling:10")(OWN, [], rng), 10 * OWN)
     noise = resolve_attack("gaussian:2.0")(np.zeros(20000, np.float32), [], rng)
     assert abs(noise.std() - 2.0) < 0.05
+
+
+def test_alie_sends_the_benign_mean_minus_z_standard_deviations() -> None:
+    sent = resolve_attack("alie:1.5")(OWN, BENIGN, RNG)
+    assert sent.dtype == np.float32 and sent.shape == OWN.shape
+    np.testing.assert_allclose(sent, MEAN - 1.5 * STD, rtol=1e-6)
+
+
+def test_alie_alone_uses_z_equal_to_one() -> None:
+    np.testing.assert_allclose(resolve_attack("alie")(OWN, BENIGN, RNG), MEAN - STD, rtol=1e-6)
+
+
+def test_ipm_sends_minus_eps_times_the_benign_mean() -> None:
+    sent = resolve_attack("ipm:0.5")(OWN, BENIGN, RNG)
+    assert sent.dtype == np.float32 and sent.shape == OWN.shape
+    np.testing.assert_allclose(sent, [-1.0, -0.5, -1.5])
+
+
+def test_omniscient_attacks_ignore_benign_updates_of_another_shape_or_with_nan() -> None:
+    seen = [*BENIGN, np.ones(5, np.float32), np.array([np.nan, 0.0, 0.0], np.float32)]
+    np.testing.assert_allclose(resolve_attack("alie:1.5")(OWN, seen, RNG), MEAN - 1.5 * STD, rtol=1e-6)
+    np.testing.assert_allclose(resolve_attack("ipm:0.5")(OWN, seen, RNG), [-1.0, -0.5, -1.5])
+
+
+def test_without_benign_updates_alie_sends_its_own_update_unchanged() -> None:
+    sent = resolve_attack("alie:1.5")(OWN.astype(np.float64), [], RNG)  # one sample: std 0, mean = own
+    assert sent.dtype == np.float32
+    np.testing.assert_array_equal(sent, OWN)
+
+
+def test_without_benign_updates_ipm_sends_minus_eps_times_its_own_update() -> None:
+    sent = resolve_attack("ipm:0.5")(OWN, [], RNG)
+    assert sent.dtype == np.float32
+    np.testing.assert_array_equal(sent, [-0.5, 1.0, -1.5])
+
+
+def test_omniscient_attacks_are_deterministic_whatever_the_rng() -> None:
+    for spec in ("alie:1.5", "ipm:0.5"):
+        attack = resolve_attack(spec)
+        first = attack(OWN, BENIGN, np.random.default_rng(1))
+        np.testing.assert_array_equal(first, attack(OWN, BENIGN, np.random.default_rng(2)))
+
+
+def test_every_attacker_sees_only_the_honest_updates() -> None:
+    updates = {"a": OWN, "b": BENIGN[0], "c": BENIGN[1], "d": BENIGN[2]}
+    sent = attack_updates(updates, {"a"}, resolve_attack("ipm:0.5"), RNG)
+    np.testing.assert_allclose(sent["a"], [-1.0, -0.5, -1.5])
+    assert all(sent[name] is updates[name] for name in "bcd")
 
 
 def test_plugin_attack_is_loaded_by_module_and_name() -> None:
@@ -19,14 +73,38 @@ def test_plugin_attack_is_loaded_by_module_and_name() -> None:
     np.testing.assert_allclose(attack(benign[0], benign, np.random.default_rng(0)), [2.0 - 1.5, 0.0])
 
 
-def test_unknown_attack_lists_choices() -> None:
-    with pytest.raises(ValueError, match="sign-flip, scaling"):
-        resolve_attack("teleport")
-    with pytest.raises(ValueError, match="cannot load"):
-        resolve_attack("no_such_module_xyz:fn")
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("teleport", "'teleport' is not a known name"),
+        ("ipm", "'ipm' needs <eps> after 'ipm:'"),
+        ("ipm:-1", "'ipm:-1' needs eps > 0, got '-1'"),
+        ("alie:0", "'alie:0' needs z > 0, got '0'"),
+        ("gaussian:-1", "'gaussian:-1' needs std >= 0"),
+        ("sign-flip:2", "'sign-flip:2' takes no argument"),
+        ("no_such_module_xyz:fn", "cannot load 'no_such_module_xyz:fn'"),
+        ("tests.plugin_attacks:missing", "cannot load 'tests.plugin_attacks:missing'"),
+    ],
+)
+def test_a_bad_attack_spec_says_what_is_wrong_and_lists_every_form(spec: str, problem: str) -> None:
+    with pytest.raises(ValueError) as err:
+        resolve_attack(spec)
+    message = str(err.value)
+    assert message.startswith("simulation.attack: ") and problem in message
+    for form in ("sign-flip", "scaling:<factor>", "gaussian:<std>", "alie[:<z>]", "ipm:<eps>", "<module>:<function>"):
+        assert form in message
+    assert all(form.usage() in message for form in ATTACK_FORMS)
 
 
 def test_adversaries_are_fixed_by_seed() -> None:
     first = choose_adversaries(10, 0.3, seed=4)
     assert first == choose_adversaries(10, 0.3, seed=4)
     assert len(first) == 3 and len(set(first)) == 3 and all(0 <= i < 10 for i in first)
+
+
+def test_alie_under_secure_aggregation_is_refused_because_it_would_be_no_attack() -> None:
+    from fedlora.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="simulation.attack: alie needs the round's honest updates"):
+        load_config(None, ["simulation.adversaries=0.25", "simulation.attack=alie", "secagg.enabled=true"])
+    load_config(None, ["simulation.adversaries=0.25", "simulation.attack=ipm:0.5", "secagg.enabled=true"])

@@ -89,9 +89,12 @@ def test_holdout_never_reaches_training_and_is_reproducible() -> None:
 
 
 def test_bad_partition_specs_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="iid, dirichlet"):
+    every_form = r"valid forms: iid, dirichlet:<alpha> \(alpha > 0\), natural:<column>"
+    with pytest.raises(ValueError, match=r"data.partition: 'random' is not a known name; " + every_form):
         make_partitioner("random")
-    with pytest.raises(ValueError, match="positive alpha"):
+    with pytest.raises(ValueError, match=r"'dirichlet:-1' needs alpha > 0, got '-1'; " + every_form):
         make_partitioner("dirichlet:-1")
+    with pytest.raises(ValueError, match=r"'natural' needs <column> after 'natural:'; " + every_form):
+        make_partitioner("natural")
     with pytest.raises(ValueError, match="names no column"):
         make_partitioner("natural:Height")(load_examples(DataSection()), 4, np.random.default_rng(0))
