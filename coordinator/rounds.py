@@ -152,8 +152,7 @@ class Coordinator:
         fed, sec = self.cfg.federation, self.cfg.secagg
         nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
-        eligible = [node for node in sorted(nodes, key=self.name) if not self.excluded(self.name(node))]
-        sampled = sample_nodes(eligible, self.cfg, server_round)
+        sampled = sample_nodes(self.eligible(nodes), self.cfg, server_round)
         replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
         members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
         rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
@@ -172,6 +171,10 @@ class Coordinator:
         row.update(self.evaluate(nodes, server_round))
         row["seconds"] = round(time.monotonic() - started, 3)
         return row
+
+    def eligible(self, nodes: list[int]) -> list[int]:
+        """Nodes that may be sampled, in participant-name order: not revoked, not quarantined."""
+        return [node for node in sorted(nodes, key=self.name) if not self.excluded(self.name(node))]
 
     def excluded(self, name: str) -> str:
         """Why `name` may not take part ('' if it may): revoked by the operator, or quarantined."""

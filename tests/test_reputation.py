@@ -61,3 +61,5 @@ def test_revoked_and_quarantined_participants_are_excluded_from_sampling_and_rep
     assert faulty == ["participant-4"]
     assert coordinator.reputation.record(1, [m.name for m in members], faulty) == ["participant-4"]
     assert coordinator.excluded("participant-4").startswith("quarantined")
+    coordinator.names = {100 + i: f"participant-{i}" for i in range(5)}
+    assert coordinator.eligible(list(coordinator.names)) == [100, 102, 103]  # 1 revoked, 4 quarantined
