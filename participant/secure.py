@@ -32,6 +32,7 @@ from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.secagg import participant as protocol
 from fedlora.secagg.messages import ParticipantState
+from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, array_view, protocol_content, read_meta, read_protocol
 from fedlora.wire import reply_content
@@ -68,14 +69,20 @@ def _record_masked(context: Context, server_round: int) -> None:
     context.state[MASKED] = ConfigRecord({"rounds": [*rounds, server_round]})
 
 
+def is_adversary(cfg: Config, partition_id: int) -> bool:
+    sim = cfg.simulation
+    return sim.adversaries > 0 and partition_id in choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed)
+
+
 def simulated_attack(cfg: Config, update: np.ndarray, server_round: int, partition_id: int) -> np.ndarray:
     """A simulated adversary's update under secure aggregation: attacked here, before masking.
 
     Omniscient attacks get `benign = []`: no party can see the honest updates in secure mode.
+    The adversary then skips clipping (`mask_input`), as a real one would.
     """
-    sim = cfg.simulation
-    if sim.adversaries <= 0 or partition_id not in choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed):
+    if not is_adversary(cfg, partition_id):
         return update
+    sim = cfg.simulation
     rng = np.random.default_rng([cfg.federation.seed, server_round, 0xBAD, partition_id])
     return np.asarray(resolve_attack(sim.attack)(update, [], rng))
 
@@ -84,15 +91,21 @@ def hold_update(msg: Message, context: Context, cfg: Config, update: np.ndarray,
     """Keep this round's update for the secure stages; reply with the metadata only."""
     partition_id = int(metrics.get("partition_id", -1))
     update = simulated_attack(cfg, update, server_round, partition_id)
-    keep_update(context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id))
+    keep_update(
+        context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id),
+        adversary=is_adversary(cfg, partition_id),
+    )
     return Message(reply_content(metrics), reply_to=msg)
 
 
-def keep_update(context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes) -> None:
-    """Store an update (float32) in `context.state` until the mask_input stage consumes it."""
+def keep_update(context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, adversary: bool = False) -> None:
+    """Store an update (float32) in `context.state` until the mask_input stage consumes it.
+
+    `adversary` marks a simulated attacker: it will mask its update unclipped.
+    """
     refuse_replay(context, server_round, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
-    context.state[HELD] = ConfigRecord({"server_round": server_round, "num_examples": num_examples, "rounding_key": key})
+    context.state[HELD] = ConfigRecord({"server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary})
 
 
 def _held(context: Context, server_round: int, what: str) -> ConfigRecord:
@@ -144,8 +157,10 @@ def mask_input(msg: Message, context: Context) -> Message:
     held = _held(context, server_round, "a mask request")
     clip_norm = state.clip_norm / np.sqrt(2.0)  # the protocol's bound is sqrt(2) C (fedlora.secagg.plan)
     update = array_view(context.state[UPDATE]["update"])
-    vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm)
-    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]))
+    widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping
+    bound = None if widest is None else widest - clip_norm  # room left beside the weight slot
+    vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, bound)
+    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest)
     del context.state[UPDATE]  # masked at most once ...
     _record_masked(context, server_round)  # ... and never again for this round
     _save(context, state)

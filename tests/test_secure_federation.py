@@ -115,6 +115,24 @@ def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> 
     assert robust_error < 0.06 and plain_error > 0.12
 
 
+def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encoding() -> None:
+    # Honest members are clipped to C = 1; the attacker (node 0) masks its update unclipped, up
+    # to the whole 32-bit range the bucket's scale leaves one member: here about n * sqrt(2) C.
+    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    app = ClientApp()
+    participant_secure.register(app)
+    nodes = [3000 + i for i in range(4)]
+    grid = LocalGrid(app, {node: {} for node in nodes})
+    huge = np.ones(300, np.float32) * 100.0
+    for i, node in enumerate(nodes):
+        update = huge if i == 0 else np.zeros(300, np.float32)
+        participant_secure.keep_update(grid.contexts[node], update, 50, 3, os.urandom(32), adversary=i == 0)
+    members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
+    (unit,) = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t").buckets
+    sent = np.linalg.norm(unit.total) / 50  # the attacker's update as it reached the sum
+    assert 4.0 < sent < 4 * np.sqrt(2)  # far above C = 1, within the encoding's range
+
+
 def test_dropouts_before_and_after_masking() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0, timeout_s=1.0)
     grid, members, updates, counts = _federation(5, 500)

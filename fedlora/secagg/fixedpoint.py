@@ -105,6 +105,18 @@ def choose_scale(clip_norm: float, n_participants: int, bits: int = WIRE_BITS) -
     return scale
 
 
+def widest_clip(scale: float, bits: int = WIRE_BITS) -> float:
+    """The largest L2 norm one vector can be encoded with at `scale` on its own.
+
+    What a malicious participant can send: it ignores clipping and is bounded only by the
+    encoding's range (its share of the sum's range is then everyone's).
+    """
+    norm = float(Fraction(_max_abs(bits)) / (Fraction(scale) * Fraction(_CLIP_SLACK)))
+    while coordinate_bound(norm, scale) > _max_abs(bits):
+        norm = math.nextafter(norm, 0.0)
+    return norm
+
+
 def check_no_overflow(
     clip_norm: float, n_participants: int, scale: float, bits: int = WIRE_BITS
 ) -> None:

@@ -221,14 +221,19 @@ def share_keys(state: ParticipantState, relay: KeysRelay) -> tuple[ParticipantSt
 
 
 def mask_input(
-    state: ParticipantState, relay: SharesRelay, vector: np.ndarray, rounding_key: bytes | None = None
+    state: ParticipantState,
+    relay: SharesRelay,
+    vector: np.ndarray,
+    rounding_key: bytes | None = None,
+    clip_norm: float | None = None,
 ) -> tuple[ParticipantState, MaskedInput]:
     """Stage 4: keep neighbours' shares, upload y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij).
 
     A bundle that does not open (or does not match its commitments) is left out and its sender
     accused, with the receiving key that opens just that bundle as evidence. `rounding_key`
     keys the stochastic rounding; by default it is fresh from the OS CSPRNG, so nobody can
-    recompute the rounding (a fixed key is for reproducible simulations only).
+    recompute the rounding (a fixed key is for reproducible simulations only). `clip_norm`
+    defaults to the instance's; only a simulated attacker passes more (`widest_clip`).
     """
     _expect(state, "shared", relay.round_id, relay.receiver)
     me, senders = state.participant_id, relay.senders
@@ -266,7 +271,8 @@ def mask_input(
         held_b.append(b_share)
         held_s.append(s_share)
     masked = np.empty(state.vector_length + 1, dtype=np.uint32)
-    masked[:-1] = encode(vec, state.clip_norm, state.scale, rounding_key or os.urandom(SEED_BYTES))
+    bound = state.clip_norm if clip_norm is None else clip_norm
+    masked[:-1] = encode(vec, bound, state.scale, rounding_key or os.urandom(SEED_BYTES))
     masked[-1] = 1  # the count slot: the unmasked sum must equal the number of members in it
     apply_mask(masked, state.b_seed, 1)
     for j in senders:

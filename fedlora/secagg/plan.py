@@ -80,14 +80,19 @@ def round_context(server_round: int, weight_ref: float) -> str:
     return json.dumps({"server_round": server_round, "weight_ref": float(weight_ref).hex()}, sort_keys=True)
 
 
-def weighted_input(update: np.ndarray, num_examples: int, weight_ref: float, clip_norm: float) -> np.ndarray:
-    """The float64 vector a participant masks: [w * clip(update, C), w * C] (see module doc)."""
+def weighted_input(
+    update: np.ndarray, num_examples: int, weight_ref: float, clip_norm: float, update_bound: float | None = None
+) -> np.ndarray:
+    """The float64 vector a participant masks: [w * clip(update, C), w * C] (see module doc).
+
+    `update_bound` replaces C as the update's clip (not the weight slot's): a simulated attacker's.
+    """
     if num_examples <= 0:
         raise ValueError(f"example count {num_examples} is not positive")
     if not weight_ref > 0:
         raise ValueError(f"weight reference {weight_ref} is not positive")
     weight = min(num_examples / weight_ref, 1.0)
-    clipped = clip(update, clip_norm)  # float64 copy; raises on NaN/inf
+    clipped = clip(update, clip_norm if update_bound is None else update_bound)  # float64 copy; raises on NaN/inf
     out = np.empty(clipped.size + 1, dtype=np.float64)
     np.multiply(clipped, weight, out=out[:-1])
     out[-1] = weight * clip_norm

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedlora.secagg import check_no_overflow, choose_scale, decode, encode, error_bound
-from fedlora.secagg.fixedpoint import coordinate_bound
+from fedlora.secagg.fixedpoint import coordinate_bound, widest_clip
 from fedlora.secagg.plan import check_fixed_point
 
 KEY = bytes(range(32))  # a fixed rounding key: tests repeat exactly
@@ -115,3 +115,13 @@ def test_non_finite_rejected(bad, word):
     x[3] = bad
     with pytest.raises(ValueError, match=word):
         encode(x, 1.0, 1.0, KEY)
+
+
+@pytest.mark.parametrize("n", [2, 13, 500])
+def test_the_widest_clip_is_the_whole_range_one_vector_may_use(n):
+    scale = choose_scale(1.0, n)
+    widest = widest_clip(scale)
+    check_no_overflow(widest, 1, scale)
+    with pytest.raises(ValueError, match="overflow"):
+        check_no_overflow(widest * (1 + 1e-6), 1, scale)
+    assert n * 0.99 < widest < n * 1.01  # one participant may take everyone's share of the range
