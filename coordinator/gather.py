@@ -48,6 +48,7 @@ class Gathered:
     bytes_down: int = 0  # beyond the global adapter sent with the train messages
     row: dict[str, Any] = field(default_factory=dict)  # gatherer-specific fields of the metrics row
     aborted: list[str] = field(default_factory=list)
+    blamed: list[str] = field(default_factory=list)  # protocol violations, whether or not still in a sum
 
 
 def read_train_replies(

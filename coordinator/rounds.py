@@ -164,7 +164,8 @@ class Coordinator:
             gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
         gathered.skipped = rejected + gathered.skipped
         row = self.apply(server_round, len(sampled), gathered)
-        quarantined = self.reputation.record(server_round, [self.name(n) for n in sampled], [r.participant for r in gathered.skipped if r.fault])
+        faulty = {r.participant for r in gathered.skipped if r.fault} | set(gathered.blamed)
+        quarantined = self.reputation.record(server_round, [self.name(n) for n in sampled], faulty)
         if quarantined:
             row["quarantined"] = {name: self.reputation.quarantined[name] for name in quarantined}
             log.warning("round %d: quarantined %s", server_round, ", ".join(quarantined))

@@ -232,4 +232,5 @@ def gather_secure(grid: Grid, members: list[Member], sec: SecaggSection, seed: i
         bytes_down=summed.bytes_down,
         row={"secagg": {"buckets": summed.layout, "recovered": summed.recovered}},
         aborted=summed.aborted,
+        blamed=sorted(name for bucket in summed.layout for name in bucket.get("blamed", {})),
     )

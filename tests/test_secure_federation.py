@@ -202,8 +202,27 @@ def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messa
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-2"]  # node 1014, never its accuser
     assert "bad share bundle" in result.layout[0]["blamed"]["participant-2"]
-    assert [r.participant for r in result.skipped] == ["participant-2"]
+    assert [r.participant for r in result.skipped] == ["participant-2"] and result.skipped[0].fault
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-2"})
+
+
+def test_a_participant_blamed_at_unmask_stays_in_the_sum_and_is_booked_a_fault() -> None:
+    app = ClientApp()
+    for stage in ("setup", "share_keys", "mask_input"):
+        app.query(STAGE[stage].action)(participant_secure.HANDLERS[stage])
+
+    @app.query(STAGE["unmask"].action)
+    def _bad_share(msg: Message, context: Context) -> Message:
+        reply = participant_secure.unmask(msg, context)
+        if context.node_id == 1007:  # reveals garbage for its first neighbour's self-mask share
+            record = reply.content["secagg"]
+            record["b_shares"] = [record["b_shares"][0], os.urandom(len(record["b_shares"][1])), *record["b_shares"][2:]]
+        return reply
+
+    grid, members, updates, counts = _federation(6, 200, app=app)
+    gathered = gather_secure(grid, members, SecaggSection(enabled=True, clip_norm=1.0), seed=0, server_round=3, length=200, run_tag="t")
+    assert gathered.blamed == ["participant-1"] and not gathered.skipped
+    assert "participant-1" in {m.name for m in gathered.included}  # its masked input is in the sum
 
 
 def test_a_participant_masks_its_update_only_once() -> None:
