@@ -156,15 +156,16 @@ def test_below_threshold_the_bucket_aborts_with_a_reason() -> None:
     assert {r.participant for r in result.skipped} == {m.name for m in members}
 
 
-def _share_keys_tampered_by(node: int, tamper: Callable[[ConfigRecord], None]) -> ClientApp:
-    """An honest ClientApp, except that `node` edits its share upload with `tamper` before replying."""
+def _tampered_by(node: int, stage: str, tamper: Callable[[ConfigRecord], None]) -> ClientApp:
+    """An honest ClientApp, except that `node` edits its reply to `stage` with `tamper` before sending it."""
     app = ClientApp()
-    for stage in ("setup", "mask_input", "unmask"):
-        app.query(STAGE[stage].action)(participant_secure.HANDLERS[stage])
+    for name, handler in participant_secure.HANDLERS.items():
+        if name != stage:
+            app.query(STAGE[name].action)(handler)
 
-    @app.query(STAGE["share_keys"].action)
-    def _share_keys(msg: Message, context: Context) -> Message:
-        reply = participant_secure.share_keys(msg, context)
+    @app.query(STAGE[stage].action)
+    def _tampered(msg: Message, context: Context) -> Message:
+        reply = participant_secure.HANDLERS[stage](msg, context)
         if context.node_id == node:
             tamper(reply.content["secagg"])
         return reply
@@ -179,6 +180,11 @@ def _add_stray_receiver(record: ConfigRecord) -> None:
         record[key] = [*record[key], record[key][0]]
 
 
+def _garble_second_b_share(record: ConfigRecord) -> None:
+    """Garbage instead of the self-mask share of the first neighbour (the first is its own)."""
+    record["b_shares"] = [record["b_shares"][0], os.urandom(len(record["b_shares"][1])), *record["b_shares"][2:]]
+
+
 def _garble_first_bundle(record: ConfigRecord) -> None:
     """Random bytes instead of the share bundle for the first neighbour."""
     record["ciphertexts"] = [os.urandom(len(record["ciphertexts"][0])), *record["ciphertexts"][1:]]
@@ -186,7 +192,7 @@ def _garble_first_bundle(record: ConfigRecord) -> None:
 
 def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_summed() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0)
-    grid, members, updates, counts = _federation(5, 300, app=_share_keys_tampered_by(1007, _add_stray_receiver))
+    grid, members, updates, counts = _federation(5, 300, app=_tampered_by(1007, "share_keys", _add_stray_receiver))
     result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-1"]
@@ -197,7 +203,7 @@ def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_
 
 def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messages() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0)
-    grid, members, updates, counts = _federation(6, 300, app=_share_keys_tampered_by(1014, _garble_first_bundle))
+    grid, members, updates, counts = _federation(6, 300, app=_tampered_by(1014, "share_keys", _garble_first_bundle))
     result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-2"]  # node 1014, never its accuser
@@ -207,19 +213,7 @@ def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messa
 
 
 def test_a_participant_blamed_at_unmask_stays_in_the_sum_and_is_booked_a_fault() -> None:
-    app = ClientApp()
-    for stage in ("setup", "share_keys", "mask_input"):
-        app.query(STAGE[stage].action)(participant_secure.HANDLERS[stage])
-
-    @app.query(STAGE["unmask"].action)
-    def _bad_share(msg: Message, context: Context) -> Message:
-        reply = participant_secure.unmask(msg, context)
-        if context.node_id == 1007:  # reveals garbage for its first neighbour's self-mask share
-            record = reply.content["secagg"]
-            record["b_shares"] = [record["b_shares"][0], os.urandom(len(record["b_shares"][1])), *record["b_shares"][2:]]
-        return reply
-
-    grid, members, updates, counts = _federation(6, 200, app=app)
+    grid, members, updates, counts = _federation(6, 200, app=_tampered_by(1007, "unmask", _garble_second_b_share))
     gathered = gather_secure(grid, members, SecaggSection(enabled=True, clip_norm=1.0), seed=0, server_round=3, length=200, run_tag="t")
     assert gathered.blamed == ["participant-1"] and not gathered.skipped
     assert "participant-1" in {m.name for m in gathered.included}  # its masked input is in the sum
