@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fedlora.aggregate.robust import SpecForm, parse_spec
+from fedlora.data import Example
 
 Attack = Callable[[np.ndarray, list[np.ndarray], np.random.Generator], np.ndarray]
 
@@ -101,8 +102,26 @@ class _DefaultArg(SpecForm):
         return f"{self.name}[:<{self.arg}>] ({self.range_text()}, default {self.default:g})"
 
 
+def honest_update(update: np.ndarray, benign: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The update as trained: for data poisoning, where the harm was done in training."""
+    return update
+
+
+def flip_labels(examples: list[Example], label_names: list[str]) -> list[Example]:
+    """Label flipping (data poisoning): every answer becomes the next one in `label_names`.
+
+    The poisoned participant trains normally on wrong answers, so its update has the norm and
+    shape of an honest one and passes every norm check (Tolpegin et al., ESORICS 2020).
+    """
+    shifted = {name: label_names[(k + 1) % len(label_names)] for k, name in enumerate(label_names)}
+    return [replace(example, response=shifted.get(example.response, example.response)) for example in examples]
+
+
+DATA_ATTACKS = ("label-flip",)  # attacks done in local training, not on the update
+
 ATTACK_FORMS: tuple[SpecForm, ...] = (
     SpecForm("sign-flip"),
+    SpecForm("label-flip"),
     SpecForm("scaling", "factor"),
     SpecForm("gaussian", "std", low=0.0),
     _DefaultArg("alie", "z", low=0.0, low_open=True, default=1.0),
@@ -112,6 +131,7 @@ ATTACK_FORMS: tuple[SpecForm, ...] = (
 )
 _BUILDERS: dict[str, Callable[..., Attack]] = {
     "sign-flip": lambda: sign_flip,
+    "label-flip": lambda: honest_update,
     "scaling": scaling,
     "gaussian": gaussian,
     "alie": alie,

@@ -289,7 +289,8 @@ class SimulationSection:
     adversaries: float = _help("Share of simulated participants that are malicious.", 0.0)
     attack: str = _help(
         "'sign-flip', 'scaling:<factor>', 'gaussian:<std>', 'alie[:<z>]' (Baruch et al. 2019), 'ipm:<eps>' "
-        "(Xie et al. 2019) or '<module>:<function>'. alie and ipm read the round's honest updates (plaintext only).",
+        "(Xie et al. 2019), 'label-flip' (trains on shifted answers) or '<module>:<function>'. alie and ipm read the "
+        "round's honest updates (plaintext only).",
         "sign-flip",
     )
     cpus_per_participant: float = _help("CPU cores Ray reserves for each virtual participant.", 1.0)

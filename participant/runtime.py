@@ -18,8 +18,9 @@ import numpy as np
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
 from fedlora.aggregate import make_aggregator
+from fedlora.attacks import DATA_ATTACKS, choose_adversaries, flip_labels
 from fedlora.config import Config
-from fedlora.data import answer_choices, load_examples
+from fedlora.data import Example, answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
 from fedlora.train import train_local
@@ -77,6 +78,17 @@ def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
     return cfg.federation.seed * 100_003 + server_round * 1_009 + partition_id
 
 
+def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]:
+    """The shard's training records, poisoned if this simulated participant attacks its data."""
+    sim = cfg.simulation
+    poisoned = (
+        sim.adversaries > 0
+        and sim.attack in DATA_ATTACKS
+        and runtime.partition_id in choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed)
+    )
+    return flip_labels(runtime.shard.train, runtime.loaded.label_names) if poisoned else runtime.shard.train
+
+
 def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int) -> tuple[np.ndarray, dict[str, float]]:
     """One round on this participant: start from the global adapter, train, return (upload, metrics).
 
@@ -91,7 +103,7 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     result = train_local(
         runtime.loaded.model,
         runtime.loaded.tokenizer,
-        runtime.shard.train,
+        training_examples(cfg, runtime),
         cfg.train,
         cfg.model.task,
         runtime.loaded.label_names,

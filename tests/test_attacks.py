@@ -108,3 +108,24 @@ def test_alie_under_secure_aggregation_is_refused_because_it_would_be_no_attack(
     with pytest.raises(ConfigError, match="simulation.attack: alie needs the round's honest updates"):
         load_config(None, ["simulation.adversaries=0.25", "simulation.attack=alie", "secagg.enabled=true"])
     load_config(None, ["simulation.adversaries=0.25", "simulation.attack=ipm:0.5", "secagg.enabled=true"])
+
+
+def test_label_flip_poisons_the_adversaries_training_records_and_leaves_the_update_alone() -> None:
+    from types import SimpleNamespace
+
+    from fedlora.attacks import choose_adversaries, flip_labels
+    from fedlora.config import load_config
+    from fedlora.data import Example
+    from participant.runtime import training_examples
+
+    records = [Example("p", answer) for answer in ("no", "yes", "maybe", "no")]
+    assert [e.response for e in flip_labels(records, ["maybe", "no", "yes"])] == ["yes", "maybe", "no", "yes"]
+    update = np.arange(3, dtype=np.float32)
+    assert resolve_attack("label-flip")(update, [], np.random.default_rng(0)) is update  # harm done in training
+
+    cfg = load_config(None, ["federation.participants=4", "simulation.adversaries=0.25", "simulation.attack=label-flip"])
+    (bad,) = choose_adversaries(4, 0.25, cfg.federation.seed)
+    for pid in range(4):
+        runtime = SimpleNamespace(partition_id=pid, shard=SimpleNamespace(train=records), loaded=SimpleNamespace(label_names=["maybe", "no", "yes"]))
+        flipped = [e.response for e in training_examples(cfg, runtime)] != [e.response for e in records]
+        assert flipped == (pid == bad)
