@@ -138,6 +138,7 @@ def setup(msg: Message, context: Context) -> Message:
     held = _held(context, server_round, "a setup request")
     state, advert = protocol.setup(request)
     held["weight_ref"] = weight_ref
+    held["instance"] = state.round_id  # the held update is masked in this instance and no other
     _save(context, state)
     return Message(protocol_content(advert), reply_to=msg)
 
@@ -155,6 +156,8 @@ def mask_input(msg: Message, context: Context) -> Message:
     state = _load(context)
     server_round = int(read_meta(msg.content)["server_round"])
     held = _held(context, server_round, "a mask request")
+    if held.get("instance") != state.round_id:
+        raise RuntimeError(f"the held update of round {server_round} was not set up for instance {state.round_id!r}; refusing to mask it")
     clip_norm = state.clip_norm / np.sqrt(2.0)  # the protocol's bound is sqrt(2) C (fedlora.secagg.plan)
     update = array_view(context.state[UPDATE]["update"])
     widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping

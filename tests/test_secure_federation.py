@@ -219,6 +219,27 @@ def test_a_participant_blamed_at_unmask_stays_in_the_sum_and_is_booked_a_fault()
     assert "participant-1" in {m.name for m in gathered.included}  # its masked input is in the sum
 
 
+def test_an_update_replaced_after_setup_is_not_masked_in_that_instance() -> None:
+    # A second train message for the round, arriving between setup and masking, replaces the held
+    # update; the instance was set up for the first one, so the participant refuses to mask.
+    app = ClientApp()
+    for stage in ("share_keys", "mask_input", "unmask"):
+        app.query(STAGE[stage].action)(participant_secure.HANDLERS[stage])
+
+    @app.query(STAGE["setup"].action)
+    def _setup_then_retrain(msg: Message, context: Context) -> Message:
+        reply = participant_secure.setup(msg, context)
+        if context.node_id == 1007:
+            participant_secure.keep_update(context, np.ones(50, np.float32), 10, 3, os.urandom(32))
+        return reply
+
+    grid, members, updates, counts = _federation(5, 50, app=app)
+    result = secure_sum(grid, members, SecaggSection(enabled=True, clip_norm=1.0), seed=0, server_round=3, length=50, run_tag="t")
+    assert [r.participant for r in result.skipped] == ["participant-1"]
+    assert "was not set up for instance" in result.skipped[0].reason
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
+
+
 def test_a_participant_masks_its_update_only_once() -> None:
     sec = SecaggSection(enabled=True, clip_norm=1.0)
     grid, members, _, _ = _federation(3, 50)
