@@ -145,6 +145,11 @@ MUTATIONS = [
           "    if False:"),),
     ),
     Mutation(
+        "instance-unchecked",
+        "a held update replaced after setup is masked in that instance anyway",
+        (("participant/secure.py", "    if held.get(\"instance\") != state.round_id:", "    if False:"),),
+    ),
+    Mutation(
         "secrets-kept",
         "keys and shares kept after unmask",
         (("fedlora/secagg/participant.py",
