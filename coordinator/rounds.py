@@ -91,6 +91,8 @@ class Coordinator:
         # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
         self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.rule = make_rule(cfg.robust.rule)
+        # Length of an update in server coordinates (B·A products in exact mode): fixed by the layout.
+        self.server_length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
         self.reputation = Reputation(cfg.robust.quarantine_after, cfg.robust.quarantine_window)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
 
@@ -185,8 +187,7 @@ class Coordinator:
 
     def screen(self, gathered: Gathered) -> None:
         """Set aside units that cannot be combined; their members are skipped with the reason."""
-        length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
-        gathered.units, rejected = screen_units(gathered.units, length, self.cfg.robust.max_norm_ratio)
+        gathered.units, rejected = screen_units(gathered.units, self.server_length, self.cfg.robust.max_norm_ratio)
         out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
         gathered.included = [m for m in gathered.included if m.name not in out]
         gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]

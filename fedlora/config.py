@@ -368,7 +368,7 @@ class Config:
 
     def _check_secagg(self) -> None:
         """Secure-aggregation settings that depend on the federation: bucket sizes, threshold, overflow."""
-        sec, fed = self.secagg, self.federation
+        sec = self.secagg
         if not sec.enabled:
             return
         from fedlora.secagg.plan import bucket_sizes, check_fixed_point, neighbourhood_degree, resolve_threshold

@@ -50,7 +50,7 @@ def test_revoked_and_quarantined_participants_are_excluded_from_sampling_and_rep
     coordinator = Coordinator(cfg, tmp_path)
     assert coordinator.excluded("participant-1").startswith("revoked")
     assert coordinator.excluded("participant-2") == ""
-    length = coordinator.aggregator.server_point(coordinator.adapter.vector, coordinator.adapter.layout).size
+    length = coordinator.server_length
     members = [Member(i, f"participant-{i}", 10, {"train_loss": 1.0}) for i in (0, 2, 3, 4)]
     rng = np.random.default_rng(0)
     units = [Unit((m.name,), rng.normal(size=length) * 1e-3, 10.0) for m in members[:3]]

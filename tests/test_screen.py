@@ -57,7 +57,7 @@ def test_a_norm_ratio_that_would_reject_typical_updates_is_refused(ratio) -> Non
 
 def test_screened_units_are_listed_in_the_round_row_and_the_round_goes_on(tmp_path: Path) -> None:
     coordinator = Coordinator(load_config(None, SMALL + ["federation.participants=5", "lora.mode=frozen-a"]), tmp_path)
-    length = coordinator.aggregator.server_point(coordinator.adapter.vector, coordinator.adapter.layout).size
+    length = coordinator.server_length
     rng = np.random.default_rng(0)
     members = [Member(i, f"participant-{i}", 10, {"train_loss": 1.0}) for i in range(5)]
     units = [_unit(m.name, rng.normal(size=length) * 1e-3, 10) for m in members[:3]]

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.aggregate.mean import weighted_mean
-from fedlora.aggregate.robust import RobustRule
+from fedlora.aggregate.robust import MeanRule, RobustRule
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,10 @@ def combine_units(units: Sequence[Unit], rule: RobustRule | None = None) -> Comb
     if not units:
         raise ValueError("no units to combine")
     means = [unit.mean for unit in units]
-    metrics: dict[str, Any] = {}
-    if rule is None or rule.name == "mean":
-        delta = weighted_mean(means, [unit.weight for unit in units])
-    else:
-        result = rule.aggregate(means, [unit.weight for unit in units])
-        delta = result.vector
-        metrics["robust"] = {"rule": rule.name, **result.metrics}
+    rule = rule or MeanRule()
+    result = rule.aggregate(means, [unit.weight for unit in units])
+    delta = result.vector
+    metrics: dict[str, Any] = {} if rule.name == "mean" else {"robust": {"rule": rule.name, **result.metrics}}
     diagnostics = update_diagnostics(means, delta)
     if all(len(unit.members) == 1 for unit in units):
         metrics["participant_updates"] = [{"participant": u.members[0], **d} for u, d in zip(units, diagnostics)]
