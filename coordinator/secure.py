@@ -57,8 +57,8 @@ class SecureSum:
 class _Bucket:
     """One bucket's secure sum: a `SecAggServer` driven stage by stage over Flower messages."""
 
-    def __init__(self, index: int, members: list[Member], sec: SecaggSection, server_round: int, length: int, run_tag: str) -> None:
-        self.index, self.members, self.sec = index, members, sec
+    def __init__(self, index: int, members: list[Member], sec: SecaggSection, clip_norm: float, server_round: int, length: int, run_tag: str) -> None:
+        self.index, self.members, self.sec, self.clip_norm = index, members, sec, clip_norm
         self.server_round, self.length = server_round, length
         self.status, self.reason = "running", ""
         self.result: Unit | None = None
@@ -75,7 +75,7 @@ class _Bucket:
                 raise ValueError("a secure sum needs at least 2 participants")
             k = neighbourhood_degree(len(members), sec.degree)
             self.server = SecAggServer(
-                self.round_id, list(self.by_id), length + 1, input_clip_norm(sec.clip_norm),
+                self.round_id, list(self.by_id), length + 1, input_clip_norm(clip_norm),
                 degree=k, threshold=resolve_threshold(sec.threshold, k),
                 context=round_context(server_round, self.weight_ref),
             )
@@ -144,14 +144,14 @@ class _Bucket:
         if self.stage != "unmask":
             self.requests, self.stage = out, NEXT[self.stage]
             return
-        total, weight = split_weighted_sum(decode(out.sum_u32, out.scale, np.float64), self.sec.clip_norm, self.weight_ref)
+        total, weight = split_weighted_sum(decode(out.sum_u32, out.scale, np.float64), self.clip_norm, self.weight_ref)
         if not weight > 0:
             self._fail(f"the secure sum of example weights is {weight}")
             return
         survivors = tuple(self.by_id[i].name for i in out.survivors)
         # The weight is decoded from the weight slot (scale C): its error is the sum's over C.
         bound = out.error_bound * self.weight_ref
-        self.result = Unit(survivors, total, weight, bound, bound / self.sec.clip_norm)
+        self.result = Unit(survivors, total, weight, bound, bound / self.clip_norm)
         self.status = "ok"
 
     def skipped(self) -> list[Rejection]:
@@ -173,7 +173,9 @@ class _Bucket:
         return out
 
 
-def secure_sum(grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str) -> SecureSum:
+def secure_sum(
+    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float
+) -> SecureSum:
     """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep."""
     ordered = sorted(members, key=lambda m: m.name)
     result = SecureSum()
@@ -184,7 +186,7 @@ def secure_sum(grid: Grid, members: list[Member], sec: SecaggSection, seed: int,
         return result
     ids = list(range(len(ordered)))
     groups = [ids] if sec.bucket_size == 0 else assign_buckets(ids, sec.bucket_size, f"{seed}/{server_round}".encode())
-    buckets = [_Bucket(b, [ordered[i] for i in group], sec, server_round, length, run_tag) for b, group in enumerate(groups)]
+    buckets = [_Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag) for b, group in enumerate(groups)]
     while running := [b for b in buckets if b.status == "running"]:
         messages = [msg for bucket in running for msg in bucket.outgoing()]
         replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=sec.timeout_s)}
@@ -220,9 +222,11 @@ def run_tag(grid: Grid) -> str:
         return f"run-{os.urandom(8).hex()}"
 
 
-def gather_secure(grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str) -> Gathered:
+def gather_secure(
+    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float
+) -> Gathered:
     """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
-    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag)
+    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm)
     names = {name for unit in summed.buckets for name in unit.members}
     return Gathered(
         units=summed.buckets,

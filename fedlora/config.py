@@ -190,11 +190,6 @@ class SecaggSection:
         "many (and fewer than twice as many), each summed securely; 0 = one bucket with everyone.",
         0,
     )
-    clip_norm: float = _help(
-        "L2 bound each participant's update is clipped to before masking; also sizes the fixed-point "
-        "encoding. Set it near typical update norms to bound any one participant's influence.",
-        10.0,
-    )
     timeout_s: float = _help("Seconds the coordinator waits for replies in each secure-aggregation stage.", 300.0)
     degree: int = _help(
         "Neighbours per participant in the SecAgg+ communication graph (even); 0 = about 3*log2(bucket size), "
@@ -217,7 +212,6 @@ class SecaggSection:
             "1 would sum each participant's update alone, i.e. send it in the clear; use >= 2 "
             "(or secagg.enabled=false for plaintext aggregation)",
         )
-        _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "secagg.clip_norm", f"must be a positive number, got {self.clip_norm}")
         _require(self.timeout_s > 0, "secagg.timeout_s", "must be > 0")
         _require(
             self.degree == 0 or (self.degree >= 2 and self.degree % 2 == 0),
@@ -234,7 +228,13 @@ class RobustSection:
         "'geomedian' or 'centered-clip:<tau>' (fedlora/aggregate/robust.py says what each tolerates).",
         "mean",
     )
-
+    clip_norm: float = _help(
+        "L2 bound every participant clips its update to before sending (plaintext) or masking (secure "
+        "aggregation). Applied whenever secure aggregation, a rule other than 'mean' or DP is on; it also sizes "
+        "the secure encoding and is DP's sensitivity. Set it near typical honest update norms: it caps what "
+        "one participant (or one attacker) can add.",
+        10.0,
+    )
     max_norm_ratio: float = _help(
         "Screening before the rule: a unit whose update norm exceeds this many times the round's median "
         "unit norm is set aside (with 3 or more units); 0 = off.",
@@ -258,6 +258,7 @@ class RobustSection:
             "robust.quarantine_after",
             f"need 0 <= quarantine_after <= quarantine_window (>= 1), got {self.quarantine_after} and {self.quarantine_window}",
         )
+        _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "robust.clip_norm", f"must be a positive number, got {self.clip_norm}")
         _require(
             self.max_norm_ratio == 0 or self.max_norm_ratio > 1,
             "robust.max_norm_ratio",
@@ -272,14 +273,12 @@ class RobustSection:
 
 @dataclass
 class PrivacySection:
-    noise_multiplier: float = _help("Gaussian noise std as a multiple of privacy.clip_norm (0 = no DP).", 0.0)
-    clip_norm: float = _help("L2 bound on each participant's update (0 = no clipping).", 0.0)
+    noise_multiplier: float = _help("Gaussian noise std as a multiple of robust.clip_norm (0 = no DP).", 0.0)
     delta: float = _help("Target delta of the (epsilon, delta) guarantee.", 1e-5)
     epsilon_budget: float = _help("Stop when epsilon would exceed this (0 = no budget).", 0.0)
 
     def __post_init__(self) -> None:
         _require(self.noise_multiplier == 0.0, "privacy.noise_multiplier", "differential privacy is not available yet; leave it at 0")
-        _require(self.clip_norm >= 0.0, "privacy.clip_norm", "must be >= 0")
         _require(0.0 < self.delta < 1.0, "privacy.delta", "must be in (0, 1)")
         _require(self.epsilon_budget >= 0.0, "privacy.epsilon_budget", "must be >= 0")
 
@@ -392,9 +391,14 @@ class Config:
             except ValueError as err:
                 raise ConfigError(f"secagg.threshold: in a bucket of {members}, {err}") from None
         try:
-            check_fixed_point(sec.clip_norm, sizes[-1])
+            check_fixed_point(self.robust.clip_norm, sizes[-1])
         except ValueError as err:
-            raise ConfigError(f"secagg.clip_norm: {err}") from None
+            raise ConfigError(f"robust.clip_norm: {err}") from None
+
+    @property
+    def clips_updates(self) -> bool:
+        """Participants clip to robust.clip_norm when anything relies on a bounded update."""
+        return self.secagg.enabled or self.robust.rule != "mean" or self.privacy.noise_multiplier > 0
 
     def _sampled_per_round(self) -> int:
         fed = self.federation
@@ -462,6 +466,9 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
+MOVED = {"secagg.clip_norm": "robust.clip_norm", "privacy.clip_norm": "robust.clip_norm"}
+
+
 def build_config(raw: dict[str, dict[str, Any]]) -> Config:
     """Validate a nested mapping (as read from TOML) into a Config; unknown keys are errors."""
     sections: dict[str, Any] = {}
@@ -473,6 +480,8 @@ def build_config(raw: dict[str, dict[str, Any]]) -> Config:
         section_type = SECTIONS[section_name]
         hints = typing.get_type_hints(section_type)
         for key in values:
+            if f"{section_name}.{key}" in MOVED:
+                raise ConfigError(f"{section_name}.{key} is now {MOVED[f'{section_name}.{key}']} (one bound for every use)")
             if key not in hints:
                 raise ConfigError(
                     f"unknown key {section_name}.{key}; keys in [{section_name}] are {', '.join(hints)}"

@@ -23,6 +23,7 @@ from fedlora.config import Config
 from fedlora.data import Example, answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
+from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
 
 
@@ -93,7 +94,8 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     """One round on this participant: start from the global adapter, train, return (upload, metrics).
 
     The start is the global adapter as the aggregation mode defines it at this participant's
-    rank; the upload is the delta of what the mode sends (in frozen-a: lora_B and heads only).
+    rank; the upload is the delta of what the mode sends (in frozen-a: lora_B and heads only),
+    clipped to robust.clip_norm when the configuration relies on bounded updates.
     """
     aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
@@ -112,6 +114,8 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     )
     trained, _ = adapter_vector(runtime.loaded.model)
     upload = runtime.layout.take(trained - start, aggregator.upload_layout(global_layout, runtime.rank))
+    if cfg.clips_updates:  # bounded before it leaves: the rule, the secure encoding and DP rely on it
+        upload = clip(upload, cfg.robust.clip_norm).astype(np.float32)
     metrics = {
         "num-examples": len(runtime.shard.train),
         "train_loss": result.mean_loss,

@@ -279,3 +279,19 @@ def _unit(*values: float) -> np.ndarray:
 def test_every_rule_rejects_invalid_units(spec: str, means: list, weights: list, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         make_rule(spec).aggregate(means, weights)
+
+
+@pytest.mark.parametrize(("overrides", "clipped"), [([], False), (["robust.rule=median"], True), (["secagg.enabled=true"], True)])
+def test_a_participant_clips_its_upload_to_robust_clip_norm_whenever_a_bound_is_relied_on(overrides: list, clipped: bool) -> None:
+    from fedlora.adapter import adapter_vector
+    from fedlora.config import load_config
+    from participant.runtime import get_runtime, train_round
+    from tests.conftest import SMALL
+
+    cfg = load_config(None, [*SMALL, "federation.participants=4", "train.lr=0.05", "robust.clip_norm=0.01", *overrides])
+    runtime = get_runtime(cfg, {"partition-id": 0, "num-partitions": 4}, own_rank=True)
+    start, _ = adapter_vector(runtime.loaded.model)
+    upload, _ = train_round(runtime, cfg, start.copy(), server_round=1)
+    norm = float(np.linalg.norm(upload))
+    assert upload.dtype == np.float32
+    assert (norm <= 0.01 * (1 + 1e-6)) if clipped else (norm > 0.01)

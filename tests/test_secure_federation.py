@@ -72,9 +72,9 @@ def _check_sum(result, members, updates, counts, clip_norm, names):
 
 
 def test_bucket_sums_equal_the_weighted_plaintext_sum() -> None:
-    sec = SecaggSection(enabled=True, bucket_size=3, clip_norm=1.0)
+    sec = SecaggSection(enabled=True, bucket_size=3)
     grid, members, updates, counts = _federation(7, 3000, big=(1, 4))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=3000, run_tag="t")
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=3000, run_tag="t", clip_norm=1.0)
     assert not result.aborted and not result.skipped
     assert sorted(len(b.members) for b in result.buckets) == [3, 4]
     assert sorted(n for b in result.buckets for n in b.members) == sorted(m.name for m in members)
@@ -102,8 +102,8 @@ def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> 
         update = -10 * honest if i == 0 else honest + rng.normal(size=400) * 0.005
         participant_secure.keep_update(grid.contexts[node], update.astype(np.float32), 50, 3, os.urandom(32))
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
-    sec = SecaggSection(enabled=True, bucket_size=2, clip_norm=1.0)
-    gathered = gather_secure(grid, members, sec, seed=0, server_round=3, length=400, run_tag="t")
+    sec = SecaggSection(enabled=True, bucket_size=2)
+    gathered = gather_secure(grid, members, sec, seed=0, server_round=3, length=400, run_tag="t", clip_norm=1.0)
     assert [len(u.members) for u in gathered.units] == [2] * 5  # sums of two, never one update
     attacked = next(k for k, u in enumerate(gathered.units) if "participant-0" in u.members)
     robust = combine_units(gathered.units, make_rule("multi-krum:1"))
@@ -118,7 +118,7 @@ def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> 
 def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encoding() -> None:
     # Honest members are clipped to C = 1; the attacker (node 0) masks its update unclipped, up
     # to the whole 32-bit range the bucket's scale leaves one member: here about n * sqrt(2) C.
-    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    sec = SecaggSection(enabled=True)
     app = ClientApp()
     participant_secure.register(app)
     nodes = [3000 + i for i in range(4)]
@@ -128,17 +128,17 @@ def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encodi
         update = huge if i == 0 else np.zeros(300, np.float32)
         participant_secure.keep_update(grid.contexts[node], update, 50, 3, os.urandom(32), adversary=i == 0)
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
-    (unit,) = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t").buckets
+    (unit,) = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0).buckets
     sent = np.linalg.norm(unit.total) / 50  # the attacker's update as it reached the sum
     assert 4.0 < sent < 4 * np.sqrt(2)  # far above C = 1, within the encoding's range
 
 
 def test_dropouts_before_and_after_masking() -> None:
-    sec = SecaggSection(enabled=True, clip_norm=1.0, timeout_s=1.0)
+    sec = SecaggSection(enabled=True, timeout_s=1.0)
     grid, members, updates, counts = _federation(5, 500)
     before, after = members[1], members[3]
     grid.silent |= {(before.node, STAGE["mask_input"].message_type), (after.node, STAGE["unmask"].message_type)}
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=500, run_tag="t")
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=500, run_tag="t", clip_norm=1.0)
     # `after` sent its masked input, then vanished: recovered from its neighbours' shares.
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {before.name})
     assert [r["participant"] for r in result.recovered] == [after.name]
@@ -146,11 +146,11 @@ def test_dropouts_before_and_after_masking() -> None:
 
 
 def test_below_threshold_the_bucket_aborts_with_a_reason() -> None:
-    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    sec = SecaggSection(enabled=True)
     grid, members, updates, counts = _federation(4, 200)  # complete graph, threshold 3
     for member in members[:2]:
         grid.silent.add((member.node, STAGE["unmask"].message_type))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=200, run_tag="t")
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=200, run_tag="t", clip_norm=1.0)
     assert not result.buckets and result.layout[0]["status"] == "aborted"
     assert "threshold" in result.aborted[0]
     assert {r.participant for r in result.skipped} == {m.name for m in members}
@@ -191,9 +191,9 @@ def _garble_first_bundle(record: ConfigRecord) -> None:
 
 
 def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_summed() -> None:
-    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    sec = SecaggSection(enabled=True)
     grid, members, updates, counts = _federation(5, 300, app=_tampered_by(1007, "share_keys", _add_stray_receiver))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0)
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-1"]
     assert [r.participant for r in result.skipped] == ["participant-1"]
@@ -202,9 +202,9 @@ def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_
 
 
 def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messages() -> None:
-    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    sec = SecaggSection(enabled=True)
     grid, members, updates, counts = _federation(6, 300, app=_tampered_by(1014, "share_keys", _garble_first_bundle))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t")
+    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0)
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-2"]  # node 1014, never its accuser
     assert "bad share bundle" in result.layout[0]["blamed"]["participant-2"]
@@ -214,7 +214,7 @@ def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messa
 
 def test_a_participant_blamed_at_unmask_stays_in_the_sum_and_is_booked_a_fault() -> None:
     grid, members, updates, counts = _federation(6, 200, app=_tampered_by(1007, "unmask", _garble_second_b_share))
-    gathered = gather_secure(grid, members, SecaggSection(enabled=True, clip_norm=1.0), seed=0, server_round=3, length=200, run_tag="t")
+    gathered = gather_secure(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=200, run_tag="t", clip_norm=1.0)
     assert gathered.blamed == ["participant-1"] and not gathered.skipped
     assert "participant-1" in {m.name for m in gathered.included}  # its masked input is in the sum
 
@@ -234,26 +234,26 @@ def test_an_update_replaced_after_setup_is_not_masked_in_that_instance() -> None
         return reply
 
     grid, members, updates, counts = _federation(5, 50, app=app)
-    result = secure_sum(grid, members, SecaggSection(enabled=True, clip_norm=1.0), seed=0, server_round=3, length=50, run_tag="t")
+    result = secure_sum(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
     assert [r.participant for r in result.skipped] == ["participant-1"]
     assert "was not set up for instance" in result.skipped[0].reason
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
 
 
 def test_a_participant_masks_its_update_only_once() -> None:
-    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    sec = SecaggSection(enabled=True)
     grid, members, _, _ = _federation(3, 50)
-    first = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t")
+    first = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
     assert len(first.buckets) == 1
-    again = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t2")
+    again = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t2", clip_norm=1.0)
     assert not again.buckets
     assert all("already masked an input for it (replay)" in r.reason for r in again.skipped)
 
 
 def test_a_replayed_train_message_for_a_masked_round_is_refused_before_training() -> None:
-    sec = SecaggSection(enabled=True, clip_norm=1.0)
+    sec = SecaggSection(enabled=True)
     grid, members, _, _ = _federation(3, 50, app=participant_app.app)
-    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t")
+    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
     config = load_config(None, SMALL + ["secagg.enabled=true"])
     node = members[0].node
     content = instruction_content(np.zeros(4, np.float32), 3, config.to_toml())
@@ -292,7 +292,8 @@ def test_attacks_apply_before_masking() -> None:
         (["secagg.threshold=2", "federation.participants=8"], "secagg.threshold", "must be in [5, 8]"),
         (["secagg.bucket_size=4"], "secagg.bucket_size", "exceeds the 3 participants"),
         (["secagg.degree=3"], "secagg.degree", "even"),
-        (["secagg.clip_norm=0"], "secagg.clip_norm", "positive"),
+        (["robust.clip_norm=0"], "robust.clip_norm", "positive"),
+        (["secagg.clip_norm=5"], "secagg.clip_norm", "is now robust.clip_norm"),  # the old name points to the new one
         (["lora.mode=exact"], "lora.mode", "secure aggregation"),
     ],
 )

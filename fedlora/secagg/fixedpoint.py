@@ -14,6 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from fedlora.privacy.clipping import clip
+
 from .prg import expand_mask
 
 WIRE_BITS = 32
@@ -25,24 +27,6 @@ def _max_abs(bits: int) -> int:
     if not 2 <= bits <= WIRE_BITS:
         raise ValueError(f"bits must be in [2, {WIRE_BITS}], got {bits}")
     return (1 << (bits - 1)) - 1
-
-
-def clip(vec: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Return `vec` as float64 scaled down to L2 norm <= clip_norm; reject NaN/inf."""
-    if not clip_norm > 0 or not np.isfinite(clip_norm):
-        raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
-    v = np.array(vec, dtype=np.float64).ravel()  # a copy: callers' arrays stay untouched
-    if not np.all(np.isfinite(v)):
-        bad = np.flatnonzero(~np.isfinite(v))
-        kind = "NaN" if np.isnan(v[bad[0]]) else "inf"
-        raise ValueError(
-            f"update contains {bad.size} non-finite value(s) ({kind} at index {bad[0]}); "
-            "fix the local training step (e.g. lower the learning rate) before masking"
-        )
-    norm = float(np.linalg.norm(v))
-    if norm > clip_norm:
-        v *= clip_norm / norm
-    return v
 
 
 def encode(vec: np.ndarray, clip_norm: float, scale: float, rounding_key: bytes) -> np.ndarray:

@@ -22,7 +22,9 @@ import math
 
 import numpy as np
 
-from .fixedpoint import check_no_overflow, choose_scale, clip
+from fedlora.privacy.clipping import clip
+
+from .fixedpoint import check_no_overflow, choose_scale
 from .graph import default_degree
 
 

@@ -1,0 +1,1 @@
+"""What bounds one participant's contribution: update clipping (and, with DP, noise and accounting)."""
