@@ -273,14 +273,49 @@ class RobustSection:
 
 @dataclass
 class PrivacySection:
-    noise_multiplier: float = _help("Gaussian noise std as a multiple of robust.clip_norm (0 = no DP).", 0.0)
-    delta: float = _help("Target delta of the (epsilon, delta) guarantee.", 1e-5)
-    epsilon_budget: float = _help("Stop when epsilon would exceed this (0 = no budget).", 0.0)
+    noise_multiplier: float = _help(
+        "User-level DP (DP-FedAvg, McMahan et al. 2018): Gaussian noise of std noise_multiplier * robust.clip_norm "
+        "on each round's sum of clipped updates; added by the coordinator (central DP), or in shares by the "
+        "participants before masking when secure aggregation is on (distributed DP). 0 = no DP.",
+        0.0,
+    )
+    delta: float = _help("Target delta of the user-level (epsilon, delta) guarantee; below 1 / participants.", 1e-5)
+    epsilon_budget: float = _help(
+        "User-level epsilon the run may spend: the coordinator stops before a round that would exceed it "
+        "(0 = no budget; epsilon is still reported).",
+        0.0,
+    )
+    dropout_margin: float = _help(
+        "Distributed DP: each participant adds enough noise that its bucket's sum keeps the full noise even when "
+        "this share of the bucket drops out after masking (0 = the full noise only without dropouts).",
+        0.0,
+    )
+    local_noise_multiplier: float = _help(
+        "Sample-level DP-SGD on each participant (Opacus): per-example gradient noise as a multiple of "
+        "privacy.local_max_grad_norm (0 = off).",
+        0.0,
+    )
+    local_max_grad_norm: float = _help("DP-SGD per-example gradient clip.", 1.0)
+    local_delta: float = _help("Target delta of each participant's sample-level guarantee; below 1 / its records.", 1e-5)
+    local_epsilon_budget: float = _help(
+        "Sample-level epsilon each participant may spend on its records: it refuses to train a round that would "
+        "exceed it (0 = no budget; epsilon is still reported).",
+        0.0,
+    )
 
     def __post_init__(self) -> None:
         _require(self.noise_multiplier == 0.0, "privacy.noise_multiplier", "differential privacy is not available yet; leave it at 0")
+        _require(self.local_noise_multiplier == 0.0, "privacy.local_noise_multiplier", "local DP-SGD is not available yet; leave it at 0")
         _require(0.0 < self.delta < 1.0, "privacy.delta", "must be in (0, 1)")
+        _require(0.0 < self.local_delta < 1.0, "privacy.local_delta", "must be in (0, 1)")
         _require(self.epsilon_budget >= 0.0, "privacy.epsilon_budget", "must be >= 0")
+        _require(self.local_epsilon_budget >= 0.0, "privacy.local_epsilon_budget", "must be >= 0")
+        _require(0.0 <= self.dropout_margin < 1.0, "privacy.dropout_margin", f"must be in [0, 1), got {self.dropout_margin}")
+        _require(
+            math.isfinite(self.local_max_grad_norm) and self.local_max_grad_norm > 0,
+            "privacy.local_max_grad_norm",
+            f"must be a positive number, got {self.local_max_grad_norm}",
+        )
 
 
 @dataclass
