@@ -30,6 +30,7 @@ from fedlora.aggregate.screen import screen_units
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.model import load_model
+from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.wire import instruction_content, read_reply
 from participant.runtime import label_names_for
@@ -94,6 +95,9 @@ class Coordinator:
         # Length of an update in server coordinates (B·A products in exact mode): fixed by the layout.
         self.server_length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
         self.reputation = Reputation(cfg.robust.quarantine_after, cfg.robust.quarantine_window)
+        self.dp = UserLevelDP(cfg) if cfg.privacy.noise_multiplier > 0 else None
+        if self.dp and self.dp.planned < fed.rounds:
+            log.warning("privacy.epsilon_budget=%g allows %d of the %d planned rounds", cfg.privacy.epsilon_budget, self.dp.planned, fed.rounds)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
 
     def name(self, node: int, metrics: dict[str, float] | None = None) -> str:
@@ -154,7 +158,8 @@ class Coordinator:
         fed, sec = self.cfg.federation, self.cfg.secagg
         nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
-        sampled = sample_nodes(self.eligible(nodes), self.cfg, server_round)
+        sampled = self.dp.sample(self.eligible(nodes)) if self.dp else sample_nodes(self.eligible(nodes), self.cfg, server_round)
+        spent = self.dp.spend() if self.dp else {}  # accounted once drawn, applied or not
         replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
         members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
         rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
@@ -165,7 +170,7 @@ class Coordinator:
         else:
             gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
         gathered.skipped = rejected + gathered.skipped
-        row = self.apply(server_round, len(sampled), gathered)
+        row = self.apply(server_round, len(sampled), gathered) | spent
         faulty = {r.participant for r in gathered.skipped if r.fault} | set(gathered.blamed)
         quarantined = self.reputation.record(server_round, [self.name(n) for n in sampled], faulty)
         if quarantined:
@@ -187,7 +192,9 @@ class Coordinator:
 
     def screen(self, gathered: Gathered) -> None:
         """Set aside units that cannot be combined; their members are skipped with the reason."""
-        gathered.units, rejected = screen_units(gathered.units, self.server_length, self.cfg.robust.max_norm_ratio)
+        # Under DP no norm screening: whether one unit is set aside would depend on the others' norms.
+        ratio = 0.0 if self.dp else self.cfg.robust.max_norm_ratio
+        gathered.units, rejected = screen_units(gathered.units, self.server_length, ratio)
         out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
         gathered.included = [m for m in gathered.included if m.name not in out]
         gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]
@@ -218,7 +225,7 @@ class Coordinator:
                 server_round, len(gathered.included), fed.min_participants, f" ({row['aborted']})" if gathered.aborted else "",
             )
             return row
-        combined = combine_units(gathered.units, self.rule)
+        combined = combine_units(gathered.units, self.rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
         step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector
@@ -240,6 +247,11 @@ class Coordinator:
         log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
         latest = self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config)
         for server_round in range(1, fed.rounds + 1):
+            stop = self.dp.stop_reason() if self.dp else ""
+            if stop:
+                log.warning("stopping before round %d: %s", server_round, stop)
+                self.out.append_metrics({"round": server_round, "stopped": stop})
+                break
             row = self.run_round(server_round)
             self.out.append_metrics(row)
             latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config)

@@ -304,7 +304,7 @@ class PrivacySection:
     )
 
     def __post_init__(self) -> None:
-        _require(self.noise_multiplier == 0.0, "privacy.noise_multiplier", "differential privacy is not available yet; leave it at 0")
+        _require(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
         _require(self.local_noise_multiplier == 0.0, "privacy.local_noise_multiplier", "local DP-SGD is not available yet; leave it at 0")
         _require(0.0 < self.delta < 1.0, "privacy.delta", "must be in (0, 1)")
         _require(0.0 < self.local_delta < 1.0, "privacy.local_delta", "must be in (0, 1)")
@@ -362,6 +362,7 @@ class Config:
         self._resolve_lora_mode()
         self._check_secagg()
         self._check_robust()
+        self._check_privacy()
         # Validate the attack spec now rather than in the first round.
         if self.simulation.adversaries > 0:
             from fedlora.attacks import resolve_attack
@@ -450,6 +451,48 @@ class Config:
             check_rule_fits(make_rule(self.robust.rule), units)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _check_privacy(self) -> None:
+        """User-level DP needs a bounded-sensitivity rule, a linear mode, a sane delta and a feasible budget."""
+        p, fed = self.privacy, self.federation
+        if p.noise_multiplier == 0:
+            return
+        _require(
+            not self.secagg.enabled,
+            "privacy.noise_multiplier",
+            "distributed DP under secure aggregation is not available yet; set secagg.enabled=false for central DP "
+            "(the coordinator adds the noise) or privacy.noise_multiplier=0",
+        )
+        _require(
+            self.robust.rule == "mean",
+            "robust.rule",
+            f"{self.robust.rule!r} with DP: only the mean of clipped updates has a sensitivity bounded by robust.clip_norm "
+            "(one participant moves a median, trimmed mean or Krum selection by an amount that depends on the others); "
+            "use robust.rule='mean' with DP",
+        )
+        _require(
+            self.lora.mode != "exact",
+            "lora.mode",
+            "'exact' with DP would multiply the noise through B·A; use lora.mode='frozen-a' (noise on B only, linear)",
+        )
+        _require(
+            p.delta < 1.0 / fed.participants,
+            "privacy.delta",
+            f"{p.delta:g} is not below 1 / federation.participants = {1 / fed.participants:.3g}: a mechanism could then "
+            "publish one participant's update and still meet it",
+        )
+        if p.epsilon_budget > 0:
+            from fedlora.privacy.accountant import RoundAccountant, noise_for_budget
+
+            accountant = RoundAccountant(p.delta)
+            first = accountant.epsilon_after(fed.fraction, p.noise_multiplier)
+            if first > p.epsilon_budget:
+                needed = noise_for_budget(fed.fraction, 1, p.delta, p.epsilon_budget)
+                raise ConfigError(
+                    f"privacy.epsilon_budget: one round already spends epsilon={first:.3f} > {p.epsilon_budget:g} "
+                    f"(q={fed.fraction:g}, z={p.noise_multiplier:g}, delta={p.delta:g}); raise privacy.noise_multiplier "
+                    f"to at least {needed:.3g}, sample fewer (federation.fraction) or raise the budget"
+                )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.aggregate.robust import MeanRule, RobustRule
+from fedlora.privacy.noise import NoisySum
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,14 @@ class Combined:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def combine_units(units: Sequence[Unit], rule: RobustRule | None = None) -> Combined:
-    """Units -> the round's update: `rule` over the unit means (default: the weighted mean).
+def combine_units(
+    units: Sequence[Unit], rule: RobustRule | None = None, noisy: NoisySum | None = None, rng: np.random.Generator | None = None
+) -> Combined:
+    """Units -> the round's update: `rule` over the unit means (default: the weighted mean), or
+    under DP (`noisy`) DP-FedAvg's noisy estimate, each participant counted once.
 
+    Under DP a single participant's unit is its update (clipped again here), a secure bucket's
+    is its sum, which the secure path makes unweighted when DP is on; `rng` draws the noise.
     Reports each unit's norm and cosine to the result (`participant_updates` when every unit
     is one participant, `bucket_updates` otherwise; a robust rule's unit indices refer to this
     order, under `robust`) and, when the sums carry fixed-point error, the per-coordinate error
@@ -62,9 +68,20 @@ def combine_units(units: Sequence[Unit], rule: RobustRule | None = None) -> Comb
         raise ValueError("no units to combine")
     means = [unit.mean for unit in units]
     rule = rule or MeanRule()
-    result = rule.aggregate(means, [unit.weight for unit in units])
-    delta = result.vector
-    metrics: dict[str, Any] = {} if rule.name == "mean" else {"robust": {"rule": rule.name, **result.metrics}}
+    metrics: dict[str, Any] = {}
+    if noisy is not None:
+        if rule.name != "mean" or rng is None:
+            raise ValueError(f"DP needs the mean rule and a noise generator, got rule {rule.name!r}")
+        contributions = [noisy.clip_one(unit.mean) if len(unit.members) == 1 else unit.total for unit in units]
+        delta = noisy.estimate(contributions, rng).astype(np.float32)
+        metrics["dp"] = {"noise_std": noisy.noise_std, "expected_count": noisy.expected_count, "clip_norm": noisy.clip_norm}
+    else:
+        result = rule.aggregate(means, [unit.weight for unit in units])
+        delta = result.vector
+        if rule.name != "mean":
+            metrics["robust"] = {"rule": rule.name, **result.metrics}
+    if noisy is not None:  # per-unit norms would be released without noise
+        return Combined(delta, metrics)
     diagnostics = update_diagnostics(means, delta)
     if all(len(unit.members) == 1 for unit in units):
         metrics["participant_updates"] = [{"participant": u.members[0], **d} for u, d in zip(units, diagnostics)]
