@@ -305,8 +305,12 @@ class PrivacySection:
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
-        _require(self.local_noise_multiplier == 0.0, "privacy.local_noise_multiplier", "local DP-SGD is not available yet; leave it at 0")
         _require(0.0 < self.delta < 1.0, "privacy.delta", "must be in (0, 1)")
+        _require(
+            math.isfinite(self.local_noise_multiplier) and self.local_noise_multiplier >= 0,
+            "privacy.local_noise_multiplier",
+            f"must be >= 0, got {self.local_noise_multiplier}",
+        )
         _require(0.0 < self.local_delta < 1.0, "privacy.local_delta", "must be in (0, 1)")
         _require(self.epsilon_budget >= 0.0, "privacy.epsilon_budget", "must be >= 0")
         _require(self.local_epsilon_budget >= 0.0, "privacy.local_epsilon_budget", "must be >= 0")
@@ -455,6 +459,12 @@ class Config:
     def _check_privacy(self) -> None:
         """User-level DP needs a bounded-sensitivity rule, a linear mode, a sane delta and a feasible budget."""
         p, fed = self.privacy, self.federation
+        _require(
+            not (p.local_noise_multiplier > 0 and self.train.fedprox_mu > 0),
+            "train.fedprox_mu",
+            "FedProx's proximal term is not part of DP-SGD's per-example gradients; set train.fedprox_mu=0 "
+            "or privacy.local_noise_multiplier=0",
+        )
         if p.noise_multiplier == 0:
             return
         _require(

@@ -3,18 +3,23 @@
 Only adapter parameters train (the base is frozen, NF4 or not; in frozen-a mode lora_A too).
 The loss is the model's own: for a causal LM the prompt tokens carry label -100, so only the
 answer is learned. With train.fedprox_mu > 0 the objective adds FedProx's proximal term.
+With privacy.local_noise_multiplier > 0 the step is DP-SGD (fedlora/privacy/local_dp.py):
+Poisson batches, one loss per record, and Opacus's per-example clip-and-noise optimizer step.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opacus.accountants import RDPAccountant
 from peft import PeftModel
 
-from fedlora.config import TrainSection
+from fedlora.config import PrivacySection, TrainSection
 from fedlora.data import Example, make_batch
+from fedlora.privacy import local_dp
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class TrainResult:
     mean_loss: float
     steps: int
     examples_seen: int
+    local_epsilon: float | None = None  # sample-level epsilon spent so far (DP-SGD only)
 
 
 def batches(examples: list[Example], batch_size: int, rng: np.random.Generator):
@@ -41,29 +47,53 @@ def train_local(
     label_names: list[str],
     max_length: int,
     seed: int,
+    privacy: PrivacySection | None = None,
+    accountant: RDPAccountant | None = None,
 ) -> TrainResult:
+    """Train the adapter in place; with local DP, `accountant` is stepped once per step."""
     if not examples:
         raise ValueError("this participant has no training examples")
+    dp = privacy is not None and privacy.local_noise_multiplier > 0  # the config refuses DP-SGD with FedProx
     torch.manual_seed(seed)
     device = next(loaded_model.parameters()).device
     trainable = [p for p in loaded_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # FedProx (Li et al. 2020): the round's starting point, which the proximal term pulls towards.
     anchor = [p.detach().clone() for p in trainable] if cfg.fedprox_mu > 0 else []
+    if dp:  # the noise and the draws come from os.urandom, never from `seed`
+        rate = local_dp.sample_rate(cfg.batch_size, len(examples))
+        optimizer = local_dp.private_optimizer(optimizer, privacy, min(cfg.batch_size, len(examples)), device)
+        stream = local_dp.poisson_batches(examples, rate, cfg.local_steps, local_dp.unseeded_generator())
+        accountant = accountant if accountant is not None else RDPAccountant()
+    else:
+        stream = batches(examples, cfg.batch_size, np.random.default_rng(seed))
     loaded_model.train()
-    losses = []
-    stream = batches(examples, cfg.batch_size, np.random.default_rng(seed))
-    for _ in range(cfg.local_steps):
-        batch = {k: v.to(device) for k, v in make_batch(next(stream), tokenizer, task, label_names, max_length).items()}
-        loss = loaded_model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"local training loss became {loss.item()}; lower train.lr")
-        objective = loss
-        if cfg.fedprox_mu > 0:
-            objective = loss + cfg.fedprox_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
-        losses.append(loss.item())  # the task loss, comparable with and without the proximal term
+    losses, seen = [], 0
+    with local_dp.per_example_gradients(loaded_model) if dp else nullcontext():
+        for _ in range(cfg.local_steps):
+            picked = next(stream)
+            if picked:
+                batch = {k: v.to(device) for k, v in make_batch(picked, tokenizer, task, label_names, max_length).items()}
+                if dp:  # each record's own loss: the model's token mean would mix records
+                    labels = batch.pop("labels")
+                    loss = local_dp.example_losses(loaded_model(**batch).logits, labels, task).mean()
+                else:
+                    loss = loaded_model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"local training loss became {loss.item()}; lower train.lr")
+                objective = loss
+                if cfg.fedprox_mu > 0:
+                    objective = loss + cfg.fedprox_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                losses.append(loss.item())  # the task loss, comparable with and without the proximal term
+                seen += len(picked)
+            else:  # an empty Poisson draw (DP only) is still a step: noise alone
+                optimizer.zero_grad(set_to_none=True)
+                local_dp.mark_empty_batch(optimizer)
+            optimizer.step()
+            if dp:
+                accountant.step(noise_multiplier=privacy.local_noise_multiplier, sample_rate=rate)
     loaded_model.eval()
-    return TrainResult(float(np.mean(losses)), cfg.local_steps, cfg.local_steps * cfg.batch_size)
+    epsilon = accountant.get_epsilon(delta=privacy.local_delta) if dp else None
+    return TrainResult(float(np.mean(losses)) if losses else float("nan"), cfg.local_steps, seen, epsilon)

@@ -6,6 +6,11 @@ and reused (simulation users report memory growth when actors reload models each
 only the adapter weights are overwritten for each call. With lora.participant_ranks a process
 may hold one model per LoRA rank it serves (its own rank for training, lora.r for evaluating
 the global adapter).
+
+With local DP-SGD a participant also keeps its privacy accountant: the sample-level epsilon it
+has spent on its records across rounds. In simulation that state lives in this process
+(`_ACCOUNTANTS`); a deployed participant must persist it in its own directory so a restart
+does not forget what it spent (a later issue).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from opacus.accountants import RDPAccountant
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
 from fedlora.aggregate import make_aggregator
@@ -23,6 +29,7 @@ from fedlora.config import Config
 from fedlora.data import Example, answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
+from fedlora.privacy import local_dp
 from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
 
@@ -38,6 +45,8 @@ class ParticipantRuntime:
 
 _MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout]] = {}
 _SHARDS: dict[tuple, tuple[Shard, int]] = {}
+# Opacus RDPAccountant state_dicts (plain data: a list of (z, q, steps)), one per participant's records.
+_ACCOUNTANTS: dict[tuple, dict] = {}
 
 
 def label_names_for(cfg: Config) -> list[str]:
@@ -79,6 +88,11 @@ def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
     return cfg.federation.seed * 100_003 + server_round * 1_009 + partition_id
 
 
+def accountant_key(cfg: Config, runtime: ParticipantRuntime) -> tuple:
+    """Which records a privacy accountant covers: one participant's partition of one dataset."""
+    return (repr(cfg.data), cfg.federation.seed, cfg.federation.participants, runtime.partition_id)
+
+
 def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]:
     """The shard's training records, poisoned if this simulated participant attacks its data."""
     sim = cfg.simulation
@@ -88,6 +102,20 @@ def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]
         and runtime.partition_id in choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed)
     )
     return flip_labels(runtime.shard.train, runtime.loaded.label_names) if poisoned else runtime.shard.train
+
+
+def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, partition_id: int, server_round: int) -> None:
+    """Raise before training when this round's DP-SGD steps would take epsilon past the local budget."""
+    budget = cfg.privacy.local_epsilon_budget
+    rate = local_dp.sample_rate(cfg.train.batch_size, records)
+    planned = local_dp.epsilon_after(accountant, cfg.privacy, rate, cfg.train.local_steps)
+    if budget > 0 and planned > budget:
+        spent = accountant.get_epsilon(delta=cfg.privacy.local_delta)
+        raise RuntimeError(
+            f"participant {partition_id} refuses to train round {server_round}: it has spent sample-level epsilon "
+            f"{spent:.4g} (delta {cfg.privacy.local_delta:g}) on its records, and this round's {cfg.train.local_steps} "
+            f"DP-SGD steps would bring it to {planned:.4g}, past privacy.local_epsilon_budget={budget:g}"
+        )
 
 
 def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int) -> tuple[np.ndarray, dict[str, float]]:
@@ -102,16 +130,27 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     check_vector(global_vector, global_layout.size, "global adapter")
     start = aggregator.start(global_vector, global_layout, runtime.rank)
     load_adapter_vector(runtime.loaded.model, start, runtime.layout)
-    result = train_local(
-        runtime.loaded.model,
-        runtime.loaded.tokenizer,
-        training_examples(cfg, runtime),
-        cfg.train,
-        cfg.model.task,
-        runtime.loaded.label_names,
-        cfg.data.max_length,
-        seed=local_seed(cfg, server_round, runtime.partition_id),
-    )
+    examples = training_examples(cfg, runtime)
+    accountant = None
+    if cfg.privacy.local_noise_multiplier > 0:
+        accountant = local_dp.load_accountant(_ACCOUNTANTS.get(accountant_key(cfg, runtime)))
+        refuse_past_budget(cfg, accountant, len(examples), runtime.partition_id, server_round)
+    try:
+        result = train_local(
+            runtime.loaded.model,
+            runtime.loaded.tokenizer,
+            examples,
+            cfg.train,
+            cfg.model.task,
+            runtime.loaded.label_names,
+            cfg.data.max_length,
+            seed=local_seed(cfg, server_round, runtime.partition_id),
+            privacy=cfg.privacy,
+            accountant=accountant,
+        )
+    finally:  # steps taken count even if the round then fails
+        if accountant is not None:
+            _ACCOUNTANTS[accountant_key(cfg, runtime)] = accountant.state_dict()
     trained, _ = adapter_vector(runtime.loaded.model)
     upload = runtime.layout.take(trained - start, aggregator.upload_layout(global_layout, runtime.rank))
     if cfg.clips_updates:  # bounded before it leaves: the rule, the secure encoding and DP rely on it
@@ -122,4 +161,6 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
         "partition_id": runtime.partition_id,
         "lora_r": runtime.rank,
     }
+    if accountant is not None:
+        metrics.update({"local_epsilon": result.local_epsilon, "local_delta": cfg.privacy.local_delta})
     return upload, metrics
