@@ -194,7 +194,9 @@ class Coordinator:
         """Set aside units that cannot be combined; their members are skipped with the reason."""
         # Under DP no norm screening: whether one unit is set aside would depend on the others' norms.
         ratio = 0.0 if self.dp else self.cfg.robust.max_norm_ratio
-        gathered.units, rejected = screen_units(gathered.units, self.server_length, ratio)
+        # Secure sums under distributed DP carry noise, so their means may exceed the clip bound.
+        bounded = self.cfg.clips_updates and not (self.dp and self.cfg.secagg.enabled)
+        gathered.units, rejected = screen_units(gathered.units, self.server_length, ratio, self.cfg.robust.clip_norm if bounded else None)
         out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
         gathered.included = [m for m in gathered.included if m.name not in out]
         gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]

@@ -67,3 +67,33 @@ def test_screened_units_are_listed_in_the_round_row_and_the_round_goes_on(tmp_pa
     skipped = {s["participant"]: s["reason"] for s in row["skipped"]}
     assert set(skipped) == {"participant-3", "participant-4"}
     assert "non-finite" in skipped["participant-3"] and "median" in skipped["participant-4"]
+
+
+def test_a_unit_longer_than_the_clip_bound_is_set_aside_whatever_the_others_sent() -> None:
+    clipped = np.array([0.6, 0.8])  # norm 1 = C
+    bucket = Unit(("a", "b"), clipped * 3 + np.array([0.0, 1.0]) * 5, 8.0)  # weighted mean of two clipped updates
+    over = Unit(("c", "attacker"), clipped * 2 + np.array([10.0, 0.0]) * 2, 4.0)  # one member skipped clipping
+    kept, rejected = screen_units([bucket, over], 2, 0.0, clip_norm=1.0)  # two units: no distribution, still caught
+    assert kept == [bucket] and rejected[0].members == ("c", "attacker") and "robust.clip_norm=1" in rejected[0].reason
+    assert len(screen_units([bucket, over], 2, 0.0)[0]) == 2  # without clipping there is no bound to hold units to
+
+
+def test_the_clip_bound_allows_for_the_secure_sums_fixed_point_error() -> None:
+    edge = Unit(("a", "b"), np.array([2.0 + 1e-3, 0.0]), 2.0, error_bound=1e-3)  # mean 1 + 5e-4 within the error
+    assert screen_units([edge], 2, 0.0, clip_norm=1.0)[0] == [edge]
+    exact = Unit(("a", "b"), np.array([2.0 + 1e-3, 0.0]), 2.0)
+    assert screen_units([exact], 2, 0.0, clip_norm=1.0)[0] == []
+
+
+@pytest.mark.parametrize(("rule", "screened"), [("median", True), ("mean", False)])
+def test_the_coordinator_holds_units_to_the_clip_bound_when_participants_clip(tmp_path: Path, rule: str, screened: bool) -> None:
+    cfg = load_config(None, SMALL + ["federation.participants=5", "lora.mode=frozen-a", f"robust.rule={rule}", "robust.clip_norm=0.5"])
+    coordinator = Coordinator(cfg, tmp_path)
+    length = coordinator.server_length
+    rng = np.random.default_rng(0)
+    members = [Member(i, f"participant-{i}", 10, {"train_loss": 1.0}) for i in range(5)]
+    units = [_unit(m.name, rng.normal(size=length) * 1e-3, 10) for m in members[:4]]
+    units.append(_unit("participant-4", np.full(length, 0.5 / np.sqrt(length) * 1.5), 10))  # 1.5 C: not clipped
+    row = coordinator.apply(1, 5, Gathered(units, members, []))
+    skipped = {s["participant"]: s["reason"] for s in row["skipped"]}
+    assert ("participant-4" in skipped and "robust.clip_norm" in skipped["participant-4"]) == screened

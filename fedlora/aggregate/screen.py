@@ -1,7 +1,9 @@
 """Screening of a round's units before the robust rule: what cannot be combined is set aside.
 
 A unit is rejected for a wrong length, a non-positive or non-finite weight, non-finite values,
-or a mean whose norm is far outside the round's distribution (more than `max_norm_ratio` times
+a mean longer than `robust.clip_norm` when participants clip (an honest member never sends
+one: an attacker that skipped clipping is caught here, whatever the others sent), or a mean
+whose norm is far outside the round's distribution (more than `max_norm_ratio` times
 the median unit norm; with fewer than 3 units there is no distribution to speak of). Norm
 screening is cheap and catches crude scaling attacks and broken training runs; what it lets
 through is the robust rule's job. Under secure aggregation a rejected bucket takes its honest
@@ -36,11 +38,28 @@ def _defect(unit: Unit, length: int) -> str | None:
     return None
 
 
-def screen_units(units: Sequence[Unit], length: int, max_norm_ratio: float) -> tuple[list[Unit], list[RejectedUnit]]:
-    """Split units into those the rule may combine and rejections with their reason."""
+def _over_clip_bound(unit: Unit, clip_norm: float) -> str | None:
+    """A unit whose mean is longer than the bound every member clipped to holds an unclipped update.
+
+    The mean of clipped updates (with weights <= 1) is never longer than C; the allowance covers
+    the secure sum's fixed-point error (per coordinate, on the total and on the weight).
+    """
+    norm = float(np.linalg.norm(unit.mean))
+    allowance = (unit.error_bound * np.sqrt(unit.total.size) + clip_norm * unit.weight_error) / unit.weight
+    limit = clip_norm * (1 + 1e-6) + allowance
+    return None if norm <= limit else f"update norm {norm:.4g} exceeds robust.clip_norm={clip_norm:g}, which every member clips to"
+
+
+def screen_units(
+    units: Sequence[Unit], length: int, max_norm_ratio: float, clip_norm: float | None = None
+) -> tuple[list[Unit], list[RejectedUnit]]:
+    """Split units into those the rule may combine and rejections with their reason.
+
+    `clip_norm`: the bound participants clip to, when they do (None: updates are not clipped).
+    """
     kept, rejected = [], []
     for unit in units:
-        defect = _defect(unit, length)
+        defect = _defect(unit, length) or (_over_clip_bound(unit, clip_norm) if clip_norm else None)
         if defect:
             rejected.append(RejectedUnit(unit.members, defect))
         else:
