@@ -20,7 +20,8 @@ without attackers.
 Modes: `plaintext` (every update a unit), `secagg-2` and `secagg-3` (buckets of 2 or 3; the
 coordinator sees bucket sums only). Rules are set for a consortium expecting 20% attackers
 (`rule_specs`). `examples/robust.toml` runs as its own row, with the task's settings on top
-(`EXAMPLE_TASK`: its [secagg] and [robust] sections, clip norm excepted, are what is tested).
+(`EXAMPLE_TASK`: its [lora], [secagg] and [robust] sections are what is tested),
+and so does `examples/robust-secure.toml`, the same with secure aggregation in buckets of 2.
 `alie` under secure aggregation is refused by the configuration (it needs the honest updates)
 and shown as n/a.
 
@@ -54,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-EXAMPLE = ROOT / "examples" / "robust.toml"
+EXAMPLES = ["examples/robust.toml", "examples/robust-secure.toml"]  # rows of their own, as a user runs them
 KEPT_COLUMNS = ("headache", "blood_pressure", "sleep_quality", "future_career_concerns", "bullying", "stress_level")
 STRESS_COLUMNS = (
     "anxiety_level", "self_esteem", "mental_health_history", "depression", "headache", "blood_pressure",
@@ -82,12 +83,11 @@ EXAMPLE_TASK = [
     "train.local_steps=10",
     "train.batch_size=8",
     "train.lr=5e-3",
-    f"robust.clip_norm={CLIP_NORM}",
 ]
-TASK = [*EXAMPLE_TASK, "lora.mode=frozen-a"]  # one aggregation mode for every cell: the one secure rounds need
+# One aggregation mode for every cell (the one secure rounds need), and the clip bound of this task.
+TASK = [*EXAMPLE_TASK, "lora.mode=frozen-a", f"robust.clip_norm={CLIP_NORM}"]
 ATTACKS = ["sign-flip", "scaling:10", "gaussian:0.1", "alie", "ipm:5", "label-flip"]
 MODES = {"plaintext": [], "secagg-2": ["secagg.enabled=true", "secagg.bucket_size=2"], "secagg-3": ["secagg.enabled=true", "secagg.bucket_size=3"]}
-EXAMPLE_MODE = "examples/robust.toml"
 FRACTIONS = [0.2, 0.33]
 SETTLED_ROUNDS = 2
 
@@ -126,17 +126,23 @@ class Cell:
 
     def overrides(self) -> list[str]:
         attack = [] if self.attack is None else [f"simulation.adversaries={self.fraction}", f"simulation.attack={self.attack}"]
-        if self.mode == EXAMPLE_MODE:
+        if self.mode in EXAMPLES:
             return [*EXAMPLE_TASK, *attack]
         return [*TASK, *MODES[self.mode], f"robust.rule={self.rule}", *attack]
+
+
+def file_sha(example: str) -> str:
+    return hashlib.sha256((ROOT / example).read_bytes()).hexdigest()[:12]
 
 
 def example_cells(fractions: list[float]) -> list[Cell]:
     from fedlora.config import load_config
 
-    sha = hashlib.sha256(EXAMPLE.read_bytes()).hexdigest()[:12]
-    rule = load_config(EXAMPLE, EXAMPLE_TASK).robust.rule
-    return [Cell(EXAMPLE_MODE, rule, None, 0.0, sha)] + [Cell(EXAMPLE_MODE, rule, a, f, sha) for f in fractions for a in ATTACKS]
+    cells = []
+    for example in EXAMPLES:
+        sha, rule = file_sha(example), load_config(ROOT / example, EXAMPLE_TASK).robust.rule
+        cells += [Cell(example, rule, None, 0.0, sha)] + [Cell(example, rule, a, f, sha) for f in fractions for a in ATTACKS]
+    return cells
 
 
 def grid_cells(fractions: list[float], modes: list[str], attacks: list[str]) -> list[Cell]:
@@ -160,7 +166,7 @@ def run_cell(cell: Cell, overrides: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = asdict(cell)
     try:
-        cfg = load_config(EXAMPLE if cell.mode == EXAMPLE_MODE else None, overrides)
+        cfg = load_config(ROOT / cell.mode if cell.mode in EXAMPLES else None, overrides)
     except ConfigError as err:
         return result | {"refused": str(err)}
     n = cfg.federation.participants
@@ -220,13 +226,12 @@ def clean_accuracy(cells: list[dict[str, Any]]) -> dict[tuple, float]:
 
 def rows_of(payload: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(mode, rule, example_sha) rows in display order; only the current example file's row."""
-    sha = hashlib.sha256(EXAMPLE.read_bytes()).hexdigest()[:12]
     seen = []
     for c in payload["cells"]:
         row = (c["mode"], c["rule"], c.get("example_sha", ""))
-        if row not in seen and (c["mode"] != EXAMPLE_MODE or row[2] == sha):
+        if row not in seen and (c["mode"] not in EXAMPLES or row[2] == file_sha(c["mode"])):
             seen.append(row)
-    order = [*MODES, EXAMPLE_MODE]
+    order = [*MODES, *EXAMPLES]
     specs = {mode: rule_specs(mode) for mode in MODES}
     return sorted(seen, key=lambda r: (order.index(r[0]), specs.get(r[0], [r[1]]).index(r[1]) if r[1] in specs.get(r[0], [r[1]]) else 0))
 
@@ -250,7 +255,7 @@ def verdict(payload: dict[str, Any]) -> dict[str, Any]:
             drops[f"{row[0]} / {row[1]}"] = {
                 a: round(100 * (clean[row] - values[(*row, a)]), 1) for a in ATTACKS if values.get((*row, a)) is not None
             }
-    example = next((v for k, v in drops.items() if k.startswith(EXAMPLE_MODE)), {})
+    example = next((v for k, v in drops.items() if k.startswith(EXAMPLES[0])), {})
     mean = drops.get("plaintext / mean", {})
     return {
         "max_drop_points_at_20_percent": {k: max(v.values()) for k, v in drops.items() if v},
@@ -331,8 +336,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS, help="shares of malicious participants")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--attacks", nargs="+", default=ATTACKS)
-    parser.add_argument("--no-example", action="store_true", help=f"leave out the {EXAMPLE_MODE} row")
-    parser.add_argument("--example-only", action="store_true", help=f"only the {EXAMPLE_MODE} row (after editing the file)")
+    parser.add_argument("--no-example", action="store_true", help="leave out the rows of " + " and ".join(EXAMPLES))
+    parser.add_argument("--example-only", action="store_true", help="only the rows of " + " and ".join(EXAMPLES) + " (after editing them)")
     parser.add_argument("--jobs", type=int, default=2, help="cells run in parallel processes, one torch thread each")
     parser.add_argument("--quick", action="store_true", help="a few cells, 2 rounds (not for the docs)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/robustness[-quick].json)")
