@@ -166,7 +166,9 @@ class Coordinator:
         members = [m for m in members if not self.excluded(m.name)]  # a name may be learnt only from its reply
         if sec.enabled:  # updates stay with the participants until masked: summed per bucket
             length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
-            gathered = gather_secure(self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm)
+            gathered = gather_secure(
+                self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy
+            )
         else:
             gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
         gathered.skipped = rejected + gathered.skipped

@@ -19,10 +19,17 @@ Failure handling, per bucket:
 - a `SecAggAbort` (too few participants left for the threshold) aborts the bucket.
 `gather_secure` hands the completed buckets to the round pipeline as units, like the
 plaintext gatherer's units of one.
+
+Distributed DP (`privacy` with noise_multiplier > 0): every participant counts once (the bound
+weight reference is 1, so a bucket's unit is the unweighted sum of its survivors' clipped
+updates plus their Skellam noise shares, and its weight is its member count), and the bucket's
+fixed-point scale leaves room for the noise (`fedlora.secagg.plan.check_fixed_point`). The
+coordinator adds no noise of its own and never sees a sum without the participants' noise.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,14 +39,15 @@ from flwr.app import Message
 
 from coordinator.gather import Gathered, Member, Rejection
 from fedlora.aggregate import Unit
-from fedlora.config import SecaggSection
+from fedlora.config import PrivacySection, SecaggSection
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
-from fedlora.secagg.plan import input_clip_norm, neighbourhood_degree, resolve_threshold, round_context, split_weighted_sum
+from fedlora.secagg.plan import check_fixed_point, input_clip_norm, participant_skellam_mu, neighbourhood_degree, resolve_threshold, round_context, split_weighted_sum
 from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_protocol
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
+log = logging.getLogger("fedlora.coordinator")
 NEXT = {stage.name: nxt.name for stage, nxt in zip(STAGES, STAGES[1:])}
 
 
@@ -57,7 +65,10 @@ class SecureSum:
 class _Bucket:
     """One bucket's secure sum: a `SecAggServer` driven stage by stage over Flower messages."""
 
-    def __init__(self, index: int, members: list[Member], sec: SecaggSection, clip_norm: float, server_round: int, length: int, run_tag: str) -> None:
+    def __init__(
+        self, index: int, members: list[Member], sec: SecaggSection, clip_norm: float, server_round: int, length: int, run_tag: str,
+        privacy: PrivacySection | None = None,
+    ) -> None:
         self.index, self.members, self.sec, self.clip_norm = index, members, sec, clip_norm
         self.server_round, self.length = server_round, length
         self.status, self.reason = "running", ""
@@ -66,7 +77,10 @@ class _Bucket:
         self.recovered: dict[str, str] = {}
         self.bytes_up = self.bytes_down = 0
         self.by_id = dict(enumerate(members))
-        self.weight_ref = float(max((m.num_examples for m in members), default=1))
+        noise = (privacy.noise_multiplier, privacy.dropout_margin) if privacy and privacy.noise_multiplier > 0 else (0.0, 0.0)
+        # Under DP each participant counts once (n_ref = 1: w = 1); otherwise by its example count.
+        self.weight_ref = 1.0 if noise[0] else float(max((m.num_examples for m in members), default=1))
+        self.noise, self.noise_std, self.noise_multiplier = noise, 0.0, 0.0
         self.round_id = f"{run_tag}/round-{server_round}/bucket-{index}"
         self.stage = "setup"
         self.server: SecAggServer | None = None
@@ -77,7 +91,8 @@ class _Bucket:
             self.server = SecAggServer(
                 self.round_id, list(self.by_id), length + 1, input_clip_norm(clip_norm),
                 degree=k, threshold=resolve_threshold(sec.threshold, k),
-                context=round_context(server_round, self.weight_ref),
+                scale=check_fixed_point(clip_norm, len(members), *noise, update_length=length),
+                context=round_context(server_round, self.weight_ref, *noise),
             )
             self.requests: list[Any] = self.server.setup()
         except ValueError as err:
@@ -153,6 +168,19 @@ class _Bucket:
         bound = out.error_bound * self.weight_ref
         self.result = Unit(survivors, total, weight, bound, bound / self.clip_norm)
         self.status = "ok"
+        z, margin = self.noise
+        if z:  # the survivors' noise shares, each of variance 2 mu, in update units
+            k, summed = len(self.members), len(out.survivors)
+            mu = participant_skellam_mu(z, self.clip_norm, out.scale, k, margin, self.length)
+            self.noise_std = float(np.sqrt(2.0 * mu * summed) / out.scale)
+            # Relative to the rounded sensitivity: z while at least k (1 - m) shares are in the sum.
+            self.noise_multiplier = z * float(np.sqrt(summed / (k * (1.0 - margin))))
+            if self.noise_multiplier < z:
+                log.warning(
+                    "round %d, bucket %d: %d of %d masked inputs arrived, fewer than k (1 - privacy.dropout_margin): its sum "
+                    "carries noise multiplier %.3g, below the %.3g the accountant assumes",
+                    self.server_round, self.index, summed, k, self.noise_multiplier, z,
+                )
 
     def skipped(self) -> list[Rejection]:
         """Members whose update is in no sum, with the reason."""
@@ -174,9 +202,13 @@ class _Bucket:
 
 
 def secure_sum(
-    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float
+    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
+    privacy: PrivacySection | None = None,
 ) -> SecureSum:
-    """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep."""
+    """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep.
+
+    `privacy` with a noise multiplier: distributed DP (module docstring).
+    """
     ordered = sorted(members, key=lambda m: m.name)
     result = SecureSum()
     if len(ordered) < max(2, sec.bucket_size):
@@ -186,7 +218,7 @@ def secure_sum(
         return result
     ids = list(range(len(ordered)))
     groups = [ids] if sec.bucket_size == 0 else assign_buckets(ids, sec.bucket_size, f"{seed}/{server_round}".encode())
-    buckets = [_Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag) for b, group in enumerate(groups)]
+    buckets = [_Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag, privacy) for b, group in enumerate(groups)]
     while running := [b for b in buckets if b.status == "running"]:
         messages = [msg for bucket in running for msg in bucket.outgoing()]
         replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=sec.timeout_s)}
@@ -205,6 +237,7 @@ def secure_sum(
                 **({"blamed": bucket.blamed()} if bucket.blamed() else {}),
                 **({"reason": bucket.reason} if bucket.reason else {}),
                 **({"error_bound": bucket.result.error_bound} if bucket.result else {}),
+                **({"noise_std": bucket.noise_std, "noise_multiplier": bucket.noise_multiplier} if bucket.result and bucket.noise_std else {}),
             }
         )
         if bucket.result:
@@ -223,10 +256,11 @@ def run_tag(grid: Grid) -> str:
 
 
 def gather_secure(
-    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float
+    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
+    privacy: PrivacySection | None = None,
 ) -> Gathered:
     """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
-    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm)
+    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm, privacy)
     names = {name for unit in summed.buckets for name in unit.members}
     return Gathered(
         units=summed.buckets,

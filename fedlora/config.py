@@ -434,6 +434,18 @@ class Config:
             check_fixed_point(self.robust.clip_norm, sizes[-1])
         except ValueError as err:
             raise ConfigError(f"robust.clip_norm: {err}") from None
+        p = self.privacy
+        if p.noise_multiplier > 0:  # distributed DP: the noise must fit too, in any bucket Poisson sampling can make
+            fed = self.federation
+            largest = fed.participants if sec.bucket_size == 0 else min(fed.participants, 2 * sec.bucket_size - 1)
+            try:
+                check_fixed_point(self.robust.clip_norm, largest, p.noise_multiplier, p.dropout_margin)
+            except ValueError as err:
+                raise ConfigError(
+                    f"privacy.noise_multiplier: {p.noise_multiplier:g} does not fit the 32-bit fixed point of a secure bucket of "
+                    f"up to {largest} participants (secagg.bucket_size={sec.bucket_size}, robust.clip_norm={self.robust.clip_norm:g}, "
+                    f"privacy.dropout_margin={p.dropout_margin:g}): {err}; lower privacy.noise_multiplier or secagg.bucket_size"
+                ) from None
 
     @property
     def clips_updates(self) -> bool:
@@ -467,12 +479,6 @@ class Config:
         )
         if p.noise_multiplier == 0:
             return
-        _require(
-            not self.secagg.enabled,
-            "privacy.noise_multiplier",
-            "distributed DP under secure aggregation is not available yet; set secagg.enabled=false for central DP "
-            "(the coordinator adds the noise) or privacy.noise_multiplier=0",
-        )
         _require(
             self.robust.rule == "mean",
             "robust.rule",

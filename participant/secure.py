@@ -15,6 +15,13 @@ over the same members, one with and one without a target, could difference them.
 The round's application parameters (server round, example-count reference) reach the protocol
 as the setup request's `context`, which is bound into every key derivation: the weight a
 participant applies is the one its neighbours' masks were derived for.
+
+Distributed DP (privacy.noise_multiplier z > 0 in the configuration that came with the train
+instruction): the setup must bind the same z and privacy.dropout_margin m and the weight
+reference 1 (each participant counts once), or the participant refuses. At mask_input it adds
+Skellam noise, drawn from the OS CSPRNG, to its encoded update coordinates (not to the weight
+or count slot), calibrated from the instance's scale and member count
+(`fedlora.secagg.plan.participant_skellam_mu`). Only a simulated adversary leaves it out.
 """
 
 from __future__ import annotations
@@ -30,16 +37,17 @@ from flwr.clientapp import ClientApp
 
 from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
+from fedlora.privacy.noise import secret_rng, skellam
 from fedlora.secagg import participant as protocol
 from fedlora.secagg.messages import ParticipantState
 from fedlora.secagg.fixedpoint import widest_clip
-from fedlora.secagg.plan import round_context, weighted_input
+from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, array_view, protocol_content, read_meta, read_protocol
 from fedlora.wire import reply_content
 
 log = logging.getLogger("fedlora.participant")
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
-HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, weight reference
+HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, weight reference, DP noise settings
 STATE = "secagg.state"  # ConfigRecord: the ParticipantState of the current instance
 MASKED = "secagg.masked"  # ConfigRecord: the server rounds this participant has masked an input for
 
@@ -94,18 +102,26 @@ def hold_update(msg: Message, context: Context, cfg: Config, update: np.ndarray,
     keep_update(
         context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id),
         adversary=is_adversary(cfg, partition_id),
+        noise_multiplier=cfg.privacy.noise_multiplier, dropout_margin=cfg.privacy.dropout_margin,
     )
     return Message(reply_content(metrics), reply_to=msg)
 
 
-def keep_update(context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, adversary: bool = False) -> None:
+def keep_update(
+    context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, adversary: bool = False,
+    noise_multiplier: float = 0.0, dropout_margin: float = 0.0,
+) -> None:
     """Store an update (float32) in `context.state` until the mask_input stage consumes it.
 
-    `adversary` marks a simulated attacker: it will mask its update unclipped.
+    `adversary` marks a simulated attacker: it will mask its update unclipped (and without noise).
+    `noise_multiplier` > 0: distributed DP, with `dropout_margin` (module docstring).
     """
     refuse_replay(context, server_round, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
-    context.state[HELD] = ConfigRecord({"server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary})
+    context.state[HELD] = ConfigRecord({
+        "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary,
+        "noise_multiplier": float(noise_multiplier), "dropout_margin": float(dropout_margin),
+    })
 
 
 def _held(context: Context, server_round: int, what: str) -> ConfigRecord:
@@ -133,11 +149,21 @@ def setup(msg: Message, context: Context) -> Message:
     request = read_protocol(msg.content, STAGE["setup"].request)
     bound = json.loads(request.context)
     server_round, weight_ref = int(bound["server_round"]), float.fromhex(bound["weight_ref"])
-    if request.context != round_context(server_round, weight_ref):
+    noise = context_noise(bound)
+    if request.context != round_context(server_round, weight_ref, *noise):
         raise ValueError(f"setup context {request.context!r} is not in canonical form")
     held = _held(context, server_round, "a setup request")
+    mine = (float(held["noise_multiplier"]), float(held["dropout_margin"]))
+    if noise != mine:
+        raise ValueError(
+            f"the setup binds noise_multiplier={noise[0]:g}, dropout_margin={noise[1]:g}, but this participant was "
+            f"configured with {mine[0]:g}, {mine[1]:g}; refusing"
+        )
+    if mine[0] > 0 and weight_ref != 1.0:
+        raise ValueError(f"distributed DP counts every participant once, but the setup binds weight reference {weight_ref:g}, not 1; refusing")
     state, advert = protocol.setup(request)
     held["weight_ref"] = weight_ref
+    held["members"] = len(request.members)  # k: the noise share is calibrated to the bucket at setup
     held["instance"] = state.round_id  # the held update is masked in this instance and no other
     _save(context, state)
     return Message(protocol_content(advert), reply_to=msg)
@@ -163,11 +189,24 @@ def mask_input(msg: Message, context: Context) -> Message:
     widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping
     bound = None if widest is None else widest - clip_norm  # room left beside the weight slot
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, bound)
-    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest)
+    noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
+    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
     del context.state[UPDATE]  # masked at most once ...
     _record_masked(context, server_round)  # ... and never again for this round
     _save(context, state)
     return Message(protocol_content(masked), reply_to=msg)
+
+
+def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: int) -> np.ndarray | None:
+    """This participant's Skellam noise share for [update, weight] (None without DP; 0 on the weight slot)."""
+    z = float(held["noise_multiplier"])
+    if z == 0:
+        return None
+    d = vector_length - 1
+    mu = participant_skellam_mu(z, clip_norm, scale, int(held["members"]), float(held["dropout_margin"]), d)
+    noise = np.zeros(vector_length, dtype=np.int64)
+    noise[:d] = skellam(mu, d, secret_rng())
+    return noise
 
 
 def unmask(msg: Message, context: Context) -> Message:

@@ -58,7 +58,6 @@ def test_poisson_sampling_draws_each_participant_independently_with_rate_q() -> 
         (["lora.mode=exact"], "lora.mode", "B·A"),
         (["privacy.delta=0.3"], "privacy.delta", "1 / federation.participants"),
         (["privacy.epsilon_budget=0.01"], "privacy.epsilon_budget", "raise privacy.noise_multiplier to at least"),
-        (["secagg.enabled=true"], "privacy.noise_multiplier", "central DP"),
     ],
 )
 def test_dp_settings_that_cannot_hold_fail_at_load_time(overrides: list[str], key: str, words: str) -> None:

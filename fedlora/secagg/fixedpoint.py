@@ -65,18 +65,21 @@ def coordinate_bound(clip_norm: float, scale: float) -> int:
     return math.ceil(Fraction(clip_norm) * Fraction(_CLIP_SLACK) * Fraction(scale))
 
 
-def choose_scale(clip_norm: float, n_participants: int, bits: int = WIRE_BITS) -> float:
+def choose_scale(clip_norm: float, n_participants: int, bits: int = WIRE_BITS, *, reserve: int = 0) -> float:
     """Largest float scale such that n clipped, rounded vectors cannot overflow `bits` signed.
 
-    Each participant gets the integer budget L = floor(max / n); the scale is the largest
-    float with coordinate_bound(clip_norm, scale) <= L, so n * L <= max holds in integers
-    and `check_no_overflow` accepts every scale this returns.
+    Each participant gets the integer budget L = floor((max - reserve) / n); the scale is the
+    largest float with coordinate_bound(clip_norm, scale) <= L, so n * L + reserve <= max holds
+    in integers and `check_no_overflow` (with the same reserve) accepts every scale this returns.
+    `reserve` keeps that many integers of each coordinate's range free (for noise).
     """
     if n_participants < 1:
         raise ValueError(f"n_participants must be >= 1, got {n_participants}")
     if not clip_norm > 0 or not math.isfinite(clip_norm):
         raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
-    budget = _max_abs(bits) // n_participants
+    if not 0 <= reserve < _max_abs(bits):
+        raise ValueError(f"a reserve of {reserve} leaves nothing of the {bits}-bit signed range")
+    budget = (_max_abs(bits) - reserve) // n_participants
     if budget < 1:
         raise ValueError(
             f"{n_participants} participants cannot be summed in {bits}-bit fixed point: "
@@ -102,14 +105,15 @@ def widest_clip(scale: float, bits: int = WIRE_BITS) -> float:
 
 
 def check_no_overflow(
-    clip_norm: float, n_participants: int, scale: float, bits: int = WIRE_BITS
+    clip_norm: float, n_participants: int, scale: float, bits: int = WIRE_BITS, *, reserve: int = 0
 ) -> None:
-    """Raise ValueError if n clipped vectors at this scale could overflow the signed range."""
-    worst = n_participants * coordinate_bound(clip_norm, scale)
+    """Raise ValueError if n clipped vectors at this scale, plus `reserve`, could overflow the signed range."""
+    worst = n_participants * coordinate_bound(clip_norm, scale) + reserve
     if worst > _max_abs(bits):
+        kept = f" + {reserve} kept for noise" if reserve else ""
         raise ValueError(
             f"fixed-point overflow: {n_participants} participants x clip_norm {clip_norm} "
-            f"x scale {scale:.6g} can reach {worst} > {_max_abs(bits)} ({bits}-bit signed); "
+            f"x scale {scale:.6g}{kept} can reach {worst} > {_max_abs(bits)} ({bits}-bit signed); "
             f"use scale <= choose_scale(clip_norm, n_participants) or smaller buckets"
         )
 

@@ -226,14 +226,17 @@ def mask_input(
     vector: np.ndarray,
     rounding_key: bytes | None = None,
     clip_norm: float | None = None,
+    noise: np.ndarray | None = None,
 ) -> tuple[ParticipantState, MaskedInput]:
-    """Stage 4: keep neighbours' shares, upload y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij).
+    """Stage 4: keep neighbours' shares, upload y = [encode(x) + noise, 1] + PRG(b) + sum_j ±PRG(s_ij).
 
     A bundle that does not open (or does not match its commitments) is left out and its sender
     accused, with the receiving key that opens just that bundle as evidence. `rounding_key`
     keys the stochastic rounding; by default it is fresh from the OS CSPRNG, so nobody can
     recompute the rounding (a fixed key is for reproducible simulations only). `clip_norm`
     defaults to the instance's; only a simulated attacker passes more (`widest_clip`).
+    `noise` (integers, one per input coordinate) is added to the encoding mod 2^32 before
+    masking: a participant's share of distributed DP noise, which the sum then carries.
     """
     _expect(state, "shared", relay.round_id, relay.receiver)
     me, senders = state.participant_id, relay.senders
@@ -255,6 +258,8 @@ def mask_input(
         raise ValueError(
             f"update has shape {vec.shape}, the round expects ({state.vector_length},)"
         )
+    if noise is not None and (np.shape(noise) != (state.vector_length,) or not np.issubdtype(np.asarray(noise).dtype, np.integer)):
+        raise ValueError(f"noise must be {state.vector_length} integers, got {np.asarray(noise).dtype} {np.shape(noise)}")
     owners, held_b, held_s, accused, revealed = [], [], [], [], []
     for j, blob, b_commit, s_commit in zip(
         senders, relay.ciphertexts, relay.b_share_commitments, relay.s_share_commitments, strict=True
@@ -273,6 +278,8 @@ def mask_input(
     masked = np.empty(state.vector_length + 1, dtype=np.uint32)
     bound = state.clip_norm if clip_norm is None else clip_norm
     masked[:-1] = encode(vec, bound, state.scale, rounding_key or os.urandom(SEED_BYTES))
+    if noise is not None:  # two's complement: adding the low 32 bits is adding the integer mod 2^32
+        masked[:-1] += np.bitwise_and(np.asarray(noise, dtype=np.int64), 0xFFFFFFFF).astype(np.uint32)
     masked[-1] = 1  # the count slot: the unmasked sum must equal the number of members in it
     apply_mask(masked, state.b_seed, 1)
     for j in senders:

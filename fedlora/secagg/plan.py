@@ -13,6 +13,28 @@ setup request's bound context, `round_context`). The last coordinate sums to C *
 its total weight both come out of one secure sum, consistent with each other even if a
 participant misreports its count in plaintext metadata. The L2 norm of the vector is at most
 sqrt(2) * C, which is the norm the fixed-point encoding is sized for (`input_clip_norm`).
+
+Distributed DP (privacy.noise_multiplier z > 0). Every participant counts once: the coordinator
+binds n_ref = 1 (so w_i = 1, the sum is unweighted and the weight slot decodes to the member
+count), and each participant adds Skellam noise to its encoded update coordinates (not to the
+weight or count slot) before masking: Sk(mu) with 2 mu = (z * Delta)^2 / (k (1 - m)), k the
+bucket's members at setup, m = privacy.dropout_margin and Delta = C * scale + sqrt(d)
+(`rounded_sensitivity`: the L2 norm a clipped update can have after stochastic rounding, so the
+guarantee covers the rounding too). `check_fixed_point` then plans the scale so that:
+
+- the noise fits: every coordinate keeps room for a 10-sigma tail of the sum's noise (std
+  z * Delta / sqrt(1 - m) with all k members present) above the n members' worst case, planned
+  as ceil(10 z / sqrt(2 (1 - m))) extra members (the noise std in units of one member's range
+  sqrt(2) C scale) plus ceil(10 z sqrt(d) / sqrt(1 - m)) integers for the rounding term, and
+  checked exactly in integers (`check_no_overflow(..., reserve=)`). Skellam noise of variance
+  s^2 is sub-gamma (variance s^2, scale 1/3), so a coordinate leaves the range with probability
+  at most 2 exp(-50 / (1 + 10 / (3 s))), ~4e-22 for the s >= 6e4 of buckets up to 10^4; a wrapped
+  coordinate corrupts the sum, it does not reveal anything;
+- numpy can draw it: each participant's mu stays at or below `SKELLAM_MU_MAX` (2^30), where
+  numpy's Poisson sampler is still accurate, and the bucket's k mu below `SKELLAM_SUM_MU_MAX`
+  (2^34), which bounds the sampler's error in the sum (fedlora.privacy.noise). Noise of std
+  ~1e5 integers dwarfs the fixed point's resolution anyway: the rounding error of a sum (std at
+  most sqrt(k) / 2 integers) stays below 1e-3 of the noise's std.
 """
 
 from __future__ import annotations
@@ -23,6 +45,7 @@ import math
 import numpy as np
 
 from fedlora.privacy.clipping import clip
+from fedlora.privacy.noise import SKELLAM_MU_MAX, SKELLAM_SUM_MU_MAX, skellam_mu
 
 from .fixedpoint import check_no_overflow, choose_scale
 from .graph import default_degree
@@ -65,21 +88,103 @@ def input_clip_norm(clip_norm: float) -> float:
     return math.sqrt(2.0) * clip_norm
 
 
-def check_fixed_point(clip_norm: float, members: int) -> float:
-    """The fixed-point scale for a bucket; ValueError if n inputs could overflow 32 bits."""
-    norm = input_clip_norm(clip_norm)
-    scale = choose_scale(norm, members)
-    check_no_overflow(norm, members, scale)
+NOISE_TAIL_SIGMAS = 10  # room kept per coordinate for the noise of a bucket's sum, in its std
+
+
+def rounded_sensitivity(clip_norm: float, scale: float, update_length: int) -> float:
+    """L2 bound, in fixed-point integers, of one clipped update (norm <= C) after stochastic
+    rounding: C * scale + sqrt(d), as rounding moves each of the d coordinates by less than 1."""
+    return clip_norm * scale + math.sqrt(update_length)
+
+
+def participant_skellam_mu(
+    noise_multiplier: float, clip_norm: float, scale: float, members: int, dropout_margin: float, update_length: int
+) -> float:
+    """The Skellam parameter of one member's noise share (see the module docstring)."""
+    return skellam_mu(noise_multiplier, rounded_sensitivity(clip_norm, scale, update_length), members, dropout_margin)
+
+
+def sum_noise_std(noise_multiplier: float, clip_norm: float, scale: float, dropout_margin: float, update_length: int) -> float:
+    """Std (fixed-point integers) of the noise in a bucket's sum with all its members present."""
+    return noise_multiplier * rounded_sensitivity(clip_norm, scale, update_length) / math.sqrt(1.0 - dropout_margin)
+
+
+def noise_headroom(noise_multiplier: float, dropout_margin: float) -> int:
+    """Extra members' worth of range kept for the noise's 10-sigma tail: ceil(10 z / sqrt(2 (1 - m)))."""
+    if noise_multiplier == 0:
+        return 0
+    return math.ceil(NOISE_TAIL_SIGMAS * noise_multiplier / math.sqrt(2.0 * (1.0 - dropout_margin)))
+
+
+def _skellam_scale_cap(noise_multiplier: float, clip_norm: float, members: int, dropout_margin: float, update_length: int) -> float:
+    """Largest scale at which each member's Skellam parameter mu stays <= SKELLAM_MU_MAX and the
+    bucket's k mu <= SKELLAM_SUM_MU_MAX (fedlora.privacy.noise)."""
+    mu_max = min(SKELLAM_MU_MAX, SKELLAM_SUM_MU_MAX / members)
+    # 2 mu = (z (C scale + sqrt d))^2 / (k (1 - m)) <= 2 mu_max
+    reach = math.sqrt(2.0 * members * (1.0 - dropout_margin) * mu_max) / noise_multiplier - math.sqrt(update_length)
+    if not reach > 0:
+        raise ValueError(
+            f"noise_multiplier {noise_multiplier:g} over {update_length} coordinates needs Skellam noise above the "
+            f"sampler's bound {mu_max:.3g} even at the smallest scale"
+        )
+    scale = reach / clip_norm
+    while participant_skellam_mu(noise_multiplier, clip_norm, scale, members, dropout_margin, update_length) > mu_max:
+        scale = math.nextafter(scale, 0.0)  # float rounding went up: step down
     return scale
 
 
-def round_context(server_round: int, weight_ref: float) -> str:
+def check_fixed_point(
+    clip_norm: float, members: int, noise_multiplier: float = 0.0, dropout_margin: float = 0.0, update_length: int = 0
+) -> float:
+    """The fixed-point scale for a bucket of `members`; ValueError if it cannot be planned.
+
+    Without noise: the largest scale at which n inputs cannot overflow 32 bits. With distributed
+    DP (`noise_multiplier` > 0) the plan also keeps room for the noise and bounds each member's
+    Skellam parameter (module docstring). `update_length` d (0 = not known yet, as at config load)
+    adds the rounding term. Coordinator and config both plan here; participants get the scale.
+    """
+    norm = input_clip_norm(clip_norm)
+    if noise_multiplier == 0:
+        scale = choose_scale(norm, members)
+        check_no_overflow(norm, members, scale)
+        return scale
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier) and 0 <= dropout_margin < 1 and update_length >= 0):
+        raise ValueError(f"need noise_multiplier > 0, 0 <= dropout_margin < 1, update_length >= 0; got {noise_multiplier}, {dropout_margin}, {update_length}")
+    extra = noise_headroom(noise_multiplier, dropout_margin)
+    rounding = math.ceil(NOISE_TAIL_SIGMAS * noise_multiplier * math.sqrt(update_length) / math.sqrt(1.0 - dropout_margin)) + 1
+    try:
+        scale = choose_scale(norm, members + extra, reserve=rounding)
+    except ValueError as err:
+        raise ValueError(
+            f"a bucket of {members} with noise multiplier {noise_multiplier:g} (dropout margin {dropout_margin:g}) needs the "
+            f"range of {members + extra} members (a 10-sigma noise tail is {extra} members' worth), which 32-bit fixed "
+            f"point cannot hold ({err})"
+        ) from None
+    scale = min(scale, _skellam_scale_cap(noise_multiplier, clip_norm, members, dropout_margin, update_length))
+    tail = math.ceil(NOISE_TAIL_SIGMAS * sum_noise_std(noise_multiplier, clip_norm, scale, dropout_margin, update_length) * (1 + 1e-12))
+    check_no_overflow(norm, members, scale, reserve=tail)  # exact, in integers: the plan holds
+    return scale
+
+
+def round_context(server_round: int, weight_ref: float, noise_multiplier: float = 0.0, dropout_margin: float = 0.0) -> str:
     """The round's public parameters as the protocol binds them (`SetupRequest.context`).
 
-    Canonical JSON with the float written exactly, so coordinator and participant derive the
-    same key schedule from the same values, and different keys from any difference.
+    Canonical JSON with the floats written exactly, so coordinator and participant derive the
+    same key schedule from the same values, and different keys from any difference. With
+    distributed DP the noise parameters are bound too, so the members of a bucket either all
+    calibrate their noise shares alike or cannot unmask at all.
     """
-    return json.dumps({"server_round": server_round, "weight_ref": float(weight_ref).hex()}, sort_keys=True)
+    bound: dict[str, object] = {"server_round": server_round, "weight_ref": float(weight_ref).hex()}
+    if noise_multiplier:
+        bound |= {"noise_multiplier": float(noise_multiplier).hex(), "dropout_margin": float(dropout_margin).hex()}
+    return json.dumps(bound, sort_keys=True)
+
+
+def context_noise(context: dict) -> tuple[float, float]:
+    """(noise_multiplier, dropout_margin) bound in a parsed round context ((0, 0) without DP)."""
+    if "noise_multiplier" not in context:
+        return 0.0, 0.0
+    return float.fromhex(context["noise_multiplier"]), float.fromhex(context["dropout_margin"])
 
 
 def weighted_input(

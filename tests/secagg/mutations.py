@@ -6,9 +6,10 @@ Run by hand (not in CI; about 5 minutes on 2 cores):
 
 Each mutation replaces one exact piece of source in a temporary copy of the repository and runs
 the protocol tests there (tests/secagg and the in-process stage tests of
-tests/test_secure_federation.py, without the simulated federations). A mutation is *caught*
-when at least one test fails. A mutation whose source text no longer exists is reported as
-stale, so the list cannot silently rot when the code changes.
+tests/test_secure_federation.py and tests/test_distributed_dp.py, without the simulated
+federations). A mutation is *caught* when at least one test fails. A mutation whose source
+text no longer exists is reported as stale, so the list cannot silently rot when the code
+changes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTS = ["tests/secagg", "tests/test_secure_federation.py"]
-SIMULATIONS = "not secure_round_matches and not vanishing_after_masking and not round_below_threshold"
+TESTS = ["tests/secagg", "tests/test_secure_federation.py", "tests/test_distributed_dp.py"]
+SIMULATIONS = "not secure_round_matches and not vanishing_after_masking and not round_below_threshold and not whole_distributed_dp_round"
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,13 @@ MUTATIONS = [
         (("fedlora/secagg/participant.py",
           "    return erase_secrets(state), response",
           '    return dataclasses.replace(state, stage="unmasked"), response'),),
+    ),
+    Mutation(
+        "no-dp-noise",
+        "participants add no DP noise: under distributed DP the sum reaches the coordinator un-noised",
+        (("participant/secure.py",
+          '    noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)',
+          "    noise = None"),),
     ),
 ]
 
