@@ -238,6 +238,9 @@ class Coordinator:
         row["applied"] = True
         kept = gathered.included
         row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in kept], weights=[m.num_examples for m in kept]))
+        local = {m.name: m.metrics["local_epsilon"] for m in kept if "local_epsilon" in m.metrics}
+        if local:  # each participant's own sample-level epsilon (DP-SGD), as it reported it
+            row["local_epsilon"] = local
         return row
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:

@@ -84,3 +84,14 @@ def test_a_run_reports_epsilon_per_round_and_stops_before_its_budget(tmp_path: P
     assert [r["epsilon"] for r in rows[1:3]] == pytest.approx(eps[:2], rel=1e-9)
     assert "privacy budget" in rows[3]["stopped"] and "epsilon_budget" in rows[3]["stopped"]
     assert all(r["epsilon"] <= budget for r in rows[1:3])
+
+
+def test_each_participants_local_epsilon_is_reported_in_the_round_row(tmp_path: Path) -> None:
+    from coordinator.gather import Gathered, Member
+    from fedlora.aggregate import single_units
+
+    coordinator = Coordinator(load_config(None, [*SMALL, "federation.participants=3", "lora.mode=frozen-a"]), tmp_path)
+    members = [Member(i, f"participant-{i}", 10, {"train_loss": 1.0, "local_epsilon": 0.5 + i}) for i in range(3)]
+    units = single_units([m.name for m in members], [np.zeros(coordinator.server_length)] * 3, [10] * 3)
+    row = coordinator.apply(1, 3, Gathered(units, members, []))
+    assert row["local_epsilon"] == {"participant-0": 0.5, "participant-1": 1.5, "participant-2": 2.5}
