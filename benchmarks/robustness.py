@@ -59,7 +59,6 @@ CLIP_NORM = 2.0  # about twice the honest update norm of this task (0.7-1.0): cl
 EXAMPLE_TASK = [
     *STRESS_TASK,
     f"federation.participants={PARTICIPANTS}",
-    f"federation.min_participants={PARTICIPANTS // 2}",
     "federation.rounds=6",
     "federation.fraction=1.0",
 ]

@@ -25,7 +25,7 @@ from coordinator.outputs import RunDirectory
 from coordinator.secure import gather_secure, run_tag
 from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
-from fedlora.aggregate.robust import make_rule
+from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.config import Config
@@ -192,8 +192,8 @@ class Coordinator:
             return "revoked (robust.revoked)"
         return f"quarantined: {self.reputation.quarantined[name]}" if name in self.reputation.quarantined else ""
 
-    def screen(self, gathered: Gathered) -> None:
-        """Set aside units that cannot be combined; their members are skipped with the reason."""
+    def screen(self, gathered: Gathered) -> int:
+        """Set aside units that cannot be combined (their members skipped with the reason); how many."""
         # Under DP no norm screening: whether one unit is set aside would depend on the others' norms.
         ratio = 0.0 if self.dp else self.cfg.robust.max_norm_ratio
         # Secure sums under distributed DP carry noise, so their means may exceed the clip bound.
@@ -202,11 +202,13 @@ class Coordinator:
         out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
         gathered.included = [m for m in gathered.included if m.name not in out]
         gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]
+        return len(rejected)
 
     def apply(self, server_round: int, sampled: int, gathered: Gathered) -> dict[str, Any]:
         """Combine the round's units, move the global adapter, and build the metrics row."""
         fed = self.cfg.federation
-        self.screen(gathered)
+        screened = self.screen(gathered)
+        rule, fallback = rule_after_screening(self.rule, len(gathered.units), screened)
         for rejection in gathered.skipped:
             log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
         row: dict[str, Any] = {
@@ -218,18 +220,20 @@ class Coordinator:
             "bytes_up": gathered.bytes_up,
             **gathered.row,
         }
-        if gathered.units and len(gathered.units) < self.rule.min_units():  # dropouts left too few units
-            gathered.aborted.append(f"{len(gathered.units)} units arrived, robust.rule {self.rule.name!r} needs {self.rule.min_units()}")
+        if fallback:
+            row["robust_fallback"] = fallback
+        if gathered.units and len(gathered.units) < rule.min_units():  # dropouts or screening left too few units
+            gathered.aborted.append(f"{len(gathered.units)} units left, robust.rule {rule.name!r} needs {rule.min_units()}")
         if gathered.aborted:
             row["aborted"] = "; ".join(gathered.aborted)
-        if len(gathered.included) < fed.min_participants or len(gathered.units) < self.rule.min_units():
+        if len(gathered.included) < fed.min_participants or len(gathered.units) < rule.min_units():
             row["applied"] = False
             log.warning(
                 "round %d: %d valid updates (< min_participants=%d); global adapter unchanged%s",
                 server_round, len(gathered.included), fed.min_participants, f" ({row['aborted']})" if gathered.aborted else "",
             )
             return row
-        combined = combine_units(gathered.units, self.rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
+        combined = combine_units(gathered.units, rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
         step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector

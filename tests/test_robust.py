@@ -295,3 +295,16 @@ def test_a_participant_clips_its_upload_to_robust_clip_norm_whenever_a_bound_is_
     norm = float(np.linalg.norm(upload))
     assert upload.dtype == np.float32
     assert (norm <= 0.01 * (1 + 1e-6)) if clipped else (norm > 0.01)
+
+
+def test_after_screening_the_rule_falls_back_to_the_mean_only_when_screening_removed_every_tolerated_adversary() -> None:
+    from fedlora.aggregate.robust import rule_after_screening
+
+    krum = make_rule("multi-krum:2")  # tolerates 2 adversarial units, needs 7
+    rule, why = rule_after_screening(krum, kept=4, screened=3)
+    assert rule.name == "mean" and "set aside 3 of 7" in why and "multi-krum:2" in why
+    assert rule_after_screening(krum, kept=5, screened=1) == (krum, "")  # one left unaccounted for: the round is skipped
+    assert rule_after_screening(krum, kept=7, screened=2) == (krum, "")  # enough units: the rule runs
+    median = make_rule("median")
+    assert rule_after_screening(median, kept=2, screened=2)[0].name == "mean"  # 4 units tolerate 1; 2 were set aside
+    assert rule_after_screening(median, kept=0, screened=3) == (median, "")

@@ -107,6 +107,26 @@ def check_rule_fits(rule: RobustRule, units: int) -> None:
         )
 
 
+def rule_after_screening(rule: RobustRule, kept: int, screened: int) -> tuple[RobustRule, str]:
+    """The rule for the `kept` units that screening left, and why it changed ('' if it did not).
+
+    Screening sets aside units that cannot hold only honest, clipped updates. When it set aside
+    at least as many units as the rule tolerates adversaries among all of them, the adversaries
+    the rule was chosen for are already gone, and the rest are combined by their mean, even if
+    too few remain for the rule (which would otherwise leave the adapter unchanged every round
+    an attacker is caught). Otherwise the rule stays, and too few units still skip the round.
+    """
+    if kept >= rule.min_units() or kept == 0 or screened == 0:
+        return rule, ""
+    tolerated = rule.breakdown(kept + screened)
+    if screened < tolerated:
+        return rule, ""
+    return MeanRule(), (
+        f"screening set aside {screened} of {kept + screened} units, at least the {tolerated} adversarial units "
+        f"robust.rule {rule.name!r} tolerates; the other {kept} are combined by their mean"
+    )
+
+
 def _prepare(rule: RobustRule, means: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """Validate the units; return the weights as float64."""
     if len(means) == 0:
