@@ -95,3 +95,9 @@ def test_each_participants_local_epsilon_is_reported_in_the_round_row(tmp_path: 
     units = single_units([m.name for m in members], [np.zeros(coordinator.server_length)] * 3, [10] * 3)
     row = coordinator.apply(1, 3, Gathered(units, members, []))
     assert row["local_epsilon"] == {"participant-0": 0.5, "participant-1": 1.5, "participant-2": 2.5}
+
+
+def test_central_dp_adds_noise_of_std_z_c_to_the_sum_and_divides_by_the_expected_count() -> None:
+    cfg = load_config(None, [*SMALL, *DP, "privacy.noise_multiplier=1.7", "robust.clip_norm=0.3"])
+    noisy = UserLevelDP(cfg).noisy
+    assert noisy.noise_std == pytest.approx(1.7 * 0.3) and noisy.expected_count == pytest.approx(0.5 * 4)
