@@ -6,6 +6,7 @@ at most the round in flight.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ import numpy as np
 from peft import PeftConfig
 
 from fedlora.adapter import AdapterLayout, save_peft_dir
+from fedlora.audit import AuditLog
 from fedlora.config import Config
 
 
@@ -32,6 +34,9 @@ class RunDirectory:
         (self.path / "config.toml").write_text(config.to_toml())
         self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.write_text("")
+        (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
+        self.audit = AuditLog(self.path / "audit.jsonl")
+        self.audit.append({"event": "run", "config_sha256": hashlib.sha256(config.to_toml().encode()).hexdigest()})
 
     def write_json(self, name: str, payload: Any) -> None:
         (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")

@@ -9,6 +9,7 @@ pipeline"). The math of each stage is a function in `fedlora/`; this file only s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -180,6 +181,17 @@ class Coordinator:
             log.warning("round %d: quarantined %s", server_round, ", ".join(quarantined))
         row.update(self.evaluate(nodes, server_round))
         row["seconds"] = round(time.monotonic() - started, 3)
+        self.out.audit.append({
+            "event": "round",
+            "round": server_round,
+            "sampled": [self.name(n) for n in sampled],
+            "answered": [m.name for m in gathered.included],
+            "buckets": [b["members"] for b in row.get("secagg", {}).get("buckets", [])],
+            "skipped": row["skipped"],
+            "applied": row.get("applied", False),
+            "epsilon": row.get("epsilon"),
+            "adapter_sha256": hashlib.sha256(self.adapter.vector.tobytes()).hexdigest(),
+        })
         return row
 
     def eligible(self, nodes: list[int]) -> list[int]:
@@ -262,6 +274,7 @@ class Coordinator:
             if stop:
                 log.warning("stopping before round %d: %s", server_round, stop)
                 self.out.append_metrics({"round": server_round, "stopped": stop})
+                self.out.audit.append({"event": "stopped", "round": server_round, "reason": stop})
                 break
             row = self.run_round(server_round)
             self.out.append_metrics(row)

@@ -1,4 +1,4 @@
-"""The `fedlora` command: simulate a federation, list options and datasets."""
+"""The `fedlora` command: simulate a federation, list options and datasets, verify an audit log."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from fedlora.audit import verify
+
+    problems, last = verify(Path(args.path))
+    for problem in problems:
+        print(f"{args.path}: {problem}")
+    if problems:
+        return 1
+    print(f"{args.path}: chain intact; last hash {last}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA/QLoRA fine-tuning on Flower.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = commands.add_parser("datasets", help="list the built-in clinical tasks")
     datasets.set_defaults(handler=_datasets)
+
+    audit = commands.add_parser("audit", help="check a run's hash-chained audit log").add_subparsers(dest="action", required=True)
+    audit_verify = audit.add_parser("verify", help="detect an edited, reordered or removed record")
+    audit_verify.add_argument("path", help="the audit log (a run directory's audit.jsonl)")
+    audit_verify.set_defaults(handler=_audit_verify)
     return parser
 
 

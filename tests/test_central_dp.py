@@ -84,6 +84,12 @@ def test_a_run_reports_epsilon_per_round_and_stops_before_its_budget(tmp_path: P
     assert [r["epsilon"] for r in rows[1:3]] == pytest.approx(eps[:2], rel=1e-9)
     assert "privacy budget" in rows[3]["stopped"] and "epsilon_budget" in rows[3]["stopped"]
     assert all(r["epsilon"] <= budget for r in rows[1:3])
+    from fedlora.audit import read_records, verify
+
+    assert verify(tmp_path / "audit.jsonl")[0] == []  # the run's audit log: intact, with epsilon and the stop
+    events = read_records(tmp_path / "audit.jsonl")
+    assert [e["event"] for e in events] == ["run", "round", "round", "stopped"]
+    assert [e["epsilon"] for e in events[1:3]] == pytest.approx(eps[:2], rel=1e-9) and len(events[1]["adapter_sha256"]) == 64
 
 
 def test_each_participants_local_epsilon_is_reported_in_the_round_row(tmp_path: Path) -> None:
