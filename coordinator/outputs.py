@@ -18,6 +18,7 @@ from peft import PeftConfig
 
 from fedlora.adapter import AdapterLayout, save_peft_dir
 from fedlora.audit import AuditLog
+from fedlora.registry import load_or_create_key, sign_adapter
 from fedlora.config import Config
 
 
@@ -36,7 +37,10 @@ class RunDirectory:
         self.metrics_path.write_text("")
         (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
         self.audit = AuditLog(self.path / "audit.jsonl")
-        self.audit.append({"event": "run", "config_sha256": hashlib.sha256(config.to_toml().encode()).hexdigest()})
+        self.config_sha256 = hashlib.sha256(config.to_toml().encode()).hexdigest()
+        self.audit.append({"event": "run", "config_sha256": self.config_sha256})
+        # Simulation: a key per run directory; `coordinator.pub` beside it verifies the adapters.
+        self.signing_key = load_or_create_key(self.path / "coordinator.key")
 
     def write_json(self, name: str, payload: Any) -> None:
         (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")
@@ -45,8 +49,14 @@ class RunDirectory:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row, allow_nan=True) + "\n")
 
-    def save_adapter(self, server_round: int, vector: np.ndarray, layout: AdapterLayout, peft_config: PeftConfig) -> Path:
-        return save_peft_dir(self.path / "adapters" / f"round-{server_round:04d}", vector, layout, peft_config)
+    def save_adapter(
+        self, server_round: int, vector: np.ndarray, layout: AdapterLayout, peft_config: PeftConfig, facts: dict[str, Any]
+    ) -> Path:
+        """The round's adapter as a PEFT directory with a manifest signed by the run's key."""
+        directory = save_peft_dir(self.path / "adapters" / f"round-{server_round:04d}", vector, layout, peft_config)
+        parent = f"round-{server_round - 1:04d}" if server_round > 0 else None
+        sign_adapter(directory, self.signing_key, {"round": server_round, "parent": parent, "config_sha256": self.config_sha256, **facts})
+        return directory
 
     def publish_final(self, source: Path) -> Path:
         final = self.path / "adapters" / "final"

@@ -181,7 +181,7 @@ class Coordinator:
             log.warning("round %d: quarantined %s", server_round, ", ".join(quarantined))
         row.update(self.evaluate(nodes, server_round))
         row["seconds"] = round(time.monotonic() - started, 3)
-        self.out.audit.append({
+        self.round_record = self.out.audit.append({
             "event": "round",
             "round": server_round,
             "sampled": [self.name(n) for n in sampled],
@@ -259,6 +259,18 @@ class Coordinator:
             row["local_epsilon"] = local
         return row
 
+    def version_facts(self, row: dict[str, Any]) -> dict[str, Any]:
+        """What an adapter version's signed manifest states besides its round and config."""
+        answered = self.round_record["answered"] if row["round"] > 0 else []
+        return {
+            "base_model": self.cfg.model.name,
+            # Under DP who took part is what Poisson sampling hides: only the count is published.
+            "participants": len(answered) if self.dp else answered,
+            "epsilon": row.get("epsilon"),
+            "delta": row.get("delta"),
+            "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", "train_loss") if key in row},
+        }
+
     def run(self, grid: Grid) -> list[dict[str, Any]]:
         self.grid = grid
         fed = self.cfg.federation
@@ -268,7 +280,7 @@ class Coordinator:
         baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, **self.evaluate(nodes, 0)}
         self.out.append_metrics(baseline)
         log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
-        latest = self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config)
+        latest = self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
         for server_round in range(1, fed.rounds + 1):
             stop = self.dp.stop_reason() if self.dp else ""
             if stop:
@@ -278,7 +290,7 @@ class Coordinator:
                 break
             row = self.run_round(server_round)
             self.out.append_metrics(row)
-            latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config)
+            latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(row))
             log.info(
                 "round %d/%d: %d/%d participants, train_loss %s, eval_loss %.4f, eval_accuracy %.3f, %.1f s",
                 server_round, fed.rounds, row["participants"], row["sampled"],

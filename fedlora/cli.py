@@ -55,6 +55,22 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_verify(args: argparse.Namespace) -> int:
+    from fedlora.registry import verify_adapter
+
+    directory = Path(args.directory)
+    key = Path(args.public_key) if args.public_key else directory.parent.parent / "coordinator.pub"
+    if not key.is_file():
+        raise FileNotFoundError(f"no trusted public key at {key}; pass --public-key (the coordinator's coordinator.pub)")
+    problems = verify_adapter(directory, key.read_bytes())
+    for problem in problems:
+        print(f"{directory}: {problem}")
+    if problems:
+        return 1
+    print(f"{directory}: signature and file hashes verify against {key}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA/QLoRA fine-tuning on Flower.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify = audit.add_parser("verify", help="detect an edited, reordered or removed record")
     audit_verify.add_argument("path", help="the audit log (a run directory's audit.jsonl)")
     audit_verify.set_defaults(handler=_audit_verify)
+
+    adapter = commands.add_parser("adapter", help="check a signed adapter version").add_subparsers(dest="action", required=True)
+    adapter_verify = adapter.add_parser("verify", help="check an adapter directory's signature and file hashes")
+    adapter_verify.add_argument("directory", help="an adapter directory with manifest.json (e.g. runs/x/adapters/final)")
+    adapter_verify.add_argument("--public-key", help="the coordinator's public key (default: coordinator.pub of the run directory)")
+    adapter_verify.set_defaults(handler=_adapter_verify)
     return parser
 
 
