@@ -66,22 +66,17 @@ def combine_units(
     """
     if not units:
         raise ValueError("no units to combine")
-    means = [unit.mean for unit in units]
     rule = rule or MeanRule()
-    metrics: dict[str, Any] = {}
-    if noisy is not None:
+    if noisy is not None:  # no per-unit norms: they would be released without noise
         if rule.name != "mean" or rng is None:
             raise ValueError(f"DP needs the mean rule and a noise generator, got rule {rule.name!r}")
         contributions = [noisy.clip_one(unit.mean) if len(unit.members) == 1 else unit.total for unit in units]
-        delta = noisy.estimate(contributions, rng).astype(np.float32)
-        metrics["dp"] = {"noise_std": noisy.noise_std, "expected_count": noisy.expected_count, "clip_norm": noisy.clip_norm}
-    else:
-        result = rule.aggregate(means, [unit.weight for unit in units])
-        delta = result.vector
-        if rule.name != "mean":
-            metrics["robust"] = {"rule": rule.name, **result.metrics}
-    if noisy is not None:  # per-unit norms would be released without noise
-        return Combined(delta, metrics)
+        dp = {"noise_std": noisy.noise_std, "expected_count": noisy.expected_count, "clip_norm": noisy.clip_norm}
+        return Combined(noisy.estimate(contributions, rng).astype(np.float32), {"dp": dp})
+    means = [unit.mean for unit in units]
+    result = rule.aggregate(means, [unit.weight for unit in units])
+    delta = result.vector
+    metrics: dict[str, Any] = {} if rule.name == "mean" else {"robust": {"rule": rule.name, **result.metrics}}
     diagnostics = update_diagnostics(means, delta)
     if all(len(unit.members) == 1 for unit in units):
         metrics["participant_updates"] = [{"participant": u.members[0], **d} for u, d in zip(units, diagnostics)]
