@@ -1,7 +1,9 @@
 """The run directory: resolved config, one metrics line per round, PEFT adapters, a plot.
 
 Each round's line is appended and flushed before the next round starts, so a crash loses
-at most the round in flight.
+at most the round in flight. A resumed run (`resume=True`) keeps everything up to the
+checkpoint's round: later metrics rows (the round that was cut short) are dropped, a torn
+last audit line is cut off, and the audit chain goes on with a `resumed` record saying so.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from peft import PeftConfig
 
 from fedlora.adapter import AdapterLayout, save_peft_dir
+from fedlora.atomic import write_bytes_atomic
 from fedlora.audit import AuditLog
 from fedlora.registry import load_or_create_key, sign_adapter
 from fedlora.config import Config
@@ -28,19 +31,48 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def cut_torn_tail(path: Path) -> int:
+    """Drop an unterminated last line (a write cut by a crash); returns the bytes dropped."""
+    content = path.read_bytes() if path.is_file() else b""
+    if not content or content.endswith(b"\n"):
+        return 0
+    kept = content[: content.rfind(b"\n") + 1]
+    write_bytes_atomic(path, kept)
+    return len(content) - len(kept)
+
+
 class RunDirectory:
-    def __init__(self, path: Path, config: Config) -> None:
+    def __init__(self, path: Path, config: Config, signing_key: Path | None = None, resume: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.toml").write_text(config.to_toml())
         self.metrics_path = self.path / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
-        self.audit = AuditLog(self.path / "audit.jsonl")
         self.config_sha256 = hashlib.sha256(config.to_toml().encode()).hexdigest()
-        self.audit.append({"event": "run", "config_sha256": self.config_sha256})
-        # Simulation: a key per run directory; `coordinator.pub` beside it verifies the adapters.
-        self.signing_key = load_or_create_key(self.path / "coordinator.key")
+        if not resume:
+            (self.path / "config.toml").write_text(config.to_toml())
+            self.metrics_path.write_text("")
+            (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
+        self.torn_audit_bytes = cut_torn_tail(self.path / "audit.jsonl")
+        self.audit = AuditLog(self.path / "audit.jsonl")
+        if not resume:
+            self.audit.append({"event": "run", "config_sha256": self.config_sha256})
+        # Simulation: a key per run directory; a deployment passes the coordinator's own key.
+        self.signing_key = load_or_create_key(signing_key or self.path / "coordinator.key")
+
+    def resume_at(self, server_round: int) -> list[int]:
+        """Keep the metrics of rounds up to `server_round`, record the resumption; the rounds dropped."""
+        cut_torn_tail(self.metrics_path)
+        rows = read_metrics(self.path)
+        kept = [row for row in rows if row["round"] <= server_round and "stopped" not in row]
+        dropped = sorted({row["round"] for row in rows} - {row["round"] for row in kept})
+        write_bytes_atomic(self.metrics_path, "".join(json.dumps(row, allow_nan=True) + "\n" for row in kept).encode())
+        self.audit.append({
+            "event": "resumed",
+            "from_round": server_round,
+            "config_sha256": self.config_sha256,
+            "dropped_rounds": dropped,
+            "torn_audit_bytes": self.torn_audit_bytes,
+        })
+        return dropped
 
     def write_json(self, name: str, payload: Any) -> None:
         (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")
@@ -53,7 +85,10 @@ class RunDirectory:
         self, server_round: int, vector: np.ndarray, layout: AdapterLayout, peft_config: PeftConfig, facts: dict[str, Any]
     ) -> Path:
         """The round's adapter as a PEFT directory with a manifest signed by the run's key."""
-        directory = save_peft_dir(self.path / "adapters" / f"round-{server_round:04d}", vector, layout, peft_config)
+        directory = self.path / "adapters" / f"round-{server_round:04d}"
+        if directory.exists():  # left half-written by a round a crash cut short
+            shutil.rmtree(directory)
+        directory = save_peft_dir(directory, vector, layout, peft_config)
         parent = f"round-{server_round - 1:04d}" if server_round > 0 else None
         sign_adapter(directory, self.signing_key, {"round": server_round, "parent": parent, "config_sha256": self.config_sha256, **facts})
         return directory

@@ -1,9 +1,14 @@
 """The coordinator's round loop, as named stages over Flower messages.
 
 sample -> send global -> gather units (plaintext: simulated attacks, screen; secure: SecAgg+
-per bucket) -> combine units -> server step -> evaluate -> write. Plaintext and secure rounds
-differ only in the gatherer; everything after it is one path (DESIGN.md, "The round
-pipeline"). The math of each stage is a function in `fedlora/`; this file only sequences it.
+per bucket) -> combine units -> server step -> evaluate -> write -> checkpoint. Plaintext and
+secure rounds differ only in the gatherer; everything after it is one path (DESIGN.md, "The
+round pipeline"). The math of each stage is a function in `fedlora/`; this file only sequences it.
+
+Deployed (`deployment` = the coordinator directory), participants are named by their
+registration (coordinator/participants.py) and the run resumes from its last checkpoint
+(coordinator/checkpoint.py): Flower cannot resume a run, so `--resume` starts a new run that
+continues from the last completed round, with ε, reputation and optimiser state as they were.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +27,10 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from coordinator.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from coordinator.gather import Gathered, Member, Rejection, gather_plaintext, read_train_replies
 from coordinator.outputs import RunDirectory
+from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag
 from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
@@ -70,21 +78,36 @@ def sample_nodes(nodes: list[int], cfg: Config, server_round: int) -> list[int]:
 
 
 def exchange(grid: Grid, nodes: list[int], content_fn, message_type: str, server_round: int, timeout_s: float) -> dict[int, Message | None]:
-    """Send one message per node and collect replies; a node that did not answer maps to None."""
+    """Send one message per node and collect replies; a node that did not answer maps to None.
+
+    A reply is taken only from the node the request went to and only in answer to it; anything
+    else (a reply to another round's message, a second reply) is refused and logged.
+    """
     messages = [Message(content_fn(), dst_node_id=node, message_type=message_type, group_id=str(server_round)) for node in nodes]
-    replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout_s)}
+    received = list(grid.send_and_receive(messages, timeout=timeout_s))
+    sent = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}  # ids are set on sending
+    replies: dict[int, Message] = {}
+    for reply in received:
+        node = reply.metadata.src_node_id
+        if sent.get(reply.metadata.reply_to_message_id) != node or node in replies:
+            log.warning("round %d: refused a %s reply from node %d that answers no open request of this round", server_round, message_type, node)
+            continue
+        replies[node] = reply
     return {node: replies.get(node) for node in nodes}
 
 
 class Coordinator:
     """Runs the configured rounds on a Grid and writes everything to a run directory."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, deployment: Path | None = None, resume: bool = False) -> None:
         self.cfg = cfg
         self.config_toml = cfg.to_toml()
-        self.out = RunDirectory(run_dir, cfg)
+        self.deployment = Path(deployment) if deployment else None
+        self.book = ParticipantBook(self.deployment / BOOK) if self.deployment else None
+        self.out = RunDirectory(run_dir, cfg, self.deployment / "coordinator.key" if self.deployment else None, resume)
         self.adapter = initial_adapter(cfg)
         self.names: dict[int, str] = {}
+        self.completed = -1  # the last round whose adapter and checkpoint are written
         sim = cfg.simulation
         self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
         self.attack = resolve_attack(sim.attack) if self.adversaries else None
@@ -100,8 +123,44 @@ class Coordinator:
         if self.dp and self.dp.planned < fed.rounds:
             log.warning("privacy.epsilon_budget=%g allows %d of the %d planned rounds", cfg.privacy.epsilon_budget, self.dp.planned, fed.rounds)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
+        if resume:
+            self.restore(load_checkpoint(self.out.path / CHECKPOINT))
+
+    def checkpoint(self, server_round: int) -> None:
+        """Everything the next round depends on, written atomically once the round's adapter is out."""
+        save_checkpoint(self.out.path / CHECKPOINT, {
+            "round": server_round,
+            "config_sha256": self.out.config_sha256,
+            "adapter": self.adapter.vector,
+            "server_optimizer": self.server_optimizer.state_dict(),
+            "reputation": self.reputation.state_dict(),
+            "privacy": self.dp.state_dict() if self.dp else None,
+            "audit_last": self.out.audit.last,
+        })
+        self.completed = server_round
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint of the same run configuration (ValueError otherwise)."""
+        if state["config_sha256"] != self.out.config_sha256:
+            raise ValueError(
+                f"the checkpoint in {self.out.path} is of another configuration (sha256 {state['config_sha256'][:12]}…, "
+                f"this one {self.out.config_sha256[:12]}…); resume with the run's own config.toml or start a new run"
+            )
+        check = np.asarray(state["adapter"], dtype=np.float32)
+        if check.shape != self.adapter.vector.shape:
+            raise ValueError(f"the checkpoint's adapter has {check.size} values, this configuration's {self.adapter.vector.size}")
+        self.adapter.vector = check
+        self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.reputation.load_state_dict(state["reputation"])
+        if self.dp:
+            self.dp.load_state_dict(state["privacy"])
+        self.completed = int(state["round"])
+        dropped = self.out.resume_at(self.completed)
+        log.info("resuming after round %d%s", self.completed, f" (round {dropped} was cut short and runs again)" if dropped else "")
 
     def name(self, node: int, metrics: dict[str, float] | None = None) -> str:
+        if self.book:  # deployed: the name the operator registered for this authenticated node
+            return self.book.name_of(node) or f"unregistered-node-{node}"
         if metrics and "partition_id" in metrics and metrics["partition_id"] >= 0:
             self.names[node] = f"participant-{int(metrics['partition_id'])}"
         return self.names.get(node, f"node-{node}")
@@ -157,6 +216,8 @@ class Coordinator:
     def run_round(self, server_round: int) -> dict[str, Any]:
         started = time.monotonic()
         fed, sec = self.cfg.federation, self.cfg.secagg
+        if self.book:  # registrations and revocations made since the last round take effect now
+            self.book = ParticipantBook(self.book.path)
         nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
         sampled = self.dp.sample(self.eligible(nodes)) if self.dp else sample_nodes(self.eligible(nodes), self.cfg, server_round)
@@ -202,6 +263,10 @@ class Coordinator:
         """Why `name` may not take part ('' if it may): revoked by the operator, or quarantined."""
         if name in self.cfg.robust.revoked:
             return "revoked (robust.revoked)"
+        if self.book and name in self.book.revoked():
+            return f"revoked by the operator: {self.book.revoked()[name]}"
+        if self.book and name.startswith("unregistered-node-"):
+            return "not registered with this coordinator"
         return f"quarantined: {self.reputation.quarantined[name]}" if name in self.reputation.quarantined else ""
 
     def screen(self, gathered: Gathered) -> int:
@@ -264,6 +329,7 @@ class Coordinator:
         answered = self.round_record["answered"] if row["round"] > 0 else []
         return {
             "base_model": self.cfg.model.name,
+            "base_model_sha256": self.cfg.model.sha256,
             # Under DP who took part is what Poisson sampling hides: only the count is published.
             "participants": len(answered) if self.dp else answered,
             "epsilon": row.get("epsilon"),
@@ -274,14 +340,19 @@ class Coordinator:
     def run(self, grid: Grid) -> list[dict[str, Any]]:
         self.grid = grid
         fed = self.cfg.federation
+        if self.deployment:  # which process holds the round loop, for the operator (and a kill -9 test)
+            (self.out.path / "coordinator.pid").write_text(f"{os.getpid()}\n")
         nodes = wait_for_nodes(grid, fed.min_participants, fed.timeout_s)
         if len(nodes) < fed.min_participants:
             raise RuntimeError(f"only {len(nodes)} participants connected within {fed.timeout_s:g} s; need federation.min_participants={fed.min_participants}")
-        baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, **self.evaluate(nodes, 0)}
-        self.out.append_metrics(baseline)
-        log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
-        latest = self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
-        for server_round in range(1, fed.rounds + 1):
+        if self.completed < 0:
+            baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, **self.evaluate(nodes, 0)}
+            self.out.append_metrics(baseline)
+            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
+            self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
+            self.checkpoint(0)
+        latest = self.out.path / "adapters" / f"round-{self.completed:04d}"
+        for server_round in range(self.completed + 1, fed.rounds + 1):
             stop = self.dp.stop_reason() if self.dp else ""
             if stop:
                 log.warning("stopping before round %d: %s", server_round, stop)
@@ -291,6 +362,7 @@ class Coordinator:
             row = self.run_round(server_round)
             self.out.append_metrics(row)
             latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(row))
+            self.checkpoint(server_round)
             log.info(
                 "round %d/%d: %d/%d participants, train_loss %s, eval_loss %.4f, eval_accuracy %.3f, %.1f s",
                 server_round, fed.rounds, row["participants"], row["sampled"],

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.config import ConfigError, describe_options, load_config
+from fedlora.config import ConfigError, describe_options, load_config, options_markdown
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -27,7 +27,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    if args.config or args.overrides:
+    if args.markdown:
+        if args.config or args.overrides:
+            raise ConfigError("--markdown documents the defaults; it takes no --config or section.key=value overrides")
+        print(options_markdown(), end="")
+    elif args.config or args.overrides:
         print(load_config(args.config, args.overrides).to_toml(), end="")
     else:
         print(describe_options())
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="list every option, or print a resolved config")
     config.add_argument("--config", help="TOML config file to resolve")
+    config.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the configuration reference as Markdown (fedlora config --markdown > docs/configuration.md)",
+    )
     config.add_argument("overrides", nargs="*", metavar="section.key=value")
     config.set_defaults(handler=_config)
 

