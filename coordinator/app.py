@@ -1,7 +1,8 @@
 """Flower ServerApp of the coordinator, for `flwr run .` and for `fedlora simulate`.
 
 With `flwr run`, the run config carries fedlora keys as "section.key" plus optional
-"config-file" (a TOML loaded first) and "out" (the run directory).
+"config-file" (a TOML loaded first), "out" (the run directory), and for a deployed coordinator
+"coordinator-dir" (its directory: registered participants, signing key) and "resume".
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     flat = dict(context.run_config)
     run_dir = Path(str(flat.pop("out", "") or f"runs/run-{context.run_id}"))
-    Coordinator(config_from_flat(flat), run_dir).run(grid)
+    deployment = str(flat.pop("coordinator-dir", "") or "")
+    resume = bool(flat.pop("resume", False))
+    Coordinator(config_from_flat(flat), run_dir, Path(deployment) if deployment else None, resume).run(grid)
 
 
 def make_server_app(cfg: Config, run_dir: Path, failures: list[BaseException]) -> ServerApp:

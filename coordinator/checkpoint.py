@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,5 +65,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as stored:
             return _join_arrays(json.loads(stored[_STATE].tobytes()), stored)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # a torn zip is BadZipFile, an empty file EOFError
         raise ValueError(f"{path} is not a readable checkpoint: {err}") from err

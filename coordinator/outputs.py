@@ -58,8 +58,11 @@ class RunDirectory:
         # Simulation: a key per run directory; a deployment passes the coordinator's own key.
         self.signing_key = load_or_create_key(signing_key or self.path / "coordinator.key")
 
-    def resume_at(self, server_round: int) -> list[int]:
-        """Keep the metrics of rounds up to `server_round`, record the resumption; the rounds dropped."""
+    def resume_at(self, server_round: int, counted: list[int]) -> list[int]:
+        """Keep the metrics of rounds up to `server_round`, record the resumption; the rounds dropped.
+
+        `counted`: cut-short rounds whose privacy cost stays in the accountant (they released a result).
+        """
         cut_torn_tail(self.metrics_path)
         rows = read_metrics(self.path)
         kept = [row for row in rows if row["round"] <= server_round and "stopped" not in row]
@@ -70,6 +73,7 @@ class RunDirectory:
             "from_round": server_round,
             "config_sha256": self.config_sha256,
             "dropped_rounds": dropped,
+            "privacy_counted_rounds": counted,
             "torn_audit_bytes": self.torn_audit_bytes,
         })
         return dropped

@@ -37,6 +37,7 @@ from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_s
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
+from fedlora.audit import read_records
 from fedlora.config import Config
 from fedlora.model import load_model
 from fedlora.privacy.user_level import UserLevelDP
@@ -152,10 +153,18 @@ class Coordinator:
         self.adapter.vector = check
         self.server_optimizer.load_state_dict(state["server_optimizer"])
         self.reputation.load_state_dict(state["reputation"])
+        self.completed = int(state["round"])
+        records = read_records(self.out.path / "audit.jsonl")
+        if state["audit_last"] not in {record["hash"] for record in records}:
+            raise ValueError(f"{self.out.path / 'audit.jsonl'} lacks the records up to the checkpoint's round {self.completed} (truncated)")
+        # A round cut short after its update was computed (its audit record is written) released a
+        # result that its re-run releases again: both count. One cut short before that released nothing.
+        released = sorted({r["round"] for r in records if r.get("event") == "round" and r["round"] > self.completed and r.get("applied")})
         if self.dp:
             self.dp.load_state_dict(state["privacy"])
-        self.completed = int(state["round"])
-        dropped = self.out.resume_at(self.completed)
+            for _ in released:
+                self.dp.spend()
+        dropped = self.out.resume_at(self.completed, released if self.dp else [])
         log.info("resuming after round %d%s", self.completed, f" (round {dropped} was cut short and runs again)" if dropped else "")
 
     def name(self, node: int, metrics: dict[str, float] | None = None) -> str:

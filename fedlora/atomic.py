@@ -1,38 +1,54 @@
 """Crash-safe file replacement: a reader sees the old content or the new, never a torn file.
 
-The new content goes to a temporary file in the same directory, is flushed to disk, and is
-renamed over the target (rename is atomic on POSIX within one file system); the directory is
-then synced so the rename itself survives a power loss.
+The new content goes to a temporary sibling created with its final permissions (a private key is
+never readable by others, even briefly), is flushed to disk, and is renamed over the target
+(atomic on POSIX within one file system); the directory is then synced so the rename itself
+survives a power loss. `exclusive=True` publishes with a hard link instead, which fails if the
+target appeared meanwhile, so an existing key is never clobbered.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644, *, exclusive: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if exclusive:
+            os.link(temporary, path)
+            os.unlink(temporary)
+        else:
+            os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable; not every platform can open a directory, which is harmless."""
     try:
-        os.fsync(directory)
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
     finally:
-        os.close(directory)
+        os.close(descriptor)
 
 
 def write_json_atomic(path: Path, payload: Any, mode: int = 0o644) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedlora.aggregate.robust import SpecForm, parse_spec
-from fedlora.data import Example
+
+if TYPE_CHECKING:  # the secure-aggregation stages import this module; they need no torch
+    from fedlora.data import Example
 
 Attack = Callable[[np.ndarray, list[np.ndarray], np.random.Generator], np.ndarray]
 

@@ -1,4 +1,4 @@
-"""The `fedlora` command: simulate a federation, list options and datasets, verify an audit log."""
+"""The `fedlora` command: simulate, list options and datasets, verify audit logs and adapters, deploy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from fedlora.config import ConfigError, describe_options, load_config, options_markdown
+from fedlora.deploy_cli import add_adapter_export, add_deploy_commands, add_model_hash
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -60,10 +61,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _adapter_verify(args: argparse.Namespace) -> int:
-    from fedlora.registry import verify_adapter
+    from fedlora.registry import find_public_key, verify_adapter
 
     directory = Path(args.directory)
-    key = Path(args.public_key) if args.public_key else directory.parent.parent / "coordinator.pub"
+    key = Path(args.public_key) if args.public_key else find_public_key(directory)
     if not key.is_file():
         raise FileNotFoundError(f"no trusted public key at {key}; pass --public-key (the coordinator's coordinator.pub)")
     problems = verify_adapter(directory, key.read_bytes())
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_verify.add_argument("directory", help="an adapter directory with manifest.json (e.g. runs/x/adapters/final)")
     adapter_verify.add_argument("--public-key", help="the coordinator's public key (default: coordinator.pub of the run directory)")
     adapter_verify.set_defaults(handler=_adapter_verify)
+    add_adapter_export(adapter)
+    add_model_hash(commands)
+    add_deploy_commands(commands)
     return parser
 
 
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2
 

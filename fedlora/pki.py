@@ -26,8 +26,6 @@ import base64
 import datetime as dt
 import hashlib
 import ipaddress
-import os
-import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -35,6 +33,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedlora.atomic import write_bytes_atomic
 
 CURVE = ec.SECP384R1
 HASH = hashes.SHA384
@@ -80,8 +80,8 @@ def create_ca(directory: Path, name: str = "fedlora coordinator CA", days: int =
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, HASH())
     )
-    _write_atomic(key_path, _private_pem(key), PRIVATE_MODE, exclusive=True)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    write_bytes_atomic(key_path, _private_pem(key), PRIVATE_MODE, exclusive=True)
+    write_bytes_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
     return cert_path
 
 
@@ -119,8 +119,8 @@ def issue_server_certificate(directory: Path, hosts: list[str], days: int = 825)
         .sign(ca_key, HASH())
     )
     key_path, cert_path = directory / SERVER_KEY, directory / SERVER_CERT
-    _write_atomic(key_path, _private_pem(key), PRIVATE_MODE)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    write_bytes_atomic(key_path, _private_pem(key), PRIVATE_MODE)
+    write_bytes_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
     return key_path, cert_path
 
 
@@ -142,8 +142,8 @@ def create_node_key(directory: Path, stem: str = "node") -> tuple[Path, Path]:
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_atomic(key_path, private, PRIVATE_MODE, exclusive=True)
-    _write_atomic(pub_path, public + b"\n", PUBLIC_MODE)
+    write_bytes_atomic(key_path, private, PRIVATE_MODE, exclusive=True)
+    write_bytes_atomic(pub_path, public + b"\n", PUBLIC_MODE)
     return key_path, pub_path
 
 
@@ -239,44 +239,6 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     """Unencrypted PKCS8 PEM: gRPC (the SuperLink) cannot prompt for a passphrase."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def _write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
-    """Write `data` to `path` via a temporary sibling created with `mode` (never wider, even briefly).
-
-    exclusive=True publishes with a hard link, which fails if `path` appeared meanwhile, so a
-    concurrent writer's key is never clobbered; otherwise os.replace swaps the file in atomically.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; not every platform can open a directory, which is harmless."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_days(days: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,23 @@ def verify_adapter(directory: Path, public_key_pem: bytes) -> list[str]:
         elif actual[name] != listed[name]:
             problems.append(f"{name}: its SHA-256 differs from the manifest's (modified)")
     return problems
+
+
+def find_public_key(adapter_directory: Path) -> Path:
+    """The `coordinator.pub` nearest above an adapter version (a simulated run's, or a coordinator's)."""
+    for parent in list(Path(adapter_directory).resolve().parents)[:4]:
+        if (parent / "coordinator.pub").is_file():
+            return parent / "coordinator.pub"
+    raise FileNotFoundError(f"no coordinator.pub above {adapter_directory}; pass --public-key (the coordinator's coordinator.pub)")
+
+
+def export_adapter(source: Path, target: Path, public_key_pem: bytes) -> Path:
+    """Copy a version that verifies as a plain PEFT directory (no manifest) that stock PEFT loads."""
+    problems = verify_adapter(source, public_key_pem)
+    if problems:
+        raise ValueError(f"{source} does not verify, refusing to export it: {'; '.join(problems)}")
+    target = Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty")
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
+    return target

@@ -9,17 +9,17 @@ Poisson batches, one loss per record, and Opacus's per-example clip-and-noise op
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
 from peft import PeftModel
 
 from fedlora.config import PrivacySection, TrainSection
 from fedlora.data import Example, make_batch
-from fedlora.privacy import local_dp
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class TrainResult:
     steps: int
     examples_seen: int
     local_epsilon: float | None = None  # sample-level epsilon spent so far (DP-SGD only)
+
+
+if TYPE_CHECKING:  # opacus (3 s to import) is loaded only when DP-SGD is on
+    from opacus.accountants import RDPAccountant
 
 
 def batches(examples: list[Example], batch_size: int, rng: np.random.Generator):
@@ -61,6 +65,10 @@ def train_local(
     # FedProx (Li et al. 2020): the round's starting point, which the proximal term pulls towards.
     anchor = [p.detach().clone() for p in trainable] if cfg.fedprox_mu > 0 else []
     if dp:  # the noise and the draws come from os.urandom, never from `seed`
+        from opacus.accountants import RDPAccountant
+
+        from fedlora.privacy import local_dp
+
         rate = local_dp.sample_rate(cfg.batch_size, len(examples))
         optimizer = local_dp.private_optimizer(optimizer, privacy, min(cfg.batch_size, len(examples)), device)
         stream = local_dp.poisson_batches(examples, rate, cfg.local_steps, local_dp.unseeded_generator())

@@ -2,6 +2,10 @@
 
 Only the adapter delta (in frozen-a mode: its lora_B part) and counts leave the participant;
 the records stay in its shard.
+
+A deployed SuperNode starts a fresh process for every message, so this module imports the model
+stack (torch, transformers, peft: about 15 s on 2 cores) only in the handlers that train or
+evaluate; the secure-aggregation stages run on numpy and `cryptography` alone.
 """
 
 from __future__ import annotations
@@ -9,12 +13,9 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.adapter import check_vector, load_adapter_vector
 from fedlora.config import Config
-from fedlora.evaluate import evaluate
 from fedlora.wire import Instruction, read_instruction, reply_content
 from participant import secure
-from participant.runtime import get_runtime, train_round
 from participant.site import refuse, site_config, site_of
 
 TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
@@ -51,6 +52,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.secagg.enabled:  # a replayed round is refused before any training
         secure.refuse_replay(context, instruction.server_round, "a train request")
     refuse_stale(context, instruction.server_round)
+    from participant.runtime import get_runtime, train_round
+
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
     if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
@@ -61,6 +64,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     instruction, cfg = checked_instruction(msg, context, "an evaluation request")
+    from fedlora.adapter import check_vector, load_adapter_vector
+    from fedlora.evaluate import evaluate
+    from participant.runtime import get_runtime
+
     runtime = get_runtime(cfg, dict(context.node_config))
     check_vector(instruction.vector, runtime.layout.size, "global adapter")
     load_adapter_vector(runtime.loaded.model, instruction.vector, runtime.layout)

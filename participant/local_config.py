@@ -32,6 +32,15 @@ class SiteSection:
 
 
 @dataclass
+class SupernodeSection:
+    """How the daemon reaches the coordinator (`fedlora participant start`)."""
+
+    superlink: str = _help("The coordinator's SuperLink address, host:port (from its operator).", "")
+    root_certificates: str = _help("The operator's CA certificate (ca.crt): the only authority this site trusts for TLS.", "")
+    runtime_port: int = _help("Local port of this SuperNode's runtime API (distinct per SuperNode on one machine).", 9094)
+
+
+@dataclass
 class LocalModelSection:
     """The base model on this machine; the coordinator cannot point it elsewhere."""
 
@@ -100,6 +109,7 @@ class PolicySection:
 
 LOCAL_SECTIONS: dict[str, type] = {
     "site": SiteSection,
+    "supernode": SupernodeSection,
     "model": LocalModelSection,
     "data": LocalDataSection,
     "privacy": LocalPrivacySection,
@@ -110,6 +120,7 @@ LOCAL_SECTIONS: dict[str, type] = {
 @dataclass
 class LocalConfig:
     site: SiteSection = field(default_factory=SiteSection)
+    supernode: SupernodeSection = field(default_factory=SupernodeSection)
     model: LocalModelSection = field(default_factory=LocalModelSection)
     data: LocalDataSection = field(default_factory=LocalDataSection)
     privacy: LocalPrivacySection = field(default_factory=LocalPrivacySection)
@@ -140,9 +151,9 @@ def policy_violations(run: Config, local: LocalConfig) -> list[str]:
     policy, violations = local.policy, []
     if policy.require_secagg and not run.secagg.enabled:
         violations.append("policy.require_secagg: the round has secure aggregation off, so the update would be sent in the clear")
-    if run.secagg.enabled and run.secagg.bucket_size < policy.min_bucket_size:
+    if run.secagg.enabled and (size := run.secagg.bucket_size or run._sampled_per_round()) < policy.min_bucket_size:  # 0 = one bucket of all sampled
         violations.append(
-            f"policy.min_bucket_size: buckets of {run.secagg.bucket_size} are below this site's minimum of {policy.min_bucket_size}"
+            f"policy.min_bucket_size: buckets of {size} are below this site's minimum of {policy.min_bucket_size}"
         )
     if policy.max_epsilon > 0:
         promised = run.privacy.epsilon_budget if run.privacy.noise_multiplier > 0 else 0.0

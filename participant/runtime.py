@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
 from fedlora.aggregate import make_aggregator
@@ -31,10 +30,13 @@ from fedlora.config import Config
 from fedlora.data import Example, answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
-from fedlora.privacy import local_dp
 from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
 from participant.site import site_of
+
+
+if TYPE_CHECKING:  # opacus (3 s to import) is loaded only when DP-SGD is on
+    from opacus.accountants import RDPAccountant
 
 
 @dataclass
@@ -105,6 +107,8 @@ def accountant_key(cfg: Config, runtime: ParticipantRuntime) -> tuple:
 
 def load_local_accountant(cfg: Config, runtime: ParticipantRuntime) -> RDPAccountant:
     state = read_json(runtime.site / "accountant.json") if runtime.site else _ACCOUNTANTS.get(accountant_key(cfg, runtime))
+    from fedlora.privacy import local_dp
+
     return local_dp.load_accountant(state)
 
 
@@ -129,6 +133,8 @@ def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]
 def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, partition_id: int, server_round: int) -> None:
     """Raise before training when this round's DP-SGD steps would take epsilon past the local budget."""
     budget = cfg.privacy.local_epsilon_budget
+    from fedlora.privacy import local_dp
+
     rate = local_dp.sample_rate(cfg.train.batch_size, records)
     planned = local_dp.epsilon_after(accountant, cfg.privacy, rate, cfg.train.local_steps)
     if budget > 0 and planned > budget:

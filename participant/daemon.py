@@ -1,0 +1,88 @@
+"""The hospital's participant directory and its daemon (`fedlora participant init|start`).
+
+    DIR/participant.toml   this site's own configuration and policy (participant/local_config.py)
+    DIR/node.key, node.pub EC P-384 key pair; node.pub goes to the operator to register
+    DIR/events.jsonl       every refused instruction, with the rule it broke
+    DIR/accountant.json    sample-level privacy spent by DP-SGD on this site's records
+    DIR/flwr/              FLWR_HOME of the SuperNode (installed app bundles)
+
+`start` checks the base model's files against the recorded fingerprint, then runs a Flower
+SuperNode with our ClientApp: TLS to the coordinator trusting only the operator's CA,
+authenticated with node.key, and this directory passed as node config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedlora.data import answer_choices, load_examples
+from fedlora.config import ConfigError, DataSection
+from fedlora.model import model_fingerprint
+from fedlora.pki import create_node_key
+from fedlora.service import executable, flower_environment, run_service
+from participant.local_config import (
+    LOCAL_CONFIG,
+    LocalConfig,
+    LocalDataSection,
+    LocalModelSection,
+    PolicySection,
+    SiteSection,
+    SupernodeSection,
+    load_local_config,
+)
+from participant.site import SITE_KEY
+
+# Flower reports a refused node key as "Exit Code: 305" in its log (the process exits with 1).
+REFUSED = {"Exit Code: 305": "the coordinator refused this participant's key: it is not registered (or was revoked); send node.pub to the operator"}
+
+
+def site_examples(local: LocalConfig) -> DataSection:
+    return DataSection(
+        dataset=local.data.path, label_column=local.data.label_column, drop_columns=list(local.data.drop_columns),
+        test_fraction=local.data.test_fraction, max_examples=local.data.max_examples,
+    )  # fmt: skip
+
+
+def init(directory: Path, name: str, data: str, label_column: str, model: str, superlink: str, ca_certificate: Path | None, runtime_port: int) -> LocalConfig:
+    """Create a participant directory: node key pair and participant.toml (labels read from the data)."""
+    directory = Path(directory).resolve()
+    if (directory / LOCAL_CONFIG).exists():
+        raise FileExistsError(f"{directory / LOCAL_CONFIG} exists; edit it instead")
+    data_section = DataSection(dataset=str(Path(data).resolve()) if Path(data).suffix else data, label_column=label_column)
+    labels = answer_choices(load_examples(data_section))
+    if not labels:
+        raise ConfigError(f"{data}: no small set of answers to use as label names; name them in {LOCAL_CONFIG}")
+    local = LocalConfig(
+        site=SiteSection(name=name),
+        supernode=SupernodeSection(superlink=superlink, root_certificates=str(Path(ca_certificate).resolve()) if ca_certificate else "", runtime_port=runtime_port),
+        model=LocalModelSection(path=model, sha256=model_fingerprint(model)),
+        data=LocalDataSection(path=data_section.dataset, label_column=label_column, label_names=labels),
+        policy=PolicySection(),
+    )
+    create_node_key(directory, "node")
+    (directory / LOCAL_CONFIG).write_text(local.to_toml())
+    return local
+
+
+def start(directory: Path) -> int:
+    """Run the SuperNode in the foreground; refuse to start on a changed base model or missing CA."""
+    directory = Path(directory).resolve()
+    local = load_local_config(directory)
+    actual = model_fingerprint(local.model.path)
+    if actual != local.model.sha256:
+        raise ConfigError(f"model.path {local.model.path}: its files have fingerprint {actual}, not the recorded model.sha256 {local.model.sha256}")
+    ca = Path(local.supernode.root_certificates)
+    if not ca.is_file():
+        raise FileNotFoundError(f"supernode.root_certificates: {ca} does not exist (the operator's ca.crt)")
+    if not local.supernode.superlink:
+        raise ConfigError(f"{directory / LOCAL_CONFIG}: supernode.superlink must give the coordinator's host:port")
+    argv = [
+        executable("flower-supernode"),
+        "--superlink", local.supernode.superlink,
+        "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(directory / "node.key"),
+        "--node-config", f"{SITE_KEY}={json.dumps(str(directory))}",
+        "--port", str(local.supernode.runtime_port),  # reconnects without limit when the coordinator restarts
+    ]  # fmt: skip
+    return run_service(argv, flower_environment(directory / "flwr"), REFUSED)
