@@ -327,3 +327,47 @@ def test_the_refusal_reaches_the_coordinator_as_an_error_reply_and_nothing_is_tr
     assert reply.has_error() and "Refusal" in reply.error.reason and "policy.require_secagg" in reply.error.reason
     assert TRAINED not in grid.contexts[NODE].state  # refused before the replay guard recorded the round
     assert [e["event"] for e in events(secure_only_site)] == ["refused"]
+
+
+def test_a_replayed_train_request_is_refused_and_logged(tmp_path: Path) -> None:
+    """A train request for a round this node already trained in this run is a replay."""
+    context = _context(tmp_path)  # no participant.toml needed: the guard acts before training
+    participant_app.refuse_stale(context, 2)
+    for replayed in (2, 1):
+        with pytest.raises(Refusal, match="replay"):
+            participant_app.refuse_stale(context, replayed)
+    participant_app.refuse_stale(context, 3)  # the next round is fine
+    assert [e["event"] for e in events(tmp_path)] == ["refused", "refused"]
+
+
+def test_a_reply_that_answers_no_open_request_is_refused() -> None:
+    """A reply whose reply_to is not one of this round's messages (a closed round's) is dropped."""
+    from coordinator.rounds import exchange
+
+    class ReplayingGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            stale = replies[0]
+            stale.metadata.__dict__["_reply_to_message_id"] = "an-earlier-round's-message"
+            return replies
+
+    grid = ReplayingGrid(participant_app.app, {NODE: {}, NODE + 1: {}})
+    content = lambda: instruction_content(np.zeros(8, dtype=np.float32), 1, "not toml")  # noqa: E731
+    replies = exchange(grid, [NODE, NODE + 1], content, "train", 1, 10.0)
+    assert replies[NODE] is None  # refused: answers nothing this round asked
+    assert replies[NODE + 1] is not None and replies[NODE + 1].has_error()  # a real (error) reply is kept
+
+
+def test_the_deployment_examples_agree_with_each_other() -> None:
+    """examples/deployment: the example site accepts the example run, and refuses it in plaintext."""
+    import tomllib
+
+    from fedlora.config import build_sections
+    from participant.local_config import LOCAL_SECTIONS, LocalConfig
+
+    examples = Path(__file__).parent.parent / "examples" / "deployment"
+    run = load_config(examples / "run.toml")
+    site = LocalConfig(**build_sections(tomllib.loads((examples / "participant.toml").read_text()), LOCAL_SECTIONS))
+    assert policy_violations(run, site) == []
+    plaintext = load_config(examples / "run.toml", ["secagg.enabled=false"])
+    assert [v.split(":")[0] for v in policy_violations(plaintext, site)] == ["policy.require_secagg"]
