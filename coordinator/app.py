@@ -7,6 +7,7 @@ With `flwr run`, the run config carries fedlora keys as "section.key" plus optio
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.app import Context
@@ -18,8 +19,19 @@ from fedlora.config import Config, config_from_flat
 app = ServerApp()
 
 
+def show_progress() -> None:
+    """Round lines on stderr, which `flwr run --stream` shows; a simulation's CLI sets up its own."""
+    logger = logging.getLogger("fedlora")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    show_progress()
     flat = dict(context.run_config)
     run_dir = Path(str(flat.pop("out", "") or f"runs/run-{context.run_id}"))
     deployment = str(flat.pop("coordinator-dir", "") or "")

@@ -50,7 +50,7 @@ class ModelSection:
     quantization: str = _help("Base weights: 'nf4' (4-bit NormalFloat, double quantised), 'int8' or 'none'.", "nf4")
     device: str = _help("'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'.", "auto")
     sha256: str = _help(
-        "Fingerprint of the base model the run is for (`fedlora model-hash <model>`); a deployed participant "
+        "Fingerprint of the base model the run is for (`fedlora model hash <model>`); a deployed participant "
         "whose own base model differs (or whose policy does not allow it) refuses. Empty = not stated.",
         "",
     )

@@ -33,9 +33,16 @@ def instruction_content(vector: np.ndarray, server_round: int, config_toml: str)
     )
 
 
+MAX_CONFIG_BYTES = 64 * 1024  # a resolved config is ~2 KiB; anything far larger is not one
+
+
 def read_instruction(content: RecordDict) -> Instruction:
+    """The instruction in a message; KeyError/ValueError (TOML, config, size) if it is not one."""
     record = content["round"]
-    config = build_config(tomllib.loads(str(record["config_toml"])))
+    text = str(record["config_toml"])
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise ValueError(f"the run configuration is {len(text.encode())} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
+    config = build_config(tomllib.loads(text))
     return Instruction(content["global"]["adapter"].numpy(), int(record["round"]), config)
 
 

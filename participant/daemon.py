@@ -33,8 +33,12 @@ from participant.local_config import (
 )
 from participant.site import SITE_KEY
 
-# Flower reports a refused node key as "Exit Code: 305" in its log (the process exits with 1).
-REFUSED = {"Exit Code: 305": "the coordinator refused this participant's key: it is not registered (or was revoked); send node.pub to the operator"}
+# Flower reports a refused node key and a failed TLS handshake alike ("Exit Code: 305", exit
+# status 1); the TLS failure also names the certificate check, so that line decides which it was.
+REFUSED = {
+    "CERTIFICATE_VERIFY_FAILED": "TLS failed: the coordinator's certificate does not verify with supernode.root_certificates (the operator's ca.crt?)",
+    "Exit Code: 305": "the coordinator refused this participant: its key is not registered (or was revoked; send node.pub to the operator), unless a TLS failure is reported above",
+}
 
 
 def site_examples(local: LocalConfig) -> DataSection:

@@ -32,7 +32,7 @@ from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
 from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
-from participant.site import site_of
+from participant.site import refuse, site_of
 
 
 if TYPE_CHECKING:  # opacus (3 s to import) is loaded only when DP-SGD is on
@@ -130,7 +130,7 @@ def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]
     return flip_labels(runtime.shard.train, runtime.loaded.label_names) if poisoned else runtime.shard.train
 
 
-def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, partition_id: int, server_round: int) -> None:
+def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, runtime: ParticipantRuntime, server_round: int) -> None:
     """Raise before training when this round's DP-SGD steps would take epsilon past the local budget."""
     budget = cfg.privacy.local_epsilon_budget
     from fedlora.privacy import local_dp
@@ -139,8 +139,9 @@ def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, par
     planned = local_dp.epsilon_after(accountant, cfg.privacy, rate, cfg.train.local_steps)
     if budget > 0 and planned > budget:
         spent = accountant.get_epsilon(delta=cfg.privacy.local_delta)
-        raise RuntimeError(
-            f"participant {partition_id} refuses to train round {server_round}: it has spent sample-level epsilon "
+        raise refuse(
+            runtime.site,
+            f"participant {runtime.partition_id} refuses to train round {server_round}: it has spent sample-level epsilon "
             f"{spent:.4g} (delta {cfg.privacy.local_delta:g}) on its records, and this round's {cfg.train.local_steps} "
             f"DP-SGD steps would bring it to {planned:.4g}, past privacy.local_epsilon_budget={budget:g}"
         )
@@ -162,7 +163,7 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     accountant = None
     if cfg.privacy.local_noise_multiplier > 0:
         accountant = load_local_accountant(cfg, runtime)
-        refuse_past_budget(cfg, accountant, len(examples), runtime.partition_id, server_round)
+        refuse_past_budget(cfg, accountant, len(examples), runtime, server_round)
     try:
         result = train_local(
             runtime.loaded.model,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 
 import numpy as np
@@ -44,8 +43,8 @@ from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, array_view, protocol_content, read_meta, read_protocol
 from fedlora.wire import reply_content
+from participant.site import refuse, site_of
 
-log = logging.getLogger("fedlora.participant")
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
 HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, weight reference, DP noise settings
 STATE = "secagg.state"  # ConfigRecord: the ParticipantState of the current instance
@@ -65,11 +64,9 @@ def rounding_key(cfg: Config, server_round: int, partition_id: int) -> bytes:
 
 
 def refuse_replay(context: Context, server_round: int, what: str) -> None:
-    """Refuse (RuntimeError, logged) any request for a round this participant already masked."""
+    """Refuse (RuntimeError, logged, in a deployed participant's events.jsonl too) a request for a round already masked."""
     if MASKED in context.state and server_round in list(context.state[MASKED]["rounds"]):
-        reason = f"refused {what} for round {server_round}: this participant already masked an input for it (replay)"
-        log.warning(reason)
-        raise RuntimeError(reason)
+        raise refuse(site_of(dict(context.node_config)), f"refused {what} for round {server_round}: this participant already masked an input for it (replay)", round=server_round)
 
 
 def _record_masked(context: Context, server_round: int) -> None:

@@ -218,13 +218,15 @@ def test_a_run_killed_after_writing_round_3_drops_that_round_and_its_torn_audit_
     with pytest.raises(RuntimeError, match="killed"):
         coordinator.run(LocalGrid(app, nodes()))
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]  # the row was out, the checkpoint not
+    cut_short = [r for r in read_records(tmp_path / "audit.jsonl") if r["event"] == "round" and r["round"] == 3]
     torn = b'{"event": "round", "round": 4, "se'
     with (tmp_path / "audit.jsonl").open("ab") as handle:
         handle.write(torn)
 
     rows = Coordinator(cfg, tmp_path, resume=True).run(LocalGrid(app, nodes()))
-    # Round 3's update was computed and recorded before the kill: its privacy cost is not forgotten.
-    events = check_resumed_run(cfg, tmp_path, rows, dropped=[3], counted=(3,))
+    # Round 3's update was computed and recorded before the kill: if it was applied (Poisson sampling
+    # may draw too few), it released a result, and its privacy cost is not forgotten.
+    events = check_resumed_run(cfg, tmp_path, rows, dropped=[3], counted=(3,) if cut_short[0]["applied"] else ())
     # The cut-short round's record stays in the chain (it is append-only); the resumption says it was dropped.
     assert [e["event"] for e in events] == ["run", "round", "round", "round", "resumed", "round"]
     assert events[4]["torn_audit_bytes"] == len(torn)

@@ -329,6 +329,13 @@ def test_the_refusal_reaches_the_coordinator_as_an_error_reply_and_nothing_is_tr
     assert [e["event"] for e in events(secure_only_site)] == ["refused"]
 
 
+def test_an_oversized_instruction_is_refused_as_malformed(secure_only_site: Path) -> None:
+    toml = run_config(*SECURE).to_toml() + "\n" + "#" * (80 * 1024)
+    with pytest.raises(Refusal, match="malformed.*over the"):
+        checked_instruction(_message(instruction_content(np.zeros(8, dtype=np.float32), 3, toml)), _context(secure_only_site), "a train request")
+    assert len(events(secure_only_site)) == 1
+
+
 def test_a_replayed_train_request_is_refused_and_logged(tmp_path: Path) -> None:
     """A train request for a round this node already trained in this run is a replay."""
     context = _context(tmp_path)  # no participant.toml needed: the guard acts before training
