@@ -78,6 +78,21 @@ def sample_nodes(nodes: list[int], cfg: Config, server_round: int) -> list[int]:
     return [nodes[i] for i in sorted(rng.choice(len(nodes), size=count, replace=False))]
 
 
+def evaluation_nodes(nodes: list[int], kept: list[int], count: int, seed: int) -> list[int]:
+    """The nodes the global adapter is evaluated on: all of them, or `count` of them.
+
+    The previous evaluation's nodes (`kept`) that are still here stay, and a seeded draw tops
+    them up, so the same participants are evaluated every round and the curve compares like
+    with like.
+    """
+    if count == 0 or len(nodes) <= count:
+        return sorted(nodes)
+    stay = [node for node in kept if node in nodes][:count]
+    pool = sorted(set(nodes) - set(stay))
+    extra = np.random.default_rng([seed, 0xE7A1, len(stay)]).choice(pool, size=count - len(stay), replace=False)
+    return sorted(stay + [int(node) for node in extra])
+
+
 def exchange(grid: Grid, nodes: list[int], content_fn, message_type: str, server_round: int, timeout_s: float) -> dict[int, Message | None]:
     """Send one message per node and collect replies; a node that did not answer maps to None.
 
@@ -109,6 +124,7 @@ class Coordinator:
         self.adapter = initial_adapter(cfg)
         self.names: dict[int, str] = {}
         self.completed = -1  # the last round whose adapter and checkpoint are written
+        self.evaluated: list[int] = []  # the nodes of the last evaluation (federation.eval_participants)
         sim = cfg.simulation
         self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
         self.attack = resolve_attack(sim.attack) if self.adversaries else None
@@ -204,6 +220,8 @@ class Coordinator:
         return [dataclasses.replace(m, vector=attacked[m.name]) for m in members]
 
     def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
+        eligible = [node for node in nodes if not self.excluded(self.name(node))]
+        nodes = self.evaluated = evaluation_nodes(eligible, self.evaluated, self.cfg.federation.eval_participants, self.cfg.federation.seed)
         replies = exchange(grid=self.grid, nodes=nodes, content_fn=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
         rows = []
         for node, reply in replies.items():
@@ -249,7 +267,8 @@ class Coordinator:
         if quarantined:
             row["quarantined"] = {name: self.reputation.quarantined[name] for name in quarantined}
             log.warning("round %d: quarantined %s", server_round, ", ".join(quarantined))
-        row.update(self.evaluate(nodes, server_round))
+        if server_round % fed.eval_every == 0 or server_round == fed.rounds:
+            row.update(self.evaluate(nodes, server_round))
         row["seconds"] = round(time.monotonic() - started, 3)
         self.round_record = self.out.audit.append({
             "event": "round",
@@ -373,9 +392,10 @@ class Coordinator:
             latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(row))
             self.checkpoint(server_round)
             log.info(
-                "round %d/%d: %d/%d participants, train_loss %s, eval_loss %.4f, eval_accuracy %.3f, %.1f s",
-                server_round, fed.rounds, row["participants"], row["sampled"],
-                f"{row['train_loss']:.4f}" if "train_loss" in row else "-", row["eval_loss"], row["eval_accuracy"], row["seconds"],
+                "round %d/%d: %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f s",
+                server_round, fed.rounds, row["participants"], row["sampled"], *(
+                    f"{row[key]:.4f}" if key in row else "-" for key in ("train_loss", "eval_loss", "eval_accuracy")
+                ), row["seconds"],
             )
         self.out.publish_final(latest)
         self.out.plot()

@@ -169,6 +169,12 @@ class FederationSection:
     server_beta1: float = _help("First-moment decay of fedadam/fedyogi.", 0.9)
     server_beta2: float = _help("Second-moment decay of fedadam/fedyogi.", 0.99)
     server_tau: float = _help("Adaptivity floor of fedadam/fedyogi (added to sqrt(v)).", 1e-3)
+    eval_participants: int = _help(
+        "Participants the global adapter is evaluated on: a seeded sample, the same every round so the curve "
+        "is comparable (0 = all). Evaluating all of a large federation every round costs more than training.",
+        50,
+    )
+    eval_every: int = _help("Evaluate every this many rounds (round 0 and the last round always).", 1)
 
     def __post_init__(self) -> None:
         from fedlora.aggregate.server import make_server_optimizer
@@ -182,6 +188,8 @@ class FederationSection:
         _require(0.0 < self.fraction <= 1.0, "federation.fraction", f"must be in (0, 1], got {self.fraction}")
         _require(self.min_participants >= 1, "federation.min_participants", "must be >= 1")
         _require(self.timeout_s > 0, "federation.timeout_s", "must be > 0")
+        _require(self.eval_participants >= 0, "federation.eval_participants", "must be >= 0 (0 = all)")
+        _require(self.eval_every >= 1, "federation.eval_every", f"must be >= 1, got {self.eval_every}")
 
 
 @dataclass

@@ -38,8 +38,8 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
 def run_service(argv: list[str], environment: dict[str, str], explain: dict[str, str] | None = None) -> int:
     """Run a long-lived Flower process in the foreground; SIGTERM/SIGINT reach it; its exit code.
 
-    Its output passes through; when a line contains a key of `explain`, the matching
-    explanation is printed once the process ends (Flower reports some refusals only as text).
+    Its output passes through; once it ends, the explanation of the first key of `explain` (in
+    its order) that some line contained is printed (Flower reports some refusals only as text).
     """
     child = subprocess.Popen(argv, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
 
@@ -64,8 +64,9 @@ def run_service(argv: list[str], environment: dict[str, str], explain: dict[str,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    for note in seen:
-        print(f"fedlora: {note}", file=sys.stderr)
+    first = next((note for note in (explain or {}).values() if note in seen), None)
+    if first:
+        print(f"fedlora: {first}", file=sys.stderr)
     return code
 
 

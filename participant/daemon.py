@@ -37,7 +37,7 @@ from participant.site import SITE_KEY
 # status 1); the TLS failure also names the certificate check, so that line decides which it was.
 REFUSED = {
     "CERTIFICATE_VERIFY_FAILED": "TLS failed: the coordinator's certificate does not verify with supernode.root_certificates (the operator's ca.crt?)",
-    "Exit Code: 305": "the coordinator refused this participant: its key is not registered (or was revoked; send node.pub to the operator), unless a TLS failure is reported above",
+    "Exit Code: 305": "the coordinator refused this participant: its key is not registered (or was revoked); send node.pub to the operator",
 }
 
 

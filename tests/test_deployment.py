@@ -135,11 +135,29 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
         kill_tree(process)
 
 
+def test_a_participant_trusting_another_ca_does_not_connect(consortium) -> None:
+    """TLS: the SuperLink's certificate verifies only with the operator's CA."""
+    from fedlora.pki import create_ca
+
+    root = consortium["root"]
+    other_ca = create_ca(root / "another-operator")
+    site = root / "misconfigured"
+    assert main([
+        "participant", "init", str(site), "--name", "misconfigured", "--data", str(root / "site-0.csv"), "--label-column", "Outcome",
+        "--superlink", f"127.0.0.1:{consortium['port']}", "--ca", str(other_ca), "--runtime-port", str(free_port()),
+    ]) == 0  # fmt: skip
+    daemon = fedlora("participant", "start", str(site), log=root / "misconfigured.log")
+    consortium["daemons"].append(daemon)
+    assert daemon.wait(timeout=120) != 0
+    log = (root / "misconfigured.log").read_text()
+    assert "TLS failed" in log and "not registered" not in log
+
+
 def test_an_unregistered_participant_is_refused(consortium) -> None:
     intruder = consortium["daemons"][HOSPITALS]
     assert intruder.wait(timeout=120) != 0
     log = (consortium["root"] / f"hospital-{HOSPITALS}.log").read_text()
-    assert "refused this participant's key" in log and "not registered" in log
+    assert "the coordinator refused this participant" in log and "not registered" in log and "TLS failed" not in log
 
 
 def test_secure_run_survives_sigkill_of_the_coordinator_in_round_2(consortium) -> None:
