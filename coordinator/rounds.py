@@ -374,7 +374,9 @@ class Coordinator:
         if len(nodes) < fed.min_participants:
             raise RuntimeError(f"only {len(nodes)} participants connected within {fed.timeout_s:g} s; need federation.min_participants={fed.min_participants}")
         if self.completed < 0:
-            baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, **self.evaluate(nodes, 0)}
+            started = time.monotonic()
+            baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, **self.evaluate(nodes, 0)}
+            baseline["seconds"] = round(time.monotonic() - started, 3)  # evaluating the untrained adapter
             self.out.append_metrics(baseline)
             log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
             self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
