@@ -44,8 +44,12 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
 
 def _coordinator_run(args: argparse.Namespace) -> int:
     from coordinator import deploy
+    from coordinator.checkpoint import CHECKPOINT
 
     code = deploy.run(Path(args.directory), args.name, args.resume, Path(args.config) if args.config else None)
+    if code != 0 and not (deploy.run_directory(Path(args.directory), args.name) / CHECKPOINT).is_file():
+        print(f"run {args.name} did not start: is `fedlora coordinator start {args.directory}` running? (see flwr's message above)")
+        return code
     run = deploy.status(Path(args.directory))["runs"].get(args.name, {})
     print(f"run {args.name}: {run.get('rounds_done', 0)}/{run.get('rounds_planned')} rounds, epsilon {run.get('epsilon')}, "
           f"last version {run.get('last_version')}{'' if code == 0 else ' (not finished: resume with --resume)'}")  # fmt: skip
