@@ -89,8 +89,9 @@ def evaluation_nodes(nodes: list[int], kept: list[int], count: int, seed: int) -
         return sorted(nodes)
     stay = [node for node in kept if node in nodes][:count]
     pool = sorted(set(nodes) - set(stay))
-    extra = np.random.default_rng([seed, 0xE7A1, len(stay)]).choice(pool, size=count - len(stay), replace=False)
-    return sorted(stay + [int(node) for node in extra])
+    # Indices, not the ids themselves: node ids are unsigned 64-bit, beyond numpy's int64.
+    picked = np.random.default_rng([seed, 0xE7A1, len(stay)]).choice(len(pool), size=count - len(stay), replace=False)
+    return sorted(stay + [pool[int(index)] for index in picked])
 
 
 def exchange(grid: Grid, nodes: list[int], content_fn, message_type: str, server_round: int, timeout_s: float) -> dict[int, Message | None]:

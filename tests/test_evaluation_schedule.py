@@ -27,6 +27,13 @@ def test_a_sample_is_drawn_by_seed_and_kept_across_rounds() -> None:
     assert evaluation_nodes(nodes, first, 10, seed=1) == first  # the same participants next round
 
 
+def test_node_ids_beyond_int64_survive_the_draw() -> None:
+    """Flower's node ids are unsigned 64-bit; numpy would turn them into floats and lose digits."""
+    nodes = [2**64 - 1 - i for i in range(10)] + [7_896_959_061_412_094_976 + i for i in range(10)]  # both sides of 2**63
+    picked = evaluation_nodes(nodes, [], 5, seed=0)
+    assert len(picked) == 5 and set(picked) <= set(nodes) and all(type(node) is int for node in picked)
+
+
 def test_a_departed_node_is_replaced_and_the_rest_stay() -> None:
     nodes = list(range(50))
     first = evaluation_nodes(nodes, [], 5, seed=0)
