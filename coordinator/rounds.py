@@ -292,8 +292,9 @@ class Coordinator:
         """Why `name` may not take part ('' if it may): revoked by the operator, or quarantined."""
         if name in self.cfg.robust.revoked:
             return "revoked (robust.revoked)"
-        if self.book and name in self.book.revoked():
-            return f"revoked by the operator: {self.book.revoked()[name]}"
+        revoked = self.book.revoked() if self.book else {}
+        if name in revoked:
+            return f"revoked by the operator: {revoked[name]}"
         if self.book and name.startswith("unregistered-node-"):
             return "not registered with this coordinator"
         return f"quarantined: {self.reputation.quarantined[name]}" if name in self.reputation.quarantined else ""

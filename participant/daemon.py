@@ -41,13 +41,6 @@ REFUSED = {
 }
 
 
-def site_examples(local: LocalConfig) -> DataSection:
-    return DataSection(
-        dataset=local.data.path, label_column=local.data.label_column, drop_columns=list(local.data.drop_columns),
-        test_fraction=local.data.test_fraction, max_examples=local.data.max_examples,
-    )  # fmt: skip
-
-
 def init(directory: Path, name: str, data: str, label_column: str, model: str, superlink: str, ca_certificate: Path | None, runtime_port: int) -> LocalConfig:
     """Create a participant directory: node key pair and participant.toml (labels read from the data)."""
     directory = Path(directory).resolve()

@@ -257,6 +257,18 @@ def test_resume_is_refused_for_another_configuration(tmp_path: Path) -> None:
     assert load_config(tmp_path / "config.toml") == cfg  # the run's own config.toml is kept
 
 
+def test_resume_is_refused_when_the_audit_log_lost_records_before_the_checkpoint(tmp_path: Path) -> None:
+    cfg = load_config(None, RESUMABLE)
+    coordinator = Coordinator(cfg, tmp_path)
+    coordinator.out.audit.append({"event": "round", "round": 1})
+    coordinator.checkpoint(1)  # its audit_last is the round record
+    first_line = (tmp_path / "audit.jsonl").read_text().splitlines()[0]
+    (tmp_path / "audit.jsonl").write_text(first_line + "\n")  # cut off the end: still a valid chain
+    assert verify(tmp_path / "audit.jsonl")[0] == []
+    with pytest.raises(ValueError, match="truncated"):
+        Coordinator(cfg, tmp_path, resume=True)
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         Coordinator(load_config(None, RESUMABLE), tmp_path, resume=True)
