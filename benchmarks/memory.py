@@ -42,20 +42,26 @@ FIGURES = [
 RATIO_KEYS = ["weight_bytes", "peak_rss_bytes", "train_peak_rss_bytes", "cuda_peak_allocated_bytes"]
 
 
-def medium_llama(directory: Path) -> Path:
-    """Write a seeded ~370M-parameter Llama (bf16) and the built-in tokenizer to `directory`."""
+def write_llama(directory: Path, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int) -> Path:
+    """Write a seeded Llama of this shape (vocab 32,000, bf16, as published checkpoints are) and the
+    built-in tokenizer to `directory`, to load like any local model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedlora.tokenizer import builtin_tokenizer
 
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     builtin_tokenizer().save_pretrained(directory)
     return directory
+
+
+def medium_llama(directory: Path) -> Path:
+    """The ~370M-parameter Llama of this benchmark."""
+    return write_llama(directory, hidden=1024, layers=24, intermediate=2816, heads=16, kv_heads=16)
 
 
 def rss_peak() -> int:

@@ -156,9 +156,9 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
         secure.keep_update(grid.contexts[node], updates[node], counts[node], 1, hashlib.sha256(f"{seed}/{i}".encode()).digest())
     del updates
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(nodes)]
-    sec = SecaggSection(enabled=True, clip_norm=CLIP_NORM)
+    sec = SecaggSection(enabled=True)
     started = time.perf_counter()
-    result = secure_sum(grid, members, sec, seed, 1, d, "bench")
+    result = secure_sum(grid, members, sec, seed, 1, d, "bench", CLIP_NORM)
     mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])
     wall = time.perf_counter() - started
     if result.aborted or len(result.buckets[0].members) != n:

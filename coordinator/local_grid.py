@@ -39,6 +39,8 @@ class LocalGrid(Grid):
         self.client_seconds = 0.0
         self.client_seconds_by_node: dict[int, float] = {node: 0.0 for node in node_configs}
         self.serde_seconds = 0.0
+        # ClientApp plus (de)serialisation time per message type: what a stage spent outside the coordinator.
+        self.outside_seconds_by_type: dict[str, float] = {}
         self.bytes_down = self.bytes_up = 0
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
@@ -67,6 +69,7 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for message in messages:
+            serde_before = self.serde_seconds
             message.metadata.__dict__["_message_id"] = str(uuid4())
             delivered = self._transfer(message, down=True)
             node = message.metadata.dst_node_id
@@ -79,10 +82,12 @@ class LocalGrid(Grid):
             spent = time.perf_counter() - started
             self.client_seconds += spent
             self.client_seconds_by_node[node] += spent
-            if node in self.silent or (node, message.metadata.message_type) in self.silent:
-                continue
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            replies.append(self._transfer(reply, down=False))
+            kind = message.metadata.message_type
+            if node not in self.silent and (node, kind) not in self.silent:
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                replies.append(self._transfer(reply, down=False))
+            outside = spent + self.serde_seconds - serde_before
+            self.outside_seconds_by_type[kind] = self.outside_seconds_by_type.get(kind, 0.0) + outside
         return replies
 
     def _transfer(self, message: Message, down: bool) -> Message:

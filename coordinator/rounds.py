@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,7 @@ class Coordinator:
         self.server_length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
         self.reputation = Reputation(cfg.robust.quarantine_after, cfg.robust.quarantine_window)
         self.dp = UserLevelDP(cfg) if cfg.privacy.noise_multiplier > 0 else None
+        self.stage_seconds: dict[str, float] = {}  # the current round's, by stage (`timed`)
         if self.dp and self.dp.planned < fed.rounds:
             log.warning("privacy.epsilon_budget=%g allows %d of the %d planned rounds", cfg.privacy.epsilon_budget, self.dp.planned, fed.rounds)
         self.out.write_json("adversaries.json", {"attack": sim.attack if self.adversaries else None, "partition_ids": self.adversaries})
@@ -241,8 +244,18 @@ class Coordinator:
             "eval_accuracy": float(np.average([m["eval_accuracy"] for m in rows], weights=weights)),
         }
 
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the block's wall time to this round's `stage_seconds` (where a round's time goes)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+
     def run_round(self, server_round: int) -> dict[str, Any]:
         started = time.monotonic()
+        self.stage_seconds = {}
         fed, sec = self.cfg.federation, self.cfg.secagg
         if self.book:  # registrations and revocations made since the last round take effect now
             self.book = ParticipantBook(self.book.path)
@@ -250,17 +263,22 @@ class Coordinator:
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
         sampled = self.dp.sample(self.eligible(nodes)) if self.dp else sample_nodes(self.eligible(nodes), self.cfg, server_round)
         spent = self.dp.spend() if self.dp else {}  # accounted once drawn, applied or not
-        replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
-        members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
+        with self.timed("collect"):  # participants train; their replies arrive
+            replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
+        with self.timed("gather"):
+            members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
+            del replies  # the messages' copies of the updates: each update is now held once, by its member
         rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
         members = [m for m in members if not self.excluded(m.name)]  # a name may be learnt only from its reply
         if sec.enabled:  # updates stay with the participants until masked: summed per bucket
             length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
-            gathered = gather_secure(
-                self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy
-            )
+            with self.timed("secure_sum"):  # the SecAgg+ stages: keys, shares, masked inputs, unmasking
+                gathered = gather_secure(
+                    self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy
+                )
         else:
-            gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
+            with self.timed("gather"):
+                gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
         gathered.skipped = rejected + gathered.skipped
         row = self.apply(server_round, len(sampled), gathered) | spent
         faulty = {r.participant for r in gathered.skipped if r.fault} | set(gathered.blamed)
@@ -269,7 +287,9 @@ class Coordinator:
             row["quarantined"] = {name: self.reputation.quarantined[name] for name in quarantined}
             log.warning("round %d: quarantined %s", server_round, ", ".join(quarantined))
         if server_round % fed.eval_every == 0 or server_round == fed.rounds:
-            row.update(self.evaluate(nodes, server_round))
+            with self.timed("evaluate"):
+                row.update(self.evaluate(nodes, server_round))
+        row["stage_seconds"] = {stage: round(seconds, 4) for stage, seconds in self.stage_seconds.items()}
         row["seconds"] = round(time.monotonic() - started, 3)
         self.round_record = self.out.audit.append({
             "event": "round",
@@ -314,7 +334,8 @@ class Coordinator:
     def apply(self, server_round: int, sampled: int, gathered: Gathered) -> dict[str, Any]:
         """Combine the round's units, move the global adapter, and build the metrics row."""
         fed = self.cfg.federation
-        screened = self.screen(gathered)
+        with self.timed("screen"):
+            screened = self.screen(gathered)
         rule, fallback = rule_after_screening(self.rule, len(gathered.units), screened)
         for rejection in gathered.skipped:
             log.warning("round %d: skipped %s: %s", server_round, rejection.participant, rejection.reason)
@@ -340,8 +361,10 @@ class Coordinator:
                 server_round, len(gathered.included), fed.min_participants, f" ({row['aborted']})" if gathered.aborted else "",
             )
             return row
-        combined = combine_units(gathered.units, rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
-        step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
+        with self.timed("noise" if self.dp else "rule"):  # DP's noisy mean, or the robust rule over the units
+            combined = combine_units(gathered.units, rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
+        with self.timed("server_step"):
+            step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector
         row.update(combined.metrics)  # participant_updates / bucket_updates (norm, cosine), mean_error_bound

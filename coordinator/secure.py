@@ -25,6 +25,12 @@ weight reference is 1, so a bucket's unit is the unweighted sum of its survivors
 updates plus their Skellam noise shares, and its weight is its member count), and the bucket's
 fixed-point scale leaves room for the noise (`fedlora.secagg.plan.check_fixed_point`). The
 coordinator adds no noise of its own and never sees a sum without the participants' noise.
+
+The 16-bit wire (`secagg.wire_bits = 16`, `fedlora.secagg.narrow`): the update's coordinates
+travel rotated, in 16 bits, and are rotated back when the sum is decoded. A unit's `error_bound`
+then bounds each coordinate of the rotated sum, not of the sum itself; sqrt(d) times it bounds
+the sum's L2 error on either wire, which is how screening uses it (and `mean_error_bound` in the
+metrics is per rotated coordinate).
 """
 
 from __future__ import annotations
@@ -91,8 +97,8 @@ class _Bucket:
             self.server = SecAggServer(
                 self.round_id, list(self.by_id), length + 1, input_clip_norm(clip_norm),
                 degree=k, threshold=resolve_threshold(sec.threshold, k),
-                scale=check_fixed_point(clip_norm, len(members), *noise, update_length=length),
-                context=round_context(server_round, self.weight_ref, *noise),
+                scale=check_fixed_point(clip_norm, len(members), *noise, update_length=length, wire_bits=sec.wire_bits),
+                context=round_context(server_round, self.weight_ref, *noise), wire_bits=sec.wire_bits,
             )
             self.requests: list[Any] = self.server.setup()
         except ValueError as err:
@@ -159,14 +165,14 @@ class _Bucket:
         if self.stage != "unmask":
             self.requests, self.stage = out, NEXT[self.stage]
             return
-        total, weight = split_weighted_sum(decode(out.sum_u32, out.scale, np.float64), self.clip_norm, self.weight_ref)
+        total, weight = split_weighted_sum(decode(out.sum_u32, out.scale, np.float64, out.narrow), self.clip_norm, self.weight_ref)
         if not weight > 0:
             self._fail(f"the secure sum of example weights is {weight}")
             return
         survivors = tuple(self.by_id[i].name for i in out.survivors)
         # The weight is decoded from the weight slot (scale C): its error is the sum's over C.
         bound = out.error_bound * self.weight_ref
-        self.result = Unit(survivors, total, weight, bound, bound / self.clip_norm)
+        self.result = Unit.from_total(survivors, total, weight, bound, bound / self.clip_norm)
         self.status = "ok"
         z, margin = self.noise
         if z:  # the survivors' noise shares, each of variance 2 mu, in update units

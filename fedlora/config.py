@@ -49,6 +49,12 @@ class ModelSection:
     task: str = _help("'generation' (causal LM, loss on the answer tokens) or 'classification'.", "generation")
     quantization: str = _help("Base weights: 'nf4' (4-bit NormalFloat, double quantised), 'int8' or 'none'.", "nf4")
     device: str = _help("'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'.", "auto")
+    compute_dtype: str = _help(
+        "Dtype the frozen base computes in and keeps its unquantised weights (embeddings, norms, lm_head) in: "
+        "'auto' (bfloat16 on a CUDA device that supports it, else float32), 'bfloat16' or 'float32'. "
+        "LoRA weights and classification heads always train in float32.",
+        "auto",
+    )
     sha256: str = _help(
         "Fingerprint of the base model the run is for (`fedlora model hash <model>`); a deployed participant "
         "whose own base model differs (or whose policy does not allow it) refuses. Empty = not stated.",
@@ -59,6 +65,7 @@ class ModelSection:
         _require_choice(self.task, "model.task", ("generation", "classification"))
         _require_choice(self.quantization, "model.quantization", ("nf4", "int8", "none"))
         _require_choice(self.device, "model.device", ("auto", "cpu", "cuda"))
+        _require_choice(self.compute_dtype, "model.compute_dtype", ("auto", "bfloat16", "float32"))
         _require(bool(self.name), "model.name", "must name a built-in model or a local directory")
 
 
@@ -144,6 +151,11 @@ class TrainSection:
         "tensors to the local loss, pulling each participant towards the global adapter (0 = off).",
         0.0,
     )
+    gradient_checkpointing: bool = _help(
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them: about a "
+        "third more compute for activation memory that no longer grows with the layers (long sequences, big bases).",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local_steps", f"must be >= 1, got {self.local_steps}")
@@ -216,6 +228,12 @@ class SecaggSection:
         "the complete graph for small buckets.",
         0,
     )
+    wire_bits: int = _help(
+        "Bits per update coordinate in a masked upload: 32, or 16 (the update is randomly rotated so that no "
+        "coordinate carries much of its norm, then sent in 16 bits: half the upload, for a relative L2 error of "
+        "~1e-3 (buckets of 10) to ~3e-3 (buckets of 50) in a bucket's mean; not with distributed DP).",
+        32,
+    )
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -238,6 +256,7 @@ class SecaggSection:
             "secagg.degree",
             f"must be 0 (auto) or an even number >= 2 (no odd-degree regular graph on an odd number of nodes), got {self.degree}",
         )
+        _require(self.wire_bits in (32, 16), "secagg.wire_bits", f"must be 32 or 16, got {self.wire_bits}")
 
 
 @dataclass
@@ -451,10 +470,17 @@ class Config:
             except ValueError as err:
                 raise ConfigError(f"secagg.threshold: in a bucket of {members}, {err}") from None
         try:
-            check_fixed_point(self.robust.clip_norm, sizes[-1])
+            check_fixed_point(self.robust.clip_norm, sizes[-1], wire_bits=sec.wire_bits)
         except ValueError as err:
             raise ConfigError(f"robust.clip_norm: {err}") from None
         p = self.privacy
+        _require(
+            not (p.noise_multiplier > 0 and sec.wire_bits == 16),
+            "secagg.wire_bits",
+            f"16 cannot carry distributed DP (privacy.noise_multiplier={p.noise_multiplier:g}): a 10-sigma tail of the "
+            "participants' Skellam noise does not fit 16 bits without inflating the noise 1.4x (1M parameters) or more "
+            "(docs/decisions.md); set secagg.wire_bits=32 or privacy.noise_multiplier=0",
+        )
         if p.noise_multiplier > 0:  # distributed DP: the noise must fit too, in any bucket Poisson sampling can make
             fed = self.federation
             largest = fed.participants if sec.bucket_size == 0 else min(fed.participants, 2 * sec.bucket_size - 1)
@@ -496,6 +522,12 @@ class Config:
             "train.fedprox_mu",
             "FedProx's proximal term is not part of DP-SGD's per-example gradients; set train.fedprox_mu=0 "
             "or privacy.local_noise_multiplier=0",
+        )
+        _require(
+            not (p.local_noise_multiplier > 0 and self.train.gradient_checkpointing),
+            "train.gradient_checkpointing",
+            "recomputed activations would reach Opacus's per-example gradient hooks twice; set "
+            "train.gradient_checkpointing=false or privacy.local_noise_multiplier=0",
         )
         if p.noise_multiplier == 0:
             return

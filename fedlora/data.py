@@ -8,6 +8,7 @@ text; the answer is the label. Partitioning across participants lives in `partit
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,22 @@ def encode_causal(example: Example, tokenizer: Any, max_length: int) -> tuple[li
     return input_ids, labels
 
 
+# Per tokenizer: (prompt, response, max_length) -> encode_causal's result. A participant trains on
+# the same records every round; tokenising them once per process keeps a small model's steps
+# at the speed of a loop over ready batches (benchmarks/training.py).
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encode_causal_cached(example: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+    known = _ENCODED.setdefault(tokenizer, {})
+    key = (example.prompt, example.response, max_length)
+    if key not in known:
+        known[key] = encode_causal(example, tokenizer, max_length)
+    return known[key]
+
+
 def causal_batch(examples: list[Example], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
-    encoded = [encode_causal(example, tokenizer, max_length) for example in examples]
+    encoded = [encode_causal_cached(example, tokenizer, max_length) for example in examples]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)

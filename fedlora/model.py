@@ -43,6 +43,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.compute_dtype -> a torch dtype: 'auto' is bfloat16 where the GPU computes it natively."""
+    if name == "auto":
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, name)
+
+
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -120,7 +128,7 @@ def model_fingerprint(name: str) -> str:
     return digest.hexdigest()
 
 
-def quantization_config(quantization: str, device: torch.device, skip_modules: list[str]) -> BitsAndBytesConfig | None:
+def quantization_config(quantization: str, compute_dtype: torch.dtype, skip_modules: list[str]) -> BitsAndBytesConfig | None:
     if quantization == "none":
         return None
     if quantization == "int8":
@@ -130,7 +138,7 @@ def quantization_config(quantization: str, device: torch.device, skip_modules: l
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=skip_modules or None,
     )
 
@@ -143,8 +151,15 @@ def load_tokenizer(cfg: ModelSection) -> Any:
 
 
 def load_base_model(cfg: ModelSection, num_labels: int = 0) -> torch.nn.Module:
-    """The frozen base model on the configured device; `num_labels` is needed for classification."""
+    """The frozen base model on the configured device; `num_labels` is needed for classification.
+
+    Everything that is not quantised loads in the compute dtype: in bfloat16 a GPU keeps no float32
+    copies of the embeddings, norms and lm_head (what QLoRA's recipe and PEFT's
+    `prepare_model_for_kbit_training` would upcast). A fresh classification head trains in full,
+    so it stays float32, as LoRA weights do (PEFT's `autocast_adapter_dtype`).
+    """
     device = resolve_device(cfg.device)
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     path = base_model_dir(cfg.name)
     if cfg.task == "classification":
         if num_labels < 2:
@@ -152,20 +167,28 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0) -> torch.nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=num_labels,
-            quantization_config=quantization_config(cfg.quantization, device, CLASSIFIER_HEADS),
-            dtype=torch.float32,
+            quantization_config=quantization_config(cfg.quantization, dtype, CLASSIFIER_HEADS),
+            dtype=dtype,
             device_map={"": device},
         )
+        for head in CLASSIFIER_HEADS:
+            if isinstance(getattr(model, head, None), torch.nn.Module):
+                getattr(model, head).float().register_forward_pre_hook(_inputs_to_float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            quantization_config=quantization_config(cfg.quantization, device, ["lm_head"]),
-            dtype=torch.float32,
+            quantization_config=quantization_config(cfg.quantization, dtype, ["lm_head"]),
+            dtype=dtype,
             device_map={"": device},
         )
     model.requires_grad_(False)
     keep_one_weight_format(model)
     return model
+
+
+def _inputs_to_float32(module: torch.nn.Module, inputs: tuple) -> tuple:
+    """A float32 head's inputs come from a bfloat16 base: cast them (PEFT's copy keeps the hook)."""
+    return tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
 
 
 def keep_one_weight_format(model: torch.nn.Module) -> None:

@@ -5,13 +5,12 @@ protocol message (`fedlora.secagg.messages`, plain fields plus at most one uint3
 travels as a ConfigRecord `secagg` and an ArrayRecord `secagg_arrays`; the server round, which
 the handlers route by, rides in a ConfigRecord `round`. Everything the protocol depends on
 travels inside the protocol message, where it is bound into the keys. The masked vector
-travels as uint32: 4 bytes per parameter.
+travels as uint32, 4 bytes per parameter, or on the 16-bit wire (`secagg.wire_bits = 16`) as
+uint16, 2 bytes per parameter (`fedlora.secagg.narrow`).
 """
 
 from __future__ import annotations
 
-import io
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.secagg import messages as sa
+from fedlora.wire import array_view
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,6 @@ def protocol_content(msg: sa.Message, meta: dict[str, Any] | None = None) -> Rec
     if meta:
         records["round"] = ConfigRecord(meta)
     return RecordDict(records)
-
-
-def array_view(array: Array) -> np.ndarray:
-    """A read-only, zero-copy numpy view of a Flower Array's .npy bytes.
-
-    `Array.numpy()` goes through `np.load` on a BytesIO, which copies in small chunks (about
-    1 GB/s here): for 16M-parameter masked vectors that was most of the coordinator's time.
-    """
-    stream = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(stream)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(stream)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not accepted")
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def read_protocol(content: RecordDict, cls: type[sa.M], sender: int | None = None) -> sa.M:

@@ -5,6 +5,8 @@ The loss is the model's own: for a causal LM the prompt tokens carry label -100,
 answer is learned. With train.fedprox_mu > 0 the objective adds FedProx's proximal term.
 With privacy.local_noise_multiplier > 0 the step is DP-SGD (fedlora/privacy/local_dp.py):
 Poisson batches, one loss per record, and Opacus's per-example clip-and-noise optimizer step.
+With train.gradient_checkpointing the decoder layers recompute their activations in backward
+(non-reentrant checkpointing: it needs no gradient on the frozen embedding's output).
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def train_local(
         accountant = accountant if accountant is not None else RDPAccountant()
     else:
         stream = batches(examples, cfg.batch_size, np.random.default_rng(seed))
+    if cfg.gradient_checkpointing:
+        loaded_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif loaded_model.is_activation_checkpointing:  # a process reuses its model across configurations
+        loaded_model.activation_checkpointing_disable()
     loaded_model.train()
     losses, seen = [], 0
     with local_dp.per_example_gradients(loaded_model) if dp else nullcontext():

@@ -6,6 +6,8 @@ travels as TOML text so a participant trains exactly what the coordinator resolv
 
 from __future__ import annotations
 
+import io
+import math
 import tomllib
 from dataclasses import dataclass
 
@@ -53,8 +55,26 @@ def reply_content(metrics: dict[str, float], vector: np.ndarray | None = None) -
     return RecordDict(records)
 
 
+def array_view(array: Array) -> np.ndarray:
+    """A read-only, zero-copy numpy view of a Flower Array's .npy bytes.
+
+    `Array.numpy()` goes through `np.load` on a BytesIO, which copies in small chunks (about
+    1 GB/s here): for 16M-parameter masked vectors that was most of the coordinator's time, and
+    a copy doubles what a round's uploads hold in memory.
+    """
+    stream = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
 def read_reply(content: RecordDict) -> tuple[np.ndarray | None, dict[str, float]]:
-    """The update (None for evaluation replies) and the metrics; KeyError if malformed."""
+    """The update (None for evaluation replies; a read-only view of the message's bytes) and the
+    metrics; KeyError if malformed."""
     metrics = dict(content["metrics"])
-    vector = content["update"]["delta"].numpy() if "update" in content else None
+    vector = array_view(content["update"]["delta"]) if "update" in content else None
     return vector, metrics

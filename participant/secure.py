@@ -41,8 +41,8 @@ from fedlora.secagg import participant as protocol
 from fedlora.secagg.messages import ParticipantState
 from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
-from fedlora.secure_wire import STAGE, STAGES, array_view, protocol_content, read_meta, read_protocol
-from fedlora.wire import reply_content
+from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
+from fedlora.wire import array_view, reply_content
 from participant.site import refuse, site_of
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
@@ -174,7 +174,8 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 
 def mask_input(msg: Message, context: Context) -> Message:
-    """Stage 3: mask [w * clip(update), w * C] in Z_2^32 and upload it (uint32); forget the update."""
+    """Stage 3: mask [w * clip(update), w * C] in Z_2^32 and upload it (uint32, or uint16 words on the
+    16-bit wire, `fedlora.secagg.narrow`); forget the update."""
     relay = read_protocol(msg.content, STAGE["mask_input"].request)
     state = _load(context)
     server_round = int(read_meta(msg.content)["server_round"])

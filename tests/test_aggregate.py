@@ -38,8 +38,8 @@ def test_plaintext_units_and_bucket_sums_combine_to_the_same_weighted_mean() -> 
     weights = [5.0, 1.0, 3.0, 7.0]
     singles = single_units(["a", "b", "c", "d"], deltas, weights)
     buckets = [
-        Unit(("a", "b"), singles[0].total + singles[1].total, 6.0),
-        Unit(("c", "d"), singles[2].total + singles[3].total, 10.0),
+        Unit.from_total(("a", "b"), singles[0].total + singles[1].total, 6.0),
+        Unit.from_total(("c", "d"), singles[2].total + singles[3].total, 10.0),
     ]
     one, two = combine_units(singles), combine_units(buckets)
     np.testing.assert_allclose(one.delta, np.average(deltas, axis=0, weights=weights), rtol=1e-6)
@@ -50,7 +50,7 @@ def test_plaintext_units_and_bucket_sums_combine_to_the_same_weighted_mean() -> 
 
 
 def test_the_error_bound_of_combined_secure_sums_covers_sum_and_weight_errors() -> None:
-    units = [Unit(("a", "b"), np.array([4.0, -8.0]), 4.0, error_bound=0.01, weight_error=0.001)]
+    units = [Unit.from_total(("a", "b"), np.array([4.0, -8.0]), 4.0, error_bound=0.01, weight_error=0.001)]
     combined = combine_units(units)
     # (0.01 + |mean|_max * 0.001) / 4 with mean = [1, -2]
     assert combined.metrics["mean_error_bound"] == pytest.approx((0.01 + 2.0 * 0.001) / 4.0)

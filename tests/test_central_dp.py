@@ -36,7 +36,7 @@ def test_the_noise_is_fresh_secret_randomness_not_the_run_seed() -> None:
 
 def test_the_estimate_clips_each_participant_and_divides_by_the_expected_count() -> None:
     big, small = np.full(4, 10.0), np.array([0.1, 0.0, 0.0, 0.0])
-    units = [Unit(("a",), big * 50, 50.0), Unit(("b",), small * 7, 7.0)]  # example weights play no part
+    units = [Unit.from_total(("a",), big * 50, 50.0), Unit.from_total(("b",), small * 7, 7.0)]  # example weights play no part
     combined = combine_units(units, noisy=NoisySum(1.0, 0.0, expected_count=4.0), rng=secret_rng())
     np.testing.assert_allclose(combined.delta, (big / np.linalg.norm(big) + small) / 4.0, rtol=1e-6)
     assert "participant_updates" not in combined.metrics  # no un-noised per-participant norms are released

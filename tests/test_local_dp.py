@@ -134,7 +134,11 @@ def test_an_empty_poisson_draw_is_a_step_of_noise_alone(participant, monkeypatch
     assert not np.array_equal(adapter_vector(model)[0], before)
 
 
-@pytest.mark.parametrize(("overrides", "key"), [(["train.fedprox_mu=0.1"], "train.fedprox_mu"), (["privacy.local_noise_multiplier=-1"], "privacy.local_noise_multiplier")])
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["train.fedprox_mu=0.1"], "train.fedprox_mu"),
+    (["train.gradient_checkpointing=true"], "train.gradient_checkpointing"),
+    (["privacy.local_noise_multiplier=-1"], "privacy.local_noise_multiplier"),
+])
 def test_dp_sgd_settings_that_cannot_work_are_refused_at_load(overrides: list, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         dp_config(*overrides)

@@ -91,3 +91,38 @@ def test_classification_on_the_real_pretrained_encoder() -> None:
 def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_base_model(ModelSection(name=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize(("name", "task"), [("builtin:tiny-llama", "generation"), ("builtin:minilm", "classification")])
+def test_bfloat16_compute_keeps_no_float32_base_copies_but_trains_adapters_in_float32(name: str, task: str) -> None:
+    examples = load_examples(DataSection(max_examples=16))
+    labels = answer_choices(examples)
+    loaded = load_model(ModelSection(name=name, task=task, compute_dtype="bfloat16", device="cpu"), LoraSection(), labels, seed=0)
+    frozen = {p.dtype for n, p in loaded.model.named_parameters() if not p.requires_grad and p.is_floating_point() and "classifier" not in n}
+    assert frozen == {torch.bfloat16}  # embeddings, norms and lm_head: no float32 copies (PEFT keeps the head's original)
+    trainable = {name: p.dtype for name, p in loaded.model.named_parameters() if p.requires_grad}
+    assert set(trainable.values()) == {torch.float32}
+    if task == "classification":
+        assert any("classifier" in name for name in trainable)  # the fresh head trains in float32
+    before, _ = adapter_vector(loaded.model)
+    result = train_local(loaded.model, loaded.tokenizer, examples, TrainSection(local_steps=2, batch_size=4), task, labels, 128, seed=0)
+    after, _ = adapter_vector(loaded.model)
+    assert np.isfinite(result.mean_loss) and not np.array_equal(before, after)
+
+
+def test_gradient_checkpointing_recomputes_but_trains_the_same_adapter() -> None:
+    examples = load_examples(DataSection(max_examples=32))
+    trained = {}
+    for checkpointing in (False, True, False):
+        loaded = load_model(ModelSection(quantization="none", device="cpu"), LoraSection(), [], seed=0)
+        if checkpointing is False and trained:  # the same model, after a checkpointed call, turns it off again
+            loaded = trained["model"]
+        train_cfg = TrainSection(local_steps=3, batch_size=4, gradient_checkpointing=checkpointing)
+        layers = loaded.model.base_model.model.model.layers
+        start, layout = adapter_vector(loaded.model)
+        train_local(loaded.model, loaded.tokenizer, examples, train_cfg, "generation", [], 128, seed=0)
+        assert all(layer.gradient_checkpointing is checkpointing for layer in layers)
+        trained[checkpointing] = adapter_vector(loaded.model)[0]
+        load_adapter_vector(loaded.model, start, layout)
+        trained["model"] = loaded
+    np.testing.assert_allclose(trained[True], trained[False], rtol=1e-5, atol=1e-7)

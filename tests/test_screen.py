@@ -14,7 +14,7 @@ from tests.conftest import SMALL
 
 
 def _unit(name: str, vector: np.ndarray, weight: float = 2.0) -> Unit:
-    return Unit((name,), np.asarray(vector, dtype=np.float64) * weight, weight)
+    return Unit((name,), np.asarray(vector, dtype=np.float64), weight)
 
 
 def _honest(count: int, d: int = 8, seed: int = 0) -> list[Unit]:
@@ -71,17 +71,17 @@ def test_screened_units_are_listed_in_the_round_row_and_the_round_goes_on(tmp_pa
 
 def test_a_unit_longer_than_the_clip_bound_is_set_aside_whatever_the_others_sent() -> None:
     clipped = np.array([0.6, 0.8])  # norm 1 = C
-    bucket = Unit(("a", "b"), clipped * 3 + np.array([0.0, 1.0]) * 5, 8.0)  # weighted mean of two clipped updates
-    over = Unit(("c", "attacker"), clipped * 2 + np.array([10.0, 0.0]) * 2, 4.0)  # one member skipped clipping
+    bucket = Unit.from_total(("a", "b"), clipped * 3 + np.array([0.0, 1.0]) * 5, 8.0)  # weighted mean of two clipped updates
+    over = Unit.from_total(("c", "attacker"), clipped * 2 + np.array([10.0, 0.0]) * 2, 4.0)  # one member skipped clipping
     kept, rejected = screen_units([bucket, over], 2, 0.0, clip_norm=1.0)  # two units: no distribution, still caught
     assert kept == [bucket] and rejected[0].members == ("c", "attacker") and "robust.clip_norm=1" in rejected[0].reason
     assert len(screen_units([bucket, over], 2, 0.0)[0]) == 2  # without clipping there is no bound to hold units to
 
 
 def test_the_clip_bound_allows_for_the_secure_sums_fixed_point_error() -> None:
-    edge = Unit(("a", "b"), np.array([2.0 + 1e-3, 0.0]), 2.0, error_bound=1e-3)  # mean 1 + 5e-4 within the error
+    edge = Unit.from_total(("a", "b"), np.array([2.0 + 1e-3, 0.0]), 2.0, error_bound=1e-3)  # mean 1 + 5e-4 within the error
     assert screen_units([edge], 2, 0.0, clip_norm=1.0)[0] == [edge]
-    exact = Unit(("a", "b"), np.array([2.0 + 1e-3, 0.0]), 2.0)
+    exact = Unit.from_total(("a", "b"), np.array([2.0 + 1e-3, 0.0]), 2.0)
     assert screen_units([exact], 2, 0.0, clip_norm=1.0)[0] == []
 
 

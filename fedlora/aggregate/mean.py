@@ -16,8 +16,11 @@ def weighted_mean(updates: Sequence[np.ndarray], weights: Sequence[float]) -> np
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
     total = np.zeros(updates[0].shape, dtype=np.float64)
+    weighted = np.empty_like(total)  # one scratch for all updates: no fresh pages per update
     for update, weight in zip(updates, weights):
         if update.shape != total.shape:
             raise ValueError(f"update shapes differ: {update.shape} vs {total.shape}")
-        total += np.float64(weight) * update
-    return (total / float(sum(weights))).astype(np.float32)
+        np.multiply(update, np.float64(weight), out=weighted)
+        total += weighted
+    total /= float(sum(weights))
+    return total.astype(np.float32)

@@ -29,12 +29,12 @@ class RejectedUnit:
 
 
 def _defect(unit: Unit, length: int) -> str | None:
-    if unit.total.shape != (length,):
-        return f"update has shape {unit.total.shape}, expected ({length},)"
+    if unit.mean.shape != (length,):
+        return f"update has shape {unit.mean.shape}, expected ({length},)"
     if not (np.isfinite(unit.weight) and unit.weight > 0):
         return f"weight {unit.weight} is not a positive number"
-    if not np.all(np.isfinite(unit.total)):
-        return f"update has {int(np.count_nonzero(~np.isfinite(unit.total)))} non-finite values"
+    if not np.all(np.isfinite(unit.mean)):
+        return f"update has {int(np.count_nonzero(~np.isfinite(unit.mean)))} non-finite values"
     return None
 
 
@@ -45,7 +45,7 @@ def _over_clip_bound(unit: Unit, clip_norm: float) -> str | None:
     the secure sum's fixed-point error (per coordinate, on the total and on the weight).
     """
     norm = float(np.linalg.norm(unit.mean))
-    allowance = (unit.error_bound * np.sqrt(unit.total.size) + clip_norm * unit.weight_error) / unit.weight
+    allowance = (unit.error_bound * np.sqrt(unit.mean.size) + clip_norm * unit.weight_error) / unit.weight
     limit = clip_norm * (1 + 1e-6) + allowance
     return None if norm <= limit else f"update norm {norm:.4g} exceeds robust.clip_norm={clip_norm:g}, which every member clips to"
 

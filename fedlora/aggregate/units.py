@@ -22,25 +22,32 @@ from fedlora.privacy.noise import NoisySum
 
 @dataclass(frozen=True)
 class Unit:
-    """One bucket's contribution: never more than the sum of its members' updates."""
+    """One bucket's contribution: never more than the mean of its members' updates and their weight.
+
+    Held as the mean, so a participant's own float32 update is a unit without a copy: a round
+    keeps one vector per unit, whatever the dtype, and nothing else of size d per participant.
+    """
 
     members: tuple[str, ...]
-    total: np.ndarray  # float64: sum over members of weight_i * delta_i
+    mean: np.ndarray  # (sum over members of weight_i * delta_i) / weight, float32 or float64
     weight: float  # sum over members of weight_i (example counts)
-    error_bound: float = 0.0  # max abs error per coordinate of `total` (secure sums' fixed point)
+    error_bound: float = 0.0  # max abs error per coordinate of the sum weight * mean (secure sums' fixed point)
     weight_error: float = 0.0  # max abs error of `weight`
 
+    @classmethod
+    def from_total(cls, members: tuple[str, ...], total: np.ndarray, weight: float, error_bound: float = 0.0, weight_error: float = 0.0) -> Unit:
+        """A unit from a sum of weighted updates (a secure bucket's sum)."""
+        return cls(members, np.asarray(total, dtype=np.float64) / weight, weight, error_bound, weight_error)
+
     @property
-    def mean(self) -> np.ndarray:
-        return self.total / self.weight
+    def total(self) -> np.ndarray:
+        """The sum of the members' weighted updates (float64)."""
+        return self.mean.astype(np.float64) * self.weight
 
 
 def single_units(names: Sequence[str], deltas: Sequence[np.ndarray], weights: Sequence[float]) -> list[Unit]:
-    """Plaintext updates as buckets of one (exact sums, no error)."""
-    return [
-        Unit((name,), np.asarray(delta, dtype=np.float64) * float(weight), float(weight))
-        for name, delta, weight in zip(names, deltas, weights, strict=True)
-    ]
+    """Plaintext updates as buckets of one (exact, no error): each delta is the unit's mean as it is."""
+    return [Unit((name,), delta, float(weight)) for name, delta, weight in zip(names, deltas, weights, strict=True)]
 
 
 @dataclass
@@ -99,10 +106,11 @@ def update_diagnostics(deltas: Sequence[np.ndarray], mean: np.ndarray) -> list[d
     """
     mean64 = mean.astype(np.float64)
     mean_norm = float(np.linalg.norm(mean64))
+    delta64 = np.empty_like(mean64)  # one float64 scratch for all units: no fresh pages per unit
     rows = []
     for delta in deltas:
-        delta64 = np.asarray(delta, dtype=np.float64)
-        norm = float(np.linalg.norm(delta64))
+        np.copyto(delta64, delta)
+        norm = float(np.sqrt(delta64 @ delta64))
         cosine = float(delta64 @ mean64 / (norm * mean_norm)) if norm > 0 and mean_norm > 0 else 0.0
         rows.append({"update_norm": norm, "cosine_to_aggregate": cosine})
     return rows

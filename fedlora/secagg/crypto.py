@@ -184,3 +184,9 @@ def commit_share(params: bytes, owner: int, holder: int, kind: bytes, share: byt
     """
     tag = DOMAIN + b"|share-commit|" + kind + params + struct.pack(">QQ", owner, holder)
     return hashlib.sha256(tag + share).digest()
+
+
+def rotation_seed(params: bytes) -> bytes:
+    """Public seed of a 16-bit instance's random rotation: anyone holding its parameters derives it,
+    and every instance (round, bucket) gets its own."""
+    return hashlib.sha256(DOMAIN + b"|rotation|" + params).digest()

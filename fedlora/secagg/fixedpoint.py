@@ -4,7 +4,9 @@ Masking (Bonawitz et al., CCS 2017) works in a finite group, so each clipped
 update is scaled, stochastically rounded (unbiased, as in Kairouz et al.,
 "The Distributed Discrete Gaussian", ICML 2021) and mapped to uint32 in two's
 complement. The scale is chosen so that the sum of all participants' vectors
-cannot leave the signed 32-bit range: wraparound would corrupt the sum silently.
+cannot leave the signed 32-bit range: wraparound would corrupt the sum silently. On the 16-bit
+wire (`narrow`) the update coordinates are rotated and clipped to each member's share of the
+16-bit range on the way; the rest of the encoding is the same.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import numpy as np
 
 from fedlora.privacy.clipping import clip
 
+from .narrow import Narrow
 from .prg import expand_mask
+from .rotation import rotate, unrotate
 
 WIRE_BITS = 32
 # Float64 clipping can leave a norm a few ulps above clip_norm; budget for it.
@@ -29,17 +33,23 @@ def _max_abs(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def encode(vec: np.ndarray, clip_norm: float, scale: float, rounding_key: bytes) -> np.ndarray:
+def encode(vec: np.ndarray, clip_norm: float, scale: float, rounding_key: bytes, narrow: Narrow | None = None) -> np.ndarray:
     """Clip to `clip_norm`, scale, round stochastically, return uint32 (two's complement).
 
     The rounding draws come from AES-CTR keyed by `rounding_key` (32 bytes): with a fresh
     secret key nobody else can recompute them; the same key repeats the encoding exactly.
+    With `narrow` (the 16-bit wire) its leading coordinates are rotated after clipping and,
+    once scaled, clipped to +-narrow.cap, so that their rounded values stay within it.
     """
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     check_no_overflow(clip_norm, 1, scale)  # even one vector must fit in int32
     v = clip(vec, clip_norm)
+    if narrow is not None:
+        v[: narrow.length] = rotate(v[: narrow.length], narrow.seed)
     v *= scale  # |v| <= coordinate_bound(clip_norm, scale) <= 2^31 / n_participants
+    if narrow is not None:  # rare for an honest update (rotation.rotated_bound); only shortens it
+        np.clip(v[: narrow.length], -narrow.cap, narrow.cap, out=v[: narrow.length])
     low = np.floor(v)
     v -= low  # fractional part in [0, 1)
     v *= 2.0**32
@@ -48,10 +58,17 @@ def encode(vec: np.ndarray, clip_norm: float, scale: float, rounding_key: bytes)
     return low.astype(np.int32).view(np.uint32)  # two's complement in Z_{2^32}
 
 
-def decode(sum_u32: np.ndarray, scale: float, dtype: type = np.float32) -> np.ndarray:
-    """Interpret a uint32 sum as signed int32 and divide by `scale`."""
+def decode(sum_u32: np.ndarray, scale: float, dtype: type = np.float32, narrow: Narrow | None = None) -> np.ndarray:
+    """Interpret a uint32 sum as signed int32 and divide by `scale`.
+
+    With `narrow`, the sum's narrow coordinates (already read as int16: `narrow.narrowed`) are
+    rotated back.
+    """
     ints = np.asarray(sum_u32, dtype=np.uint32).view(np.int32)
-    return (ints.astype(np.float64) / scale).astype(dtype)
+    values = ints.astype(np.float64) / scale
+    if narrow is not None:
+        values[: narrow.length] = unrotate(values[: narrow.length], narrow.seed)
+    return values.astype(dtype)
 
 
 def coordinate_bound(clip_norm: float, scale: float) -> int:

@@ -32,18 +32,20 @@ def run_secure_sum(
     drop_before_unmask: Iterable[int] = (),
     seed: int = 0,
     round_id: str = "local-0",
+    wire_bits: int = 32,
 ) -> SumResult:
     """Securely sum `vectors` (id -> float vector) with simulated dropouts.
 
     `drop_before_shares`: advertise keys, then vanish. `drop_before_masking`: share
     keys, never send a masked input (excluded from the sum; their pairwise masks
     are removed via their recovered keys). `drop_before_unmask`: send a masked
-    input, then vanish (included; their self masks are recovered from shares).
+    input, then vanish (included; their self masks are recovered from shares). `wire_bits` 16:
+    the 16-bit wire (`narrow`), whose last input coordinate travels in 32 bits.
     """
     ids = sorted(vectors)
     d = len(np.asarray(vectors[ids[0]]))
     server = SecAggServer(
-        round_id, ids, d, clip_norm, degree=degree, threshold=threshold, graph_seed=seed
+        round_id, ids, d, clip_norm, degree=degree, threshold=threshold, graph_seed=seed, wire_bits=wire_bits
     )
     states: dict[int, ParticipantState] = {}
     adverts = []

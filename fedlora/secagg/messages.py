@@ -1,9 +1,9 @@
 """Plain-data messages of the SecAgg+ stages and the participant's state.
 
 Every field is `str`, `int`, `float`, `bytes`, a list of one of those, or a
-uint32 numpy array, so the coordinator can map a message onto Flower records
-(scalars and lists -> ConfigRecord, arrays -> ArrayRecord) without knowing the
-protocol. Maps keyed by participant are parallel lists (`ids[i]` <-> `x[i]`),
+uint32 numpy array (uint16 on the 16-bit wire, `narrow`), so the coordinator can
+map a message onto Flower records (scalars and lists -> ConfigRecord, arrays ->
+ArrayRecord) without knowing the protocol. Maps keyed by participant are parallel lists (`ids[i]` <-> `x[i]`),
 because record keys must be strings. `from_dict` type-checks everything that
 arrives from the wire before the protocol looks at it.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from .errors import SecAggProtocolError
 
 M = TypeVar("M", bound="Message")
+_WORDS = (np.dtype(np.uint32), np.dtype(np.uint16))  # the wire's words; which one, and how many, the server checks
 _SCALARS: dict[str, type | tuple[type, ...]] = {
     "str": str,
     "int": int,
@@ -29,7 +30,7 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
 
 def _matches(value: Any, annotation: str) -> bool:
     if annotation == "np.ndarray":
-        return isinstance(value, np.ndarray) and value.dtype == np.uint32 and value.ndim == 1
+        return isinstance(value, np.ndarray) and value.dtype in _WORDS and value.ndim == 1
     if annotation.startswith("list["):
         inner = _SCALARS[annotation[5:-1]]
         return isinstance(value, list) and all(
@@ -76,6 +77,7 @@ class SetupRequest(Message):
     scale: float
     context: str  # the application's public parameters (bound into the keys)
     server_public: bytes  # fresh X25519 key the proofs of possession answer to
+    wire_bits: int = 32  # 16: the update travels rotated, in 16 bits (`narrow`); bound into the keys
 
 
 # Stage 2: participant -> server.
@@ -127,7 +129,7 @@ class SharesRelay(Message):
 class MaskedInput(Message):
     round_id: str
     sender: int
-    masked: np.ndarray  # uint32, length vector_length + 1 (the last word counts members)
+    masked: np.ndarray  # uint32, length vector_length + 1 (the last word counts members); 16-bit wire: `narrow.pack`
     accused: list[int]  # senders whose share bundle did not open or match its commitments ...
     revealed_keys: list[bytes]  # ... and the receiving private key that opens each one
 
@@ -179,3 +181,5 @@ class ParticipantState(Message):
     share_owners: list[int]  # neighbours whose valid shares we hold (stage 4)
     held_b_shares: list[bytes]
     held_s_shares: list[bytes]
+    wire_bits: int
+    member_count: int  # members of the instance: a 16-bit wire's cap per member depends on it

@@ -4,7 +4,8 @@ Follows Bonawitz et al. (CCS 2017, Fig. 4) restricted to a neighbourhood as in
 Bell et al. (CCS 2020): advertise a masking key and one receiving key per neighbour
 (with a proof of possession), Shamir-share the self-mask seed b and the masking key
 s_sk among neighbours with a commitment to every share, upload
-y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij) mod 2^32, then reveal for each
+y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij) mod 2^32 (on the 16-bit wire only the low 16
+bits of the update's words, `narrow`), then reveal for each
 neighbour either its b-share (it survived) or its s-share (it dropped), never
 both. A share bundle that does not open is not fatal: the participant masks anyway
 and accuses the sender, revealing the one receiving key that lets the server check
@@ -23,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import crypto, shamir
 from .errors import SecAggAbort, SecAggProtocolError
-from .fixedpoint import WIRE_BITS, encode
+from .fixedpoint import encode
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -35,6 +36,7 @@ from .messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from .narrow import narrowing, pack
 from .prg import SEED_BYTES, apply_mask
 
 BUNDLE_BYTES = 2 * shamir.SHARE_BYTES  # b-share || s-share
@@ -59,7 +61,7 @@ def request_params(request: SetupRequest) -> bytes:
         request.vector_length,
         request.clip_norm,
         request.scale,
-        WIRE_BITS,
+        request.wire_bits,
         request.context,
     )
 
@@ -131,6 +133,10 @@ def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
     if request.vector_length < 1 or not request.scale > 0 or not request.clip_norm > 0:
         raise SecAggProtocolError(None, "vector_length, scale and clip_norm must be positive")
     params = request_params(request)
+    try:
+        narrowing(request.wire_bits, request.vector_length, len(request.members), params)
+    except ValueError as err:
+        raise SecAggProtocolError(None, f"refused the wire: {err}") from None
     s_private, s_public = crypto.generate_keypair()
     receiving = [crypto.generate_keypair() for _ in request.neighbours]
     try:
@@ -159,6 +165,8 @@ def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
         share_owners=[],
         held_b_shares=[],
         held_s_shares=[],
+        wire_bits=request.wire_bits,
+        member_count=len(request.members),
     )
     advert = KeysAdvert(
         request.round_id, me, s_public, list(request.neighbours), [p for _, p in receiving], proof
@@ -236,7 +244,8 @@ def mask_input(
     recompute the rounding (a fixed key is for reproducible simulations only). `clip_norm`
     defaults to the instance's; only a simulated attacker passes more (`widest_clip`).
     `noise` (integers, one per input coordinate) is added to the encoding mod 2^32 before
-    masking: a participant's share of distributed DP noise, which the sum then carries.
+    masking: a participant's share of distributed DP noise, which the sum then carries (32-bit
+    wire only: on the 16-bit wire it would not fit the range, `fedlora.secagg.plan`).
     """
     _expect(state, "shared", relay.round_id, relay.receiver)
     me, senders = state.participant_id, relay.senders
@@ -260,6 +269,9 @@ def mask_input(
         )
     if noise is not None and (np.shape(noise) != (state.vector_length,) or not np.issubdtype(np.asarray(noise).dtype, np.integer)):
         raise ValueError(f"noise must be {state.vector_length} integers, got {np.asarray(noise).dtype} {np.shape(noise)}")
+    narrow = narrowing(state.wire_bits, state.vector_length, state.member_count, state.params)
+    if noise is not None and narrow is not None:
+        raise ValueError("distributed DP noise does not fit the 16-bit wire; use secagg.wire_bits=32")
     owners, held_b, held_s, accused, revealed = [], [], [], [], []
     for j, blob, b_commit, s_commit in zip(
         senders, relay.ciphertexts, relay.b_share_commitments, relay.s_share_commitments, strict=True
@@ -277,7 +289,7 @@ def mask_input(
         held_s.append(s_share)
     masked = np.empty(state.vector_length + 1, dtype=np.uint32)
     bound = state.clip_norm if clip_norm is None else clip_norm
-    masked[:-1] = encode(vec, bound, state.scale, rounding_key or os.urandom(SEED_BYTES))
+    masked[:-1] = encode(vec, bound, state.scale, rounding_key or os.urandom(SEED_BYTES), narrow)
     if noise is not None:  # two's complement: adding the low 32 bits is adding the integer mod 2^32
         masked[:-1] += np.bitwise_and(np.asarray(noise, dtype=np.int64), 0xFFFFFFFF).astype(np.uint32)
     masked[-1] = 1  # the count slot: the unmasked sum must equal the number of members in it
@@ -288,7 +300,7 @@ def mask_input(
     new = dataclasses.replace(
         state, stage="masked", share_owners=owners, held_b_shares=held_b, held_s_shares=held_s
     )
-    return new, MaskedInput(state.round_id, me, masked, accused, revealed)
+    return new, MaskedInput(state.round_id, me, pack(masked, narrow), accused, revealed)
 
 
 def unmask(

@@ -35,6 +35,15 @@ guarantee covers the rounding too). `check_fixed_point` then plans the scale so 
   (2^34), which bounds the sampler's error in the sum (fedlora.privacy.noise). Noise of std
   ~1e5 integers dwarfs the fixed point's resolution anyway: the rounding error of a sum (std at
   most sqrt(k) / 2 integers) stays below 1e-3 of the noise's std.
+
+The 16-bit wire (secagg.wire_bits = 16, `fedlora.secagg.narrow`). The update's d coordinates are
+rotated, so each stays within B = `rotated_bound(C, d)` but with probability 1e-9, and the scale
+is the largest at which n members' ceil(B * scale) fit 2^15 - 1; the weight slot keeps 32 bits
+at that scale. Distributed DP is refused: the 10-sigma tail of the noise alone needs
+10 z (C * scale + sqrt(d)) of the 2^15 integers, so the rounding term 10 z sqrt(d) leaves no room
+at all once d > 1.07e7 / z^2, and below that the scale it leaves inflates the noise
+(z (C * scale + sqrt(d)) integers, calibrated to the rounded sensitivity) by 1 + sqrt(d) / (C * scale):
+~1.44x at d = 1e6 and ~2.6x at d = 4e6 for z = 1, against ~1.007x on the 32-bit wire.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from fedlora.privacy.noise import SKELLAM_MU_MAX, SKELLAM_SUM_MU_MAX, skellam_mu
 
 from .fixedpoint import check_no_overflow, choose_scale
 from .graph import default_degree
+from .narrow import WIRE_WIDTHS
+from .rotation import rotated_bound
 
 
 def bucket_sizes(participants: int, bucket_size: int) -> list[int]:
@@ -134,16 +145,26 @@ def _skellam_scale_cap(noise_multiplier: float, clip_norm: float, members: int, 
 
 
 def check_fixed_point(
-    clip_norm: float, members: int, noise_multiplier: float = 0.0, dropout_margin: float = 0.0, update_length: int = 0
+    clip_norm: float, members: int, noise_multiplier: float = 0.0, dropout_margin: float = 0.0, update_length: int = 0,
+    wire_bits: int = 32,
 ) -> float:
     """The fixed-point scale for a bucket of `members`; ValueError if it cannot be planned.
 
     Without noise: the largest scale at which n inputs cannot overflow 32 bits. With distributed
     DP (`noise_multiplier` > 0) the plan also keeps room for the noise and bounds each member's
     Skellam parameter (module docstring). `update_length` d (0 = not known yet, as at config load)
-    adds the rounding term. Coordinator and config both plan here; participants get the scale.
+    adds the rounding term. `wire_bits` 16: n rotated update coordinates fit 16 bits, the weight
+    slot 32 (module docstring). Coordinator and config both plan here; participants get the scale.
     """
+    if wire_bits not in WIRE_WIDTHS:
+        raise ValueError(f"wire_bits must be one of {WIRE_WIDTHS}, got {wire_bits}")
     norm = input_clip_norm(clip_norm)
+    if wire_bits == 16:
+        if noise_multiplier:
+            raise ValueError("distributed DP noise does not fit the 16-bit wire (module docstring); use 32 bits")
+        scale = choose_scale(rotated_bound(clip_norm, update_length) if update_length else clip_norm, members, 16)
+        check_no_overflow(norm, members, scale)  # the weight slot, in 32 bits
+        return scale
     if noise_multiplier == 0:
         scale = choose_scale(norm, members)
         check_no_overflow(norm, members, scale)

@@ -18,8 +18,10 @@ dropped out at that stage, so one malicious participant cannot stop a bucket on 
 Fewer than `threshold` live holders of a secret that must be recovered raises `SecAggAbort`
 before any share is revealed. After unmasking, the count slot (each member adds 1) must equal
 the number of members summed: members given different public parameters derive unrelated
-masks, and the sum is refused instead of revealing anything. The server is trusted to relay
-honestly (no signatures on its messages); see docs/threat-model.md.
+masks, and the sum is refused instead of revealing anything. On the 16-bit wire (`narrow`) a
+masked input must be exactly `narrow.pack`'s uint16 layout, or its sender is blamed; the sum is
+kept in uint32 as on the 32-bit wire and narrowed only once unmasked. The server is trusted to
+relay honestly (no signatures on its messages); see docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 from . import crypto, shamir
 from .errors import SecAggAbort
-from .fixedpoint import WIRE_BITS, check_no_overflow, choose_scale, decode, error_bound
+from .fixedpoint import check_no_overflow, choose_scale, decode, error_bound
 from .graph import check_ids, communication_graph, default_degree, default_threshold
 from .messages import (
     KeysAdvert,
@@ -45,8 +47,10 @@ from .messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from .narrow import Narrow, add_packed, narrowed, narrowing, wire_shape
 from .participant import BUNDLE_BYTES, mask_sign, open_bundle, x_coord
 from .prg import apply_mask
+from .rotation import rotated_bound
 
 log = logging.getLogger("fedlora.secagg")
 CIPHERTEXT_BYTES = crypto.KEY_BYTES + crypto.NONCE_BYTES + BUNDLE_BYTES + crypto.TAG_BYTES
@@ -58,13 +62,16 @@ class SumResult:
     """Decoded sum of the survivors' clipped inputs."""
 
     total: np.ndarray  # float32, length vector_length
-    sum_u32: np.ndarray  # the unmasked sum in Z_{2^32} (without the count slot), for re-decoding
+    sum_u32: np.ndarray  # the unmasked sum in Z_{2^32} (without the count slot; narrow words as int16), for re-decoding
     count: int
     survivors: list[int]
     dropped: list[int]
     scale: float
-    error_bound: float  # per coordinate, before float32 rounding of `total`
+    # Per coordinate, before float32 rounding of `total`. On the 16-bit wire it holds for the
+    # rotated narrow coordinates; rotated back, sqrt(vector_length) times it bounds the L2 error.
+    error_bound: float
     blamed: dict[int, str] = field(default_factory=dict)  # protocol violations, by participant
+    narrow: Narrow | None = None  # the 16-bit wire's narrowing, for re-decoding (`decode`)
 
 
 class _Reply(Protocol):
@@ -97,6 +104,7 @@ class SecAggServer:
         scale: float | None = None,
         graph_seed: bytes | int | None = None,
         context: str = "",
+        wire_bits: int = 32,
     ) -> None:
         ids = check_ids(list(participant_ids))
         n = len(ids)
@@ -111,8 +119,8 @@ class SecAggServer:
                 f"threshold {t} must be in [{(k + 1) // 2 + 1}, {k + 1}] for degree {k}: "
                 "at or below half the neighbourhood a server could learn both shares of someone"
             )
-        if scale is None:
-            scale = choose_scale(clip_norm, n)
+        if scale is None:  # the 16-bit wire: n rotated, clipped coordinates fit 16 bits (`narrow`)
+            scale = choose_scale(clip_norm, n) if wire_bits == 32 else choose_scale(rotated_bound(clip_norm, vector_length - 1), n, 16)
         check_no_overflow(clip_norm, n, scale)
         self.round_id, self.ids, self.d, self.context = round_id, ids, vector_length, context
         self.clip_norm, self.scale = float(clip_norm), float(scale)
@@ -120,8 +128,9 @@ class SecAggServer:
         seed = round_id.encode() if graph_seed is None else graph_seed
         self.graph = communication_graph(ids, k, seed)
         self.params = crypto.params_digest(
-            round_id, ids, t, vector_length, self.clip_norm, self.scale, WIRE_BITS, context
+            round_id, ids, t, vector_length, self.clip_norm, self.scale, wire_bits, context
         )
+        self.wire_bits, self.narrow = wire_bits, narrowing(wire_bits, vector_length, n, self.params)
         self._server_private, self._server_public = crypto.generate_keypair()
         self.stage = "setup"
         self.blamed: dict[int, str] = {}
@@ -186,7 +195,7 @@ class SecAggServer:
         return [
             SetupRequest(
                 self.round_id, i, list(self.ids), self.graph[i], self.threshold, self.d,
-                self.clip_norm, self.scale, self.context, self._server_public,
+                self.clip_norm, self.scale, self.context, self._server_public, self.wire_bits,
             )
             for i in self.ids
         ]
@@ -307,10 +316,11 @@ class SecAggServer:
         """Stage 4 -> 5: judge accusations, sum masked vectors, ask survivors for shares."""
         self._advance("masked", "unmask")
         arrived = {}
+        dtype, length = wire_shape(self.narrow, self.d)
         for i, msg in self._accept(inputs, set(self.relayed), "masked input").items():
             y = msg.masked
-            if y.shape != (self.d + 1,):
-                self.blame(i, f"masked input has shape {y.shape}, expected ({self.d + 1},)")
+            if y.shape != (length,) or y.dtype != dtype:
+                self.blame(i, f"masked input is {y.dtype} of shape {y.shape}, expected {dtype} of shape ({length},)")
             elif len(msg.accused) != len(msg.revealed_keys) or len(set(msg.accused)) != len(msg.accused):
                 self.blame(i, "malformed accusation lists")
             else:
@@ -325,7 +335,7 @@ class SecAggServer:
             )
         self.total = np.zeros(self.d + 1, dtype=np.uint32)
         for i in sorted(self.u3):
-            np.add(self.total, arrived[i].masked, out=self.total)  # wraps mod 2^32
+            add_packed(self.total, arrived[i].masked, self.narrow)  # wraps mod 2^32
         for u in self.relayed:  # every secret we will need must have >= t live holders
             partners = self.u3.intersection(self.relayed[u])
             if u in self.u3 or partners:
@@ -411,9 +421,9 @@ class SecAggServer:
                 f"round {self.round_id}: the unmasked count slot reads {int(self.total[-1])}, not {n}: "
                 "the members did not derive the same masks (inconsistent public parameters?); sum refused"
             )
-        total = self.total[:-1]
+        total = narrowed(self.total[:-1], self.narrow)
         return SumResult(
-            total=decode(total, self.scale),
+            total=decode(total, self.scale, np.float32, self.narrow),
             sum_u32=total,
             count=n,
             survivors=sorted(self.u3),
@@ -421,4 +431,5 @@ class SecAggServer:
             scale=self.scale,
             error_bound=error_bound(n, self.scale),
             blamed=dict(self.blamed),
+            narrow=self.narrow,
         )

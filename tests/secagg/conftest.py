@@ -20,6 +20,7 @@ class Round:
     d: int = 64
     degree: int | None = None
     threshold: int | None = None
+    wire_bits: int = 32
     server: SecAggServer = field(init=False)
     states: dict = field(default_factory=dict)
 
@@ -32,6 +33,7 @@ class Round:
             degree=self.degree,
             threshold=self.threshold,
             graph_seed=3,
+            wire_bits=self.wire_bits,
         )
         rng = np.random.default_rng(0)
         self.vectors = {i: rng.normal(size=self.d).astype(np.float32) * 0.05 for i in range(self.n)}

@@ -26,7 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/secagg", "tests/test_secure_federation.py", "tests/test_distributed_dp.py"]
-SIMULATIONS = "not secure_round_matches and not vanishing_after_masking and not round_below_threshold and not whole_distributed_dp_round"
+SIMULATIONS = (
+    "not secure_round_matches and not vanishing_after_masking and not round_below_threshold and not whole_distributed_dp_round"
+    " and not tracks_the_32_bit_one"
+)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,46 @@ MUTATIONS = [
         (("fedlora/secagg/participant.py",
           "    return erase_secrets(state), response",
           '    return dataclasses.replace(state, stage="unmasked"), response'),),
+    ),
+    Mutation(
+        "rotation-not-keyed-by-round",
+        "16-bit wire: the same rotation in every instance (seed not bound to the round's parameters)",
+        (("fedlora/secagg/crypto.py", 'return hashlib.sha256(DOMAIN + b"|rotation|" + params).digest()', 'return hashlib.sha256(DOMAIN + b"|rotation|").digest()'),),
+    ),
+    Mutation(
+        "rotation-without-signs",
+        "16-bit wire: a plain DCT (signs fixed at +1), which a flat update defeats",
+        (("fedlora/secagg/rotation.py",
+          "    return 1.0 - 2.0 * (expand_mask(seed, length) & 1).astype(np.float64)",
+          "    return np.ones(length)"),),
+    ),
+    Mutation(
+        "no-coordinate-clip",
+        "16-bit wire: rotated coordinates not clipped to the member's share of the range",
+        (("fedlora/secagg/fixedpoint.py", "        np.clip(v[: narrow.length], -narrow.cap, narrow.cap, out=v[: narrow.length])", "        pass"),),
+    ),
+    Mutation(
+        "decode-without-unrotation",
+        "16-bit wire: the sum decoded without rotating it back",
+        (("fedlora/secagg/fixedpoint.py", "        values[: narrow.length] = unrotate(values[: narrow.length], narrow.seed)", "        pass"),),
+    ),
+    Mutation(
+        "slots-narrowed-too",
+        "16-bit wire: the weight and count slots sent (and summed) in 16 bits like the update",
+        (
+            ("fedlora/secagg/narrow.py",
+             "    return np.concatenate([masked[: narrow.length].astype(np.uint16), masked[narrow.length :].view(np.uint16)])",
+             "    return masked.astype(np.uint16)"),
+            ("fedlora/secagg/narrow.py", "    m = narrow.length\n", "    m = y.size\n"),
+            ("fedlora/secagg/narrow.py",
+             "    return np.dtype(np.uint16), narrow.length + 2 * (vector_length + 1 - narrow.length)",
+             "    return np.dtype(np.uint16), vector_length + 1"),
+        ),
+    ),
+    Mutation(
+        "masked-word-unchecked",
+        "16-bit wire: a masked input of the wrong word type accepted if its length fits",
+        (("fedlora/secagg/server.py", "            if y.shape != (length,) or y.dtype != dtype:", "            if y.shape != (length,):"),),
     ),
     Mutation(
         "no-dp-noise",
