@@ -140,10 +140,11 @@ def run_worker(mode: str, n: int, d: int) -> dict:
             if server_round == 1:
                 reset_rss_peak()
                 baseline["rss"] = _rss()
-            outside = dict(grid.outside_seconds_by_type)
+            # .get: a tree from before stage timing (`--before` runs) has neither; memory is still measured.
+            outside = dict(getattr(grid, "outside_seconds_by_type", {}))
             row = run_round(server_round)
-            spent = {kind: seconds - outside.get(kind, 0.0) for kind, seconds in grid.outside_seconds_by_type.items()}
-            rounds.append({"round": server_round, "stage_seconds": dict(row["stage_seconds"]), "outside_seconds": spent,
+            spent = {kind: seconds - outside.get(kind, 0.0) for kind, seconds in getattr(grid, "outside_seconds_by_type", {}).items()}
+            rounds.append({"round": server_round, "stage_seconds": dict(row.get("stage_seconds", {})), "outside_seconds": spent,
                            "seconds": row["seconds"], "participants": row["participants"]})
             return row
 

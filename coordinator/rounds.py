@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -96,13 +96,16 @@ def evaluation_nodes(nodes: list[int], kept: list[int], count: int, seed: int) -
     return sorted(stay + [pool[int(index)] for index in picked])
 
 
-def exchange(grid: Grid, nodes: list[int], content_fn, message_type: str, server_round: int, timeout_s: float) -> dict[int, Message | None]:
+def exchange(grid: Grid, nodes: list[int], content: RecordDict, message_type: str, server_round: int, timeout_s: float) -> dict[int, Message | None]:
     """Send one message per node and collect replies; a node that did not answer maps to None.
+
+    Every message carries the same `content` object: n copies of the global adapter would
+    outweigh the round's uploads in the coordinator's memory (benchmarks/coordinator.py).
 
     A reply is taken only from the node the request went to and only in answer to it; anything
     else (a reply to another round's message, a second reply) is refused and logged.
     """
-    messages = [Message(content_fn(), dst_node_id=node, message_type=message_type, group_id=str(server_round)) for node in nodes]
+    messages = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round)) for node in nodes]
     received = list(grid.send_and_receive(messages, timeout=timeout_s))
     sent = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}  # ids are set on sending
     replies: dict[int, Message] = {}
@@ -194,8 +197,8 @@ class Coordinator:
             self.names[node] = f"participant-{int(metrics['partition_id'])}"
         return self.names.get(node, f"node-{node}")
 
-    def _content(self, server_round: int):
-        return lambda: instruction_content(self.adapter.vector, server_round, self.config_toml)
+    def _content(self, server_round: int) -> RecordDict:
+        return instruction_content(self.adapter.vector, server_round, self.config_toml)
 
     def rank_of(self, member: Member) -> int:
         """The LoRA rank this participant trains (lora.participant_ranks by partition id, else lora.r)."""
@@ -226,7 +229,7 @@ class Coordinator:
     def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
         eligible = [node for node in nodes if not self.excluded(self.name(node))]
         nodes = self.evaluated = evaluation_nodes(eligible, self.evaluated, self.cfg.federation.eval_participants, self.cfg.federation.seed)
-        replies = exchange(grid=self.grid, nodes=nodes, content_fn=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
+        replies = exchange(grid=self.grid, nodes=nodes, content=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
         rows = []
         for node, reply in replies.items():
             if reply is None or reply.has_error():

@@ -359,7 +359,7 @@ def test_a_reply_that_answers_no_open_request_is_refused() -> None:
             return replies
 
     grid = ReplayingGrid(participant_app.app, {NODE: {}, NODE + 1: {}})
-    content = lambda: instruction_content(np.zeros(8, dtype=np.float32), 1, "not toml")  # noqa: E731
+    content = instruction_content(np.zeros(8, dtype=np.float32), 1, "not toml")
     replies = exchange(grid, [NODE, NODE + 1], content, "train", 1, 10.0)
     assert replies[NODE] is None  # refused: answers nothing this round asked
     assert replies[NODE + 1] is not None and replies[NODE + 1].has_error()  # a real (error) reply is kept
