@@ -20,7 +20,7 @@ in units of the round's uploads (n d 4 bytes). The uploads themselves arrive as 
 messages, so 1.0 is the floor of a plaintext round that holds them; under secure aggregation
 the participants' held updates live in this process too (LocalGrid), which adds 1.0.
 
-    python benchmarks/coordinator.py [--n 10,50,100] [--d 4M,16M] [--modes plaintext,robust,secure,dp]
+    python benchmarks/coordinator.py [--n 10,50,100] [--d 4M,16M] [--modes plaintext,robust,secure,dp]   (M = 10^6)
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+import psutil
+
 from memory import machine, reset_rss_peak, rss_peak
+from secagg import parse_size
 
 # This file's name would shadow the `coordinator` package for the imports below.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
@@ -52,10 +55,6 @@ MODES = {
     "secure": (["secagg.enabled=true", "secagg.bucket_size=10", "robust.clip_norm=1.0"], "frozen-a"),
 }
 COORDINATOR_STAGES = ("gather", "secure_sum", "screen", "rule", "noise", "server_step", "write")
-
-
-def parse_size(text: str) -> int:
-    return int(float(text[:-1]) * 2**20) if text[-1] in "Mm" else int(text)
 
 
 def run_config(mode: str, n: int, rank: int):
@@ -139,7 +138,7 @@ def run_worker(mode: str, n: int, d: int) -> dict:
         def timed_round(server_round: int) -> dict:
             if server_round == 1:
                 reset_rss_peak()
-                baseline["rss"] = _rss()
+                baseline["rss"] = psutil.Process().memory_info().rss
             # .get: a tree from before stage timing (`--before` runs) has neither; memory is still measured.
             outside = dict(getattr(grid, "outside_seconds_by_type", {}))
             row = run_round(server_round)
@@ -148,7 +147,7 @@ def run_worker(mode: str, n: int, d: int) -> dict:
                            "seconds": row["seconds"], "participants": row["participants"]})
             return row
 
-        def timed_write(name, fn):
+        def timed_write(fn):
             def wrapped(server_round, *args, **kwargs):
                 started = time.perf_counter()
                 result = fn(server_round, *args, **kwargs)
@@ -159,8 +158,8 @@ def run_worker(mode: str, n: int, d: int) -> dict:
             return wrapped
 
         coordinator.run_round = timed_round
-        coordinator.out.save_adapter = timed_write("save", save_adapter)
-        coordinator.checkpoint = timed_write("checkpoint", checkpoint)
+        coordinator.out.save_adapter = timed_write(save_adapter)
+        coordinator.checkpoint = timed_write(checkpoint)
         coordinator.run(grid)
     peak = rss_peak()
     upload_bytes = n * length * 4
@@ -170,13 +169,6 @@ def run_worker(mode: str, n: int, d: int) -> dict:
         "rss_before_round_1_bytes": baseline["rss"], "peak_rss_bytes": peak,
         "peak_above_baseline_in_uploads": (peak - baseline["rss"]) / upload_bytes,
     }
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def coordinator_stages(run: dict) -> dict[str, float]:
@@ -209,7 +201,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"{r['stages_s'][s]:.3f}" if s in r["stages_s"] else "-" for s in COORDINATOR_STAGES]
         lines.append(
-            f"| {r['mode']} | {r['n']} | {r['d'] / 2**20:.1f}M | " + " | ".join(cells)
+            f"| {r['mode']} | {r['n']} | {r['d'] / 1e6:.1f}M | " + " | ".join(cells)
             + f" | {r['coordinator_s']:.2f} | {r['read_once_s']:.3f} | {r['ratio_to_read_once']:.1f}x "
             f"| {r['peak_above_baseline_in_uploads']:.2f} | {r['peak_rss_gib']:.1f} |"
         )
@@ -229,7 +221,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar(range(len(rows)), values, bottom=bottom, label=stage)
         bottom += values
     ax.scatter(range(len(rows)), [r["read_once_s"] for r in rows], color="black", marker="_", s=200, label="read uploads once", zorder=3)
-    ax.set_xticks(range(len(rows)), [f"{r['mode']}\nn={r['n']}\n{r['d'] / 2**20:.0f}M" for r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['mode']}\nn={r['n']}\n{r['d'] / 1e6:.1f}M" for r in rows], fontsize=7)
     ax.set_ylabel("coordinator seconds per round")
     ax.legend(fontsize=7)
     fig.tight_layout()
