@@ -3,35 +3,29 @@
 With `flwr run`, the run config carries fedlora keys as "section.key" plus optional
 "config-file" (a TOML loaded first), "out" (the run directory), and for a deployed coordinator
 "coordinator-dir" (its directory: registered participants, signing key) and "resume".
+
+The round loop (and with it the model stack) is imported once logging is set up: a deployed
+ServerApp's process would otherwise print the ML libraries' import-time warnings.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.rounds import Coordinator
 from fedlora.config import Config, config_from_flat
+from fedlora.logs import show_progress
 
 app = ServerApp()
 
 
-def show_progress() -> None:
-    """Round lines on stderr, which `flwr run --stream` shows; a simulation's CLI sets up its own."""
-    logger = logging.getLogger("fedlora")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    show_progress()
+    show_progress()  # round lines on stderr, which `flwr run --stream` shows
+    from coordinator.rounds import Coordinator
+
     flat = dict(context.run_config)
     run_dir = Path(str(flat.pop("out", "") or f"runs/run-{context.run_id}"))
     deployment = str(flat.pop("coordinator-dir", "") or "")
@@ -41,6 +35,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def make_server_app(cfg: Config, run_dir: Path, failures: list[BaseException]) -> ServerApp:
     """A ServerApp bound to an already validated config; exceptions are kept for the caller."""
+    from coordinator.rounds import Coordinator
+
     server_app = ServerApp()
 
     @server_app.main()

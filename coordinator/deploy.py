@@ -24,6 +24,7 @@ from typing import Any
 import tomli_w
 
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint
+from coordinator.outcome import Outcome, read_outcome
 from coordinator.outputs import read_metrics
 from coordinator.participants import BOOK, ParticipantBook
 from fedlora.audit import verify as verify_audit
@@ -63,7 +64,13 @@ def app_pyproject() -> str:
     """A Flower app bundle naming our components; the code comes from the installed fedlora package."""
     return tomli_w.dumps({
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedlora-run", "version": "0.1.0", "dependencies": []},
+        "project": {
+            "name": "fedlora-run",
+            "version": "0.1.0",
+            "description": "fedlora's coordinator ServerApp and participant ClientApp, run from the installed fedlora package",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
         "tool": {"flwr": {"app": {
             "publisher": "fedlora",
             "components": {"serverapp": "coordinator.app:app", "clientapp": "participant.app:app"},
@@ -117,6 +124,7 @@ def start(directory: Path) -> int:
         "--port", str(settings.port),
         "--disable-runtime-dependency-installation",  # nothing is installed at run time
     ]  # fmt: skip
+    print(f"coordinator {directory.name}: SuperLink on {settings.listen}:{settings.port} for participants dialling {settings.address}", flush=True)
     return run_service(argv, flower_environment(directory / "flwr"))
 
 
@@ -191,13 +199,17 @@ def run(directory: Path, name: str, resume: bool, config: Path | None) -> int:
     return 0 if finished(out) else 1
 
 
+def run_outcome(out: Path) -> Outcome:
+    """Rounds planned, run and applied, and why the run stopped early, from its metrics."""
+    rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
+    return read_outcome(rows, load_config(out / "config.toml").federation.rounds)
+
+
 def finished(out: Path) -> bool:
-    """Whether a run's last round is checkpointed (or its privacy budget stopped it) and published."""
+    """Whether a run completed (every round, or until its privacy budget), applied a round and published `final`."""
     if not (out / CHECKPOINT).is_file() or not (out / "adapters" / "final").is_dir():
         return False
-    rows = read_metrics(out)
-    planned = load_config(out / "config.toml").federation.rounds
-    return load_checkpoint(out / CHECKPOINT)["round"] >= planned or any("stopped" in row for row in rows)
+    return run_outcome(out).succeeded
 
 
 def status(directory: Path) -> dict[str, Any]:
@@ -213,10 +225,15 @@ def status(directory: Path) -> dict[str, Any]:
         rounds = [row for row in rows if row.get("round", 0) > 0 and "stopped" not in row]
         versions = sorted((out / "adapters").glob("round-*")) if (out / "adapters").is_dir() else []
         audit_problems, audit_last = verify_audit(out / "audit.jsonl") if (out / "audit.jsonl").is_file() else (["no audit log"], "")
+        outcome = run_outcome(out) if (out / "config.toml").is_file() else None
         report["runs"][out.name] = {
             "rounds_done": load_checkpoint(out / CHECKPOINT)["round"] if (out / CHECKPOINT).is_file() else 0,
-            "rounds_planned": load_config(out / "config.toml").federation.rounds if (out / "config.toml").is_file() else None,
+            "rounds_planned": outcome.rounds_planned if outcome else None,
+            "rounds_run": outcome.rounds_run if outcome else 0,
+            "rounds_applied": outcome.rounds_applied if outcome else 0,
+            "outcome": outcome.summary() if outcome else "no configuration",
             "finished": finished(out),
+            "final": (out / "adapters" / "final").is_dir(),
             "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
             "last_version": versions[-1].name if versions else None,
             "last_version_verifies": not verify_adapter(versions[-1], public_key) if versions else None,

@@ -7,6 +7,7 @@ coordinator. The plaintext gatherer is here; the secure one (SecAgg+ per bucket)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,22 @@ class Gathered:
     blamed: list[str] = field(default_factory=list)  # protocol violations, whether or not still in a sum
 
 
+FLOWER_ERROR = re.compile(r"<class '(?P<kind>[\w.]+)'>:<'(?P<message>.*)'>", re.DOTALL)
+
+
+def error_reason(text: str) -> str:
+    """An error reply as 'refused: why' (the participant declined) or 'failed: what' (it broke).
+
+    Flower wraps an exception a ClientApp raised as "<class 'module.Kind'>:<'message'>"; a
+    participant's Refusal (participant/site.py) is a decision, anything else a failure.
+    """
+    match = FLOWER_ERROR.fullmatch(text.strip())
+    if not match:
+        return f"failed: {text}"
+    kind, message = match["kind"].rsplit(".", 1)[-1], match["message"]
+    return f"refused: {message}" if kind == "Refusal" else f"failed: {kind}: {message}"
+
+
 def read_train_replies(
     replies: dict[int, Message | None], name_of: Callable[[int, dict[str, Any] | None], str], timeout_s: float, with_vector: bool
 ) -> tuple[list[Member], list[Rejection]]:
@@ -60,7 +77,7 @@ def read_train_replies(
         if reply is None:
             rejected.append(Rejection(name_of(node, None), f"no reply within {timeout_s:g} s"))
         elif reply.has_error():
-            rejected.append(Rejection(name_of(node, None), f"participant failed: {reply.error.reason}"))
+            rejected.append(Rejection(name_of(node, None), error_reason(reply.error.reason)))
         else:
             try:
                 vector, metrics = read_reply(reply.content)

@@ -17,6 +17,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
@@ -24,7 +25,6 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 SUPERLINK_NODE_ID = 1
-CLIENT_APP_RAISED_EXCEPTION = 1  # flwr ErrorCode
 
 
 class LocalGrid(Grid):
@@ -77,8 +77,8 @@ class LocalGrid(Grid):
             started = time.perf_counter()
             try:
                 reply = app(delivered, self.contexts[node])
-            except Exception as err:  # what a SuperNode reports for a raising ClientApp
-                reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=delivered)
+            except Exception as err:  # what a SuperNode reports for a raising ClientApp, in its format
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err)}:<'{err}'>"), reply_to=delivered)
             spent = time.perf_counter() - started
             self.client_seconds += spent
             self.client_seconds_by_node[node] += spent

@@ -13,22 +13,33 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from peft import PeftConfig
 
-from fedlora.adapter import AdapterLayout, save_peft_dir
 from fedlora.atomic import write_bytes_atomic
 from fedlora.audit import AuditLog
 from fedlora.registry import load_or_create_key, sign_adapter
 from fedlora.config import Config
+
+if TYPE_CHECKING:  # torch and peft load only to write an adapter: `coordinator status` reads metrics without them
+    from peft import PeftConfig
+
+    from fedlora.adapter import AdapterLayout
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl, one per round (round 0 = before training)."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def majority_note(row: dict[str, Any]) -> str:
+    """' (majority class 0.641: +8.2 points)' for a row that has both numbers, else ''."""
+    accuracy, majority = row.get("eval_accuracy"), row.get("majority_accuracy")
+    if accuracy is None or majority is None or not math.isfinite(accuracy):
+        return ""
+    return f" (majority class {majority:.3f}: {100 * (accuracy - majority):+.1f} points)"
 
 
 def cut_torn_tail(path: Path) -> int:
@@ -51,6 +62,7 @@ class RunDirectory:
             (self.path / "config.toml").write_text(config.to_toml())
             self.metrics_path.write_text("")
             (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
+            shutil.rmtree(self.path / "adapters" / "final", ignore_errors=True)  # never another run's result
         self.torn_audit_bytes = cut_torn_tail(self.path / "audit.jsonl")
         self.audit = AuditLog(self.path / "audit.jsonl")
         if not resume:
@@ -89,6 +101,8 @@ class RunDirectory:
         self, server_round: int, vector: np.ndarray, layout: AdapterLayout, peft_config: PeftConfig, facts: dict[str, Any]
     ) -> Path:
         """The round's adapter as a PEFT directory with a manifest signed by the run's key."""
+        from fedlora.adapter import save_peft_dir
+
         directory = self.path / "adapters" / f"round-{server_round:04d}"
         if directory.exists():  # left half-written by a round a crash cut short
             shutil.rmtree(directory)
@@ -108,26 +122,41 @@ class RunDirectory:
         return read_metrics(self.path)
 
     def plot(self) -> Path:
-        """metrics.png: losses and accuracy per round."""
+        """metrics.png: losses and held-out accuracy per round, against the majority class and round 0."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        rows = self.read_metrics()
+        rows = [row for row in self.read_metrics() if "stopped" not in row]
         figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
         for key in ("train_loss", "eval_loss"):
-            points = [(r["round"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+            points = finite_points(rows, key)
             if points:
                 loss_axis.plot(*zip(*points), marker="o", label=key)
         loss_axis.set(xlabel="round", ylabel="loss", title="loss per round")
-        loss_axis.legend()
-        points = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None and math.isfinite(r["eval_accuracy"])]
+        if loss_axis.lines:
+            loss_axis.legend()
+        points = finite_points(rows, "eval_accuracy")
         if points:
-            accuracy_axis.plot(*zip(*points), marker="o", color="tab:green")
+            accuracy_axis.plot(*zip(*points), marker="o", color="tab:green", label="global adapter")
+            accuracy_axis.axhline(points[0][1], color="tab:gray", linestyle=":", label=f"round 0 ({points[0][1]:.3f})")
+        majority = finite_points(rows, "majority_accuracy")
+        if majority:
+            accuracy_axis.axhline(majority[-1][1], color="tab:red", linestyle="--", label=f"majority class ({majority[-1][1]:.3f})")
         accuracy_axis.set(xlabel="round", ylabel="held-out accuracy", title="accuracy per round", ylim=(0, 1))
+        if points:
+            accuracy_axis.legend(loc="lower right")
+        for axis in (loss_axis, accuracy_axis):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.tight_layout()
         out = self.path / "metrics.png"
         figure.savefig(out, dpi=100)
         plt.close(figure)
         return out
+
+
+def finite_points(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(round, value) for the rows where `key` holds a finite number."""
+    return [(row["round"], row[key]) for row in rows if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]

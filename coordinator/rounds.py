@@ -30,8 +30,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from coordinator.gather import Gathered, Member, Rejection, gather_plaintext, read_train_replies
-from coordinator.outputs import RunDirectory
+from coordinator.gather import Gathered, Member, Rejection, error_reason, gather_plaintext, read_train_replies
+from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
+from coordinator.outputs import RunDirectory, majority_note
 from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag
 from fedlora.adapter import AdapterLayout, adapter_vector
@@ -40,8 +41,8 @@ from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
-from fedlora.config import Config
-from fedlora.model import load_model
+from fedlora.config import Config, ModelSection
+from fedlora.model import load_model, model_fingerprint
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.wire import instruction_content, read_reply
@@ -62,6 +63,21 @@ def initial_adapter(cfg: Config) -> GlobalAdapter:
     loaded = load_model(cfg.model, cfg.lora, label_names_for(cfg), cfg.federation.seed)
     vector, layout = adapter_vector(loaded.model)
     return GlobalAdapter(vector, layout, loaded.model.peft_config["default"])
+
+
+def checked_base_fingerprint(model: ModelSection) -> str:
+    """This coordinator's own base model fingerprint, refused when it is not the one `model.sha256` states.
+
+    The coordinator builds round 0 from its base and signs manifests certifying the hash: a
+    different base would certify what no participant trains on.
+    """
+    actual = model_fingerprint(model.name)
+    if model.sha256 and model.sha256 != actual:
+        raise ValueError(
+            f"model.sha256 states {model.sha256}, but this coordinator's base model {model.name!r} has fingerprint {actual}; "
+            "install the base the run is for, or state this one (`fedlora model hash`) if every participant holds it"
+        )
+    return actual
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> list[int]:
@@ -118,6 +134,20 @@ def exchange(grid: Grid, nodes: list[int], content: RecordDict, message_type: st
     return {node: replies.get(node) for node in nodes}
 
 
+def majority_accuracy(label_counts: list[Any], classes: int) -> dict[str, float]:
+    """The held-out accuracy of always answering the commonest class, from the sites' label counts.
+
+    The reference a learning curve must rise above; {} when any evaluated site sent no counts
+    (free-form answers) or counts of the wrong shape (a site controls what it reports).
+    """
+    if not label_counts or any(not isinstance(c, list) or (classes and len(c) != classes) for c in label_counts):
+        return {}
+    totals = np.sum(np.asarray(label_counts, dtype=np.float64), axis=0) if len({len(c) for c in label_counts}) == 1 else None
+    if totals is None or totals.sum() <= 0 or np.any(totals < 0):
+        return {}
+    return {"majority_accuracy": float(totals.max() / totals.sum())}
+
+
 class Coordinator:
     """Runs the configured rounds on a Grid and writes everything to a run directory."""
 
@@ -126,11 +156,13 @@ class Coordinator:
         self.config_toml = cfg.to_toml()
         self.deployment = Path(deployment) if deployment else None
         self.book = ParticipantBook(self.deployment / BOOK) if self.deployment else None
+        self.base_sha256 = checked_base_fingerprint(cfg.model)
         self.out = RunDirectory(run_dir, cfg, self.deployment / "coordinator.key" if self.deployment else None, resume)
         self.adapter = initial_adapter(cfg)
         self.names: dict[int, str] = {}
         self.completed = -1  # the last round whose adapter and checkpoint are written
         self.evaluated: list[int] = []  # the nodes of the last evaluation (federation.eval_participants)
+        self.rows: list[dict[str, Any]] = []  # the rounds this process ran (a resumption starts afresh)
         sim = cfg.simulation
         self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
         self.attack = resolve_attack(sim.attack) if self.adversaries else None
@@ -233,7 +265,7 @@ class Coordinator:
         rows = []
         for node, reply in replies.items():
             if reply is None or reply.has_error():
-                log.warning("evaluation by %s failed: %s", self.name(node), "timeout" if reply is None else reply.error.reason)
+                log.warning("evaluation by %s: %s", self.name(node), "no reply (timeout)" if reply is None else error_reason(reply.error.reason))
                 continue
             _, metrics = read_reply(reply.content)
             if not self.excluded(self.name(node, metrics)):  # a revoked participant's scores are refused too
@@ -242,10 +274,11 @@ class Coordinator:
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
         weights = [m["num-examples"] for m in rows]
-        return {
+        result = {
             "eval_loss": float(np.average([m["eval_loss"] for m in rows], weights=weights)),
             "eval_accuracy": float(np.average([m["eval_accuracy"] for m in rows], weights=weights)),
         }
+        return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -385,13 +418,21 @@ class Coordinator:
         answered = self.round_record["answered"] if row["round"] > 0 else []
         return {
             "base_model": self.cfg.model.name,
-            "base_model_sha256": self.cfg.model.sha256,
+            "base_model_sha256": self.base_sha256,
             # Under DP who took part is what Poisson sampling hides: only the count is published.
             "participants": len(answered) if self.dp else answered,
             "epsilon": row.get("epsilon"),
             "delta": row.get("delta"),
             "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", "train_loss") if key in row},
         }
+
+    def stop_reason(self) -> tuple[str, str]:
+        """Why the next round must not run, and which kind of stop (outcome.BUDGET/REFUSALS); ('', '') if it may."""
+        budget = self.dp.stop_reason() if self.dp else ""
+        if budget:
+            return budget, BUDGET
+        refused = refusal_stop(self.rows)
+        return (refused, REFUSALS) if refused else ("", "")
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:
         self.grid = grid
@@ -406,27 +447,40 @@ class Coordinator:
             baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, **self.evaluate(nodes, 0)}
             baseline["seconds"] = round(time.monotonic() - started, 3)  # evaluating the untrained adapter
             self.out.append_metrics(baseline)
-            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"])
+            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f%s", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"], majority_note(baseline))
             self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
             self.checkpoint(0)
         latest = self.out.path / "adapters" / f"round-{self.completed:04d}"
+        applied = read_outcome(self.out.read_metrics(), fed.rounds).rounds_applied  # before a resumption
         for server_round in range(self.completed + 1, fed.rounds + 1):
-            stop = self.dp.stop_reason() if self.dp else ""
+            stop, stopped_by = self.stop_reason()
             if stop:
-                log.warning("stopping before round %d: %s", server_round, stop)
-                self.out.append_metrics({"round": server_round, "stopped": stop})
-                self.out.audit.append({"event": "stopped", "round": server_round, "reason": stop})
+                log.error("stopping before round %d: %s", server_round, stop)
+                self.out.append_metrics({"round": server_round, "stopped": stop, "stopped_by": stopped_by})
+                self.out.audit.append({"event": "stopped", "round": server_round, "reason": stop, "stopped_by": stopped_by})
                 break
             row = self.run_round(server_round)
+            applied += bool(row.get("applied"))
+            row["rounds_applied"] = applied
             self.out.append_metrics(row)
+            self.rows.append(row)
             latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(row))
             self.checkpoint(server_round)
             log.info(
-                "round %d/%d: %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f s",
-                server_round, fed.rounds, row["participants"], row["sampled"], *(
+                "round %d/%d: %s, %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f s",
+                server_round, fed.rounds, "applied" if row.get("applied") else "NOT applied", row["participants"], row["sampled"], *(
                     f"{row[key]:.4f}" if key in row else "-" for key in ("train_loss", "eval_loss", "eval_accuracy")
                 ), row["seconds"],
             )
-        self.out.publish_final(latest)
+        outcome = read_outcome(self.out.read_metrics(), fed.rounds)
+        final = self.out.publish_final(latest) if outcome.rounds_applied else None
+        self.out.audit.append({
+            "event": "ended",
+            "rounds_run": outcome.rounds_run,
+            "rounds_applied": outcome.rounds_applied,
+            "final": final.name if final else None,
+            "adapter_sha256": hashlib.sha256(self.adapter.vector.tobytes()).hexdigest(),
+        })
+        (log.info if outcome.succeeded else log.error)("run ended: %s", outcome.summary())
         self.out.plot()
         return self.out.read_metrics()

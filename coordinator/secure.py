@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Message
 
-from coordinator.gather import Gathered, Member, Rejection
+from coordinator.gather import Gathered, Member, Rejection, error_reason
 from fedlora.aggregate import Unit
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
@@ -139,7 +139,7 @@ class _Bucket:
                 self._drop(member, f"no reply within {timeout_s:g} s")
                 continue
             if reply.has_error():
-                self._drop(member, f"participant failed: {reply.error.reason}")
+                self._drop(member, error_reason(reply.error.reason))
                 continue
             self.bytes_up += content_bytes(reply.content)
             try:

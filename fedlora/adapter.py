@@ -196,7 +196,11 @@ def load_adapter_vector(model: PeftModel, vector: np.ndarray, layout: AdapterLay
 
 
 def save_peft_dir(path: Path, vector: np.ndarray, layout: AdapterLayout, peft_config: PeftConfig) -> Path:
-    """Write a stock PEFT adapter directory from a flat vector."""
+    """Write a stock PEFT adapter directory from a flat vector.
+
+    Its `base_model_name_or_path` is whatever `peft_config` says: `load_model` sets it to the
+    configured `model.name` (`builtin:tiny-llama` or the operator's directory), never a cache path.
+    """
     path.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(path))
     tensors = {name: np.ascontiguousarray(array) for name, array in layout.unflatten(vector).items()}

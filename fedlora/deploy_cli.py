@@ -1,4 +1,4 @@
-"""`fedlora coordinator ...`, `fedlora participant ...`, `fedlora adapter export` and `fedlora model hash`.
+"""`fedlora coordinator ...`, `fedlora participant ...`, `fedlora adapter export`, `fedlora model hash/save`.
 
 Handlers parse nothing themselves: they call coordinator/deploy.py, participant/daemon.py and
 fedlora/registry.py and print what a person at a terminal needs to see next.
@@ -45,14 +45,25 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
 def _coordinator_run(args: argparse.Namespace) -> int:
     from coordinator import deploy
     from coordinator.checkpoint import CHECKPOINT
+    from coordinator.outcome import REFUSALS
 
     code = deploy.run(Path(args.directory), args.name, args.resume, Path(args.config) if args.config else None)
     if code != 0 and not (deploy.run_directory(Path(args.directory), args.name) / CHECKPOINT).is_file():
-        print(f"run {args.name} did not start: is `fedlora coordinator start {args.directory}` running? (see flwr's message above)")
+        print(
+            f"run {args.name} did not start: flwr's message above says why (is `fedlora coordinator start {args.directory}` "
+            "running? does this machine's base model match model.sha256?)"
+        )
         return code
+    out = deploy.run_directory(Path(args.directory), args.name)
+    outcome = deploy.run_outcome(out)
     run = deploy.status(Path(args.directory))["runs"].get(args.name, {})
-    print(f"run {args.name}: {run.get('rounds_done', 0)}/{run.get('rounds_planned')} rounds, epsilon {run.get('epsilon')}, "
-          f"last version {run.get('last_version')}{'' if code == 0 else ' (not finished: resume with --resume)'}")  # fmt: skip
+    print(f"run {args.name}: {outcome.summary()}; epsilon {run.get('epsilon')}")
+    if code == 0:
+        print(f"  published {out / 'adapters' / 'final'}")
+    elif outcome.stopped_by == REFUSALS:
+        print("  nothing more will train until the sites' refusals above are resolved; then continue with --resume")
+    elif not outcome.complete:
+        print("  not finished: continue with --resume")
     return code
 
 
@@ -68,9 +79,9 @@ def _coordinator_status(args: argparse.Namespace) -> int:
         print(f"  {entry['name']:20s} node {entry['node_id']}  {entry['fingerprint'][:23]}…  {'REVOKED: ' + entry['revoked'] if entry['revoked'] else 'registered'}")
     for name, run in report["runs"].items():
         print(
-            f"run {name}: {run['rounds_done']}/{run['rounds_planned']} rounds{' (finished)' if run['finished'] else ''}, "
-            f"epsilon {run['epsilon']}, last version {run['last_version']} "
-            f"({'verifies' if run['last_version_verifies'] else 'DOES NOT VERIFY'}), {run['rejections']} rejections, audit {run['audit']}"
+            f"run {name}: {run['outcome']}{' (finished)' if run['finished'] else ''}, epsilon {run['epsilon']}, "
+            f"last version {run['last_version']} ({'verifies' if run['last_version_verifies'] else 'DOES NOT VERIFY'}), "
+            f"{'final published' if run['final'] else 'no final adapter'}, {run['rejections']} rejections, audit {run['audit']}"
         )
         for rejection in run["last_rejections"]:
             print(f"    last round skipped {rejection['participant']}: {rejection['reason']}")
@@ -115,6 +126,15 @@ def _model_hash(args: argparse.Namespace) -> int:
     from fedlora.model import model_fingerprint
 
     print(model_fingerprint(args.model))
+    return 0
+
+
+def _model_save(args: argparse.Namespace) -> int:
+    from fedlora.model import model_fingerprint, save_base_model
+
+    target = save_base_model(args.model, Path(args.target))
+    print(f"{args.model} written to {target} (fingerprint {model_fingerprint(str(target))})")
+    print(f"  a consumer loads it with transformers' from_pretrained({str(target)!r}), then PeftModel.from_pretrained(base, ADAPTER)")
     return 0
 
 
@@ -181,3 +201,7 @@ def add_model_hash(commands: argparse._SubParsersAction) -> None:
     fingerprint = model.add_parser("hash", help="print a base model's fingerprint (for model.sha256)")
     fingerprint.add_argument("model", help="builtin:tiny-llama, builtin:minilm or a local model directory")
     fingerprint.set_defaults(handler=_model_hash)
+    save = model.add_parser("save", help="write a base model (e.g. builtin:tiny-llama) as a plain Hugging Face directory")
+    save.add_argument("model", help="builtin:tiny-llama, builtin:minilm or a local model directory")
+    save.add_argument("target", help="directory to write (must not exist or be empty)")
+    save.set_defaults(handler=_model_save)

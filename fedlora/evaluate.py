@@ -20,6 +20,7 @@ class EvalResult:
     loss: float
     accuracy: float  # NaN when answers are free-form
     examples: int
+    label_counts: list[int]  # held-out examples per class, in label order (empty when free-form): the majority reference
 
 
 def _answer_logprobs(model: PeftModel, tokenizer, examples: list[Example], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,4 +72,6 @@ def evaluate(
             truth = torch.tensor([label_names.index(e.response) for e in chunk], device=candidates.device)
             correct += int((candidates.argmax(1) == truth).sum())
     accuracy = correct / len(examples) if (label_names or task == "classification") else float("nan")
-    return EvalResult(total_loss / max(total_tokens, 1), accuracy, len(examples))
+    answers = [example.response for example in examples]
+    counts = [answers.count(name) for name in label_names]
+    return EvalResult(total_loss / max(total_tokens, 1), accuracy, len(examples), counts)

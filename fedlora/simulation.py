@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import Config
+from fedlora.logs import quiet_environment, verbose
 
 log = logging.getLogger("fedlora")
-
-QUIET_ENVIRONMENT = {
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "PYTHONWARNINGS": "ignore",
-    "RAY_DEDUP_LOGS": "1",
-}
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
@@ -31,7 +24,9 @@ def backend_config(cfg: Config) -> dict[str, Any]:
         resources["num_gpus"] = 1.0 / min(cfg.federation.participants, 4)
     return {
         "client_resources": resources,
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
+        # Ray workers' own output (library warnings as each loads the model) only with --verbose;
+        # a ClientApp's exception still reaches this process's log through Flower.
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose()},
     }
 
 
@@ -40,11 +35,12 @@ def simulate(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     from flwr.simulation import run_simulation
 
     from coordinator.app import make_server_app
+    from coordinator.outcome import read_outcome
     from coordinator.outputs import read_metrics
     from participant.app import app as client_app
 
-    # Ray workers inherit the environment: keep their logs to what matters.
-    for name, value in QUIET_ENVIRONMENT.items():
+    # Ray workers inherit the environment: offline, and as quiet as this process.
+    for name, value in {**quiet_environment(), "HF_HUB_OFFLINE": "1"}.items():
         os.environ.setdefault(name, value)
     failures: list[BaseException] = []
     log.info("simulating %d participants for %d rounds -> %s", cfg.federation.participants, cfg.federation.rounds, run_dir)
@@ -56,6 +52,8 @@ def simulate(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     )
     if failures:
         raise RuntimeError(f"the federation failed: {failures[0]}") from failures[0]
-    if not (run_dir / "adapters" / "final").is_dir():
-        raise RuntimeError(f"the simulation ended without a final adapter in {run_dir}; see the log above")
-    return read_metrics(run_dir)
+    rows = read_metrics(run_dir)
+    outcome = read_outcome(rows, cfg.federation.rounds)
+    if not outcome.succeeded or not (run_dir / "adapters" / "final").is_dir():
+        raise RuntimeError(f"the simulation trained nothing usable: {outcome.summary()}; see the log above and {run_dir / 'metrics.jsonl'}")
+    return rows

@@ -10,12 +10,15 @@ evaluate; the secure-aggregation stages run on numpy and `cryptography` alone.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedlora.config import Config
 from fedlora.wire import Instruction, read_instruction, reply_content
 from participant import secure
+from participant.report import answered, evaluated, trained
 from participant.site import refuse, site_config, site_of
 
 TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
@@ -35,7 +38,8 @@ def checked_instruction(msg: Message, context: Context, what: str) -> tuple[Inst
         instruction = read_instruction(msg.content)
     except (KeyError, TypeError, ValueError) as err:
         raise refuse(site, f"refused a malformed {what}: {type(err).__name__}: {err}") from err
-    return instruction, site_config(site, instruction.config, instruction.server_round, what)
+    evaluating = msg.metadata.message_type == MessageType.EVALUATE
+    return instruction, site_config(site, instruction.config, instruction.server_round, what, evaluating)
 
 
 def refuse_stale(context: Context, server_round: int) -> None:
@@ -47,6 +51,7 @@ def refuse_stale(context: Context, server_round: int) -> None:
 
 
 @app.train()
+@answered
 def train(msg: Message, context: Context) -> Message:
     instruction, cfg = checked_instruction(msg, context, "a train request")
     if cfg.secagg.enabled:  # a replayed round is refused before any training
@@ -55,13 +60,16 @@ def train(msg: Message, context: Context) -> Message:
     from participant.runtime import get_runtime, train_round
 
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
+    started = time.perf_counter()
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
+    trained(instruction.server_round, metrics, time.perf_counter() - started)
     if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
         return secure.hold_update(msg, context, cfg, upload, metrics, instruction.server_round)
     return Message(reply_content(metrics, upload), reply_to=msg)
 
 
 @app.evaluate()
+@answered
 def evaluate_global(msg: Message, context: Context) -> Message:
     instruction, cfg = checked_instruction(msg, context, "an evaluation request")
     from fedlora.adapter import check_vector, load_adapter_vector
@@ -79,10 +87,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         runtime.loaded.label_names,
         cfg.data.max_length,
     )
+    evaluated(instruction.server_round, result.examples, result.loss, result.accuracy)
     metrics = {
         "num-examples": result.examples,
         "eval_loss": result.loss,
         "eval_accuracy": result.accuracy,
         "partition_id": runtime.partition_id,
     }
+    if result.label_counts:  # per-class counts of the held-out split: the majority-class reference line
+        metrics["eval_label_counts"] = result.label_counts
     return Message(reply_content(metrics), reply_to=msg)

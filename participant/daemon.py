@@ -39,6 +39,12 @@ REFUSED = {
     "CERTIFICATE_VERIFY_FAILED": "TLS failed: the coordinator's certificate does not verify with supernode.root_certificates (the operator's ca.crt?)",
     "Exit Code: 305": "the coordinator refused this participant: its key is not registered (or was revoked); send node.pub to the operator",
 }
+# A SuperNode whose key the coordinator unregisters (`fedlora coordinator revoke`) stops itself
+# (Flower sends itself SIGINT when the coordinator answers 401) and exits 0, as if someone had stopped it.
+REVOKED = (
+    "the SuperNode stopped by itself: most likely the coordinator revoked this participant (unregistered its key). "
+    "Ask the operator; if it was revoked, stop the service (a restart is refused)"
+)
 
 
 def init(directory: Path, name: str, data: str, label_column: str, model: str, superlink: str, ca_certificate: Path | None, runtime_port: int) -> LocalConfig:
@@ -82,4 +88,5 @@ def start(directory: Path) -> int:
         "--node-config", f"{SITE_KEY}={json.dumps(str(directory))}",
         "--port", str(local.supernode.runtime_port),  # reconnects without limit when the coordinator restarts
     ]  # fmt: skip
-    return run_service(argv, flower_environment(directory / "flwr"), REFUSED)
+    print(f"participant {local.site.name or directory.name}: base model verified; serving the coordinator at {local.supernode.superlink}", flush=True)
+    return run_service(argv, flower_environment(directory / "flwr"), REFUSED, REVOKED)

@@ -146,11 +146,19 @@ def load_local_config(directory: Path) -> LocalConfig:
         raise ConfigError(f"{path}: {err}") from err
 
 
-def policy_violations(run: Config, local: LocalConfig) -> list[str]:
-    """Every policy rule (and label/base agreement) the run's instruction breaks, as 'rule: why'."""
+def policy_violations(run: Config, local: LocalConfig, evaluating: bool = False) -> list[str]:
+    """Every policy rule (and label/base agreement) the run's instruction breaks, as 'rule: why'.
+
+    `evaluating`: the instruction is an evaluation, which sends metrics, not an update.
+    """
     policy, violations = local.policy, []
     if policy.require_secagg and not run.secagg.enabled:
-        violations.append("policy.require_secagg: the round has secure aggregation off, so the update would be sent in the clear")
+        violations.append(
+            "policy.require_secagg: the run has secure aggregation off; this site takes no part in such a run, "
+            "not even to evaluate (an evaluation sends held-out loss, accuracy and record counts)"
+            if evaluating
+            else "policy.require_secagg: the round has secure aggregation off, so the update would be sent in the clear"
+        )
     if run.secagg.enabled and (size := run.secagg.bucket_size or run._sampled_per_round()) < policy.min_bucket_size:  # 0 = one bucket of all sampled
         violations.append(
             f"policy.min_bucket_size: buckets of {size} are below this site's minimum of {policy.min_bucket_size}"

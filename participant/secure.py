@@ -43,6 +43,7 @@ from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
 from fedlora.wire import array_view, reply_content
+from participant.report import answered
 from participant.site import refuse, site_of
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
@@ -218,6 +219,6 @@ HANDLERS = {"setup": setup, "share_keys": share_keys, "mask_input": mask_input, 
 
 
 def register(app: ClientApp) -> None:
-    """Route `query.secagg_<stage>` messages of `app` to the handlers above."""
+    """Route `query.secagg_<stage>` messages of `app` to the handlers above (a refusal answered as one line)."""
     for stage in STAGES:
-        app.query(stage.action)(HANDLERS[stage.name])
+        app.query(stage.action)(answered(HANDLERS[stage.name]))

@@ -3,14 +3,14 @@
 `fedlora participant start DIR` passes DIR to the ClientApp as the node config key
 `participant-dir`. Every instruction is then checked against DIR/participant.toml before
 anything is trained or uploaded; a refusal (policy, malformed message, replay) is appended
-to DIR/events.jsonl with its reason, so the site can see what it was asked and declined.
+to DIR/events.jsonl with its reason, so the site can see what it was asked and declined
+(and logged as one line, participant/report.py).
 Without the key (simulation) one configuration plays both parts, as before.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ from typing import Any
 from fedlora.config import Config
 from participant.local_config import effective_config, load_local_config, policy_violations
 
-log = logging.getLogger("fedlora.participant")
 SITE_KEY = "participant-dir"
 EVENTS = "events.jsonl"
 ACCOUNTANT = "accountant.json"
@@ -34,8 +33,7 @@ def site_of(node_config: dict[str, Any]) -> Path | None:
 
 
 def record_event(site: Path | None, event: str, **details: Any) -> None:
-    """Append one line to the site's own log (and the process log)."""
-    log.warning("%s: %s", event, details)
+    """Append one line to the site's events.jsonl (the handler logs the refusal: participant/report.py)."""
     if site is not None:
         with (site / EVENTS).open("a") as handle:
             handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **details}) + "\n")
@@ -46,12 +44,12 @@ def refuse(site: Path | None, reason: str, **details: Any) -> Refusal:
     return Refusal(reason)
 
 
-def site_config(site: Path | None, run: Config, server_round: int, what: str) -> Config:
+def site_config(site: Path | None, run: Config, server_round: int, what: str, evaluating: bool = False) -> Config:
     """The configuration this round runs with here; raises Refusal when the policy forbids it."""
     if site is None:
         return run
     local = load_local_config(site)
-    violations = policy_violations(run, local)
+    violations = policy_violations(run, local, evaluating)
     if violations:
         raise refuse(site, f"{local.site.name or 'this participant'} refuses {what} for round {server_round}: " + "; ".join(violations), round=server_round)
     return effective_config(run, local)

@@ -11,7 +11,12 @@ from fedlora.config import Config, load_config
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The tests' task: the diabetes table as a yes/no generation task with the learning rate of the
+# earlier defaults (the default federation is the `stress` classification task).
 SMALL = [
+    "data.dataset=diabetes",
+    "model.task=generation",
+    "train.lr=3e-3",
     "federation.rounds=2",
     "federation.participants=3",
     "federation.min_participants=1",

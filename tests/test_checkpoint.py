@@ -172,7 +172,8 @@ def check_resumed_run(cfg: Config, run_dir: Path, rows: list[dict], dropped: lis
     assert resumed[0]["privacy_counted_rounds"] == list(counted)
     assert resumed[0]["config_sha256"] == events[0]["config_sha256"]
     after = events[events.index(resumed[0]) + 1 :]
-    assert [(e["event"], e["round"]) for e in after] == [("round", 3)]
+    assert [(e["event"], e.get("round")) for e in after] == [("round", 3), ("ended", None)]
+    assert after[1]["rounds_run"] == 3 and after[1]["final"] == "final"
     assert after[0]["epsilon"] == pytest.approx(rows[-1]["epsilon"], rel=1e-12)
 
     state = load_checkpoint(run_dir / CHECKPOINT)
@@ -180,7 +181,7 @@ def check_resumed_run(cfg: Config, run_dir: Path, rows: list[dict], dropped: lis
     applied = sum(bool(r.get("applied")) for r in rows[1:])
     assert state["server_optimizer"]["name"] == "fedadam" and state["server_optimizer"]["steps"] == applied
     assert sum(n for _, _, n in state["privacy"]["accountant"]["history"]) == 3 + len(counted)
-    assert state["audit_last"] == events[-1]["hash"]
+    assert state["audit_last"] == [e for e in events if e["event"] == "round"][-1]["hash"]  # "ended" follows it
 
     trusted = (run_dir / "coordinator.pub").read_bytes()
     for name in ("round-0002", "round-0003", "final"):
@@ -199,7 +200,7 @@ def test_a_run_killed_in_round_3_resumes_with_its_privacy_and_optimiser_state(tm
 
     rows = Coordinator(cfg, tmp_path, resume=True).run(LocalGrid(app, nodes()))
     events = check_resumed_run(cfg, tmp_path, rows, dropped=[])
-    assert [e["event"] for e in events] == ["run", "round", "round", "resumed", "round"]
+    assert [e["event"] for e in events] == ["run", "round", "round", "resumed", "round", "ended"]
     assert events[3]["torn_audit_bytes"] == 0
 
 
@@ -228,7 +229,7 @@ def test_a_run_killed_after_writing_round_3_drops_that_round_and_its_torn_audit_
     # may draw too few), it released a result, and its privacy cost is not forgotten.
     events = check_resumed_run(cfg, tmp_path, rows, dropped=[3], counted=(3,) if cut_short[0]["applied"] else ())
     # The cut-short round's record stays in the chain (it is append-only); the resumption says it was dropped.
-    assert [e["event"] for e in events] == ["run", "round", "round", "round", "resumed", "round"]
+    assert [e["event"] for e in events] == ["run", "round", "round", "round", "resumed", "round", "ended"]
     assert events[4]["torn_audit_bytes"] == len(torn)
     assert (tmp_path / "audit.jsonl").read_bytes().endswith(b"\n")
 
@@ -240,7 +241,7 @@ def test_resuming_a_finished_run_changes_nothing_but_the_record(tmp_path: Path) 
     again = Coordinator(cfg, tmp_path, resume=True).run(LocalGrid(app, nodes()))
     assert [r["round"] for r in again] == [0, 1] and again == first
     assert (tmp_path / "adapters" / "final" / "adapter_model.safetensors").read_bytes() == final
-    assert [e["event"] for e in read_records(tmp_path / "audit.jsonl")] == ["run", "round", "resumed"]
+    assert [e["event"] for e in read_records(tmp_path / "audit.jsonl")] == ["run", "round", "ended", "resumed", "ended"]
     assert verify(tmp_path / "audit.jsonl")[0] == []
 
 

@@ -6,6 +6,8 @@ from fedlora.data import BUILTIN_TASKS, answer_choices, encode_causal, load_exam
 from fedlora.partition import make_partitioner, shard_for
 from fedlora.tokenizer import builtin_tokenizer
 
+DIABETES = DataSection(dataset="diabetes")  # yes/no answers and an Age column, which the tests below read
+
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_TASKS))
 def test_builtin_tasks_verbalise_real_tables(name: str) -> None:
@@ -39,7 +41,7 @@ def test_jsonl_instruction_and_chat_formats(tmp_path) -> None:
 
 def test_loss_covers_only_the_answer() -> None:
     tokenizer = builtin_tokenizer()
-    example = load_examples(DataSection())[0]
+    example = load_examples(DIABETES)[0]
     ids, labels = encode_causal(example, tokenizer, max_length=128)
     answer = [t for t in labels if t != -100]
     assert tokenizer.decode(answer[:-1]) == example.response and answer[-1] == tokenizer.eos_token_id
@@ -48,7 +50,7 @@ def test_loss_covers_only_the_answer() -> None:
 
 @pytest.mark.parametrize("spec", ["iid", "dirichlet:0.3", "natural:Age"])
 def test_partitions_cover_every_record_once(spec: str) -> None:
-    examples = load_examples(DataSection())
+    examples = load_examples(DIABETES)
     parts = make_partitioner(spec)(examples, 4, np.random.default_rng(0))
     flat = sorted(i for part in parts for i in part)
     assert flat == list(range(len(examples)))
@@ -56,7 +58,7 @@ def test_partitions_cover_every_record_once(spec: str) -> None:
 
 
 def test_dirichlet_skews_labels_and_natural_groups_by_column() -> None:
-    examples = load_examples(DataSection())
+    examples = load_examples(DIABETES)
     parts = make_partitioner("dirichlet:0.1")(examples, 4, np.random.default_rng(0))
     yes_share = [np.mean([examples[i].response == "yes" for i in part]) for part in parts]
     assert max(yes_share) - min(yes_share) > 0.3
@@ -68,7 +70,7 @@ def test_dirichlet_skews_labels_and_natural_groups_by_column() -> None:
 
 @pytest.mark.parametrize("participants", [13, 26, 43, 90])
 def test_dirichlet_gives_every_one_of_many_participants_a_trainable_shard_and_keeps_the_skew(participants) -> None:
-    examples = load_examples(DataSection())  # a plain Dir(0.5) draw leaves someone nearly empty from ~40 on
+    examples = load_examples(DIABETES)  # a plain Dir(0.5) draw leaves someone nearly empty from ~40 on
     parts = make_partitioner("dirichlet:0.5")(examples, participants, np.random.default_rng(0))
     assert min(len(part) for part in parts) >= 4
     assert sorted(i for part in parts for i in part) == list(range(len(examples)))  # a partition
@@ -80,7 +82,7 @@ def test_dirichlet_gives_every_one_of_many_participants_a_trainable_shard_and_ke
 
 
 def test_holdout_never_reaches_training_and_is_reproducible() -> None:
-    examples = load_examples(DataSection())
+    examples = load_examples(DIABETES)
     shard = shard_for(examples, "dirichlet:0.5", 4, 2, 0.2, seed=3)
     again = shard_for(examples, "dirichlet:0.5", 4, 2, 0.2, seed=3)
     assert shard == again
@@ -97,4 +99,4 @@ def test_bad_partition_specs_fail_clearly() -> None:
     with pytest.raises(ValueError, match=r"'natural' needs <column> after 'natural:'; " + every_form):
         make_partitioner("natural")
     with pytest.raises(ValueError, match="names no column"):
-        make_partitioner("natural:Height")(load_examples(DataSection()), 4, np.random.default_rng(0))
+        make_partitioner("natural:Height")(load_examples(DIABETES), 4, np.random.default_rng(0))

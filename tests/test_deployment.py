@@ -1,12 +1,14 @@
 """A deployed consortium on loopback: real SuperLink and SuperNodes as separate processes, with TLS
 and SuperNode authentication, driven through the `fedlora` command as an operator and three
 hospitals would. The coordinator is killed with SIGKILL in round 2 and resumed; a fourth site
-whose key was never registered is refused; a plaintext run is refused by every site's policy.
+whose key was never registered is refused; a plaintext run is refused by every site's policy;
+a revoked site's daemon stops and says why.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +26,9 @@ from fedlora.audit import read_records
 from fedlora.cli import main
 from fedlora.model import builtin_tiny_llama_dir, model_fingerprint
 from fedlora.privacy.accountant import RoundAccountant
+from participant.daemon import REVOKED
+
+pytestmark = pytest.mark.slow  # real processes: minutes (left out of the fast tier)
 
 HOSPITALS = 3
 ROUNDS = 2
@@ -195,6 +200,9 @@ def test_secure_run_survives_sigkill_of_the_coordinator_in_round_2(consortium) -
     facts = json.loads((final / "manifest.json").read_text())["facts"]
     assert facts["round"] == ROUNDS and facts["parent"] == "round-0001" and facts["participants"] == HOSPITALS
     assert facts["base_model_sha256"] == model_fingerprint("builtin:tiny-llama")
+    for index in range(HOSPITALS):  # each site's daemon says what it did, one line per instruction
+        log = (root / f"hospital-{index}.log").read_text()
+        assert re.search(r"round 2: trained on \d+ records, loss \d", log) and re.search(r"round 2: evaluated on \d+ records: loss \d", log)
 
     exported = root / "exported"
     assert main(["adapter", "export", "final", str(exported), "--run", str(run_dir)]) == 0
@@ -211,6 +219,7 @@ def test_every_site_refuses_a_plaintext_round_by_policy(consortium, capsys) -> N
     coordinator, root = consortium["coordinator"], consortium["root"]
     plaintext = root / "plaintext.toml"
     plaintext.write_text(RUN.format(sha256=model_fingerprint("builtin:tiny-llama"), rounds=1, secure="false", noise=0.0).replace("timeout_s = 180", "timeout_s = 90"))
+    logged = {site.name: len((root / f"{site.name}.log").read_text()) for site in consortium["sites"][:HOSPITALS]}
     run = fedlora("coordinator", "run", str(coordinator), "--name", "plaintext", "--config", str(plaintext), log=root / "run-plaintext.log")
     consortium.setdefault("runs", []).append(run)
     run.wait(timeout=400)
@@ -222,6 +231,10 @@ def test_every_site_refuses_a_plaintext_round_by_policy(consortium, capsys) -> N
     for site in consortium["sites"][:HOSPITALS]:
         refusals = [json.loads(line) for line in (site / "events.jsonl").read_text().splitlines()]
         assert any(r["event"] == "refused" and "policy.require_secagg" in r["reason"] for r in refusals)
+        log = (root / f"{site.name}.log").read_text()[logged[site.name] :]  # during this run: one line each, no traceback
+        assert f"round 1: refused: {site.name} refuses a train request for round 1: policy.require_secagg" in log
+        assert f"round 0: refused: {site.name} refuses an evaluation request for round 0: policy.require_secagg" in log
+        assert "ClientApp raised an exception" not in log and "Traceback" not in log
 
     assert main(["coordinator", "status", str(coordinator), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -233,3 +246,5 @@ def test_every_site_refuses_a_plaintext_round_by_policy(consortium, capsys) -> N
     assert main(["coordinator", "status", str(coordinator), "--json"]) == 0
     revoked = {entry["name"]: entry["revoked"] for entry in json.loads(capsys.readouterr().out)["participants"]}
     assert "left the consortium" in revoked["hospital-2"] and not revoked["hospital-0"]
+    assert consortium["daemons"][2].wait(timeout=120) == 0  # its SuperNode stops itself once its key is unregistered
+    assert (root / "hospital-2.log").read_text().splitlines()[-1] == f"fedlora: {REVOKED}"

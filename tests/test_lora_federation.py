@@ -25,7 +25,7 @@ def lora_tensors(run_dir: Path, name: str, kind: str) -> dict[str, np.ndarray]:
 
 
 def test_frozen_a_trains_only_b_and_fedprox_pulls_towards_the_start() -> None:
-    loaded = load_model(ModelSection(quantization="none"), LoraSection(mode="frozen-a"), [], seed=0)
+    loaded = load_model(ModelSection(task="generation", quantization="none"), LoraSection(mode="frozen-a"), [], seed=0)
     model = loaded.model
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_B." in name for name in trainable)
@@ -52,6 +52,7 @@ def frozen_a_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     return run_dir, simulate(cfg, run_dir)
 
 
+@pytest.mark.slow
 def test_frozen_a_federation_never_changes_a_and_sends_only_b(frozen_a_run) -> None:
     run_dir, rows = frozen_a_run
     initial_a, final_a = lora_tensors(run_dir, "round-0000", "A"), lora_tensors(run_dir, "final", "A")
@@ -68,6 +69,7 @@ def test_frozen_a_federation_never_changes_a_and_sends_only_b(frozen_a_run) -> N
     assert np.isfinite(rows[-1]["eval_loss"])
 
 
+@pytest.mark.slow
 def test_exact_federation_with_mixed_ranks_publishes_the_global_rank(tmp_path: Path) -> None:
     cfg = load_config(None, SMALL + ["lora.mode=exact", "lora.participant_ranks=4,8,16", "lora.r=8", "federation.rounds=2"])
     rows = simulate(cfg, tmp_path)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -5,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlora.adapter import AdapterLayout, adapter_state, adapter_vector, load_adapter_vector, load_peft_dir, save_peft_dir
+from fedlora.cli import main
 from fedlora.config import LoraSection, ModelSection, TrainSection
 from fedlora.data import answer_choices, load_examples
 from fedlora.config import DataSection
@@ -16,7 +19,7 @@ from fedlora.train import train_local
 
 @pytest.fixture(scope="module")
 def nf4_model():
-    return load_model(ModelSection(), LoraSection(), [], seed=0)
+    return load_model(ModelSection(task="generation"), LoraSection(), [], seed=0)
 
 
 def test_nf4_base_is_really_4bit_and_only_lora_trains(nf4_model) -> None:
@@ -65,15 +68,19 @@ def test_layout_rejects_wrong_shapes_and_nan(nf4_model) -> None:
         layout.unflatten(bad)
 
 
-def test_saved_adapter_loads_in_stock_peft_with_identical_logits(tmp_path: Path) -> None:
-    loaded = load_model(ModelSection(quantization="none"), LoraSection(), [], seed=1)
+def test_a_saved_adapter_names_its_builtin_base_and_loads_on_the_saved_base_in_stock_peft(tmp_path: Path) -> None:
+    loaded = load_model(ModelSection(task="generation", quantization="none"), LoraSection(), [], seed=1)
     vector, layout = adapter_vector(loaded.model)
     trained = vector + np.random.default_rng(1).normal(scale=0.05, size=vector.shape).astype(np.float32)
     load_adapter_vector(loaded.model, trained, layout)
     save_peft_dir(tmp_path / "adapter", trained, layout, loaded.model.peft_config["default"])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "builtin:tiny-llama"  # not this machine's cache
 
-    stock = PeftModel.from_pretrained(load_base_model(ModelSection(quantization="none")), str(tmp_path / "adapter"))
-    ids = loaded.tokenizer("### Record\nAge: 50\n### Answer\n", return_tensors="pt")["input_ids"]
+    assert main(["model", "save", "builtin:tiny-llama", str(tmp_path / "base")]) == 0  # what a consumer runs
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    stock = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    ids = AutoTokenizer.from_pretrained(str(tmp_path / "base"))("### Record\nAge: 50\n### Answer\n", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
 
@@ -114,7 +121,7 @@ def test_gradient_checkpointing_recomputes_but_trains_the_same_adapter() -> None
     examples = load_examples(DataSection(max_examples=32))
     trained = {}
     for checkpointing in (False, True, False):
-        loaded = load_model(ModelSection(quantization="none", device="cpu"), LoraSection(), [], seed=0)
+        loaded = load_model(ModelSection(task="generation", quantization="none", device="cpu"), LoraSection(), [], seed=0)
         if checkpointing is False and trained:  # the same model, after a checkpointed call, turns it off again
             loaded = trained["model"]
         train_cfg = TrainSection(local_steps=3, batch_size=4, gradient_checkpointing=checkpointing)

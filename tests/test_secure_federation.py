@@ -350,6 +350,7 @@ def _adapter(run_dir: Path, name: str) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "adapters" / name / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_secure_round_matches_plaintext_within_the_fixed_point_bound(runs) -> None:
     (plain_dir, _), (secure_dir, rows) = runs["plain"], runs["secure"]
     row = rows[1]
@@ -366,6 +367,7 @@ def test_secure_round_matches_plaintext_within_the_fixed_point_bound(runs) -> No
     assert moved > 100 * bound  # the round did move the adapter, far beyond the tolerance
 
 
+@pytest.mark.slow
 def test_participant_vanishing_after_masking_is_recovered(runs) -> None:
     (_, plain_rows), (_, rows) = runs["plain"], runs["secure"]
     row = rows[1]
@@ -376,6 +378,7 @@ def test_participant_vanishing_after_masking_is_recovered(runs) -> None:
     assert plain_rows[1]["bytes_up"] < row["bytes_up"] < 1.25 * plain_rows[1]["bytes_up"]
 
 
+@pytest.mark.slow
 def test_round_below_threshold_aborts_and_leaves_the_adapter_unchanged(runs) -> None:
     secure_dir, rows = runs["secure"]
     row = rows[2]

@@ -245,6 +245,7 @@ def test_wire_bits_other_than_32_and_16_and_16_with_distributed_dp_are_refused()
 
 # --- a whole federation ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_federation_on_the_16_bit_wire_tracks_the_32_bit_one(tmp_path):
     base = SMALL + ["federation.rounds=3", "federation.participants=4", "secagg.enabled=true", "lora.mode=frozen-a"]
     rows = {
