@@ -297,14 +297,29 @@ def test_a_participant_clips_its_upload_to_robust_clip_norm_whenever_a_bound_is_
     assert (norm <= 0.01 * (1 + 1e-6)) if clipped else (norm > 0.01)
 
 
-def test_after_screening_the_rule_falls_back_to_the_mean_only_when_screening_removed_every_tolerated_adversary() -> None:
+def test_after_screening_the_rule_keeps_the_most_tolerance_the_kept_units_support() -> None:
     from fedlora.aggregate.robust import rule_after_screening
 
     krum = make_rule("multi-krum:2")  # tolerates 2 adversarial units, needs 7
-    rule, why = rule_after_screening(krum, kept=4, screened=3)
-    assert rule.name == "mean" and "set aside 3 of 7" in why and "multi-krum:2" in why
-    assert rule_after_screening(krum, kept=5, screened=1) == (krum, "")  # one left unaccounted for: the round is skipped
+    rule, why = rule_after_screening(krum, kept=5, screened=2)  # two sacrificed units must not disable the rule
+    assert rule.name == "multi-krum:1" and "set aside 2 of 7" in why and "multi-krum:2" in why
+    rule, _ = rule_after_screening(krum, kept=5, screened=1)  # one may remain: 5 units still drop one
+    assert rule.name == "multi-krum:1"
+    assert rule_after_screening(krum, kept=4, screened=3)[0].name == "multi-krum:0"  # 4 units tolerate none; none remain
     assert rule_after_screening(krum, kept=7, screened=2) == (krum, "")  # enough units: the rule runs
+    kept_too_few = rule_after_screening(make_rule("multi-krum:3"), kept=4, screened=1)
+    assert kept_too_few[0].name == "multi-krum:3" and kept_too_few[1] == ""  # 2 may remain, 4 units tolerate 0: skipped
     median = make_rule("median")
     assert rule_after_screening(median, kept=2, screened=2)[0].name == "mean"  # 4 units tolerate 1; 2 were set aside
+    assert rule_after_screening(median, kept=2, screened=1)[0].name == "mean"  # 3 units tolerate 1, and 1 was set aside
     assert rule_after_screening(median, kept=0, screened=3) == (median, "")
+
+
+def test_sacrificing_units_to_screening_does_not_let_an_outlier_through() -> None:
+    from fedlora.aggregate.robust import rule_after_screening
+
+    honest = [np.full(6, 1.0) + 0.01 * k for k in range(4)]
+    outlier = np.full(6, -50.0)
+    rule, _ = rule_after_screening(make_rule("multi-krum:2"), kept=5, screened=2)
+    result = rule.aggregate([*honest, outlier], [1.0] * 5)
+    assert result.metrics["dropped"] == [4] and np.all(result.vector > 0.9)

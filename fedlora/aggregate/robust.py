@@ -95,6 +95,8 @@ class RobustRule(Protocol):
 
     def breakdown(self, units: int) -> int: ...  # most adversarial units among `units` that it tolerates
 
+    def within(self, units: int) -> RobustRule: ...  # itself with the most tolerance `units` units support, up to its own
+
 
 def check_rule_fits(rule: RobustRule, units: int) -> None:
     """Refuse a rule for a round of `units` units (buckets) if it needs more."""
@@ -110,20 +112,24 @@ def check_rule_fits(rule: RobustRule, units: int) -> None:
 def rule_after_screening(rule: RobustRule, kept: int, screened: int) -> tuple[RobustRule, str]:
     """The rule for the `kept` units that screening left, and why it changed ('' if it did not).
 
-    Screening sets aside units that cannot hold only honest, clipped updates. When it set aside
-    at least as many units as the rule tolerates adversaries among all of them, the adversaries
-    the rule was chosen for are already gone, and the rest are combined by their mean, even if
-    too few remain for the rule (which would otherwise leave the adapter unchanged every round
-    an attacker is caught). Otherwise the rule stays, and too few units still skip the round.
+    Screening sets aside units that cannot hold only honest, clipped updates, so of the
+    adversarial units the rule was sized for (its breakdown over all units) at most
+    `breakdown - screened` can remain. When too few units remain for the rule, it runs with the
+    most tolerance the kept units support, never less than that remainder: attackers who
+    sacrifice units to screening lower the rule's tolerance only by the units they gave up,
+    never to the plain mean while it could still drop an outlier. When the kept units cannot
+    tolerate what may remain, the rule stays and the round is skipped (too few units).
     """
     if kept >= rule.min_units() or kept == 0 or screened == 0:
         return rule, ""
-    tolerated = rule.breakdown(kept + screened)
-    if screened < tolerated:
+    remaining = max(0, rule.breakdown(kept + screened) - screened)
+    reduced = rule.within(kept)
+    if reduced.breakdown(kept) < remaining:
         return rule, ""
-    return MeanRule(), (
-        f"screening set aside {screened} of {kept + screened} units, at least the {tolerated} adversarial units "
-        f"robust.rule {rule.name!r} tolerates; the other {kept} are combined by their mean"
+    return reduced, (
+        f"screening set aside {screened} of {kept + screened} units; at most {remaining} of the {rule.breakdown(kept + screened)} "
+        f"adversarial units robust.rule {rule.name!r} tolerates can remain, so the other {kept} are combined by "
+        f"{reduced.name!r} (tolerates {reduced.breakdown(kept)})"
     )
 
 
@@ -207,6 +213,9 @@ class _HonestMajority:
     def breakdown(self, units: int) -> int:
         return (units - 1) // 2
 
+    def within(self, units: int) -> RobustRule:
+        return self if units >= self.min_units() else MeanRule()
+
 
 class MeanRule:
     """`mean`: the example-weighted mean (FedAvg, McMahan et al., AISTATS 2017); no robustness."""
@@ -222,6 +231,9 @@ class MeanRule:
 
     def breakdown(self, units: int) -> int:
         return 0
+
+    def within(self, units: int) -> RobustRule:
+        return self
 
 
 class TrimmedMean:
@@ -249,6 +261,9 @@ class TrimmedMean:
 
     def breakdown(self, units: int) -> int:
         return math.floor(self.beta * units + _EPS)
+
+    def within(self, units: int) -> RobustRule:
+        return self  # floor(beta n) per side adapts to the units it gets
 
 
 class CoordinateMedian(_HonestMajority):
@@ -293,6 +308,12 @@ class MultiKrum:
 
     def breakdown(self, units: int) -> int:
         return self.f
+
+    def within(self, units: int) -> RobustRule:
+        if units < 3:
+            return MeanRule()
+        f = min(self.f, (units - 3) // 2)  # the guarantee needs n >= 2f + 3
+        return self if f == self.f else MultiKrum(f)
 
 
 class GeometricMedian(_HonestMajority):
