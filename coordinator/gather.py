@@ -112,9 +112,11 @@ def gather_plaintext(
     members: list[Member],
     size: Callable[[Member], int],
     server_deltas: Callable[[list[Member]], list[np.ndarray]],
+    weights: Callable[[list[int]], list[float]],
 ) -> Gathered:
-    """Screen the members' updates and make each accepted one a unit of one (server coordinates)."""
+    """Screen the members' updates and make each accepted one a unit of one (server coordinates),
+    weighted by `weights` of their claimed example counts (fedlora/aggregate/weights.py)."""
     accepted, rejected = screen(members, size)
-    units = single_units([m.name for m in accepted], server_deltas(accepted), [m.num_examples for m in accepted]) if accepted else []
+    units = single_units([m.name for m in accepted], server_deltas(accepted), weights([m.num_examples for m in accepted])) if accepted else []
     uploaded = int(sum(m.vector.nbytes for m in members if isinstance(m.vector, np.ndarray)))
     return Gathered(units, accepted, rejected, bytes_up=uploaded)

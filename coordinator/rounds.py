@@ -39,6 +39,7 @@ from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
+from fedlora.aggregate.weights import unit_weights
 from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
@@ -249,6 +250,10 @@ class Coordinator:
         uploads = [m.vector for m in members]
         return self.aggregator.server_deltas(self.adapter.vector, self.adapter.layout, uploads, [self.rank_of(m) for m in members])
 
+    def weights(self, claims: list[int]) -> list[float]:
+        """Aggregation weights from claimed example counts, bounded per robust.weighting."""
+        return unit_weights(claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
+
     def simulate_attacks(self, members: list[Member], server_round: int) -> list[Member]:
         """Replace malicious participants' updates (simulation only); they see the honest ones."""
         if not self.attack:
@@ -314,7 +319,7 @@ class Coordinator:
                 )
         else:
             with self.timed("gather"):
-                gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas)
+                gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas, self.weights)
         gathered.skipped = rejected + gathered.skipped
         row = self.apply(server_round, len(sampled), gathered) | spent
         faulty = {r.participant for r in gathered.skipped if r.fault} | set(gathered.blamed)

@@ -284,6 +284,15 @@ class RobustSection:
         10.0,
     )
 
+    weighting: str = _help(
+        "How much each participant's update weighs, given the example count it claims (a claim it controls): "
+        "'capped' (its claim, at most robust.weight_cap times the round's median claim), 'equal' (every "
+        "participant once) or 'claimed' (claims as they are: only where they are verified otherwise). "
+        "Plaintext rounds; under secure aggregation see docs/decisions.md.",
+        "capped",
+    )
+    weight_cap: float = _help("With robust.weighting='capped': the most one claim weighs, in median claims of the round.", 2.0)
+
     quarantine_after: int = _help(
         "Quarantine a participant (never sampled again this run) once it was rejected for a fault (invalid or "
         "screened-out update, protocol violation) in this many of its last robust.quarantine_window rounds; "
@@ -308,6 +317,10 @@ class RobustSection:
             f"must be 0 (off) or above 1 (at or below 1 it would reject typical updates), got {self.max_norm_ratio}",
         )
 
+        from fedlora.aggregate.weights import WEIGHTINGS
+
+        _require_choice(self.weighting, "robust.weighting", WEIGHTINGS)
+        _require(math.isfinite(self.weight_cap) and self.weight_cap >= 1, "robust.weight_cap", f"must be >= 1, got {self.weight_cap}")
         try:
             make_rule(self.rule)
         except ValueError as err:

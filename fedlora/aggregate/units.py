@@ -66,8 +66,8 @@ def combine_units(
 
     Under DP a single participant's unit is its update (clipped again here), a secure bucket's
     is its sum, which the secure path makes unweighted when DP is on; `rng` draws the noise.
-    Reports each unit's norm and cosine to the result (`participant_updates` when every unit
-    is one participant, `bucket_updates` otherwise; a robust rule's unit indices refer to this
+    Reports each unit's norm and cosine to the result (`participant_updates`, with the weight it
+    was given, when every unit is one participant, `bucket_updates` otherwise; a robust rule's unit indices refer to this
     order, under `robust`) and, when the sums carry fixed-point error, the per-coordinate error
     bound of the result (`mean_error_bound`, for the mean: a robust rule moves by whole units).
     """
@@ -86,7 +86,7 @@ def combine_units(
     metrics: dict[str, Any] = {} if rule.name == "mean" else {"robust": {"rule": rule.name, **result.metrics}}
     diagnostics = update_diagnostics(means, delta)
     if all(len(unit.members) == 1 for unit in units):
-        metrics["participant_updates"] = [{"participant": u.members[0], **d} for u, d in zip(units, diagnostics)]
+        metrics["participant_updates"] = [{"participant": u.members[0], "weight": u.weight, **d} for u, d in zip(units, diagnostics)]
     else:
         metrics["bucket_updates"] = [{"members": list(u.members), **d} for u, d in zip(units, diagnostics)]
     if any(unit.error_bound or unit.weight_error for unit in units):

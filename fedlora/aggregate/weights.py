@@ -1,0 +1,35 @@
+"""Aggregation weights a participant cannot inflate by claiming more examples.
+
+A participant's example count is its own claim: weighting the mean (or the geometric median,
+or centred clipping) by it lets one site that claims 10^6 records outweigh every honest one,
+with an update that passes every norm screen. Each weighting here bounds one site's weight by
+construction (docs/decisions.md, "Aggregation weights"):
+
+- `capped` (default): the claim, capped at `cap` times the median claim of the round. With
+  fewer than half the sites lying, the median lies between honest claims, so a liar weighs at
+  most `cap` honest medians; honest sites of different sizes keep their proportions up to it.
+- `equal`: every site counts once, whatever it claims (as DP-FedAvg does).
+- `claimed`: the claims as they are, for consortia that verify them some other way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+WEIGHTINGS = ("capped", "equal", "claimed")
+
+
+def unit_weights(claims: Sequence[float], weighting: str, cap: float) -> list[float]:
+    """One weight per participant from the example counts it claimed (all positive)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"robust.weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    counts = np.asarray(claims, dtype=np.float64)
+    if counts.size and not (np.all(np.isfinite(counts)) and np.all(counts > 0)):
+        raise ValueError(f"example counts must be positive and finite, got {list(claims)}")
+    if weighting == "equal":
+        return [1.0] * counts.size
+    if weighting == "claimed" or counts.size == 0:
+        return counts.tolist()
+    return np.minimum(counts, cap * float(np.median(counts))).tolist()

@@ -1,0 +1,90 @@
+"""Aggregation weights a participant cannot inflate (fedlora/aggregate/weights.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlora.aggregate import combine_units
+from fedlora.aggregate.robust import make_rule
+from fedlora.aggregate.units import single_units
+from fedlora.aggregate.weights import unit_weights
+from fedlora.config import ConfigError, load_config
+
+RULES = ["mean", "geomedian", "centered-clip:1.0", "multi-krum:1", "median", "trimmed-mean:0.2"]
+
+
+def test_a_claim_weighs_at_most_the_cap_times_the_median_claim() -> None:
+    assert unit_weights([60, 60, 80, 10**6], "capped", 2.0) == [60, 60, 80, 140]  # median 70
+    assert unit_weights([60, 30, 90], "capped", 2.0) == [60, 30, 90]  # honest proportions within the cap stay
+    assert unit_weights([60, 10**6], "equal", 2.0) == [1.0, 1.0]
+    assert unit_weights([60, 10**6], "claimed", 2.0) == [60, 10**6]
+
+
+@pytest.mark.parametrize("claims", [[60, 0], [60, -5], [60, float("nan")], [60, float("inf")]])
+def test_claims_that_are_no_example_counts_are_refused(claims) -> None:
+    with pytest.raises(ValueError, match="positive and finite"):
+        unit_weights(claims, "capped", 2.0)
+
+
+def honest_and_one_liar(claim: float, n: int = 15, d: int = 64) -> tuple[list[np.ndarray], list[float]]:
+    """n - 1 honest updates around +direction, one update of the same norm pointing against it."""
+    rng = np.random.default_rng(0)
+    direction = np.ones(d) / np.sqrt(d)
+    honest = [(direction + 0.3 * rng.standard_normal(d) / np.sqrt(d)).astype(np.float32) for _ in range(n - 1)]
+    liar = (-direction * np.linalg.norm(honest[0])).astype(np.float32)  # norm of an honest one: passes every screen
+    return [*honest, liar], [60.0] * (n - 1) + [claim]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_claiming_a_million_examples_moves_no_rule_beyond_its_capped_weight(rule: str) -> None:
+    updates, claims = honest_and_one_liar(1e6)
+    names = [f"p{i}" for i in range(len(updates))]
+    lying = combine_units(single_units(names, updates, unit_weights(claims, "capped", 2.0)), make_rule(rule)).delta
+    at_cap = combine_units(single_units(names, updates, unit_weights(claims[:-1] + [120.0], "capped", 2.0)), make_rule(rule)).delta
+    np.testing.assert_allclose(lying, at_cap, rtol=1e-6, atol=1e-7)  # the lie buys nothing beyond the cap
+    direction = np.ones(updates[0].size)
+    assert float(lying @ direction) > 0  # still along the honest direction
+
+
+def test_trusting_claims_lets_one_liar_turn_the_mean_around() -> None:
+    """The attack the cap stops, shown with `claimed` weights: the issue's cosine -1."""
+    updates, claims = honest_and_one_liar(1e6)
+    names = [f"p{i}" for i in range(len(updates))]
+    trusted = combine_units(single_units(names, updates, unit_weights(claims, "claimed", 2.0)), make_rule("mean")).delta
+    assert float(trusted @ np.ones(updates[0].size)) < 0
+
+
+def test_weighting_settings_are_checked_at_load_time() -> None:
+    with pytest.raises(ConfigError, match="robust.weighting"):
+        load_config(None, ["robust.weighting=biggest"])
+    with pytest.raises(ConfigError, match="robust.weight_cap"):
+        load_config(None, ["robust.weight_cap=0.5"])
+
+
+def test_a_participant_claiming_a_million_examples_is_weighed_as_the_cap_allows_in_a_real_round(tmp_path) -> None:
+    from flwr.clientapp import ClientApp
+
+    from coordinator.local_grid import LocalGrid
+    from coordinator.rounds import Coordinator
+    from fedlora.wire import read_reply, reply_content
+    from participant import app as participant_app
+    from tests.conftest import SMALL
+
+    lying_app = ClientApp()
+
+    @lying_app.train()
+    def train(msg, context):
+        reply = participant_app.train(msg, context)
+        vector, metrics = read_reply(reply.content)
+        if metrics["partition_id"] == 0:
+            metrics["num-examples"] = 10**6  # the claim is all the participant controls here
+        return type(reply)(reply_content(metrics, np.array(vector)), reply_to=msg)
+
+    lying_app.evaluate()(participant_app.evaluate_global)
+    cfg = load_config(None, [*SMALL, "federation.rounds=1"])
+    grid = LocalGrid(lying_app, {p + 1: {"partition-id": p, "num-partitions": 3} for p in range(3)})
+    (row,) = [r for r in Coordinator(cfg, tmp_path).run(grid) if r["round"] == 1]
+    weights = {u["participant"]: u["weight"] for u in row["participant_updates"]}
+    honest = sorted(w for name, w in weights.items() if name != "participant-0")
+    assert weights["participant-0"] == pytest.approx(2.0 * float(np.median([*honest, 10**6])))  # capped, not 10^6
