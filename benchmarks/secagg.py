@@ -143,20 +143,22 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
     from coordinator.gather import Member
     from coordinator.secure import secure_sum
     from fedlora.aggregate import weighted_mean
-    from fedlora.config import SecaggSection
+    from fedlora.config import PrivacySection, SecaggSection
     from fedlora.secagg.plan import neighbourhood_degree, resolve_threshold
     from participant import secure
+    from participant.terms import Terms
 
     baseline = run_plaintext(n, d, seed)
     nodes, updates, counts = inputs(n, d, seed)
     app = ClientApp()
     secure.register(app)
     grid = LocalGrid(app, {node: {} for node in nodes})
+    sec = SecaggSection(enabled=True)
+    terms = Terms.of(sec, PrivacySection(), CLIP_NORM)
     for i, node in enumerate(nodes):
-        secure.keep_update(grid.contexts[node], updates[node], counts[node], 1, hashlib.sha256(f"{seed}/{i}".encode()).digest())
+        secure.keep_update(grid.contexts[node], updates[node], counts[node], 1, hashlib.sha256(f"{seed}/{i}".encode()).digest(), terms)
     del updates
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(nodes)]
-    sec = SecaggSection(enabled=True)
     started = time.perf_counter()
     result = secure_sum(grid, members, sec, seed, 1, d, "bench", CLIP_NORM)
     mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])

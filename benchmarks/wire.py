@@ -66,9 +66,10 @@ def run_cell(bits: int, n: int, d: int, seed: int) -> dict[str, Any]:
     from coordinator.gather import Member
     from coordinator.local_grid import LocalGrid
     from coordinator.secure import secure_sum
-    from fedlora.config import SecaggSection
+    from fedlora.config import PrivacySection, SecaggSection
     from fedlora.secagg import clip
     from participant import secure
+    from participant.terms import Terms
 
     vectors, counts = updates(n, d, seed)
     reference = np.zeros(d)
@@ -78,12 +79,14 @@ def run_cell(bits: int, n: int, d: int, seed: int) -> dict[str, Any]:
     app = ClientApp()
     secure.register(app)
     grid = LocalGrid(app, {node: {} for node in vectors})
+    sec = SecaggSection(enabled=True, wire_bits=bits)
+    terms = Terms.of(sec, PrivacySection(), CLIP_NORM)
     for i, (node, vector) in enumerate(vectors.items()):
-        secure.keep_update(grid.contexts[node], vector, counts[node], 1, os.urandom(32))
+        secure.keep_update(grid.contexts[node], vector, counts[node], 1, os.urandom(32), terms)
     del vectors
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(counts)]
     started = time.perf_counter()
-    result = secure_sum(grid, members, SecaggSection(enabled=True, wire_bits=bits), seed, 1, d, "wire", CLIP_NORM)
+    result = secure_sum(grid, members, sec, seed, 1, d, "wire", CLIP_NORM)
     wall = time.perf_counter() - started
     if result.aborted or len(result.buckets[0].members) != n:
         raise RuntimeError(f"secure sum failed: {result.aborted} {result.skipped}")

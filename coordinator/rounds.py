@@ -46,7 +46,8 @@ from fedlora.config import Config, ModelSection
 from fedlora.model import load_model, model_fingerprint
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
-from fedlora.wire import instruction_content, read_reply
+from fedlora.secagg.plan import RunBinding
+from fedlora.wire import adapter_sha256, instruction_content, read_reply
 from participant.runtime import label_names_for
 
 log = logging.getLogger("fedlora.coordinator")
@@ -315,7 +316,8 @@ class Coordinator:
             length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
             with self.timed("secure_sum"):  # the SecAgg+ stages: keys, shares, masked inputs, unmasking
                 gathered = gather_secure(
-                    self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy
+                    self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
+                    binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector)),  # what the train instructions carried
                 )
         else:
             with self.timed("gather"):

@@ -26,6 +26,12 @@ updates plus their Skellam noise shares, and its weight is its member count), an
 fixed-point scale leaves room for the noise (`fedlora.secagg.plan.check_fixed_point`). The
 coordinator adds no noise of its own and never sees a sum without the participants' noise.
 
+Every instance's context binds the hashes of the run configuration and of the global adapter that
+the round's train instructions carried (`fedlora.secagg.plan.RunBinding`): each participant
+compares them with what it received itself and refuses a setup that differs, and members told
+different hashes derive unrelated keys, so a member given another model cannot be summed with
+the rest (participant/terms.py checks every other setup parameter against the site's terms).
+
 The 16-bit wire (`secagg.wire_bits = 16`, `fedlora.secagg.narrow`): the update's coordinates
 travel rotated, in 16 bits, and are rotated back when the sum is decoded. A unit's `error_bound`
 then bounds each coordinate of the rotated sum, not of the sum itself; sqrt(d) times it bounds
@@ -47,7 +53,9 @@ from coordinator.gather import Gathered, Member, Rejection, error_reason
 from fedlora.aggregate import Unit
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
-from fedlora.secagg.plan import check_fixed_point, input_clip_norm, participant_skellam_mu, neighbourhood_degree, resolve_threshold, round_context, split_weighted_sum
+from fedlora.secagg.plan import (
+    RunBinding, check_fixed_point, input_clip_norm, neighbourhood_degree, participant_skellam_mu, resolve_threshold, round_context, split_weighted_sum,
+)
 from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_protocol
 
 if TYPE_CHECKING:
@@ -73,7 +81,7 @@ class _Bucket:
 
     def __init__(
         self, index: int, members: list[Member], sec: SecaggSection, clip_norm: float, server_round: int, length: int, run_tag: str,
-        privacy: PrivacySection | None = None,
+        privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(),
     ) -> None:
         self.index, self.members, self.sec, self.clip_norm = index, members, sec, clip_norm
         self.server_round, self.length = server_round, length
@@ -98,7 +106,7 @@ class _Bucket:
                 self.round_id, list(self.by_id), length + 1, input_clip_norm(clip_norm),
                 degree=k, threshold=resolve_threshold(sec.threshold, k),
                 scale=check_fixed_point(clip_norm, len(members), *noise, update_length=length, wire_bits=sec.wire_bits),
-                context=round_context(server_round, self.weight_ref, *noise), wire_bits=sec.wire_bits,
+                context=round_context(server_round, self.weight_ref, *noise, binding), wire_bits=sec.wire_bits,
             )
             self.requests: list[Any] = self.server.setup()
         except ValueError as err:
@@ -209,11 +217,12 @@ class _Bucket:
 
 def secure_sum(
     grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
-    privacy: PrivacySection | None = None,
+    privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(),
 ) -> SecureSum:
     """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep.
 
-    `privacy` with a noise multiplier: distributed DP (module docstring).
+    `privacy` with a noise multiplier: distributed DP (module docstring). `binding`: the hashes of
+    the run configuration and global adapter the round's train instructions carried (module docstring).
     """
     ordered = sorted(members, key=lambda m: m.name)
     result = SecureSum()
@@ -224,7 +233,7 @@ def secure_sum(
         return result
     ids = list(range(len(ordered)))
     groups = [ids] if sec.bucket_size == 0 else assign_buckets(ids, sec.bucket_size, f"{seed}/{server_round}".encode())
-    buckets = [_Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag, privacy) for b, group in enumerate(groups)]
+    buckets = [_Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag, privacy, binding) for b, group in enumerate(groups)]
     while running := [b for b in buckets if b.status == "running"]:
         messages = [msg for bucket in running for msg in bucket.outgoing()]
         replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=sec.timeout_s)}
@@ -263,10 +272,10 @@ def run_tag(grid: Grid) -> str:
 
 def gather_secure(
     grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
-    privacy: PrivacySection | None = None,
+    privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(),
 ) -> Gathered:
     """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
-    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm, privacy)
+    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm, privacy, binding)
     names = {name for unit in summed.buckets for name in unit.members}
     return Gathered(
         units=summed.buckets,

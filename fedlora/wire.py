@@ -6,6 +6,7 @@ travels as TOML text so a participant trains exactly what the coordinator resolv
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import tomllib
@@ -24,6 +25,18 @@ class Instruction:
     vector: np.ndarray
     server_round: int
     config: Config
+    config_sha256: str  # of the TOML text as received: the run's identity (coordinator/outputs.py hashes the same text)
+    adapter_sha256: str  # of the global adapter as received (`adapter_sha256`)
+
+
+def config_sha256(config_toml: str) -> str:
+    """The run configuration's hash, over the TOML text the instruction carries."""
+    return hashlib.sha256(config_toml.encode()).hexdigest()
+
+
+def adapter_sha256(vector: np.ndarray) -> str:
+    """The global adapter's hash, over its float32 bytes as they travel."""
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
 
 
 def instruction_content(vector: np.ndarray, server_round: int, config_toml: str) -> RecordDict:
@@ -45,7 +58,8 @@ def read_instruction(content: RecordDict) -> Instruction:
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise ValueError(f"the run configuration is {len(text.encode())} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
     config = build_config(tomllib.loads(text))
-    return Instruction(content["global"]["adapter"].numpy(), int(record["round"]), config)
+    vector = content["global"]["adapter"].numpy()
+    return Instruction(vector, int(record["round"]), config, config_sha256(text), adapter_sha256(vector))
 
 
 def reply_content(metrics: dict[str, float], vector: np.ndarray | None = None) -> RecordDict:

@@ -55,7 +55,7 @@ def refuse_stale(context: Context, server_round: int) -> None:
 def train(msg: Message, context: Context) -> Message:
     instruction, cfg = checked_instruction(msg, context, "a train request")
     if cfg.secagg.enabled:  # a replayed round is refused before any training
-        secure.refuse_replay(context, instruction.server_round, "a train request")
+        secure.refuse_replay(context, instruction.config_sha256, instruction.server_round, "a train request")
     refuse_stale(context, instruction.server_round)
     from participant.runtime import get_runtime, train_round
 
@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
     if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
-        return secure.hold_update(msg, context, cfg, upload, metrics, instruction.server_round)
+        return secure.hold_update(msg, context, cfg, instruction, upload, metrics)
     return Message(reply_content(metrics, upload), reply_to=msg)
 
 

@@ -7,18 +7,23 @@ replies with metadata only. The coordinator then runs the stages of `fedlora.sec
 `context.state`, runs the pure stage function, and saves the new state before replying, so
 the protocol's invariants (e.g. one unmask per instance) hold across stateless calls.
 
-The update is masked at most once per round: it is deleted from `context.state` as its masked
-input is built, and the round is recorded, so a train, setup or mask request for a round already
-masked is refused (logged, and answered with an error): a coordinator that could get two sums
-over the same members, one with and one without a target, could difference them.
+The update is masked at most once per run round: it is deleted from `context.state` as its masked
+input is built, and the (run configuration, round) is recorded (participant/masked.py: in the site
+directory when deployed, so a restart or a resumed run cannot make it mask again), so a train,
+setup or mask request for a round already masked is refused (logged, and answered with an error):
+a coordinator that could get two sums over the same members, one with and one without a target,
+could difference them.
 
-The round's application parameters (server round, example-count reference) reach the protocol
-as the setup request's `context`, which is bound into every key derivation: the weight a
-participant applies is the one its neighbours' masks were derived for.
+Nothing in a setup request is trusted: the site compares every parameter it can recompute with
+the terms it fixed when it held its update, from the run configuration that came with the train
+instruction and its own policy (participant/terms.py: member count, graph, threshold, encoding,
+noise, weight reference, and the hashes of the run configuration and global adapter), and
+refuses a contradiction in its events.jsonl, blaming the coordinator. The bound context reaches
+every key derivation, so members told different parameters cannot sum anyway.
 
 Distributed DP (privacy.noise_multiplier z > 0 in the configuration that came with the train
 instruction): the setup must bind the same z and privacy.dropout_margin m and the weight
-reference 1 (each participant counts once), or the participant refuses. At mask_input it adds
+reference 1 (each participant counts once). At mask_input the participant adds
 Skellam noise, drawn from the OS CSPRNG, to its encoded update coordinates (not to the weight
 or count slot), calibrated from the instance's scale and member count
 (`fedlora.secagg.plan.participant_skellam_mu`). Only a simulated adversary leaves it out.
@@ -40,16 +45,17 @@ from fedlora.privacy.noise import secret_rng, skellam
 from fedlora.secagg import participant as protocol
 from fedlora.secagg.messages import ParticipantState
 from fedlora.secagg.fixedpoint import widest_clip
-from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
+from fedlora.secagg.plan import RunBinding, participant_skellam_mu, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
-from fedlora.wire import array_view, reply_content
+from fedlora.wire import Instruction, array_view, reply_content
+from participant.masked import already_masked, remember_masked
 from participant.report import answered
-from participant.site import refuse, site_of
+from participant.site import min_bucket_size, refuse, site_of
+from participant.terms import Terms, setup_contradictions
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
-HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, weight reference, DP noise settings
+HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, the site's `Terms`, the instance it is set up for
 STATE = "secagg.state"  # ConfigRecord: the ParticipantState of the current instance
-MASKED = "secagg.masked"  # ConfigRecord: the server rounds this participant has masked an input for
 
 
 def rounding_key(cfg: Config, server_round: int, partition_id: int) -> bytes:
@@ -64,15 +70,14 @@ def rounding_key(cfg: Config, server_round: int, partition_id: int) -> bytes:
     return hashlib.sha256(text).digest()
 
 
-def refuse_replay(context: Context, server_round: int, what: str) -> None:
-    """Refuse (RuntimeError, logged, in a deployed participant's events.jsonl too) a request for a round already masked."""
-    if MASKED in context.state and server_round in list(context.state[MASKED]["rounds"]):
-        raise refuse(site_of(dict(context.node_config)), f"refused {what} for round {server_round}: this participant already masked an input for it (replay)", round=server_round)
-
-
-def _record_masked(context: Context, server_round: int) -> None:
-    rounds = list(context.state[MASKED]["rounds"]) if MASKED in context.state else []
-    context.state[MASKED] = ConfigRecord({"rounds": [*rounds, server_round]})
+def refuse_replay(context: Context, config_sha256: str, server_round: int, what: str) -> None:
+    """Refuse (logged, in a deployed participant's events.jsonl too) a request for a run round already masked."""
+    site = site_of(dict(context.node_config))
+    if already_masked(site, context.state, config_sha256, server_round):
+        raise refuse(
+            site, f"refused {what} for round {server_round}: this participant already masked an input for it (replay) "
+            f"in the run of configuration sha256 {config_sha256[:12] or '(none)'}…", round=server_round,
+        )
 
 
 def is_adversary(cfg: Config, partition_id: int) -> bool:
@@ -93,40 +98,41 @@ def simulated_attack(cfg: Config, update: np.ndarray, server_round: int, partiti
     return np.asarray(resolve_attack(sim.attack)(update, [], rng))
 
 
-def hold_update(msg: Message, context: Context, cfg: Config, update: np.ndarray, metrics: dict, server_round: int) -> Message:
-    """Keep this round's update for the secure stages; reply with the metadata only."""
-    partition_id = int(metrics.get("partition_id", -1))
+def hold_update(msg: Message, context: Context, cfg: Config, instruction: Instruction, update: np.ndarray, metrics: dict) -> Message:
+    """Keep this round's update for the secure stages, with the terms it may be masked under; reply with the metadata only."""
+    server_round, partition_id = instruction.server_round, int(metrics.get("partition_id", -1))
     update = simulated_attack(cfg, update, server_round, partition_id)
+    binding = RunBinding(instruction.config_sha256, instruction.adapter_sha256)
+    terms = Terms.of(cfg.secagg, cfg.privacy, cfg.robust.clip_norm, binding, min_bucket_size(site_of(dict(context.node_config))))
     keep_update(
-        context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id),
+        context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id), terms,
         adversary=is_adversary(cfg, partition_id),
-        noise_multiplier=cfg.privacy.noise_multiplier, dropout_margin=cfg.privacy.dropout_margin,
     )
     return Message(reply_content(metrics), reply_to=msg)
 
 
 def keep_update(
-    context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, adversary: bool = False,
-    noise_multiplier: float = 0.0, dropout_margin: float = 0.0,
+    context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, terms: Terms, adversary: bool = False,
 ) -> None:
     """Store an update (float32) in `context.state` until the mask_input stage consumes it.
 
+    `terms`: what a setup must agree with (participant/terms.py; noise_multiplier > 0: distributed DP).
     `adversary` marks a simulated attacker: it will mask its update unclipped (and without noise).
-    `noise_multiplier` > 0: distributed DP, with `dropout_margin` (module docstring).
     """
-    refuse_replay(context, server_round, "an update to hold")
+    refuse_replay(context, terms.config_sha256, server_round, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
     context.state[HELD] = ConfigRecord({
-        "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary,
-        "noise_multiplier": float(noise_multiplier), "dropout_margin": float(dropout_margin),
+        "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary, **terms.to_dict(),
     })
 
 
 def _held(context: Context, server_round: int, what: str) -> ConfigRecord:
-    refuse_replay(context, server_round, what)
-    if HELD not in context.state or UPDATE not in context.state:
-        raise RuntimeError(f"holds no unmasked update for round {server_round} (not trained, or already masked)")
+    if HELD not in context.state:
+        raise RuntimeError(f"holds no update for round {server_round} (not trained in this run)")
     held = context.state[HELD]
+    refuse_replay(context, str(held["config_sha256"]), server_round, what)
+    if UPDATE not in context.state:
+        raise RuntimeError(f"holds no unmasked update for round {server_round} (already masked)")
     if held["server_round"] != server_round:
         raise RuntimeError(f"holds the update of round {held['server_round']}, not of round {server_round}")
     return held
@@ -143,24 +149,20 @@ def _save(context: Context, state: ParticipantState) -> None:
 
 
 def setup(msg: Message, context: Context) -> Message:
-    """Stage 1: check the round, make key pairs, advertise the public keys."""
+    """Stage 1: check the request against this site's terms, make key pairs, advertise the public keys."""
     request = read_protocol(msg.content, STAGE["setup"].request)
-    bound = json.loads(request.context)
-    server_round, weight_ref = int(bound["server_round"]), float.fromhex(bound["weight_ref"])
-    noise = context_noise(bound)
-    if request.context != round_context(server_round, weight_ref, *noise):
-        raise ValueError(f"setup context {request.context!r} is not in canonical form")
+    server_round = int(read_meta(msg.content)["server_round"])
     held = _held(context, server_round, "a setup request")
-    mine = (float(held["noise_multiplier"]), float(held["dropout_margin"]))
-    if noise != mine:
-        raise ValueError(
-            f"the setup binds noise_multiplier={noise[0]:g}, dropout_margin={noise[1]:g}, but this participant was "
-            f"configured with {mine[0]:g}, {mine[1]:g}; refusing"
+    problems = setup_contradictions(request, Terms.from_dict(dict(held)), server_round, context.state[UPDATE]["update"].shape[0])
+    if problems:
+        raise refuse(
+            site_of(dict(context.node_config)),
+            f"refused the setup of instance {request.round_id!r}: the coordinator's setup request for round {server_round} "
+            "contradicts this site's terms (participant/terms.py): " + "; ".join(problems),
+            round=server_round, instance=request.round_id,
         )
-    if mine[0] > 0 and weight_ref != 1.0:
-        raise ValueError(f"distributed DP counts every participant once, but the setup binds weight reference {weight_ref:g}, not 1; refusing")
     state, advert = protocol.setup(request)
-    held["weight_ref"] = weight_ref
+    held["weight_ref"] = float.fromhex(json.loads(request.context)["weight_ref"])
     held["members"] = len(request.members)  # k: the noise share is calibrated to the bucket at setup
     held["instance"] = state.round_id  # the held update is masked in this instance and no other
     _save(context, state)
@@ -191,7 +193,7 @@ def mask_input(msg: Message, context: Context) -> Message:
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
     state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
     del context.state[UPDATE]  # masked at most once ...
-    _record_masked(context, server_round)  # ... and never again for this round
+    remember_masked(site_of(dict(context.node_config)), context.state, str(held["config_sha256"]), server_round)  # ... ever, before it leaves
     _save(context, state)
     return Message(protocol_content(masked), reply_to=msg)
 

@@ -44,6 +44,11 @@ def refuse(site: Path | None, reason: str, **details: Any) -> Refusal:
     return Refusal(reason)
 
 
+def min_bucket_size(site: Path | None) -> int:
+    """The site's policy.min_bucket_size (1 without a site: in simulation the run's bucket size decides)."""
+    return 1 if site is None else load_local_config(site).policy.min_bucket_size
+
+
 def site_config(site: Path | None, run: Config, server_round: int, what: str, evaluating: bool = False) -> Config:
     """The configuration this round runs with here; raises Refusal when the policy forbids it."""
     if site is None:

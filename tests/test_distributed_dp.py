@@ -29,6 +29,7 @@ from fedlora.secagg.plan import check_fixed_point, participant_skellam_mu, sum_n
 from fedlora.secure_wire import STAGE
 from participant import secure as participant_secure
 from participant.app import app as participant_app
+from participant.terms import Terms
 from tests.conftest import SMALL
 
 D = 20_000
@@ -47,7 +48,7 @@ def _federation(n: int, z: float, margin: float = 0.0, seed: int = 0, key: bytes
         updates[node] = (rng.normal(size=D) * (0.02 if i % 2 else 0.002)).astype(np.float32)  # norms ~2.8 and ~0.28
         participant_secure.keep_update(
             grid.contexts[node], updates[node], int(rng.integers(5, 200)), 3, key or os.urandom(32),
-            noise_multiplier=z, dropout_margin=margin,
+            Terms.of(SecaggSection(enabled=True), PrivacySection(noise_multiplier=z, dropout_margin=margin), 1.0),
         )
     members = [Member(node, f"participant-{i}", 10) for i, node in enumerate(nodes)]
     return grid, members, updates

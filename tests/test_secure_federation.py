@@ -8,6 +8,7 @@ and an aborted round.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -25,13 +26,14 @@ from coordinator.gather import Member
 from coordinator.secure import gather_secure, secure_sum
 from fedlora.aggregate import combine_units
 from fedlora.aggregate.robust import make_rule
-from fedlora.config import ConfigError, SecaggSection, load_config
+from fedlora.config import ConfigError, PrivacySection, SecaggSection, load_config
 from fedlora.secagg import clip
 from fedlora.secure_wire import STAGE, read_meta
 from fedlora.simulation import simulate
-from fedlora.wire import instruction_content
+from fedlora.wire import config_sha256, instruction_content
 from participant import app as participant_app
 from participant import secure as participant_secure
+from participant.terms import Terms
 from tests.conftest import SMALL
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -39,8 +41,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 # --- in-process: the stages over Flower messages ---------------------------------------
 
-def _federation(n: int, d: int, app: ClientApp | None = None, seed: int = 0, big: tuple[int, ...] = ()):
-    """n nodes holding random updates for round 3 (those in `big` exceed clip_norm)."""
+TERMS = Terms.of(SecaggSection(enabled=True), PrivacySection(), 1.0)  # what the tests' secure_sum calls plan (clip_norm 1)
+
+
+def _federation(n: int, d: int, app: ClientApp | None = None, seed: int = 0, big: tuple[int, ...] = (), terms: Terms = TERMS):
+    """n nodes holding random updates for round 3 (those in `big` exceed clip_norm), under `terms`."""
     if app is None:
         app = ClientApp()
         participant_secure.register(app)
@@ -51,7 +56,7 @@ def _federation(n: int, d: int, app: ClientApp | None = None, seed: int = 0, big
     for i, node in enumerate(nodes):
         updates[node] = (rng.normal(size=d) * (1.0 if i in big else 0.01)).astype(np.float32)
         counts[node] = int(rng.integers(5, 200))
-        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, os.urandom(32))
+        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, os.urandom(32), terms)
     members = [Member(node, f"participant-{i}", counts[node]) for i, node in enumerate(nodes)]
     return grid, members, updates, counts
 
@@ -100,7 +105,7 @@ def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> 
     honest *= 0.5 / np.linalg.norm(honest)
     for i, node in enumerate(nodes):
         update = -10 * honest if i == 0 else honest + rng.normal(size=400) * 0.005
-        participant_secure.keep_update(grid.contexts[node], update.astype(np.float32), 50, 3, os.urandom(32))
+        participant_secure.keep_update(grid.contexts[node], update.astype(np.float32), 50, 3, os.urandom(32), TERMS)
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
     sec = SecaggSection(enabled=True, bucket_size=2)
     gathered = gather_secure(grid, members, sec, seed=0, server_round=3, length=400, run_tag="t", clip_norm=1.0)
@@ -126,7 +131,7 @@ def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encodi
     huge = np.ones(300, np.float32) * 100.0
     for i, node in enumerate(nodes):
         update = huge if i == 0 else np.zeros(300, np.float32)
-        participant_secure.keep_update(grid.contexts[node], update, 50, 3, os.urandom(32), adversary=i == 0)
+        participant_secure.keep_update(grid.contexts[node], update, 50, 3, os.urandom(32), TERMS, adversary=i == 0)
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
     (unit,) = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0).buckets
     sent = np.linalg.norm(unit.total) / 50  # the attacker's update as it reached the sum
@@ -230,7 +235,7 @@ def test_an_update_replaced_after_setup_is_not_masked_in_that_instance() -> None
     def _setup_then_retrain(msg: Message, context: Context) -> Message:
         reply = participant_secure.setup(msg, context)
         if context.node_id == 1007:
-            participant_secure.keep_update(context, np.ones(50, np.float32), 10, 3, os.urandom(32))
+            participant_secure.keep_update(context, np.ones(50, np.float32), 10, 3, os.urandom(32), TERMS)
         return reply
 
     grid, members, updates, counts = _federation(5, 50, app=app)
@@ -252,9 +257,10 @@ def test_a_participant_masks_its_update_only_once() -> None:
 
 def test_a_replayed_train_message_for_a_masked_round_is_refused_before_training() -> None:
     sec = SecaggSection(enabled=True)
-    grid, members, _, _ = _federation(3, 50, app=participant_app.app)
-    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
     config = load_config(None, SMALL + ["secagg.enabled=true"])
+    terms = dataclasses.replace(TERMS, config_sha256=config_sha256(config.to_toml()))  # held from this run's instruction
+    grid, members, _, _ = _federation(3, 50, app=participant_app.app, terms=terms)
+    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0, binding=terms.binding)
     node = members[0].node
     content = instruction_content(np.zeros(4, np.float32), 3, config.to_toml())
     train = Message(content, dst_node_id=node, message_type="train", group_id="3")

@@ -48,8 +48,10 @@ at all once d > 1.07e7 / z^2, and below that the scale it leaves inflates the no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -187,15 +189,32 @@ def check_fixed_point(
     return scale
 
 
-def round_context(server_round: int, weight_ref: float, noise_multiplier: float = 0.0, dropout_margin: float = 0.0) -> str:
+@dataclass(frozen=True)
+class RunBinding:
+    """What every member of an instance must have received with its train instruction (sha256 hex).
+
+    Bound into the instance's context, so members given a different run configuration or global
+    adapter derive different keys and cannot sum (Pasquini et al., CCS 2022: a server that hands
+    one member a crafted model can otherwise read that member's update out of the sum).
+    Empty strings in tests and benchmarks that hold updates without a train instruction.
+    """
+
+    config_sha256: str = ""
+    adapter_sha256: str = ""
+
+
+def round_context(
+    server_round: int, weight_ref: float, noise_multiplier: float = 0.0, dropout_margin: float = 0.0,
+    binding: RunBinding = RunBinding(),
+) -> str:
     """The round's public parameters as the protocol binds them (`SetupRequest.context`).
 
     Canonical JSON with the floats written exactly, so coordinator and participant derive the
     same key schedule from the same values, and different keys from any difference. With
     distributed DP the noise parameters are bound too, so the members of a bucket either all
-    calibrate their noise shares alike or cannot unmask at all.
+    calibrate their noise shares alike or cannot unmask at all; the run binding always is.
     """
-    bound: dict[str, object] = {"server_round": server_round, "weight_ref": float(weight_ref).hex()}
+    bound: dict[str, object] = {"server_round": server_round, "weight_ref": float(weight_ref).hex(), **dataclasses.asdict(binding)}
     if noise_multiplier:
         bound |= {"noise_multiplier": float(noise_multiplier).hex(), "dropout_margin": float(dropout_margin).hex()}
     return json.dumps(bound, sort_keys=True)
@@ -206,6 +225,11 @@ def context_noise(context: dict) -> tuple[float, float]:
     if "noise_multiplier" not in context:
         return 0.0, 0.0
     return float.fromhex(context["noise_multiplier"]), float.fromhex(context["dropout_margin"])
+
+
+def context_binding(context: dict) -> RunBinding:
+    """The run binding in a parsed round context (KeyError if it has none)."""
+    return RunBinding(str(context["config_sha256"]), str(context["adapter_sha256"]))
 
 
 def weighted_input(

@@ -145,7 +145,7 @@ MUTATIONS = [
         "no-replay-refusal",
         "a participant masks again for a round it already masked",
         (("participant/secure.py",
-          '    if MASKED in context.state and server_round in list(context.state[MASKED]["rounds"]):',
+          "    if already_masked(site, context.state, config_sha256, server_round):",
           "    if False:"),),
     ),
     Mutation(
@@ -206,6 +206,55 @@ MUTATIONS = [
         (("participant/secure.py",
           '    noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)',
           "    noise = None"),),
+    ),
+    Mutation(
+        "masked-rounds-in-memory-only",
+        "masked rounds remembered in context.state only: a resumed run (fresh state) masks the round again",
+        (("participant/masked.py", "    if site is not None:\n", "    if False:\n"),),
+    ),
+    Mutation(
+        "setup-member-count-unchecked",
+        "a site takes part in an instance smaller than its policy.min_bucket_size / the run's bucket size",
+        (("participant/terms.py", "    if n < terms.min_members:", "    if False:"),),
+    ),
+    Mutation(
+        "setup-graph-unchecked",
+        "a site accepts neighbours the coordinator picked instead of the instance's public graph",
+        (("participant/terms.py", "    if sorted(request.neighbours) != expected:", "    if False:"),),
+    ),
+    Mutation(
+        "setup-threshold-unchecked",
+        "a site accepts any protocol-valid threshold, not the plan's for its degree",
+        (("participant/terms.py", "        if request.threshold != threshold:", "        if False:"),),
+    ),
+    Mutation(
+        "setup-encoding-unchecked",
+        "a site accepts another clip norm, wire width, vector length or fixed-point scale than the run's plan",
+        (
+            ("participant/terms.py", "    if request.clip_norm != input_clip_norm(terms.clip_norm):", "    if False:"),
+            ("participant/terms.py", "    if request.wire_bits != terms.wire_bits:", "    if False:"),
+            ("participant/terms.py", "    if request.vector_length != update_length + 1:", "    if False:"),
+            ("participant/terms.py", "        if request.scale != scale:", "        if False:"),
+        ),
+    ),
+    Mutation(
+        "setup-noise-unchecked",
+        "a site accepts another noise multiplier or dropout margin than its run configuration's",
+        (("participant/terms.py", "    if noise != mine:", "    if False:"),),
+    ),
+    Mutation(
+        "run-binding-unchecked",
+        "a site given another global adapter or run configuration than the instance binds takes part",
+        (("participant/terms.py", "        if told != held:", "        if False:"),),
+    ),
+    Mutation(
+        "run-binding-not-in-context",
+        "the run configuration and global adapter hashes left out of the instance's context (and digest)",
+        (
+            ("fedlora/secagg/plan.py", ', **dataclasses.asdict(binding)}', "}"),
+            ("fedlora/secagg/plan.py", '    return RunBinding(str(context["config_sha256"]), str(context["adapter_sha256"]))', "    return RunBinding()"),
+            ("participant/terms.py", "        if told != held:", "        if False:"),
+        ),
     ),
 ]
 

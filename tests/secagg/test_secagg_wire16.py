@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from coordinator.gather import Member
 from coordinator.local_grid import LocalGrid
 from coordinator.secure import secure_sum
-from fedlora.config import ConfigError, SecaggSection, load_config
+from fedlora.config import ConfigError, PrivacySection, SecaggSection, load_config
 from fedlora.secagg import SecAggProtocolError, run_secure_sum
 from fedlora.secagg import participant as part
 from fedlora.secagg.fixedpoint import clip, coordinate_bound, decode
@@ -33,6 +33,7 @@ from fedlora.secagg.server import SecAggServer
 from fedlora.secure_wire import STAGE
 from fedlora.simulation import simulate
 from participant import secure as participant_secure
+from participant.terms import Terms
 from tests.conftest import SMALL
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -161,7 +162,8 @@ def test_the_plan_fits_n_rotated_coordinates_in_16_bits_and_the_weight_slot_in_3
 
 # --- over Flower messages: the weighted mean, bytes, blame ---------------------------------
 
-def _federation(n, d, seed=0):
+def _federation(n, d, seed=0, wire_bits=16):
+    terms = Terms.of(SecaggSection(enabled=True, wire_bits=wire_bits), PrivacySection(), 1.0)
     app = ClientApp()
     participant_secure.register(app)
     nodes = [4000 + 5 * i for i in range(n)]
@@ -171,7 +173,7 @@ def _federation(n, d, seed=0):
     for i, node in enumerate(nodes):
         updates[node] = (rng.normal(size=d) * (0.02 if i % 2 else 0.004) + 0.002).astype(np.float32)
         counts[node] = int(rng.integers(5, 200))
-        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, os.urandom(32))
+        participant_secure.keep_update(grid.contexts[node], updates[node], counts[node], 3, os.urandom(32), terms)
     return grid, [Member(node, f"participant-{i}", counts[node]) for i, node in enumerate(nodes)], updates, counts
 
 
@@ -197,7 +199,7 @@ def test_the_16_bit_weighted_mean_equals_the_float64_one_within_the_bound_with_d
 def test_the_16_bit_upload_is_at_most_2_bytes_per_parameter():
     d = 200_000
     for bits in (32, 16):
-        grid, members, _, _ = _federation(5, d, seed=1)
+        grid, members, _, _ = _federation(5, d, seed=1, wire_bits=bits)
         sec = SecaggSection(enabled=True, wire_bits=bits)
         result = secure_sum(grid, members, sec, seed=0, server_round=3, length=d, run_tag="t", clip_norm=1.0)
         assert len(result.buckets) == 1
