@@ -34,7 +34,7 @@ from coordinator.gather import Gathered, Member, Rejection, error_reason, gather
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
 from coordinator.outputs import RunDirectory, majority_note
 from coordinator.participants import BOOK, ParticipantBook
-from coordinator.secure import gather_secure, run_tag
+from coordinator.secure import gather_secure, run_tag, seen_noise
 from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
@@ -216,11 +216,12 @@ class Coordinator:
             raise ValueError(f"{self.out.path / 'audit.jsonl'} lacks the records up to the checkpoint's round {self.completed} (truncated)")
         # A round cut short after its update was computed (its audit record is written) released a
         # result that its re-run releases again: both count. One cut short before that released nothing.
-        released = sorted({r["round"] for r in records if r.get("event") == "round" and r["round"] > self.completed and r.get("applied")})
+        cut = {r["round"]: r for r in records if r.get("event") == "round" and r["round"] > self.completed and r.get("applied")}
+        released = sorted(cut)
         if self.dp:
             self.dp.load_state_dict(state["privacy"])
-            for _ in released:
-                self.dp.spend()
+            for server_round in released:
+                self.dp.spend(server_round, cut[server_round].get("seen_noise", {}))
         dropped = self.out.resume_at(self.completed, released if self.dp else [])
         log.info("resuming after round %d%s", self.completed, f" (round {dropped} was cut short and runs again)" if dropped else "")
 
@@ -304,7 +305,6 @@ class Coordinator:
         nodes = wait_for_nodes(self.grid, fed.min_participants, fed.timeout_s)
         # Order by participant name, not by node id (random per run), so a seed fixes who is sampled.
         sampled = self.dp.sample(self.eligible(nodes)) if self.dp else sample_nodes(self.eligible(nodes), self.cfg, server_round)
-        spent = self.dp.spend() if self.dp else {}  # accounted once drawn, applied or not
         with self.timed("collect"):  # participants train; their replies arrive
             replies = exchange(self.grid, sampled, self._content(server_round), "train", server_round, fed.timeout_s)
         with self.timed("gather"):
@@ -323,6 +323,9 @@ class Coordinator:
             with self.timed("gather"):
                 gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas, self.weights)
         gathered.skipped = rejected + gathered.skipped
+        # Accounted once gathered, applied or not; against the coordinator, at the noise it saw each update in.
+        seen = (seen_noise(gathered.row["secagg"]["buckets"]) if sec.enabled else {m.name: 0.0 for m in members}) if self.dp else {}
+        spent = self.dp.spend(server_round, seen) if self.dp else {}
         row = self.apply(server_round, len(sampled), gathered) | spent
         faulty = {r.participant for r in gathered.skipped if r.fault} | set(gathered.blamed)
         quarantined = self.reputation.record(server_round, [self.name(n) for n in sampled], faulty)
@@ -343,6 +346,8 @@ class Coordinator:
             "skipped": row["skipped"],
             "applied": row.get("applied", False),
             "epsilon": row.get("epsilon"),
+            "epsilon_coordinator": row.get("epsilon_coordinator"),
+            "seen_noise": seen,  # who the coordinator saw in which sum: a resumption re-charges it
             "adapter_sha256": hashlib.sha256(self.adapter.vector.tobytes()).hexdigest(),
         })
         return row
@@ -414,7 +419,9 @@ class Coordinator:
         row.update(step.metrics)  # svd_truncation_error in exact mode
         row["applied"] = True
         kept = gathered.included
-        row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in kept], weights=[m.num_examples for m in kept]))
+        losses = [m for m in kept if "train_loss" in m.metrics]  # under DP the sites keep their losses to themselves
+        if losses:
+            row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in losses], weights=[m.num_examples for m in losses]))
         local = {m.name: m.metrics["local_epsilon"] for m in kept if "local_epsilon" in m.metrics}
         if local:  # each participant's own sample-level epsilon (DP-SGD), as it reported it
             row["local_epsilon"] = local
@@ -422,14 +429,11 @@ class Coordinator:
 
     def version_facts(self, row: dict[str, Any]) -> dict[str, Any]:
         """What an adapter version's signed manifest states besides its round and config."""
-        answered = self.round_record["answered"] if row["round"] > 0 else []
-        return {
-            "base_model": self.cfg.model.name,
-            "base_model_sha256": self.base_sha256,
-            # Under DP who took part is what Poisson sampling hides: only the count is published.
-            "participants": len(answered) if self.dp else answered,
-            "epsilon": row.get("epsilon"),
-            "delta": row.get("delta"),
+        facts = {"base_model": self.cfg.model.name, "base_model_sha256": self.base_sha256}
+        if self.dp:  # who took part, how many, and un-noised losses are not released (docs/decisions.md)
+            return facts | {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "adjacency": "add/remove one participant"}
+        return facts | {
+            "participants": self.round_record["answered"] if row["round"] > 0 else [],
             "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", "train_loss") if key in row},
         }
 

@@ -25,6 +25,10 @@ weight reference is 1, so a bucket's unit is the unweighted sum of its survivors
 updates plus their Skellam noise shares, and its weight is its member count), and the bucket's
 fixed-point scale leaves room for the noise (`fedlora.secagg.plan.check_fixed_point`). The
 coordinator adds no noise of its own and never sees a sum without the participants' noise.
+Members that drop after setup but before their masked input arrives take their noise shares
+with them: a sum holding fewer than k (1 - privacy.dropout_margin) shares is below the planned
+noise, so it is discarded (status `discarded`), never combined into the adapter, and its members
+are charged at its real noise in the view against the coordinator, who saw it (`seen_noise`).
 
 Every instance's context binds the hashes of the run configuration and of the global adapter that
 the round's train instructions carried (`fedlora.secagg.plan.RunBinding`): each participant
@@ -52,6 +56,7 @@ from flwr.app import Message
 from coordinator.gather import Gathered, Member, Rejection, error_reason
 from fedlora.aggregate import Unit
 from fedlora.config import PrivacySection, SecaggSection
+from fedlora.privacy.ledger import meets, present_noise_multiplier
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
 from fedlora.secagg.plan import (
     RunBinding, check_fixed_point, input_clip_norm, neighbourhood_degree, participant_skellam_mu, resolve_threshold, round_context, split_weighted_sum,
@@ -95,6 +100,7 @@ class _Bucket:
         # Under DP each participant counts once (n_ref = 1: w = 1); otherwise by its example count.
         self.weight_ref = 1.0 if noise[0] else float(max((m.num_examples for m in members), default=1))
         self.noise, self.noise_std, self.noise_multiplier = noise, 0.0, 0.0
+        self.survivors: list[str] = []  # whose masked inputs a discarded sum held
         self.round_id = f"{run_tag}/round-{server_round}/bucket-{index}"
         self.stage = "setup"
         self.server: SecAggServer | None = None
@@ -188,13 +194,15 @@ class _Bucket:
             mu = participant_skellam_mu(z, self.clip_norm, out.scale, k, margin, self.length)
             self.noise_std = float(np.sqrt(2.0 * mu * summed) / out.scale)
             # Relative to the rounded sensitivity: z while at least k (1 - m) shares are in the sum.
-            self.noise_multiplier = z * float(np.sqrt(summed / (k * (1.0 - margin))))
-            if self.noise_multiplier < z:
-                log.warning(
-                    "round %d, bucket %d: %d of %d masked inputs arrived, fewer than k (1 - privacy.dropout_margin): its sum "
-                    "carries noise multiplier %.3g, below the %.3g the accountant assumes",
-                    self.server_round, self.index, summed, k, self.noise_multiplier, z,
+            self.noise_multiplier = present_noise_multiplier(z, k, summed, margin)
+            if not meets(self.noise_multiplier, z):  # members took their shares away before masking
+                self.survivors, self.result = list(survivors), None
+                self.status, self.reason = "discarded", (
+                    f"bucket {self.index}: {summed} of {k} masked inputs arrived, fewer than k (1 - privacy.dropout_margin) = "
+                    f"{k * (1 - margin):g}: its sum carries noise multiplier {self.noise_multiplier:.4g}, below the run's {z:g}; "
+                    "discarded, so the adapter carries the planned noise (charged against the coordinator, who saw it)"
                 )
+                log.warning("round %d, %s", self.server_round, self.reason)
 
     def skipped(self) -> list[Rejection]:
         """Members whose update is in no sum, with the reason."""
@@ -207,7 +215,7 @@ class _Bucket:
             reason = (
                 f"secure aggregation: excluded for a protocol violation: {blamed[member.name]}" if member.name in blamed
                 else self.dropped.get(member.name) or (
-                    f"secure aggregation aborted ({self.reason})" if self.status != "ok"
+                    f"secure aggregation {'discarded' if self.status == 'discarded' else 'aborted'} ({self.reason})" if self.status != "ok"
                     else "secure aggregation: left out, too few of its neighbours stayed to recover its masks"
                 )
             )
@@ -247,12 +255,12 @@ def secure_sum(
         result.layout.append(
             {
                 "members": [m.name for m in bucket.members],
-                "survivors": list(bucket.result.members) if bucket.result else [],
+                "survivors": list(bucket.result.members) if bucket.result else bucket.survivors,
                 "status": bucket.status,
                 **({"blamed": bucket.blamed()} if bucket.blamed() else {}),
                 **({"reason": bucket.reason} if bucket.reason else {}),
                 **({"error_bound": bucket.result.error_bound} if bucket.result else {}),
-                **({"noise_std": bucket.noise_std, "noise_multiplier": bucket.noise_multiplier} if bucket.result and bucket.noise_std else {}),
+                **({"noise_std": bucket.noise_std, "noise_multiplier": bucket.noise_multiplier} if bucket.noise_std else {}),
             }
         )
         if bucket.result:
@@ -260,6 +268,14 @@ def secure_sum(
         else:
             result.aborted.append(bucket.reason)
     return result
+
+
+def seen_noise(layout: list[dict[str, Any]]) -> dict[str, float]:
+    """Each member whose masked input the coordinator unmasked, with the noise multiplier of that sum.
+
+    Discarded sums count too: the coordinator saw them (the privacy view against it).
+    """
+    return {name: bucket["noise_multiplier"] for bucket in layout if "noise_multiplier" in bucket for name in bucket["survivors"]}
 
 
 def run_tag(grid: Grid) -> str:

@@ -110,13 +110,16 @@ def test_the_dropout_margin_raises_the_noise_and_a_loss_before_masking_lowers_it
     unit, noise = _noise(result, updates, members)
     assert [r["participant"] for r in result.recovered] == [members[2].name] and len(unit.members) == k
     assert noise.std() == pytest.approx(z / math.sqrt(1 - margin), rel=TOLERANCE)
-    # Without a margin, the same loss before masking leaves the bucket below the target: reported.
+    # Without a margin, the same loss before masking leaves the bucket below the target: its sum is
+    # discarded (never combined into the adapter), its real noise multiplier reported for the
+    # coordinator's view, which saw it.
     grid, members, updates = _federation(k, z, 0.0, seed=4)
     grid.silent.add((members[2].node, STAGE["share_keys"].message_type))
     result = _run(grid, members, z, 0.0)
-    _, noise = _noise(result, updates, members)
-    assert noise.std() == pytest.approx(z * math.sqrt((k - 1) / k), rel=TOLERANCE)
-    assert result.layout[0]["noise_multiplier"] == pytest.approx(z * math.sqrt((k - 1) / k))
+    (bucket,) = result.layout
+    assert not result.buckets and bucket["status"] == "discarded" and "below the run's" in bucket["reason"]
+    assert bucket["noise_multiplier"] == pytest.approx(z * math.sqrt((k - 1) / k))
+    assert sorted(bucket["survivors"]) == sorted(m.name for m in members if m is not members[2])
 
 
 def test_the_noise_is_secret_randomness_not_repeated_by_identical_runs() -> None:

@@ -4,8 +4,14 @@ and the accountant that decides whether another round fits the budget.
 The subsampled-Gaussian analysis holds only if each participant takes part in a round
 independently with probability q (`federation.fraction`): `sample` draws exactly that, from
 secret randomness, so nobody can tell from the seed who took part. Each round is accounted
-when its participants are drawn, whether or not it is applied: a round that is skipped later
+once its sums are gathered, whether or not it is applied: a round that is skipped later
 (too few replies) has already released who was asked, and a conservative count costs little.
+
+Two views (fedlora.privacy.ledger): `epsilon` is against adapter consumers, every round charged
+at (q, z); it holds because the secure gatherer discards a bucket whose present noise fell below
+z (docs/decisions.md, "Charging the noise that was present"). `epsilon_coordinator` is against
+the coordinator: per site, the rounds it contributed to, unamplified, each at the noise of what
+the coordinator saw (0 under central DP, which shows it the update); the row carries the worst site.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 from fedlora.config import Config
 from fedlora.privacy.accountant import RoundAccountant, rounds_within_budget
+from fedlora.privacy.ledger import Charge, Ledger
 from fedlora.privacy.noise import NoisySum, secret_rng
 
 
@@ -23,6 +30,8 @@ class UserLevelDP:
         self.sample_rate, self.noise_multiplier = fed.fraction, p.noise_multiplier
         self.budget = p.epsilon_budget
         self.accountant = RoundAccountant(p.delta)
+        self.sites: dict[str, Ledger] = {}  # against the coordinator: each site's contributions
+        self._site_epsilon: dict[tuple[float, ...], float] = {}  # sites with the same charges, computed once
         # Distributed DP (secure aggregation): the participants add the noise before masking.
         central_std = 0.0 if cfg.secagg.enabled else p.noise_multiplier * cfg.robust.clip_norm
         self.noisy = NoisySum(cfg.robust.clip_norm, central_std, fed.fraction * fed.participants)
@@ -45,14 +54,40 @@ class UserLevelDP:
             f"{after:.3f}, past privacy.epsilon_budget={self.budget:g} (delta={self.accountant.delta:g})"
         )
 
-    def spend(self) -> dict[str, Any]:
-        """Account one round; the metrics row's privacy fields."""
+    def spend(self, server_round: int, contributed: dict[str, float]) -> dict[str, Any]:
+        """Account one round; the metrics row's privacy fields.
+
+        `contributed`: each site whose update reached the coordinator in this round, with the
+        noise multiplier of what the coordinator saw it in.
+        """
         self.accountant.compose(self.sample_rate, self.noise_multiplier)
-        return {"epsilon": self.accountant.epsilon(), "epsilon_pld": self.accountant.epsilon_pld(), "delta": self.accountant.delta}
+        for name, seen in contributed.items():
+            charge = Charge(self.sample_rate, self.noise_multiplier, seen)
+            self.sites.setdefault(name, Ledger(self.accountant.delta)).charge(f"round-{server_round}", charge)
+        return {
+            "epsilon": self.accountant.epsilon(),
+            "epsilon_pld": self.accountant.epsilon_pld(),
+            "epsilon_coordinator": max(self.coordinator_epsilons().values(), default=0.0),
+            "delta": self.accountant.delta,
+        }
+
+    def coordinator_epsilons(self) -> dict[str, float]:
+        """Each site's epsilon against the coordinator so far (unamplified, rounds it contributed to)."""
+        out = {}
+        for name, ledger in self.sites.items():
+            key = tuple(sorted(c.coordinator_noise_multiplier for c in ledger.entries.values()))
+            if key not in self._site_epsilon:
+                self._site_epsilon[key] = ledger.epsilons()[1]
+            out[name] = self._site_epsilon[key]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict()}
+        return {"accountant": self.accountant.state_dict(), "sites": {name: ledger.state_dict() for name, ledger in sorted(self.sites.items())}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        self.sites = {}
+        for name, ledger_state in state.get("sites", {}).items():  # absent in checkpoints before the coordinator view
+            self.sites[name] = Ledger(self.accountant.delta)
+            self.sites[name].load_state_dict(ledger_state)
 
