@@ -84,7 +84,7 @@ def parse_context(context: str) -> tuple[dict[str, Any], list[str]]:
     """The bound context as a dict, or {} and why it is not one."""
     try:
         bound = json.loads(context)
-        int(bound["server_round"]), float.fromhex(bound["weight_ref"]), context_noise(bound), context_binding(bound)
+        int(bound["server_round"]), float.fromhex(bound["weight_ref"]), context_noise(bound), context_binding(bound)  # each field parses
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         return {}, [f"its context {context[:200]!r} is not a round context ({type(err).__name__}: {err})"]
     return bound, []

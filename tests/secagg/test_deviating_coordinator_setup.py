@@ -201,7 +201,7 @@ def _tamper_setup(grid: LocalGrid, node: int, edit) -> None:
         (lambda r: dataclasses.replace(r, vector_length=r.vector_length + 1), "it sets vector length"),
         (lambda r: dataclasses.replace(r, neighbours=[m for m in r.members if m not in (r.receiver, *r.neighbours)][:2]), "the degree-2 graph"),
     ],
-    ids=["threshold", "clip-norm", "scale", "graph", "wire", "length"],
+    ids=["threshold", "clip-norm", "scale", "wire", "length", "graph"],
 )
 def test_setup_parameters_other_than_the_plans_are_refused_and_blamed_on_the_coordinator(tmp_path: Path, edit, words: str) -> None:
     cfg = run_config("federation.participants=6", "secagg.degree=2")  # a sparse graph: neighbours are a choice
