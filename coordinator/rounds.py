@@ -310,7 +310,8 @@ class Coordinator:
             length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
             with self.timed("secure_sum"):  # the SecAgg+ stages: keys, shares, masked inputs, unmasking
                 gathered = gather_secure(
-                    self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy
+                    self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
+                    roster=self.book.roster() if self.book else None,
                 )
         else:
             with self.timed("gather"):

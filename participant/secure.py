@@ -12,6 +12,12 @@ input is built, and the round is recorded, so a train, setup or mask request for
 masked is refused (logged, and answered with an error): a coordinator that could get two sums
 over the same members, one with and one without a target, could difference them.
 
+Identity (DESIGN decision 8): a deployed participant signs its keys with its registered node key
+and checks its neighbours' against the roster pinned in its directory (`participant.site`); what
+the coordinator relays that its owner did not sign aborts the instance, with the evidence in the
+site's events.jsonl (`blame_coordinator`). A simulation has no directories: identities there are
+derived from names and protect nothing (`fedlora.secagg.identity`).
+
 The round's application parameters (server round, example-count reference) reach the protocol
 as the setup request's `context`, which is bound into every key derivation: the weight a
 participant applies is the one its neighbours' masks were derived for.
@@ -38,13 +44,15 @@ from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.privacy.noise import secret_rng, skellam
 from fedlora.secagg import participant as protocol
+from fedlora.secagg.errors import SecAggCoordinatorFault
+from fedlora.secagg.identity import Identity, simulated_identity
 from fedlora.secagg.messages import ParticipantState
 from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
 from fedlora.wire import array_view, reply_content
 from participant.report import answered
-from participant.site import refuse, site_of
+from participant.site import Refusal, record_event, refuse, site_identity, site_of
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
 HELD = "secagg.held"  # ConfigRecord: its round, example count, rounding key, weight reference, DP noise settings
@@ -142,6 +150,22 @@ def _save(context: Context, state: ParticipantState) -> None:
     context.state[STATE] = ConfigRecord(state.to_dict())
 
 
+def identity(context: Context, name: str, names: list[str]) -> Identity:
+    """This node's identity: deployed, its registered node key named by its pinned roster; in
+    simulation (no participant directory), SIMULATION ONLY, a key derived from the name the
+    coordinator gives it, with `names` as the roster (no protection against the coordinator)."""
+    site = site_of(dict(context.node_config))
+    return site_identity(site) if site else simulated_identity(name, names)
+
+
+def blame_coordinator(context: Context, fault: SecAggCoordinatorFault, state: ParticipantState | None) -> Refusal:
+    """Abort the instance (secrets erased) and record the evidence in the site's events.jsonl."""
+    record_event(site_of(dict(context.node_config)), "coordinator-blamed", reason=str(fault), evidence=fault.evidence)
+    if state is not None:
+        _save(context, protocol.erase_secrets(state, "aborted"))
+    return Refusal(str(fault))
+
+
 def setup(msg: Message, context: Context) -> Message:
     """Stage 1: check the round, make key pairs, advertise the public keys."""
     request = read_protocol(msg.content, STAGE["setup"].request)
@@ -159,7 +183,11 @@ def setup(msg: Message, context: Context) -> Message:
         )
     if mine[0] > 0 and weight_ref != 1.0:
         raise ValueError(f"distributed DP counts every participant once, but the setup binds weight reference {weight_ref:g}, not 1; refusing")
-    state, advert = protocol.setup(request)
+    names = dict(zip(request.members, request.member_names))
+    try:
+        state, advert = protocol.setup(request, identity(context, names.get(request.receiver, ""), request.member_names))
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, None) from None
     held["weight_ref"] = weight_ref
     held["members"] = len(request.members)  # k: the noise share is calibrated to the bucket at setup
     held["instance"] = state.round_id  # the held update is masked in this instance and no other
@@ -169,7 +197,13 @@ def setup(msg: Message, context: Context) -> Message:
 
 def share_keys(msg: Message, context: Context) -> Message:
     """Stage 2: Shamir-share the secrets, encrypted to each neighbour whose keys were relayed."""
-    state, upload = protocol.share_keys(_load(context), read_protocol(msg.content, STAGE["share_keys"].request))
+    state = _load(context)
+    try:
+        state, upload = protocol.share_keys(
+            state, read_protocol(msg.content, STAGE["share_keys"].request), identity(context, state.name, [state.name, *state.neighbour_names])
+        )
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, state) from None
     _save(context, state)
     return Message(protocol_content(upload), reply_to=msg)
 

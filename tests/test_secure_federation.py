@@ -79,9 +79,10 @@ def test_bucket_sums_equal_the_weighted_plaintext_sum() -> None:
     assert sorted(len(b.members) for b in result.buckets) == [3, 4]
     assert sorted(n for b in result.buckets for n in b.members) == sorted(m.name for m in members)
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members})
-    # What travelled up is masked uint32: 4 bytes per parameter (+1 weight slot) plus keys and shares.
+    # What travelled up is masked uint32: 4 bytes per parameter (+1 weight slot) plus keys, signatures
+    # and shares (about 2 KB per participant here, fixed whatever d).
     per_param = result.bytes_up / (len(members) * 3001)
-    assert 4.0 <= per_param < 4.5
+    assert 4.0 <= per_param < 4.7
     # Each participant masked its update once and answered one unmask: its state says so.
     for context in grid.contexts.values():
         assert participant_secure.UPDATE not in context.state
@@ -210,6 +211,19 @@ def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messa
     assert "bad share bundle" in result.layout[0]["blamed"]["participant-2"]
     assert [r.participant for r in result.skipped] == ["participant-2"] and result.skipped[0].fault
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-2"})
+
+
+def _claim_to_be_participant_2(record: ConfigRecord) -> None:
+    record["sender"] = 2
+
+
+def test_a_reply_claiming_another_sender_is_blamed_on_its_authenticated_node_never_on_the_one_it_names() -> None:
+    grid, members, updates, counts = _federation(5, 200, app=_tampered_by(1007, "setup", _claim_to_be_participant_2))
+    result = secure_sum(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=200, run_tag="t", clip_norm=1.0)
+    assert result.layout[0]["status"] == "ok"
+    assert list(result.layout[0]["blamed"]) == ["participant-1"]  # node 1007, not participant-2
+    assert "claiming to be participant 2" in result.layout[0]["blamed"]["participant-1"]
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
 
 
 def test_a_participant_blamed_at_unmask_stays_in_the_sum_and_is_booked_a_fault() -> None:

@@ -20,8 +20,12 @@ before any share is revealed. After unmasking, the count slot (each member adds 
 the number of members summed: members given different public parameters derive unrelated
 masks, and the sum is refused instead of revealing anything. On the 16-bit wire (`narrow`) a
 masked input must be exactly `narrow.pack`'s uint16 layout, or its sender is blamed; the sum is
-kept in uint32 as on the 32-bit wire and narrowed only once unmasked. The server is trusted to
-relay honestly (no signatures on its messages); see docs/threat-model.md.
+kept in uint32 as on the 32-bit wire and narrowed only once unmasked.
+
+The server need not be trusted to relay honestly: every advertised key is signed with its
+owner's long-term identity (`identity`), which participants check against their own roster; the
+server checks the signatures too (and the roster, when it is given one), so that it never relays
+what an honest participant would refuse and blame on it. See docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from . import crypto, shamir
 from .errors import SecAggAbort
 from .fixedpoint import check_no_overflow, choose_scale, decode, error_bound
 from .graph import check_ids, communication_graph, default_degree, default_threshold
+from .identity import Roster, fingerprint, key_statement, verify
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -105,9 +110,14 @@ class SecAggServer:
         graph_seed: bytes | int | None = None,
         context: str = "",
         wire_bits: int = 32,
+        names: list[str] | None = None,
+        roster: Roster | None = None,
     ) -> None:
         ids = check_ids(list(participant_ids))
         n = len(ids)
+        names = [f"participant-{i}" for i in ids] if names is None else list(names)
+        if len(names) != n or len(set(names)) != n:
+            raise ValueError(f"names must name each of the {n} participants once, got {names}")
         if n < 2 or vector_length < 1:
             raise ValueError(
                 f"need >= 2 participants and vector_length >= 1, got {n}, {vector_length}"
@@ -127,8 +137,9 @@ class SecAggServer:
         self.threshold, self.degree = t, k
         seed = round_id.encode() if graph_seed is None else graph_seed
         self.graph = communication_graph(ids, k, seed)
+        self.names, self.roster = names, roster
         self.params = crypto.params_digest(
-            round_id, ids, t, vector_length, self.clip_norm, self.scale, wire_bits, context
+            round_id, ids, t, vector_length, self.clip_norm, self.scale, wire_bits, context, names
         )
         self.wire_bits, self.narrow = wire_bits, narrowing(wire_bits, vector_length, n, self.params)
         self._server_private, self._server_public = crypto.generate_keypair()
@@ -136,6 +147,8 @@ class SecAggServer:
         self.blamed: dict[int, str] = {}
         self.s_publics: dict[int, bytes] = {}
         self.receiving: dict[tuple[int, int], bytes] = {}  # (holder, sender) -> holder's key
+        self.identities: dict[int, bytes] = {}  # id -> its long-term key
+        self.key_signatures: dict[tuple[int, int], bytes] = {}  # (owner, receiver) -> owner's signature
         self.key_relay: dict[int, list[int]] = {}  # id -> neighbours whose keys it got (U1)
         self.relayed: dict[int, list[int]] = {}  # id -> neighbours whose shares it got (U2)
         self.boxes: dict[tuple[int, int], tuple[bytes, bytes, bytes]] = {}  # (from, to) -> ct, commits
@@ -195,7 +208,7 @@ class SecAggServer:
         return [
             SetupRequest(
                 self.round_id, i, list(self.ids), self.graph[i], self.threshold, self.d,
-                self.clip_norm, self.scale, self.context, self._server_public, self.wire_bits,
+                self.clip_norm, self.scale, self.context, self._server_public, self.names, self.wire_bits,
             )
             for i in self.ids
         ]
@@ -210,6 +223,21 @@ class SecAggServer:
             crypto.check_possession(self._server_private, publics, msg.possession, self.params, i)
         except ValueError as err:
             return f"advertised keys refused: {err}"
+        return self._signature_fault(i, msg)
+
+    def _signature_fault(self, i: int, msg: KeysAdvert) -> str | None:
+        """Its keys signed by its identity (on the roster under its name, when the server has one):
+        an honest server relays nothing its neighbours would refuse and blame on it."""
+        name = self.names[self.ids.index(i)]
+        if len(msg.signatures) != len(msg.c_ids):
+            return f"sent {len(msg.signatures)} key signatures for {len(msg.c_ids)} neighbours"
+        try:
+            if self.roster is not None and fingerprint(msg.identity) != self.roster.fingerprint_of(name):
+                return f"advertised identity {fingerprint(msg.identity)}, not {name!r}'s roster key"
+            for j, c_public, signature in zip(msg.c_ids, msg.c_publics, msg.signatures, strict=True):
+                verify(msg.identity, signature, key_statement(self.params, i, j, msg.s_public, c_public))
+        except (KeyError, ValueError) as err:
+            return f"advertised keys not signed by its identity: {err}"
         return None
 
     def collect_keys(self, adverts: list[KeysAdvert]) -> list[KeysRelay]:
@@ -232,9 +260,10 @@ class SecAggServer:
                     self.blame(i, f"advertised a key that participants {sorted(set(holders))} all hold")
         alive = self._prune(set(valid) - set(self.blamed), "key advertisement")
         for i in alive:
-            self.s_publics[i] = valid[i].s_public
-            for j, key in zip(valid[i].c_ids, valid[i].c_publics, strict=True):
+            self.s_publics[i], self.identities[i] = valid[i].s_public, valid[i].identity
+            for j, key, signature in zip(valid[i].c_ids, valid[i].c_publics, valid[i].signatures, strict=True):
                 self.receiving[(i, j)] = key
+                self.key_signatures[(i, j)] = signature
         relays = []
         for i in sorted(alive):
             nbrs = [j for j in self.graph[i] if j in alive]
@@ -243,6 +272,7 @@ class SecAggServer:
                 KeysRelay(
                     self.round_id, i, nbrs,
                     [self.receiving[(j, i)] for j in nbrs], [self.s_publics[j] for j in nbrs],
+                    [self.identities[j] for j in nbrs], [self.key_signatures[(j, i)] for j in nbrs],
                 )
             )
         return relays

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedlora.secagg import participant as part
+from fedlora.secagg.identity import simulated_identity
 from fedlora.secagg.fixedpoint import clip, decode
 from fedlora.secagg.server import SecAggServer
 
@@ -35,6 +36,7 @@ class Round:
             graph_seed=3,
             wire_bits=self.wire_bits,
         )
+        self.identities = {i: simulated_identity(name, self.server.names) for i, name in zip(self.server.ids, self.server.names)}
         rng = np.random.default_rng(0)
         self.vectors = {i: rng.normal(size=self.d).astype(np.float32) * 0.05 for i in range(self.n)}
 
@@ -42,14 +44,14 @@ class Round:
         out = []
         self.setups = self.server.setup() if setups is None else setups
         for req in self.setups:
-            self.states[req.receiver], advert = part.setup(req)
+            self.states[req.receiver], advert = part.setup(req, self.identities[req.receiver])
             out.append(advert)
         return out
 
     def uploads(self, key_relays):
         out = []
         for req in key_relays:
-            self.states[req.receiver], upload = part.share_keys(self.states[req.receiver], req)
+            self.states[req.receiver], upload = part.share_keys(self.states[req.receiver], req, self.identities[req.receiver])
             out.append(upload)
         return out
 

@@ -207,6 +207,33 @@ MUTATIONS = [
           '    noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)',
           "    noise = None"),),
     ),
+    Mutation(
+        "relayed-keys-unsigned",
+        "a participant accepts relayed keys without checking its neighbour's signature (key substitution)",
+        (("fedlora/secagg/participant.py",
+          "        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub))",
+          "        fault = None"),),
+    ),
+    Mutation(
+        "signer-not-checked-against-roster",
+        "any valid signature accepted, whatever key made it (the coordinator signs with its own)",
+        (("fedlora/secagg/identity.py", "        if fingerprint(identity) != expected:", "        if False:"),),
+    ),
+    Mutation(
+        "roster-unchecked-at-setup",
+        "a participant takes part in an instance with a member not on its roster (a Sybil)",
+        (("fedlora/secagg/participant.py", "    if strangers or mine != identity.name:", "    if False:"),),
+    ),
+    Mutation(
+        "server-relays-unsigned-keys",
+        "the server relays keys without checking their signatures and identities (honest neighbours then blame it)",
+        (("fedlora/secagg/server.py", "        return self._signature_fault(i, msg)", "        return None"),),
+    ),
+    Mutation(
+        "claimed-sender-trusted",
+        "a reply's claimed sender trusted over its authenticated node (the impersonated participant is blamed)",
+        (("coordinator/secure.py", "            if msg.sender != request.receiver:", "            if False:"),),
+    ),
 ]
 
 
