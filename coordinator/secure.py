@@ -10,8 +10,8 @@ their total weight, both out of the same secure sum (see `fedlora.secagg.plan`).
 
 Failure handling, per bucket:
 - a participant that does not answer a stage in `secagg.timeout_s`, fails, or sends a
-  malformed reply is dropped at that stage; after its masked input arrived it is still in
-  the sum, recovered from its neighbours' shares;
+  malformed reply is dropped at that stage; after its masked input arrived (at the consistency
+  check or unmask) it is still in the sum, recovered from its neighbours' shares;
 - a participant the protocol convicts of a violation (bad or copied key, bad share bundle,
   false accusation, bad share at unmask; see `fedlora.secagg.server`) is named in the
   bucket's `blamed` and, unless its masked input is already in the sum, left out of it;
@@ -126,7 +126,7 @@ class _Bucket:
 
     def _drop(self, member: Member, why: str) -> None:
         reason = f"secure aggregation, stage {self.stage}: {why}"
-        if self.stage == "unmask":  # its masked input is in the sum: recovered from shares
+        if self.stage in ("consistency", "unmask"):  # its masked input is in the sum: recovered from shares
             self.recovered[member.name] = reason
         else:
             self.dropped[member.name] = reason
@@ -158,6 +158,7 @@ class _Bucket:
             "setup": self.server.collect_keys,
             "share_keys": self.server.collect_shares,
             "mask_input": self.server.collect_masked,
+            "consistency": self.server.collect_signatures,
             "unmask": self.server.collect_unmask,
         }[self.stage]
         try:

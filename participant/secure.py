@@ -15,7 +15,9 @@ over the same members, one with and one without a target, could difference them.
 Identity (DESIGN decision 8): a deployed participant signs its keys with its registered node key
 and checks its neighbours' against the roster pinned in its directory (`participant.site`); what
 the coordinator relays that its owner did not sign aborts the instance, with the evidence in the
-site's events.jsonl (`blame_coordinator`). A simulation has no directories: identities there are
+site's events.jsonl (`blame_coordinator`). Before revealing any share it signs the survivor set it
+is told and checks its neighbours' signatures on the same set (`fedlora.secagg.reveal`); an
+inconsistent story aborts the same way. A simulation has no directories: identities there are
 derived from names and protect nothing (`fedlora.secagg.identity`).
 
 The round's application parameters (server round, example-count reference) reach the protocol
@@ -242,14 +244,29 @@ def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: 
     return noise
 
 
+def consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: sign the survivor set the coordinator states (ConsistencyCheck); only one per instance."""
+    state = _load(context)
+    state, signature = protocol.sign_survivors(
+        state, read_protocol(msg.content, STAGE["consistency"].request), identity(context, state.name, [state.name, *state.neighbour_names])
+    )
+    _save(context, state)
+    return Message(protocol_content(signature), reply_to=msg)
+
+
 def unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: reveal exactly one kind of share per neighbour; a second request is refused."""
-    state, response = protocol.unmask(_load(context), read_protocol(msg.content, STAGE["unmask"].request))
+    """Stage 5: with t signatures on the set it signed, reveal exactly one kind of share per
+    neighbour; a second request is refused, an inconsistent one aborts and blames the coordinator."""
+    state = _load(context)
+    try:
+        state, response = protocol.unmask(state, read_protocol(msg.content, STAGE["unmask"].request))
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, state) from None
     _save(context, state)
     return Message(protocol_content(response), reply_to=msg)
 
 
-HANDLERS = {"setup": setup, "share_keys": share_keys, "mask_input": mask_input, "unmask": unmask}
+HANDLERS = {"setup": setup, "share_keys": share_keys, "mask_input": mask_input, "consistency": consistency, "unmask": unmask}
 
 
 def register(app: ClientApp) -> None:

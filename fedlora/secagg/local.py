@@ -69,7 +69,11 @@ def run_secure_sum(
         if i not in gone:
             states[i], y = part.mask_input(_wire(states[i]), _wire(shares), vectors[i])
             masked.append(_wire(y, i))
-    asks = server.collect_masked(masked)
+    signatures = []
+    for ask in server.collect_masked(masked):
+        states[ask.receiver], signature = part.sign_survivors(_wire(states[ask.receiver]), _wire(ask), identities[ask.receiver])
+        signatures.append(_wire(signature, ask.receiver))
+    asks = server.collect_signatures(signatures)
     gone |= set(drop_before_unmask)
     responses = []
     for ask in asks:

@@ -139,16 +139,34 @@ class MaskedInput(Message):
     revealed_keys: list[bytes]  # ... and the receiving private key that opens each one
 
 
-# Stage 5 request: server -> surviving participant.
+# Stage 5 request: server -> participant whose masked input arrived (ConsistencyCheck).
+@dataclass(frozen=True)
+class SurvivorsRequest(Message):
+    round_id: str
+    receiver: int
+    survivors: list[int]  # every member whose masked input the server summed
+
+
+# Stage 5 reply: participant -> server.
+@dataclass(frozen=True)
+class SurvivorsSignature(Message):
+    round_id: str
+    sender: int
+    signature: bytes  # over `identity.survivor_statement` of the survivors it was told
+
+
+# Stage 6 request: server -> participant that signed the survivor set.
 @dataclass(frozen=True)
 class UnmaskRequest(Message):
     round_id: str
     receiver: int
     survived: list[int]  # neighbours whose masked input arrived: reveal b-shares
     dropped: list[int]  # neighbours who masked with us but sent nothing: reveal s-shares
+    signers: list[int]  # neighbours that signed the survivor set ...
+    signatures: list[bytes]  # ... and their signatures: a participant reveals nothing without t on its own set
 
 
-# Stage 5 reply: participant -> server.
+# Stage 6 reply: participant -> server.
 @dataclass(frozen=True)
 class UnmaskResponse(Message):
     round_id: str
@@ -176,7 +194,7 @@ class ParticipantState(Message):
     vector_length: int
     clip_norm: float
     scale: float
-    stage: str  # "advertised" -> "shared" -> "masked" -> "unmasked" (or "aborted")
+    stage: str  # "advertised" -> "shared" -> "masked" -> "signed" -> "unmasked" (or "aborted")
     neighbour_names: list[str]  # roster name of each neighbour (same order as `neighbours`)
     s_private: bytes
     s_public: bytes
@@ -189,5 +207,6 @@ class ParticipantState(Message):
     share_owners: list[int]  # neighbours whose valid shares we hold (stage 4)
     held_b_shares: list[bytes]
     held_s_shares: list[bytes]
+    survivors: list[int]  # the survivor set it signed (stage 5)
     wire_bits: int
     member_count: int  # members of the instance: a 16-bit wire's cap per member depends on it

@@ -38,9 +38,9 @@ from .messages import (
 )
 from .narrow import narrowing, pack
 from .prg import SEED_BYTES, apply_mask
-from .reveal import erase_secrets, unmask
+from .reveal import erase_secrets, sign_survivors, unmask
 
-__all__ = ["erase_secrets", "mask_input", "open_bundle", "setup", "share_keys", "unmask"]
+__all__ = ["erase_secrets", "mask_input", "open_bundle", "setup", "share_keys", "sign_survivors", "unmask"]
 
 BUNDLE_BYTES = 2 * shamir.SHARE_BYTES  # b-share || s-share
 
@@ -171,6 +171,7 @@ def setup(request: SetupRequest, identity: Identity) -> tuple[ParticipantState, 
         share_owners=[],
         held_b_shares=[],
         held_s_shares=[],
+        survivors=[],
         wire_bits=request.wire_bits,
         member_count=len(request.members),
     )

@@ -64,6 +64,17 @@ class Round:
             out.append(y)
         return out
 
+    def signatures(self, asks):
+        out = []
+        for req in asks:
+            self.states[req.receiver], sig = part.sign_survivors(self.states[req.receiver], req, self.identities[req.receiver])
+            out.append(sig)
+        return out
+
+    def asks(self, masked):
+        """Collect masked inputs, run the consistency check honestly: the unmask requests."""
+        return self.server.collect_signatures(self.signatures(self.server.collect_masked(masked)))
+
     def responses(self, asks):
         out = []
         for req in asks:
@@ -74,7 +85,7 @@ class Round:
     def finish(self, key_relays):
         """Run the remaining stages honestly from the key relays; return the SumResult."""
         relays = self.server.collect_shares(self.uploads(key_relays))
-        asks = self.server.collect_masked(self.masked(relays))
+        asks = self.asks(self.masked(relays))
         return self.server.collect_unmask(self.responses(asks))
 
     def check_sum(self, result, members):
@@ -87,7 +98,7 @@ class Round:
         return self.server.collect_shares(self.uploads(self.server.collect_keys(self.adverts())))
 
     def to_unmask(self):
-        return self.server.collect_masked(self.masked(self.to_share_relays()))
+        return self.asks(self.masked(self.to_share_relays()))
 
 
 @pytest.fixture

@@ -123,7 +123,7 @@ def test_a_bad_bundle_to_one_neighbour_is_blamed_on_its_sender(make_round, fault
         _replace(uploads, 2, ciphertexts=cts)
     masked = rnd.masked(rnd.server.collect_shares(uploads))
     assert _by(masked, 0, "sender").accused == [2]
-    asks = rnd.server.collect_masked(masked)
+    asks = rnd.asks(masked)
     assert list(rnd.server.blamed) == [2] and "bad share bundle" in rnd.server.blamed[2]
     assert 2 not in _by(asks, 0).dropped  # 0 is never asked for shares it does not hold
     rnd.check_sum(rnd.server.collect_unmask(rnd.responses(asks)), [0, 1, 3, 4, 5])
@@ -136,7 +136,7 @@ def test_a_false_accusation_is_blamed_on_the_accuser(make_round, evidence):
     state = rnd.states[0]
     key = state.c_privates[state.neighbours.index(2)] if evidence == "its real key" else crypto.generate_keypair()[0]
     _replace(masked, 0, accused=[2], revealed_keys=[key])
-    asks = rnd.server.collect_masked(masked)
+    asks = rnd.asks(masked)
     assert list(rnd.server.blamed) == [0]
     rnd.check_sum(rnd.server.collect_unmask(rnd.responses(asks)), [1, 2, 3, 4, 5])
 
@@ -188,7 +188,7 @@ def test_shares_dealt_inconsistently_are_blamed_on_their_dealer(make_round):
     cts[pos] = crypto.seal_bundle(receiving, wrong + s_share, owner.params, 3, 1, owner.s_public)
     commits[pos] = crypto.commit_share(owner.params, 3, 1, b"b", wrong)
     _replace(uploads, 3, ciphertexts=cts, b_share_commitments=commits)
-    asks = rnd.server.collect_masked(rnd.masked(rnd.server.collect_shares(uploads)))
+    asks = rnd.asks(rnd.masked(rnd.server.collect_shares(uploads)))
     result = rnd.server.collect_unmask(rnd.responses(asks))
     assert list(result.blamed) == [3] and "inconsistent" in result.blamed[3]
     rnd.check_sum(result, list(range(6)))
@@ -201,7 +201,7 @@ def test_a_sum_whose_masks_do_not_cancel_is_refused_by_the_count_slot(make_round
     masked = rnd.masked(rnd.to_share_relays())
     noise = np.random.default_rng(0).integers(0, 2**32, size=rnd.d + 1, dtype=np.uint32)
     _replace(masked, 2, masked=noise)
-    asks = rnd.server.collect_masked(masked)
+    asks = rnd.asks(masked)
     with pytest.raises(SecAggAbort, match="count slot"):
         rnd.server.collect_unmask(rnd.responses(asks))
 
@@ -211,7 +211,7 @@ def test_malformed_or_unexpected_replies_are_blamed_and_ignored(make_round):
     masked = rnd.masked(rnd.to_share_relays())
     wrong = [dataclasses.replace(m, masked=m.masked[:-1]) if m.sender == 1 else m for m in masked]
     stranger = dataclasses.replace(masked[0], sender=99)
-    asks = rnd.server.collect_masked([*wrong, stranger])
+    asks = rnd.asks([*wrong, stranger])
     assert sorted(rnd.server.blamed) == [1, 99] and "shape" in rnd.server.blamed[1]
     rnd.check_sum(rnd.server.collect_unmask(rnd.responses(asks)), [0, 2, 3, 4])
 
@@ -219,7 +219,7 @@ def test_malformed_or_unexpected_replies_are_blamed_and_ignored(make_round):
 def test_a_participant_answering_twice_is_blamed_and_both_answers_ignored(make_round):
     rnd = make_round(n=5)
     masked = rnd.masked(rnd.to_share_relays())
-    asks = rnd.server.collect_masked([*masked, masked[0]])
+    asks = rnd.asks([*masked, masked[0]])
     assert list(rnd.server.blamed) == [0] and "2 replies" in rnd.server.blamed[0]
     rnd.check_sum(rnd.server.collect_unmask(rnd.responses(asks)), [1, 2, 3, 4])
 

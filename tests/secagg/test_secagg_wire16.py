@@ -217,7 +217,7 @@ def test_a_malformed_16_bit_masked_input_is_blamed_on_its_sender(make_round):
         4: np.zeros(501, np.uint32),  # what a 32-bit participant would send
     }
     inputs = [MaskedInput(m.round_id, m.sender, faults.get(m.sender, m.masked), [], []) for m in inputs]
-    asks = rnd.server.collect_masked(inputs)
+    asks = rnd.asks(inputs)
     assert sorted(rnd.server.blamed) == [1, 3, 4]
     assert all("expected uint16 of shape (503,)" in why for why in rnd.server.blamed.values())
     result = rnd.server.collect_unmask(rnd.responses(asks))
