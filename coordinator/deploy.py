@@ -30,6 +30,7 @@ from coordinator.participants import BOOK, ParticipantBook
 from fedlora.audit import verify as verify_audit
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.pki import create_ca, issue_server_certificate, public_key_fingerprint
+from fedlora.secagg.identity import roster_toml
 from fedlora.registry import load_or_create_key, verify_adapter
 from fedlora.service import executable, flower_environment, run_command, run_service
 
@@ -151,6 +152,17 @@ def register(directory: Path, public_key: Path, name: str) -> int:
     node_id = int(answer["node-id"])
     book.add(name, node_id, fingerprint)
     return node_id
+
+
+def write_roster(directory: Path, out: Path) -> Path:
+    """Write the consortium roster (registered, unrevoked participants by name -> key fingerprint)
+    for the operator to hand every site out of band, like ca.crt; sites pin it as DIR/roster.toml."""
+    roster = ParticipantBook(Path(directory).resolve() / BOOK).roster()
+    if not roster.members:
+        raise ValueError(f"no participant is registered in {directory}: register them (`fedlora coordinator register`) first")
+    out = Path(out)
+    out.write_text(roster_toml(roster))
+    return out
 
 
 def revoke(directory: Path, name: str, reason: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedlora.atomic import read_json, write_json_atomic
+from fedlora.secagg.identity import Roster
 
 BOOK = "participants.json"
 
@@ -70,6 +71,10 @@ class ParticipantBook:
 
     def name_of(self, node_id: int) -> str | None:
         return next((entry.name for entry in self.entries if entry.node_id == node_id), None)
+
+    def roster(self) -> Roster:
+        """The consortium roster: every participant not revoked, by name -> key fingerprint."""
+        return Roster({entry.name: entry.fingerprint for entry in self.entries if not entry.revoked})
 
     def revoked(self) -> dict[str, str]:
         return {entry.name: entry.revoked for entry in self.entries if entry.revoked}

@@ -318,6 +318,7 @@ class Coordinator:
                 gathered = gather_secure(
                     self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
                     binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector)),  # what the train instructions carried
+                    roster=self.book.roster() if self.book else None,
                 )
         else:
             with self.timed("gather"):

@@ -10,8 +10,8 @@ their total weight, both out of the same secure sum (see `fedlora.secagg.plan`).
 
 Failure handling, per bucket:
 - a participant that does not answer a stage in `secagg.timeout_s`, fails, or sends a
-  malformed reply is dropped at that stage; after its masked input arrived it is still in
-  the sum, recovered from its neighbours' shares;
+  malformed reply is dropped at that stage; after its masked input arrived (at the consistency
+  check or unmask) it is still in the sum, recovered from its neighbours' shares;
 - a participant the protocol convicts of a violation (bad or copied key, bad share bundle,
   false accusation, bad share at unmask; see `fedlora.secagg.server`) is named in the
   bucket's `blamed` and, unless its masked input is already in the sum, left out of it;
@@ -58,6 +58,7 @@ from fedlora.aggregate import Unit
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.privacy.ledger import meets, present_noise_multiplier
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
+from fedlora.secagg.identity import Roster
 from fedlora.secagg.plan import (
     RunBinding, check_fixed_point, input_clip_norm, neighbourhood_degree, participant_skellam_mu, resolve_threshold, round_context, split_weighted_sum,
 )
@@ -86,7 +87,7 @@ class _Bucket:
 
     def __init__(
         self, index: int, members: list[Member], sec: SecaggSection, clip_norm: float, server_round: int, length: int, run_tag: str,
-        privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(),
+        privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
     ) -> None:
         self.index, self.members, self.sec, self.clip_norm = index, members, sec, clip_norm
         self.server_round, self.length = server_round, length
@@ -113,6 +114,7 @@ class _Bucket:
                 degree=k, threshold=resolve_threshold(sec.threshold, k),
                 scale=check_fixed_point(clip_norm, len(members), *noise, update_length=length, wire_bits=sec.wire_bits),
                 context=round_context(server_round, self.weight_ref, *noise, binding), wire_bits=sec.wire_bits,
+                names=[m.name for m in members], roster=roster,
             )
             self.requests: list[Any] = self.server.setup()
         except ValueError as err:
@@ -138,7 +140,7 @@ class _Bucket:
 
     def _drop(self, member: Member, why: str) -> None:
         reason = f"secure aggregation, stage {self.stage}: {why}"
-        if self.stage == "unmask":  # its masked input is in the sum: recovered from shares
+        if self.stage in ("consistency", "unmask"):  # its masked input is in the sum: recovered from shares
             self.recovered[member.name] = reason
         else:
             self.dropped[member.name] = reason
@@ -158,10 +160,11 @@ class _Bucket:
             self.bytes_up += content_bytes(reply.content)
             try:
                 msg = read_protocol(reply.content, stage.reply, sender=request.receiver)
-                if msg.sender != request.receiver:
-                    raise SecAggProtocolError(request.receiver, f"signed its reply as participant {msg.sender}")
             except (SecAggProtocolError, KeyError, TypeError, ValueError) as err:
                 self._drop(member, f"malformed reply ({err})")
+                continue
+            if msg.sender != request.receiver:  # the authenticated node answers for its reply, never the one it names
+                self.server.blame(request.receiver, f"sent a reply claiming to be participant {msg.sender}")
                 continue
             parsed.append(msg)
         assert self.server is not None  # a bucket without a server is never running
@@ -169,6 +172,7 @@ class _Bucket:
             "setup": self.server.collect_keys,
             "share_keys": self.server.collect_shares,
             "mask_input": self.server.collect_masked,
+            "consistency": self.server.collect_signatures,
             "unmask": self.server.collect_unmask,
         }[self.stage]
         try:
@@ -225,12 +229,15 @@ class _Bucket:
 
 def secure_sum(
     grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
-    privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(),
+    privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
 ) -> SecureSum:
     """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep.
 
     `privacy` with a noise multiplier: distributed DP (module docstring). `binding`: the hashes of
     the run configuration and global adapter the round's train instructions carried (module docstring).
+    `roster` (name -> fingerprint, the participant book's): advertised identities are checked against
+    it, so a participant signing with another key is blamed here rather than relayed to neighbours
+    who would blame the coordinator.
     """
     ordered = sorted(members, key=lambda m: m.name)
     result = SecureSum()
@@ -241,7 +248,9 @@ def secure_sum(
         return result
     ids = list(range(len(ordered)))
     groups = [ids] if sec.bucket_size == 0 else assign_buckets(ids, sec.bucket_size, f"{seed}/{server_round}".encode())
-    buckets = [_Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag, privacy, binding) for b, group in enumerate(groups)]
+    buckets = [
+        _Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag, privacy, binding, roster) for b, group in enumerate(groups)
+    ]
     while running := [b for b in buckets if b.status == "running"]:
         messages = [msg for bucket in running for msg in bucket.outgoing()]
         replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=sec.timeout_s)}
@@ -288,10 +297,10 @@ def run_tag(grid: Grid) -> str:
 
 def gather_secure(
     grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
-    privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(),
+    privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
 ) -> Gathered:
     """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
-    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm, privacy, binding)
+    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm, privacy, binding, roster)
     names = {name for unit in summed.buckets for name in unit.members}
     return Gathered(
         units=summed.buckets,

@@ -35,6 +35,15 @@ def _coordinator_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_roster(args: argparse.Namespace) -> int:
+    from coordinator import deploy
+
+    out = deploy.write_roster(Path(args.directory), Path(args.out))
+    print(f"roster written to {out}: hand it to every site out of band (like ca.crt); each installs it with")
+    print(f"  `fedlora participant init ... --roster {out.name}` (or copies it to its directory as roster.toml)")
+    return 0
+
+
 def _coordinator_revoke(args: argparse.Namespace) -> int:
     from coordinator import deploy
 
@@ -94,7 +103,8 @@ def _participant_init(args: argparse.Namespace) -> int:
     from participant import daemon
 
     local = daemon.init(
-        Path(args.directory), args.name, args.data, args.label_column, args.model, args.superlink, Path(args.ca) if args.ca else None, args.runtime_port
+        Path(args.directory), args.name, args.data, args.label_column, args.model, args.superlink, Path(args.ca) if args.ca else None, args.runtime_port,
+        Path(args.roster) if args.roster else None,
     )
     print(f"participant directory ready: {Path(args.directory).resolve()}")
     print(f"  labels {local.data.label_names}; base model fingerprint {local.model.sha256}")
@@ -155,6 +165,10 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     register.add_argument("public_key")
     register.add_argument("--name", required=True, help="the participant's name in logs, manifests and the audit log")
     register.set_defaults(handler=_coordinator_register)
+    roster = coordinator.add_parser("roster", help="write the consortium roster (names, key fingerprints) that every site pins")
+    roster.add_argument("directory")
+    roster.add_argument("--out", default="roster.toml", help="file to write (default roster.toml)")
+    roster.set_defaults(handler=_coordinator_roster)
     revoke = coordinator.add_parser("revoke", help="refuse a participant from the next round on and unregister its key")
     revoke.add_argument("directory")
     revoke.add_argument("name")
@@ -181,6 +195,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     pinit.add_argument("--superlink", default="", help="the coordinator's host:port")
     pinit.add_argument("--ca", help="the operator's ca.crt")
     pinit.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    pinit.add_argument("--roster", help="the consortium roster from the operator (out of band, like --ca): pinned as DIR/roster.toml")
     pinit.set_defaults(handler=_participant_init)
     pstart = participant.add_parser("start", help="connect to the coordinator and serve rounds")
     pstart.add_argument("directory")

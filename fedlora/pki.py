@@ -171,7 +171,11 @@ def public_key_fingerprint(path: Path) -> str:
     The blob (the base64 field of the `.pub` line) ignores comments and whitespace; it is the same
     digest `ssh-keygen -l -E sha256` shows, in hex rather than base64.
     """
-    key = load_node_public_key(path)
+    return key_fingerprint(load_node_public_key(path))
+
+
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """`public_key_fingerprint` of a loaded key (the format of the participant book and of rosters)."""
     line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     blob = base64.b64decode(line.split()[1])
     return "sha256:" + hashlib.sha256(blob).hexdigest()

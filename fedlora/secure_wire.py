@@ -40,6 +40,7 @@ STAGES = (
     Stage("setup", sa.SetupRequest, sa.KeysAdvert),
     Stage("share_keys", sa.KeysRelay, sa.SharesUpload),
     Stage("mask_input", sa.SharesRelay, sa.MaskedInput),
+    Stage("consistency", sa.SurvivorsRequest, sa.SurvivorsSignature),
     Stage("unmask", sa.UnmaskRequest, sa.UnmaskResponse),
 )
 STAGE = {stage.name: stage for stage in STAGES}

@@ -2,6 +2,8 @@
 
     DIR/participant.toml   this site's own configuration and policy (participant/local_config.py)
     DIR/node.key, node.pub EC P-384 key pair; node.pub goes to the operator to register
+    DIR/roster.toml        the consortium's members and key fingerprints, from the operator out of band:
+                           whom this site's secure aggregation accepts as neighbours (participant/site.py)
     DIR/events.jsonl       every refused instruction, with the rule it broke
     DIR/accountant.json    sample-level privacy spent by DP-SGD on this site's records
     DIR/flwr/              FLWR_HOME of the SuperNode (installed app bundles)
@@ -19,7 +21,9 @@ from pathlib import Path
 from fedlora.data import answer_choices, load_examples
 from fedlora.config import ConfigError, DataSection
 from fedlora.model import model_fingerprint
+from fedlora.atomic import write_bytes_atomic
 from fedlora.pki import create_node_key
+from fedlora.secagg.identity import parse_roster
 from fedlora.service import executable, flower_environment, run_service
 from participant.local_config import (
     LOCAL_CONFIG,
@@ -31,7 +35,7 @@ from participant.local_config import (
     SupernodeSection,
     load_local_config,
 )
-from participant.site import SITE_KEY
+from participant.site import ROSTER, SITE_KEY
 
 # Flower reports a refused node key and a failed TLS handshake alike ("Exit Code: 305", exit
 # status 1); the TLS failure also names the certificate check, so that line decides which it was.
@@ -47,8 +51,12 @@ REVOKED = (
 )
 
 
-def init(directory: Path, name: str, data: str, label_column: str, model: str, superlink: str, ca_certificate: Path | None, runtime_port: int) -> LocalConfig:
-    """Create a participant directory: node key pair and participant.toml (labels read from the data)."""
+def init(
+    directory: Path, name: str, data: str, label_column: str, model: str, superlink: str, ca_certificate: Path | None, runtime_port: int,
+    roster: Path | None = None,
+) -> LocalConfig:
+    """Create a participant directory: node key pair and participant.toml (labels read from the data),
+    and the consortium roster when given (`install_roster`)."""
     directory = Path(directory).resolve()
     if (directory / LOCAL_CONFIG).exists():
         raise FileExistsError(f"{directory / LOCAL_CONFIG} exists; edit it instead")
@@ -65,7 +73,18 @@ def init(directory: Path, name: str, data: str, label_column: str, model: str, s
     )
     create_node_key(directory, "node")
     (directory / LOCAL_CONFIG).write_text(local.to_toml())
+    if roster is not None:
+        install_roster(directory, roster)
     return local
+
+
+def install_roster(directory: Path, roster: Path) -> Path:
+    """Pin the operator's roster as DIR/roster.toml, once it parses (a later roster replaces it)."""
+    text = Path(roster).read_text()
+    parse_roster(text, str(roster))
+    target = Path(directory) / ROSTER
+    write_bytes_atomic(target, text.encode(), 0o644)
+    return target
 
 
 def start(directory: Path) -> int:

@@ -21,6 +21,14 @@ noise, weight reference, and the hashes of the run configuration and global adap
 refuses a contradiction in its events.jsonl, blaming the coordinator. The bound context reaches
 every key derivation, so members told different parameters cannot sum anyway.
 
+Identity (DESIGN decision 8): a deployed participant signs its keys with its registered node key
+and checks its neighbours' against the roster pinned in its directory (`participant.site`); what
+the coordinator relays that its owner did not sign aborts the instance, with the evidence in the
+site's events.jsonl (`blame_coordinator`). Before revealing any share it signs the survivor set it
+is told and checks its neighbours' signatures on the same set (`fedlora.secagg.reveal`); an
+inconsistent story aborts the same way. A simulation has no directories: identities there are
+derived from names and protect nothing (`fedlora.secagg.identity`).
+
 Distributed DP (privacy.noise_multiplier z > 0 in the configuration that came with the train
 instruction): the setup must bind the same z and privacy.dropout_margin m and the weight
 reference 1 (each participant counts once). At mask_input the participant adds
@@ -43,6 +51,8 @@ from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.privacy.noise import secret_rng, skellam
 from fedlora.secagg import participant as protocol
+from fedlora.secagg.errors import SecAggCoordinatorFault
+from fedlora.secagg.identity import Identity, simulated_identity
 from fedlora.secagg.messages import ParticipantState
 from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import RunBinding, participant_skellam_mu, weighted_input
@@ -50,7 +60,7 @@ from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read
 from fedlora.wire import Instruction, array_view, reply_content
 from participant.masked import already_masked, remember_masked
 from participant.report import answered
-from participant.site import min_bucket_size, refuse, site_of
+from participant.site import Refusal, min_bucket_size, record_event, refuse, site_identity, site_of
 from participant.terms import Terms, setup_contradictions
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
@@ -148,6 +158,22 @@ def _save(context: Context, state: ParticipantState) -> None:
     context.state[STATE] = ConfigRecord(state.to_dict())
 
 
+def identity(context: Context, name: str, names: list[str]) -> Identity:
+    """This node's identity: deployed, its registered node key named by its pinned roster; in
+    simulation (no participant directory), SIMULATION ONLY, a key derived from the name the
+    coordinator gives it, with `names` as the roster (no protection against the coordinator)."""
+    site = site_of(dict(context.node_config))
+    return site_identity(site) if site else simulated_identity(name, names)
+
+
+def blame_coordinator(context: Context, fault: SecAggCoordinatorFault, state: ParticipantState | None) -> Refusal:
+    """Abort the instance (secrets erased) and record the evidence in the site's events.jsonl."""
+    record_event(site_of(dict(context.node_config)), "coordinator-blamed", reason=str(fault), evidence=fault.evidence)
+    if state is not None:
+        _save(context, protocol.erase_secrets(state, "aborted"))
+    return Refusal(str(fault))
+
+
 def setup(msg: Message, context: Context) -> Message:
     """Stage 1: check the request against this site's terms, make key pairs, advertise the public keys."""
     request = read_protocol(msg.content, STAGE["setup"].request)
@@ -161,7 +187,11 @@ def setup(msg: Message, context: Context) -> Message:
             "contradicts this site's terms (participant/terms.py): " + "; ".join(problems),
             round=server_round, instance=request.round_id,
         )
-    state, advert = protocol.setup(request)
+    names = dict(zip(request.members, request.member_names))
+    try:
+        state, advert = protocol.setup(request, identity(context, names.get(request.receiver, ""), request.member_names))
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, None) from None
     held["weight_ref"] = float.fromhex(json.loads(request.context)["weight_ref"])
     held["members"] = len(request.members)  # k: the noise share is calibrated to the bucket at setup
     held["instance"] = state.round_id  # the held update is masked in this instance and no other
@@ -171,7 +201,13 @@ def setup(msg: Message, context: Context) -> Message:
 
 def share_keys(msg: Message, context: Context) -> Message:
     """Stage 2: Shamir-share the secrets, encrypted to each neighbour whose keys were relayed."""
-    state, upload = protocol.share_keys(_load(context), read_protocol(msg.content, STAGE["share_keys"].request))
+    state = _load(context)
+    try:
+        state, upload = protocol.share_keys(
+            state, read_protocol(msg.content, STAGE["share_keys"].request), identity(context, state.name, [state.name, *state.neighbour_names])
+        )
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, state) from None
     _save(context, state)
     return Message(protocol_content(upload), reply_to=msg)
 
@@ -210,14 +246,29 @@ def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: 
     return noise
 
 
+def consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: sign the survivor set the coordinator states (ConsistencyCheck); only one per instance."""
+    state = _load(context)
+    state, signature = protocol.sign_survivors(
+        state, read_protocol(msg.content, STAGE["consistency"].request), identity(context, state.name, [state.name, *state.neighbour_names])
+    )
+    _save(context, state)
+    return Message(protocol_content(signature), reply_to=msg)
+
+
 def unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: reveal exactly one kind of share per neighbour; a second request is refused."""
-    state, response = protocol.unmask(_load(context), read_protocol(msg.content, STAGE["unmask"].request))
+    """Stage 5: with t signatures on the set it signed, reveal exactly one kind of share per
+    neighbour; a second request is refused, an inconsistent one aborts and blames the coordinator."""
+    state = _load(context)
+    try:
+        state, response = protocol.unmask(state, read_protocol(msg.content, STAGE["unmask"].request))
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, state) from None
     _save(context, state)
     return Message(protocol_content(response), reply_to=msg)
 
 
-HANDLERS = {"setup": setup, "share_keys": share_keys, "mask_input": mask_input, "unmask": unmask}
+HANDLERS = {"setup": setup, "share_keys": share_keys, "mask_input": mask_input, "consistency": consistency, "unmask": unmask}
 
 
 def register(app: ClientApp) -> None:

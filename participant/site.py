@@ -5,6 +5,8 @@
 anything is trained or uploaded; a refusal (policy, malformed message, replay) is appended
 to DIR/events.jsonl with its reason, so the site can see what it was asked and declined
 (and logged as one line, participant/report.py).
+DIR/roster.toml, pinned out of band like the CA, names the consortium's members and their key
+fingerprints; with DIR/node.key it is this site's identity in secure aggregation (`site_identity`).
 Without the key (simulation) one configuration plays both parts, as before.
 """
 
@@ -15,12 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
 from fedlora.config import Config
+from fedlora.pki import key_fingerprint
+from fedlora.secagg.identity import Identity, Roster, parse_roster
 from participant.local_config import effective_config, load_local_config, policy_violations
 
 SITE_KEY = "participant-dir"
 EVENTS = "events.jsonl"
 ACCOUNTANT = "accountant.json"
+ROSTER = "roster.toml"
+NODE_KEY = "node.key"
 
 
 class Refusal(RuntimeError):
@@ -58,3 +67,22 @@ def site_config(site: Path | None, run: Config, server_round: int, what: str, ev
     if violations:
         raise refuse(site, f"{local.site.name or 'this participant'} refuses {what} for round {server_round}: " + "; ".join(violations), round=server_round)
     return effective_config(run, local)
+
+
+def site_identity(site: Path) -> Identity:
+    """This site's signing identity: its node key, named as the pinned roster names that key."""
+    roster_path, key_path = site / ROSTER, site / NODE_KEY
+    if not roster_path.is_file():
+        raise FileNotFoundError(
+            f"no consortium roster at {roster_path}: secure aggregation needs the roster the operator distributes "
+            f"(`fedlora coordinator roster`); install it with `fedlora participant init --roster` or copy it there"
+        )
+    roster = parse_roster(roster_path.read_text(), str(roster_path))
+    key = load_ssh_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path}: {type(key).__name__} is not the EC P-384 node key `fedlora participant init` makes")
+    mine = key_fingerprint(key.public_key())
+    names = [name for name, fingerprint in roster.members.items() if fingerprint == mine]
+    if len(names) != 1:
+        raise ValueError(f"{roster_path} names this site's key {mine} {len(names)} times, not once: ask the operator for the current roster")
+    return Identity(names[0], key, roster)

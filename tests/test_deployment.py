@@ -132,6 +132,9 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
     wait_for(lambda: listening(port), 60, "the SuperLink to listen")
     for index in range(HOSPITALS):  # the fourth site is never registered
         assert main(["coordinator", "register", str(coordinator), str(sites[index] / "node.pub"), "--name", f"hospital-{index}"]) == 0
+    assert main(["coordinator", "roster", str(coordinator), "--out", str(root / "roster.toml")]) == 0
+    for site in sites:  # handed out of band: each site pins the consortium's roster
+        (site / "roster.toml").write_text((root / "roster.toml").read_text())
     daemons = [fedlora("participant", "start", str(site), log=root / f"{site.name}.log") for site in sites]
     processes += daemons
     state = {"root": root, "coordinator": coordinator, "sites": sites, "link": link, "daemons": daemons, "port": port}

@@ -150,3 +150,24 @@ def test_only_registered_unrevoked_nodes_take_part_and_revocations_apply_from_th
     assert (run_dir / "coordinator.pid").is_file()
     manifest = json.loads((run_dir / "adapters" / "round-0001" / "manifest.json").read_text())
     assert manifest["facts"]["participants"] == ["hospital-a", "hospital-b"]
+
+
+def test_the_roster_from_the_book_names_each_site_by_its_registered_key_and_leaves_out_the_revoked(tmp_path: Path) -> None:
+    from coordinator.deploy import write_roster
+    from fedlora.pki import create_node_key, public_key_fingerprint
+    from participant.daemon import install_roster
+    from participant.site import site_identity
+
+    book = ParticipantBook(tmp_path / BOOK)
+    for node, name in enumerate(["hospital-a", "hospital-b", "hospital-c"]):
+        _, pub = create_node_key(tmp_path / name)
+        book.add(name, node, public_key_fingerprint(pub))
+    book.revoke("hospital-c", "left the consortium")
+    roster = write_roster(tmp_path, tmp_path / "roster.toml")
+    for name in ("hospital-a", "hospital-b"):
+        install_roster(tmp_path / name, roster)
+        identity = site_identity(tmp_path / name)
+        assert identity.name == name and sorted(identity.roster.members) == ["hospital-a", "hospital-b"]
+    install_roster(tmp_path / "hospital-c", roster)
+    with pytest.raises(ValueError, match="0 times, not once"):
+        site_identity(tmp_path / "hospital-c")

@@ -2,12 +2,13 @@
 
 Pure Python/numpy, no Flower: the coordinator relays the plain-data messages of
 `messages` between a `SecAggServer` (one per bucket) and the stage functions of
-`participant` (`setup`, `share_keys`, `mask_input`, `unmask`).
+`participant` (`setup`, `share_keys`, `mask_input`, `unmask`); every key is signed with its
+owner's long-term identity and checked against a roster (`identity`).
 """
 
 from . import crypto, participant, shamir
 from .buckets import assign_buckets
-from .errors import SecAggAbort, SecAggError, SecAggProtocolError
+from .errors import SecAggAbort, SecAggCoordinatorFault, SecAggError, SecAggProtocolError
 from .fixedpoint import check_no_overflow, choose_scale, clip, decode, encode, error_bound
 from .graph import communication_graph, default_degree, default_threshold
 from .local import run_secure_sum
@@ -33,6 +34,7 @@ __all__ = [
     "Message",
     "ParticipantState",
     "SecAggAbort",
+    "SecAggCoordinatorFault",
     "SecAggError",
     "SecAggProtocolError",
     "SecAggServer",

@@ -96,11 +96,13 @@ def params_digest(
     scale: float,
     modulus_bits: int,
     context: str,
+    member_names: list[str] | tuple[str, ...] = (),
 ) -> bytes:
     """SHA-256 of an instance's public parameters, in one canonical encoding.
 
     Floats are written exactly (`float.hex`), members in order; `context` carries the
-    application's own public parameters (server round, example-count reference).
+    application's own public parameters (server round, example-count reference);
+    `member_names` the roster name of each member, so every signature names who is who.
     """
     fields = {
         "round_id": round_id,
@@ -111,6 +113,7 @@ def params_digest(
         "scale": float(scale).hex(),
         "modulus_bits": modulus_bits,
         "context": context,
+        "member_names": list(member_names),
     }
     encoded = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(DOMAIN + b"|params|" + encoded).digest()

@@ -9,6 +9,8 @@ with the global state unchanged (Bonawitz et al., CCS 2017, §4).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SecAggError(Exception):
     """Base class of every secure-aggregation failure."""
@@ -29,3 +31,13 @@ class SecAggAbort(SecAggError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class SecAggCoordinatorFault(SecAggError):
+    """What the coordinator relayed proves it deviated (a key not signed by its roster owner,
+    survivor sets that differ): the participant aborts the instance. `evidence` is plain JSON that
+    lets a third party check the claim (signatures, keys, the instance's parameter digest)."""
+
+    def __init__(self, message: str, evidence: dict[str, Any]) -> None:
+        self.evidence = evidence
+        super().__init__(f"coordinator: {message}")

@@ -1,7 +1,7 @@
 """Run a whole SecAgg+ instance in one process: tests, benchmarks, examples.
 
 Drives the same participant functions and server methods the Flower apps
-relay, passing every message (and each participant's state, which a stateless
+relay (with simulated identities, `identity.simulated_identity`), passing every message (and each participant's state, which a stateless
 ClientApp keeps in `context.state`) through `to_dict`/`from_dict` as the wire
 would, and simulates dropouts at each stage.
 """
@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from . import participant as part
+from .identity import Identity, simulated_identity
 from .messages import M, ParticipantState
 from .server import SecAggServer, SumResult
 
@@ -47,17 +48,18 @@ def run_secure_sum(
     server = SecAggServer(
         round_id, ids, d, clip_norm, degree=degree, threshold=threshold, graph_seed=seed, wire_bits=wire_bits
     )
+    identities: dict[int, Identity] = {i: simulated_identity(name, server.names) for i, name in zip(ids, server.names, strict=True)}
     states: dict[int, ParticipantState] = {}
     adverts = []
     for setup in server.setup():
-        states[setup.receiver], advert = part.setup(_wire(setup))
+        states[setup.receiver], advert = part.setup(_wire(setup), identities[setup.receiver])
         adverts.append(_wire(advert, setup.receiver))
     gone = set(drop_before_shares)
     uploads = []
     for keys in server.collect_keys(adverts):
         if keys.receiver not in gone:
             states[keys.receiver], upload = part.share_keys(
-                _wire(states[keys.receiver]), _wire(keys)
+                _wire(states[keys.receiver]), _wire(keys), identities[keys.receiver]
             )
             uploads.append(_wire(upload, keys.receiver))
     gone |= set(drop_before_masking)
@@ -67,7 +69,11 @@ def run_secure_sum(
         if i not in gone:
             states[i], y = part.mask_input(_wire(states[i]), _wire(shares), vectors[i])
             masked.append(_wire(y, i))
-    asks = server.collect_masked(masked)
+    signatures = []
+    for ask in server.collect_masked(masked):
+        states[ask.receiver], signature = part.sign_survivors(_wire(states[ask.receiver]), _wire(ask), identities[ask.receiver])
+        signatures.append(_wire(signature, ask.receiver))
+    asks = server.collect_signatures(signatures)
     gone |= set(drop_before_unmask)
     responses = []
     for ask in asks:

@@ -77,6 +77,7 @@ class SetupRequest(Message):
     scale: float
     context: str  # the application's public parameters (bound into the keys)
     server_public: bytes  # fresh X25519 key the proofs of possession answer to
+    member_names: list[str]  # roster name of each member (parallel to `members`; bound into the keys)
     wire_bits: int = 32  # 16: the update travels rotated, in 16 bits (`narrow`); bound into the keys
 
 
@@ -89,6 +90,8 @@ class KeysAdvert(Message):
     c_ids: list[int]  # its neighbours, in order ...
     c_publics: list[bytes]  # ... and the key it receives each one's shares on
     possession: bytes  # proof it holds the private keys of s_public and c_publics
+    identity: bytes  # its long-term public key (OpenSSH line), on the roster under its name ...
+    signatures: list[bytes]  # ... signing, per neighbour, `identity.key_statement` of its keys for that neighbour
 
 
 # Stage 3 request: server -> participant, the keys of neighbours that advertised.
@@ -99,6 +102,8 @@ class KeysRelay(Message):
     ids: list[int]
     c_publics: list[bytes]  # ids[m]'s receiving key for shares from this receiver
     s_publics: list[bytes]
+    identities: list[bytes]  # ids[m]'s long-term key ...
+    signatures: list[bytes]  # ... and its signature of its keys for this receiver
 
 
 # Stage 3 reply: participant -> server, one ciphertext per neighbour in the relay.
@@ -134,16 +139,34 @@ class MaskedInput(Message):
     revealed_keys: list[bytes]  # ... and the receiving private key that opens each one
 
 
-# Stage 5 request: server -> surviving participant.
+# Stage 5 request: server -> participant whose masked input arrived (ConsistencyCheck).
+@dataclass(frozen=True)
+class SurvivorsRequest(Message):
+    round_id: str
+    receiver: int
+    survivors: list[int]  # every member whose masked input the server summed
+
+
+# Stage 5 reply: participant -> server.
+@dataclass(frozen=True)
+class SurvivorsSignature(Message):
+    round_id: str
+    sender: int
+    signature: bytes  # over `identity.survivor_statement` of the survivors it was told
+
+
+# Stage 6 request: server -> participant that signed the survivor set.
 @dataclass(frozen=True)
 class UnmaskRequest(Message):
     round_id: str
     receiver: int
     survived: list[int]  # neighbours whose masked input arrived: reveal b-shares
     dropped: list[int]  # neighbours who masked with us but sent nothing: reveal s-shares
+    signers: list[int]  # neighbours that signed the survivor set ...
+    signatures: list[bytes]  # ... and their signatures: a participant reveals nothing without t on its own set
 
 
-# Stage 5 reply: participant -> server.
+# Stage 6 reply: participant -> server.
 @dataclass(frozen=True)
 class UnmaskResponse(Message):
     round_id: str
@@ -164,22 +187,26 @@ class ParticipantState(Message):
 
     round_id: str
     participant_id: int
+    name: str  # its roster name in this instance
     params: bytes  # digest of the instance's public parameters (crypto.params_digest)
     neighbours: list[int]
     threshold: int
     vector_length: int
     clip_norm: float
     scale: float
-    stage: str  # "advertised" -> "shared" -> "masked" -> "unmasked"
+    stage: str  # "advertised" -> "shared" -> "masked" -> "signed" -> "unmasked" (or "aborted")
+    neighbour_names: list[str]  # roster name of each neighbour (same order as `neighbours`)
     s_private: bytes
     s_public: bytes
     c_privates: list[bytes]  # receiving key per neighbour (same order as `neighbours`)
     key_ids: list[int]  # neighbours whose keys were relayed to us (stage 3)
     key_s_publics: list[bytes]
+    key_identities: list[bytes]  # their long-term keys, checked against the roster
     b_seed: bytes
     own_b_share: bytes
     share_owners: list[int]  # neighbours whose valid shares we hold (stage 4)
     held_b_shares: list[bytes]
     held_s_shares: list[bytes]
+    survivors: list[int]  # the survivor set it signed (stage 5)
     wire_bits: int
     member_count: int  # members of the instance: a 16-bit wire's cap per member depends on it

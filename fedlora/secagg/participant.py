@@ -23,8 +23,10 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 
 from . import crypto, shamir
-from .errors import SecAggAbort, SecAggProtocolError
+from .errors import SecAggAbort, SecAggCoordinatorFault, SecAggProtocolError
+from .identity import Identity, check_signed, key_statement
 from .fixedpoint import encode
+from .guards import check_ids, expect
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -33,11 +35,12 @@ from .messages import (
     SetupRequest,
     SharesRelay,
     SharesUpload,
-    UnmaskRequest,
-    UnmaskResponse,
 )
 from .narrow import narrowing, pack
 from .prg import SEED_BYTES, apply_mask
+from .reveal import erase_secrets, sign_survivors, unmask
+
+__all__ = ["erase_secrets", "mask_input", "open_bundle", "setup", "share_keys", "sign_survivors", "unmask"]
 
 BUNDLE_BYTES = 2 * shamir.SHARE_BYTES  # b-share || s-share
 
@@ -63,6 +66,7 @@ def request_params(request: SetupRequest) -> bytes:
         request.scale,
         request.wire_bits,
         request.context,
+        request.member_names,
     )
 
 
@@ -95,31 +99,30 @@ def open_bundle(
     return b_share, s_share
 
 
-def _check_ids(ids: list[int], what: str) -> None:
-    if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
-        raise SecAggProtocolError(None, f"{what} must be distinct non-negative ids, got {ids}")
-
-
-def _expect(state: ParticipantState, stage: str, round_id: str, receiver: int) -> None:
-    if round_id != state.round_id or receiver != state.participant_id:
-        raise SecAggProtocolError(
-            None,
-            f"request for round {round_id!r}/participant {receiver} reached participant "
-            f"{state.participant_id} in round {state.round_id!r}",
-        )
-    if state.stage != stage:
-        raise SecAggProtocolError(
-            None, f"participant {state.participant_id} is at stage {state.stage!r}, not {stage!r}"
+def _check_roster(request: SetupRequest, identity: Identity) -> None:
+    """Every member a distinct roster member, this one under its own name: the coordinator cannot
+    add a member of its own (a Sybil) or make this participant sign for someone else."""
+    names, me = request.member_names, request.receiver
+    if len(names) != len(request.members) or len(set(names)) != len(names):
+        raise SecAggProtocolError(None, f"member_names must name each of the {len(request.members)} members once, got {names}")
+    strangers = sorted(set(names) - set(identity.roster.members))
+    mine = names[request.members.index(me)]
+    if strangers or mine != identity.name:
+        what = f"members {strangers} are not on this site's roster" if strangers else f"names this participant {mine!r}, not {identity.name!r}"
+        raise SecAggCoordinatorFault(
+            f"instance {request.round_id!r} {what}; refusing to take part",
+            {"round_id": request.round_id, "member_names": list(names), "not_on_roster": strangers, "named_as": mine},
         )
 
 
-def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
-    """Stage 1->2: check the round parameters, make the keys, advertise them with a proof."""
+def setup(request: SetupRequest, identity: Identity) -> tuple[ParticipantState, KeysAdvert]:
+    """Stage 1->2: check the round parameters and roster, make the keys, advertise them signed and with a proof."""
     me, k, t = request.receiver, len(request.neighbours), request.threshold
-    _check_ids(request.members, "members")
-    _check_ids(request.neighbours, "neighbours")
+    check_ids(request.members, "members")
+    check_ids(request.neighbours, "neighbours")
     if me in request.neighbours or me not in request.members:
         raise SecAggProtocolError(None, f"participant {me} is its own neighbour or not a member")
+    _check_roster(request, identity)
     if not set(request.neighbours) <= set(request.members):
         raise SecAggProtocolError(None, "neighbours must be members of the instance")
     if not (k + 1) // 2 < t <= k + 1:
@@ -148,6 +151,7 @@ def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
     state = ParticipantState(
         round_id=request.round_id,
         participant_id=me,
+        name=identity.name,
         params=params,
         neighbours=list(request.neighbours),
         threshold=t,
@@ -155,23 +159,52 @@ def setup(request: SetupRequest) -> tuple[ParticipantState, KeysAdvert]:
         clip_norm=float(request.clip_norm),
         scale=float(request.scale),
         stage="advertised",
+        neighbour_names=[request.member_names[request.members.index(j)] for j in request.neighbours],
         s_private=s_private,
         s_public=s_public,
         c_privates=[c for c, _ in receiving],
         key_ids=[],
         key_s_publics=[],
+        key_identities=[],
         b_seed=b"",
         own_b_share=b"",
         share_owners=[],
         held_b_shares=[],
         held_s_shares=[],
+        survivors=[],
         wire_bits=request.wire_bits,
         member_count=len(request.members),
     )
+    signatures = [
+        identity.sign(key_statement(params, me, j, s_public, c_public))
+        for j, (_, c_public) in zip(request.neighbours, receiving, strict=True)
+    ]
     advert = KeysAdvert(
-        request.round_id, me, s_public, list(request.neighbours), [p for _, p in receiving], proof
+        request.round_id, me, s_public, list(request.neighbours), [p for _, p in receiving], proof,
+        identity.public, signatures,
     )
     return state, advert
+
+
+def _check_signed_keys(state: ParticipantState, relay: KeysRelay, identity: Identity) -> None:
+    """Each relayed key signed by its owner's roster key for this instance and this receiver.
+
+    Anything else was put there by the relay (the server checks signatures before relaying), so
+    it is the coordinator's fault, with the relayed key, identity and signature as evidence.
+    """
+    me = state.participant_id
+    for j, c_pub, s_pub, ident, sig in zip(relay.ids, relay.c_publics, relay.s_publics, relay.identities, relay.signatures, strict=True):
+        name = state.neighbour_names[state.neighbours.index(j)]
+        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub))
+        if fault:
+            raise SecAggCoordinatorFault(
+                f"relayed keys of participant {j} ({name!r}) to {me} that {name!r} did not sign: {fault}",
+                {
+                    "round_id": state.round_id, "params": state.params.hex(), "owner": j, "owner_name": name,
+                    "roster_fingerprint": identity.roster.members.get(name, ""), "s_public": s_pub.hex(),
+                    "c_public": c_pub.hex(), "identity": ident.decode(errors="replace"), "signature": sig.hex(),
+                },
+            )
 
 
 def _check_relayed_keys(state: ParticipantState, relay: KeysRelay) -> None:
@@ -180,8 +213,6 @@ def _check_relayed_keys(state: ParticipantState, relay: KeysRelay) -> None:
     own = {state.s_public, *(crypto.public_from_private(c) for c in state.c_privates)}
     seen: set[bytes] = set()
     for j, c_pub, s_pub in zip(relay.ids, relay.c_publics, relay.s_publics, strict=True):
-        if j not in state.neighbours:
-            raise SecAggProtocolError(j, f"keys relayed to {me} but {j} is not its neighbour")
         for key in (c_pub, s_pub):
             try:
                 crypto.check_public_key(key)
@@ -192,15 +223,20 @@ def _check_relayed_keys(state: ParticipantState, relay: KeysRelay) -> None:
             seen.add(key)
 
 
-def share_keys(state: ParticipantState, relay: KeysRelay) -> tuple[ParticipantState, SharesUpload]:
-    """Stage 3: draw b, Shamir-share b and s_sk over self + neighbours, seal per neighbour."""
-    _expect(state, "advertised", relay.round_id, relay.receiver)
+def share_keys(state: ParticipantState, relay: KeysRelay, identity: Identity) -> tuple[ParticipantState, SharesUpload]:
+    """Stage 3: check the neighbours' signed keys, draw b, Shamir-share b and s_sk over self +
+    neighbours, seal per neighbour."""
+    expect(state, "advertised", relay.round_id, relay.receiver)
     me, t = state.participant_id, state.threshold
     ids = relay.ids
-    if not len(ids) == len(relay.c_publics) == len(relay.s_publics):
+    if not len(ids) == len(relay.c_publics) == len(relay.s_publics) == len(relay.identities) == len(relay.signatures):
         raise SecAggProtocolError(None, "key relay lists have different lengths")
-    _check_ids(ids, "relayed key owners")
-    _check_relayed_keys(state, relay)
+    check_ids(ids, "relayed key owners")
+    unknown = sorted(set(ids) - set(state.neighbours))
+    if unknown:
+        raise SecAggProtocolError(unknown[0], f"keys relayed to {me} but {unknown[0]} is not its neighbour")
+    _check_signed_keys(state, relay, identity)
+    _check_relayed_keys(state, relay)  # signed by their owner: a bad or copied key is the owner's fault
     if len(ids) + 1 < t:
         raise SecAggAbort(f"participant {me}: only {len(ids)} neighbours left, threshold is {t}")
     b_seed = os.urandom(SEED_BYTES)
@@ -221,6 +257,7 @@ def share_keys(state: ParticipantState, relay: KeysRelay) -> tuple[ParticipantSt
         stage="shared",
         key_ids=list(ids),
         key_s_publics=list(relay.s_publics),
+        key_identities=list(relay.identities),
         b_seed=b_seed,
         own_b_share=b_shares[x_coord(me)],
     )
@@ -247,11 +284,11 @@ def mask_input(
     masking: a participant's share of distributed DP noise, which the sum then carries (32-bit
     wire only: on the 16-bit wire it would not fit the range, `fedlora.secagg.plan`).
     """
-    _expect(state, "shared", relay.round_id, relay.receiver)
+    expect(state, "shared", relay.round_id, relay.receiver)
     me, senders = state.participant_id, relay.senders
     if not len(senders) == len(relay.ciphertexts) == len(relay.b_share_commitments) == len(relay.s_share_commitments):
         raise SecAggProtocolError(None, "share relay lists have different lengths")
-    _check_ids(senders, "share senders")
+    check_ids(senders, "share senders")
     unknown = sorted(set(senders) - set(state.key_ids))
     if unknown:
         raise SecAggProtocolError(
@@ -301,56 +338,3 @@ def mask_input(
         state, stage="masked", share_owners=owners, held_b_shares=held_b, held_s_shares=held_s
     )
     return new, MaskedInput(state.round_id, me, pack(masked, narrow), accused, revealed)
-
-
-def unmask(
-    state: ParticipantState, request: UnmaskRequest
-) -> tuple[ParticipantState, UnmaskResponse]:
-    """Stage 5: b-shares of survivors (and own), s-shares of dropped; never both for one."""
-    me = state.participant_id
-    if state.stage == "unmasked":
-        raise SecAggProtocolError(
-            None, f"participant {me} already answered an unmask request; refusing a second"
-        )
-    _expect(state, "masked", request.round_id, request.receiver)
-    survived = [j for j in request.survived if j != me]
-    _check_ids(survived, "survivors")
-    _check_ids(request.dropped, "dropped")
-    both = sorted(set(survived) & set(request.dropped))
-    if both or me in request.dropped:
-        j = both[0] if both else me
-        raise SecAggProtocolError(
-            j, f"server asked {me} for both the self-mask and the key share of {j}; refusing"
-        )
-    unknown = sorted(set(survived + request.dropped) - set(state.share_owners))
-    if unknown:
-        raise SecAggProtocolError(unknown[0], f"participant {me} holds no shares of {unknown[0]}")
-    if len(survived) + 1 < state.threshold:
-        raise SecAggAbort(
-            f"participant {me}: only {len(survived)} neighbours survived, "
-            f"threshold is {state.threshold}"
-        )
-    pos = {j: i for i, j in enumerate(state.share_owners)}
-    response = UnmaskResponse(
-        round_id=state.round_id,
-        sender=me,
-        b_owners=[me, *survived],
-        b_shares=[state.own_b_share] + [state.held_b_shares[pos[j]] for j in survived],
-        s_owners=list(request.dropped),
-        s_shares=[state.held_s_shares[pos[j]] for j in request.dropped],
-    )
-    return erase_secrets(state), response
-
-
-def erase_secrets(state: ParticipantState) -> ParticipantState:
-    """The state after unmask: public facts only, so a later leak of it reveals nothing."""
-    return dataclasses.replace(
-        state,
-        stage="unmasked",
-        s_private=b"",
-        c_privates=[],
-        b_seed=b"",
-        own_b_share=b"",
-        held_b_shares=[],
-        held_s_shares=[],
-    )

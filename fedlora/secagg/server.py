@@ -11,6 +11,7 @@ dropped out at that stage, so one malicious participant cannot stop a bucket on 
 - shares: uploads not addressed to exactly the relayed neighbours, or malformed;
 - masked inputs: an accusation is judged by opening the accused bundle with the revealed
   receiving key, exactly as the accuser did; whoever is wrong is blamed;
+- consistency: a survivor's signature on the survivor set that does not verify;
 - unmask: a revealed share that does not match its owner's commitment convicts its holder;
   shares that match but lie off one polynomial (found by Berlekamp-Welch decoding over all
   shares received) convict the owner, who dealt them.
@@ -20,8 +21,14 @@ before any share is revealed. After unmasking, the count slot (each member adds 
 the number of members summed: members given different public parameters derive unrelated
 masks, and the sum is refused instead of revealing anything. On the 16-bit wire (`narrow`) a
 masked input must be exactly `narrow.pack`'s uint16 layout, or its sender is blamed; the sum is
-kept in uint32 as on the 32-bit wire and narrowed only once unmasked. The server is trusted to
-relay honestly (no signatures on its messages); see docs/threat-model.md.
+kept in uint32 as on the 32-bit wire and narrowed only once unmasked.
+
+The server need not be trusted to relay honestly: every advertised key is signed with its
+owner's long-term identity (`identity`), which participants check against their own roster; the
+server checks the signatures too (and the roster, when it is given one), so that it never relays
+what an honest participant would refuse and blame on it. Before any share is revealed, every
+survivor signs the survivor set (ConsistencyCheck, Bonawitz et al. round 4; `reveal`), and the
+server relays to each the signatures of its neighbours. See docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from . import crypto, shamir
 from .errors import SecAggAbort
 from .fixedpoint import check_no_overflow, choose_scale, decode, error_bound
 from .graph import check_ids, communication_graph, default_degree, default_threshold
+from .identity import Roster, fingerprint, key_statement, survivor_statement, verify
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -44,6 +52,8 @@ from .messages import (
     SetupRequest,
     SharesRelay,
     SharesUpload,
+    SurvivorsRequest,
+    SurvivorsSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -87,8 +97,8 @@ R = TypeVar("R", bound=_Reply)
 class SecAggServer:
     """State machine of one secure-aggregation instance, stage by stage.
 
-    Call `setup`, `collect_keys`, `collect_shares`, `collect_masked`, `collect_unmask` in
-    order, each with the replies that arrived in time. After `SecAggAbort` the instance is
+    Call `setup`, `collect_keys`, `collect_shares`, `collect_masked`, `collect_signatures`,
+    `collect_unmask` in order, each with the replies that arrived in time. After `SecAggAbort` the instance is
     spent; a new one needs a new round_id (participants mask at most once per round anyway).
     """
 
@@ -105,9 +115,14 @@ class SecAggServer:
         graph_seed: bytes | int | None = None,
         context: str = "",
         wire_bits: int = 32,
+        names: list[str] | None = None,
+        roster: Roster | None = None,
     ) -> None:
         ids = check_ids(list(participant_ids))
         n = len(ids)
+        names = [f"participant-{i}" for i in ids] if names is None else list(names)
+        if len(names) != n or len(set(names)) != n:
+            raise ValueError(f"names must name each of the {n} participants once, got {names}")
         if n < 2 or vector_length < 1:
             raise ValueError(
                 f"need >= 2 participants and vector_length >= 1, got {n}, {vector_length}"
@@ -127,8 +142,9 @@ class SecAggServer:
         self.threshold, self.degree = t, k
         seed = round_id.encode() if graph_seed is None else graph_seed
         self.graph = communication_graph(ids, k, seed)
+        self.names, self.roster = names, roster
         self.params = crypto.params_digest(
-            round_id, ids, t, vector_length, self.clip_norm, self.scale, wire_bits, context
+            round_id, ids, t, vector_length, self.clip_norm, self.scale, wire_bits, context, names
         )
         self.wire_bits, self.narrow = wire_bits, narrowing(wire_bits, vector_length, n, self.params)
         self._server_private, self._server_public = crypto.generate_keypair()
@@ -136,6 +152,8 @@ class SecAggServer:
         self.blamed: dict[int, str] = {}
         self.s_publics: dict[int, bytes] = {}
         self.receiving: dict[tuple[int, int], bytes] = {}  # (holder, sender) -> holder's key
+        self.identities: dict[int, bytes] = {}  # id -> its long-term key
+        self.key_signatures: dict[tuple[int, int], bytes] = {}  # (owner, receiver) -> owner's signature
         self.key_relay: dict[int, list[int]] = {}  # id -> neighbours whose keys it got (U1)
         self.relayed: dict[int, list[int]] = {}  # id -> neighbours whose shares it got (U2)
         self.boxes: dict[tuple[int, int], tuple[bytes, bytes, bytes]] = {}  # (from, to) -> ct, commits
@@ -143,6 +161,7 @@ class SecAggServer:
         self.lacking: set[tuple[int, int]] = set()  # (holder, owner): holder has no valid shares
         self.total = np.zeros(0, dtype=np.uint32)
         self.u3: set[int] = set()
+        self.holding: set[int] = set()  # survivors that will be asked for shares
         self.asked: dict[int, UnmaskRequest] = {}
 
     # --- bookkeeping ----------------------------------------------------------------
@@ -195,7 +214,7 @@ class SecAggServer:
         return [
             SetupRequest(
                 self.round_id, i, list(self.ids), self.graph[i], self.threshold, self.d,
-                self.clip_norm, self.scale, self.context, self._server_public, self.wire_bits,
+                self.clip_norm, self.scale, self.context, self._server_public, self.names, self.wire_bits,
             )
             for i in self.ids
         ]
@@ -210,6 +229,21 @@ class SecAggServer:
             crypto.check_possession(self._server_private, publics, msg.possession, self.params, i)
         except ValueError as err:
             return f"advertised keys refused: {err}"
+        return self._signature_fault(i, msg)
+
+    def _signature_fault(self, i: int, msg: KeysAdvert) -> str | None:
+        """Its keys signed by its identity (on the roster under its name, when the server has one):
+        an honest server relays nothing its neighbours would refuse and blame on it."""
+        name = self.names[self.ids.index(i)]
+        if len(msg.signatures) != len(msg.c_ids):
+            return f"sent {len(msg.signatures)} key signatures for {len(msg.c_ids)} neighbours"
+        try:
+            if self.roster is not None and fingerprint(msg.identity) != self.roster.fingerprint_of(name):
+                return f"advertised identity {fingerprint(msg.identity)}, not {name!r}'s roster key"
+            for j, c_public, signature in zip(msg.c_ids, msg.c_publics, msg.signatures, strict=True):
+                verify(msg.identity, signature, key_statement(self.params, i, j, msg.s_public, c_public))
+        except (KeyError, ValueError) as err:
+            return f"advertised keys not signed by its identity: {err}"
         return None
 
     def collect_keys(self, adverts: list[KeysAdvert]) -> list[KeysRelay]:
@@ -232,9 +266,10 @@ class SecAggServer:
                     self.blame(i, f"advertised a key that participants {sorted(set(holders))} all hold")
         alive = self._prune(set(valid) - set(self.blamed), "key advertisement")
         for i in alive:
-            self.s_publics[i] = valid[i].s_public
-            for j, key in zip(valid[i].c_ids, valid[i].c_publics, strict=True):
+            self.s_publics[i], self.identities[i] = valid[i].s_public, valid[i].identity
+            for j, key, signature in zip(valid[i].c_ids, valid[i].c_publics, valid[i].signatures, strict=True):
                 self.receiving[(i, j)] = key
+                self.key_signatures[(i, j)] = signature
         relays = []
         for i in sorted(alive):
             nbrs = [j for j in self.graph[i] if j in alive]
@@ -243,6 +278,7 @@ class SecAggServer:
                 KeysRelay(
                     self.round_id, i, nbrs,
                     [self.receiving[(j, i)] for j in nbrs], [self.s_publics[j] for j in nbrs],
+                    [self.identities[j] for j in nbrs], [self.key_signatures[(j, i)] for j in nbrs],
                 )
             )
         return relays
@@ -312,9 +348,9 @@ class SecAggServer:
             return
         self.blame(accuser, f"accused {accused} falsely: the bundle it received opens and matches")
 
-    def collect_masked(self, inputs: list[MaskedInput]) -> list[UnmaskRequest]:
-        """Stage 4 -> 5: judge accusations, sum masked vectors, ask survivors for shares."""
-        self._advance("masked", "unmask")
+    def collect_masked(self, inputs: list[MaskedInput]) -> list[SurvivorsRequest]:
+        """Stage 4 -> 5: judge accusations, sum masked vectors, ask survivors to sign who survived."""
+        self._advance("masked", "consistency")
         arrived = {}
         dtype, length = wire_shape(self.narrow, self.d)
         for i, msg in self._accept(inputs, set(self.relayed), "masked input").items():
@@ -336,32 +372,54 @@ class SecAggServer:
         self.total = np.zeros(self.d + 1, dtype=np.uint32)
         for i in sorted(self.u3):
             add_packed(self.total, arrived[i].masked, self.narrow)  # wraps mod 2^32
-        for u in self.relayed:  # every secret we will need must have >= t live holders
+        self.holding = set(self.u3)
+        self._check_recoverable()
+        return [SurvivorsRequest(self.round_id, i, sorted(self.u3)) for i in sorted(self.u3)]
+
+    def collect_signatures(self, replies: list[SurvivorsSignature]) -> list[UnmaskRequest]:
+        """Stage 5 -> 6 (ConsistencyCheck): check each survivor's signature on the survivor set and
+        relay to each signer its neighbours' signatures; ask only those who will see t (`reveal`)."""
+        self._advance("consistency", "unmask")
+        statement = survivor_statement(self.params, sorted(self.u3))
+        signed: dict[int, bytes] = {}
+        for i, msg in self._accept(replies, self.u3, "consistency check").items():
+            try:
+                verify(self.identities[i], msg.signature, statement)
+                signed[i] = msg.signature
+            except ValueError:
+                self.blame(i, "did not sign the survivor set it was sent")
+        signers = {i: [j for j in self.key_relay[i] if j in signed] for i in signed}
+        self.holding = {i for i in signed if len(signers[i]) + 1 >= self.threshold}
+        self._check_recoverable()
+        requests = []
+        for i in sorted(self.holding):
+            held = [j for j in self.relayed[i] if (i, j) not in self.lacking]
+            survived = [j for j in held if j in self.u3]
+            dropped = [j for j in held if j not in self.u3]
+            self.asked[i] = UnmaskRequest(self.round_id, i, survived, dropped, signers[i], [signed[j] for j in signers[i]])
+            requests.append(self.asked[i])
+        return requests
+
+    def _check_recoverable(self) -> None:
+        """Abort before any share is revealed unless every secret we need has >= t live holders."""
+        for u in self.relayed:
             partners = self.u3.intersection(self.relayed[u])
             if u in self.u3 or partners:
-                shares = len(self._holders(u)) + (u in self.u3)
+                shares = len(self._holders(u)) + (u in self.holding)
                 if shares < self.threshold:
                     raise SecAggAbort(
                         f"round {self.round_id}: only {shares} live holders of participant {u}'s "
                         f"shares, threshold is {self.threshold}"
                     )
-        requests = []
-        for i in sorted(self.u3):
-            held = [j for j in self.relayed[i] if (i, j) not in self.lacking]
-            survived = [j for j in held if j in self.u3]
-            dropped = [j for j in held if j not in self.u3]
-            self.asked[i] = UnmaskRequest(self.round_id, i, survived, dropped)
-            requests.append(self.asked[i])
-        return requests
 
     def _holders(self, owner: int) -> list[int]:
-        """Survivors holding valid shares of `owner` (its neighbours that did not accuse it)."""
-        return [h for h in self.relayed[owner] if h in self.u3 and (h, owner) not in self.lacking]
+        """Survivors still holding valid shares of `owner` (its neighbours that did not accuse it)."""
+        return [h for h in self.relayed[owner] if h in self.holding and (h, owner) not in self.lacking]
 
     def _gather(self, responses: list[UnmaskResponse]) -> dict[bytes, dict[int, dict[int, bytes]]]:
         """kind -> owner -> {x of holder: share}, keeping only shares that match their commitment."""
         parts: dict[bytes, dict[int, dict[int, bytes]]] = {b"b": {}, b"s": {}}
-        for h, msg in self._accept(responses, self.u3, "unmask").items():
+        for h, msg in self._accept(responses, set(self.asked), "unmask").items():
             ask = self.asked[h]
             if sorted(msg.b_owners) != sorted([h, *ask.survived]) or sorted(msg.s_owners) != sorted(ask.dropped):
                 self.blame(h, "unmask response does not answer exactly what was asked")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedlora.secagg import participant as part
+from fedlora.secagg.identity import simulated_identity
 from fedlora.secagg.fixedpoint import clip, decode
 from fedlora.secagg.server import SecAggServer
 
@@ -35,6 +36,7 @@ class Round:
             graph_seed=3,
             wire_bits=self.wire_bits,
         )
+        self.identities = {i: simulated_identity(name, self.server.names) for i, name in zip(self.server.ids, self.server.names)}
         rng = np.random.default_rng(0)
         self.vectors = {i: rng.normal(size=self.d).astype(np.float32) * 0.05 for i in range(self.n)}
 
@@ -42,14 +44,14 @@ class Round:
         out = []
         self.setups = self.server.setup() if setups is None else setups
         for req in self.setups:
-            self.states[req.receiver], advert = part.setup(req)
+            self.states[req.receiver], advert = part.setup(req, self.identities[req.receiver])
             out.append(advert)
         return out
 
     def uploads(self, key_relays):
         out = []
         for req in key_relays:
-            self.states[req.receiver], upload = part.share_keys(self.states[req.receiver], req)
+            self.states[req.receiver], upload = part.share_keys(self.states[req.receiver], req, self.identities[req.receiver])
             out.append(upload)
         return out
 
@@ -62,6 +64,17 @@ class Round:
             out.append(y)
         return out
 
+    def signatures(self, asks):
+        out = []
+        for req in asks:
+            self.states[req.receiver], sig = part.sign_survivors(self.states[req.receiver], req, self.identities[req.receiver])
+            out.append(sig)
+        return out
+
+    def asks(self, masked):
+        """Collect masked inputs, run the consistency check honestly: the unmask requests."""
+        return self.server.collect_signatures(self.signatures(self.server.collect_masked(masked)))
+
     def responses(self, asks):
         out = []
         for req in asks:
@@ -72,7 +85,7 @@ class Round:
     def finish(self, key_relays):
         """Run the remaining stages honestly from the key relays; return the SumResult."""
         relays = self.server.collect_shares(self.uploads(key_relays))
-        asks = self.server.collect_masked(self.masked(relays))
+        asks = self.asks(self.masked(relays))
         return self.server.collect_unmask(self.responses(asks))
 
     def check_sum(self, result, members):
@@ -85,7 +98,7 @@ class Round:
         return self.server.collect_shares(self.uploads(self.server.collect_keys(self.adverts())))
 
     def to_unmask(self):
-        return self.server.collect_masked(self.masked(self.to_share_relays()))
+        return self.asks(self.masked(self.to_share_relays()))
 
 
 @pytest.fixture

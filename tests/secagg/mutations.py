@@ -73,7 +73,7 @@ MUTATIONS = [
     Mutation(
         "no-participant-survivor-check",
         "participant answers unmask with fewer than t-1 surviving neighbours",
-        (("fedlora/secagg/participant.py", "    if len(survived) + 1 < state.threshold:", "    if False:"),),
+        (("fedlora/secagg/reveal.py", "    if len(survived) + 1 < state.threshold:", "    if False:"),),
     ),
     Mutation(
         "no-pre-unmask-abort",
@@ -156,7 +156,7 @@ MUTATIONS = [
     Mutation(
         "secrets-kept",
         "keys and shares kept after unmask",
-        (("fedlora/secagg/participant.py",
+        (("fedlora/secagg/reveal.py",
           "    return erase_secrets(state), response",
           '    return dataclasses.replace(state, stage="unmasked"), response'),),
     ),
@@ -255,6 +255,50 @@ MUTATIONS = [
             ("fedlora/secagg/plan.py", '    return RunBinding(str(context["config_sha256"]), str(context["adapter_sha256"]))', "    return RunBinding()"),
             ("participant/terms.py", "        if told != held:", "        if False:"),
         ),
+    ),
+    Mutation(
+        "relayed-keys-unsigned",
+        "a participant accepts relayed keys without checking its neighbour's signature (key substitution)",
+        (("fedlora/secagg/participant.py",
+          "        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub))",
+          "        fault = None"),),
+    ),
+    Mutation(
+        "signer-not-checked-against-roster",
+        "any valid signature accepted, whatever key made it (the coordinator signs with its own)",
+        (("fedlora/secagg/identity.py", "        if fingerprint(identity) != expected:", "        if False:"),),
+    ),
+    Mutation(
+        "roster-unchecked-at-setup",
+        "a participant takes part in an instance with a member not on its roster (a Sybil)",
+        (("fedlora/secagg/participant.py", "    if strangers or mine != identity.name:", "    if False:"),),
+    ),
+    Mutation(
+        "server-relays-unsigned-keys",
+        "the server relays keys without checking their signatures and identities (honest neighbours then blame it)",
+        (("fedlora/secagg/server.py", "        return self._signature_fault(i, msg)", "        return None"),),
+    ),
+    Mutation(
+        "claimed-sender-trusted",
+        "a reply's claimed sender trusted over its authenticated node (the impersonated participant is blamed)",
+        (("coordinator/secure.py", "            if msg.sender != request.receiver:", "            if False:"),),
+    ),
+    Mutation(
+        "survivor-signatures-unchecked",
+        "a participant reveals shares without verifying its neighbours' signatures on the survivor set it signed",
+        (("fedlora/secagg/reveal.py",
+          "            verify(state.key_identities[state.key_ids.index(j)], signature, statement)",
+          "            pass"),),
+    ),
+    Mutation(
+        "fewer-than-t-survivor-signatures",
+        "a participant reveals shares with fewer than t signatures on its survivor set",
+        (("fedlora/secagg/reveal.py", "    if valid + 1 < state.threshold:", "    if False:"),),
+    ),
+    Mutation(
+        "unmask-request-not-matched-to-signed-set",
+        "a participant reveals what the unmask request asks even where it contradicts the survivor set it signed",
+        (("fedlora/secagg/reveal.py", "    if disagree:", "    if False:"),),
     ),
 ]
 

@@ -25,6 +25,7 @@ from fedlora.config import ConfigError, PrivacySection, SecaggSection, load_conf
 from fedlora.secagg import SecAggProtocolError, run_secure_sum
 from fedlora.secagg import participant as part
 from fedlora.secagg.fixedpoint import clip, coordinate_bound, decode
+from fedlora.secagg.identity import simulated_identity
 from fedlora.secagg.messages import MaskedInput
 from fedlora.secagg.narrow import NARROW_MAX, narrowing
 from fedlora.secagg.plan import check_fixed_point, input_clip_norm
@@ -76,7 +77,7 @@ def test_no_rotated_coordinate_leaves_the_bound(d):
 
 def test_both_sides_derive_the_same_rotation_and_each_round_its_own():
     servers = [SecAggServer(f"run/round-{r}/bucket-0", [0, 1, 2], 1001, 1.0, wire_bits=16) for r in (1, 2)]
-    state, _ = part.setup(servers[0].setup()[1])
+    state, _ = part.setup(servers[0].setup()[1], simulated_identity("participant-1", servers[0].names))
     mine = narrowing(state.wire_bits, state.vector_length, state.member_count, state.params)
     assert mine == servers[0].narrow and mine.length == 1000 and mine.cap == NARROW_MAX // 3
     first, second = (signs(server.narrow.seed, 1000) for server in servers)
@@ -89,7 +90,7 @@ def test_a_wire_other_than_32_or_16_bits_is_refused_by_both_sides():
         SecAggServer("r", [0, 1, 2], 11, 1.0, wire_bits=24)
     request = dataclasses.replace(SecAggServer("r", [0, 1, 2], 11, 1.0, wire_bits=16).setup()[0], wire_bits=24)
     with pytest.raises(SecAggProtocolError, match="refused the wire"):
-        part.setup(request)
+        part.setup(request, simulated_identity("participant-0", request.member_names))
 
 
 # --- the secure sum --------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_a_malformed_16_bit_masked_input_is_blamed_on_its_sender(make_round):
         4: np.zeros(501, np.uint32),  # what a 32-bit participant would send
     }
     inputs = [MaskedInput(m.round_id, m.sender, faults.get(m.sender, m.masked), [], []) for m in inputs]
-    asks = rnd.server.collect_masked(inputs)
+    asks = rnd.asks(inputs)
     assert sorted(rnd.server.blamed) == [1, 3, 4]
     assert all("expected uint16 of shape (503,)" in why for why in rnd.server.blamed.values())
     result = rnd.server.collect_unmask(rnd.responses(asks))
