@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
+from fedlora.privacy.ledger import Charge, present_noise_multiplier
 from fedlora.privacy.noise import secret_rng, skellam
 from fedlora.secagg import participant as protocol
 from fedlora.secagg.messages import ParticipantState
@@ -43,6 +44,7 @@ from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import context_noise, participant_skellam_mu, round_context, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
 from fedlora.wire import array_view, reply_content
+from participant import ledger
 from participant.report import answered
 from participant.site import refuse, site_of
 
@@ -100,25 +102,26 @@ def hold_update(msg: Message, context: Context, cfg: Config, update: np.ndarray,
     keep_update(
         context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id),
         adversary=is_adversary(cfg, partition_id),
-        noise_multiplier=cfg.privacy.noise_multiplier, dropout_margin=cfg.privacy.dropout_margin,
+        noise_multiplier=cfg.privacy.noise_multiplier, dropout_margin=cfg.privacy.dropout_margin, sample_rate=cfg.federation.fraction,
     )
     return Message(reply_content(metrics), reply_to=msg)
 
 
 def keep_update(
     context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, adversary: bool = False,
-    noise_multiplier: float = 0.0, dropout_margin: float = 0.0,
+    noise_multiplier: float = 0.0, dropout_margin: float = 0.0, sample_rate: float = 1.0,
 ) -> None:
     """Store an update (float32) in `context.state` until the mask_input stage consumes it.
 
     `adversary` marks a simulated attacker: it will mask its update unclipped (and without noise).
-    `noise_multiplier` > 0: distributed DP, with `dropout_margin` (module docstring).
+    `noise_multiplier` > 0: distributed DP, with `dropout_margin` (module docstring); `sample_rate`: the
+    run's q, for a deployed site's ledger (participant/ledger.py).
     """
     refuse_replay(context, server_round, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
     context.state[HELD] = ConfigRecord({
         "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary,
-        "noise_multiplier": float(noise_multiplier), "dropout_margin": float(dropout_margin),
+        "noise_multiplier": float(noise_multiplier), "dropout_margin": float(dropout_margin), "sample_rate": float(sample_rate),
     })
 
 
@@ -159,8 +162,12 @@ def setup(msg: Message, context: Context) -> Message:
         )
     if mine[0] > 0 and weight_ref != 1.0:
         raise ValueError(f"distributed DP counts every participant once, but the setup binds weight reference {weight_ref:g}, not 1; refusing")
+    site = site_of(dict(context.node_config))
+    if site is not None:  # the fewest noise shares this instance can release must fit the site's ledger
+        ledger.check_charge(site, site_charge(held, len(request.members), request.threshold), f"round {server_round}", round=server_round)
     state, advert = protocol.setup(request)
     held["weight_ref"] = weight_ref
+    held["threshold"] = request.threshold
     held["members"] = len(request.members)  # k: the noise share is calibrated to the bucket at setup
     held["instance"] = state.round_id  # the held update is masked in this instance and no other
     _save(context, state)
@@ -190,6 +197,9 @@ def mask_input(msg: Message, context: Context) -> Message:
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, bound)
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
     state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    site = site_of(dict(context.node_config))
+    if site is not None:  # on disk before the masked input leaves; the instance id makes a retry free
+        ledger.record_charge(site, state.round_id, site_charge(held, int(held["members"]), int(held["threshold"])))
     del context.state[UPDATE]  # masked at most once ...
     _record_masked(context, server_round)  # ... and never again for this round
     _save(context, state)
@@ -208,9 +218,21 @@ def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: 
     return noise
 
 
+def site_charge(held: ConfigRecord, members: int, masked: int) -> Charge:
+    """A contribution to an instance of `members` whose sum holds at least `masked` noise shares
+    (the coordinator view: what it can unmask; participant/ledger.py)."""
+    z = float(held["noise_multiplier"])
+    return Charge(float(held["sample_rate"]), z, present_noise_multiplier(z, members, masked, float(held["dropout_margin"])))
+
+
 def unmask(msg: Message, context: Context) -> Message:
     """Stage 4: reveal exactly one kind of share per neighbour; a second request is refused."""
-    state, response = protocol.unmask(_load(context), read_protocol(msg.content, STAGE["unmask"].request))
+    request = read_protocol(msg.content, STAGE["unmask"].request)
+    state, response = protocol.unmask(_load(context), request)
+    site, held = site_of(dict(context.node_config)), context.state.get(HELD)
+    if site is not None and held is not None and held.get("instance") == state.round_id:  # told whose inputs arrived
+        members = int(held["members"])
+        ledger.record_charge(site, state.round_id, site_charge(held, members, min(members, len(request.survived) + 1)), raise_only=True)
     _save(context, state)
     return Message(protocol_content(response), reply_to=msg)
 
