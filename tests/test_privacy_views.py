@@ -63,12 +63,31 @@ def _sites(tmp_path: Path, n: int, **policy: float) -> list[Path]:
     return dirs
 
 
-def _secure_round(dirs: list[Path | None], z: float, q: float, margin: float, server_round: int, tag: str, silent_before_mask: int | None = None):
+def _deaf_at_unmask() -> ClientApp:
+    def lost(msg, context):
+        raise ConnectionError("the unmask request never arrived")
+
+    app = ClientApp()
+    handlers = dict(participant_secure.HANDLERS)
+    participant_secure.HANDLERS["unmask"] = lost
+    try:
+        participant_secure.register(app)
+    finally:
+        participant_secure.HANDLERS.update(handlers)
+    return app
+
+
+def _secure_round(
+    dirs: list[Path | None], z: float, q: float, margin: float, server_round: int, tag: str,
+    silent_before_mask: int | None = None, deaf_at_unmask: int | None = None,
+):
     """One secure sum of len(dirs) members holding updates, each deployed in its own directory (None: simulated)."""
     app = ClientApp()
     participant_secure.register(app)
     nodes = [7000 + i for i in range(len(dirs))]
-    grid = LocalGrid(app, {node: ({"participant-dir": str(d)} if d else {}) for node, d in zip(nodes, dirs)})
+    deaf = _deaf_at_unmask()  # never runs the unmask handler: as if the request never reached it
+    grid = LocalGrid(lambda node: deaf if deaf_at_unmask is not None and node == nodes[deaf_at_unmask] else app,
+                     {node: ({"participant-dir": str(d)} if d else {}) for node, d in zip(nodes, dirs)})
     rng = np.random.default_rng(server_round)
     for node in nodes:
         participant_secure.keep_update(
@@ -154,6 +173,16 @@ def test_a_sites_ledger_composes_three_runs_and_charges_a_retry_once(tmp_path: P
     key = next(iter(json.loads(before)["entries"]))
     site_ledger.record_charge(dirs[0], key, Charge(0.5, 0.1, 0.1))
     assert (dirs[0] / site_ledger.LEDGER).read_text() == before
+
+
+def test_a_site_that_masked_is_charged_even_if_it_never_hears_of_unmask(tmp_path: Path) -> None:
+    dirs = _sites(tmp_path, 3)
+    result = _secure_round(dirs, 1.0, 0.5, 0.1, 1, "run-0", deaf_at_unmask=0)
+    assert [r["participant"] for r in result.recovered] == ["participant-0"]  # its masked input is in the sum
+    # Charged before its masked input left, at the fewest shares the instance can unmask (threshold 2 of 3).
+    worst = present_noise_multiplier(1.0, 3, 2, 0.1)
+    report = site_ledger.site_status(dirs[0])
+    assert report["contributions"] == 1 and report["epsilon_coordinator"] == pytest.approx(rdp([gaussian(worst)]), rel=1e-9)
 
 
 def test_a_site_charges_the_fewest_shares_the_instance_can_unmask_until_told_more() -> None:
