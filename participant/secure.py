@@ -22,6 +22,10 @@ reference 1 (each participant counts once), or the participant refuses. At mask_
 Skellam noise, drawn from the OS CSPRNG, to its encoded update coordinates (not to the weight
 or count slot), calibrated from the instance's scale and member count
 (`fedlora.secagg.plan.participant_skellam_mu`). Only a simulated adversary leaves it out.
+
+A deployed site (participant/ledger.py) refuses a setup whose fewest unmaskable noise shares
+would pass its ledger's limits, charges its ledger at mask_input before the masked input leaves,
+and raises that charge at unmask to what the surviving neighbours imply.
 """
 
 from __future__ import annotations
