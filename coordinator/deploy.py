@@ -247,6 +247,7 @@ def status(directory: Path) -> dict[str, Any]:
             "finished": finished(out),
             "final": (out / "adapters" / "final").is_dir(),
             "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
+            "epsilon_coordinator": next((row["epsilon_coordinator"] for row in reversed(rows) if row.get("epsilon_coordinator") is not None), None),
             "last_version": versions[-1].name if versions else None,
             "last_version_verifies": not verify_adapter(versions[-1], public_key) if versions else None,
             "rejections": sum(len(row.get("skipped", [])) for row in rounds),

@@ -343,8 +343,11 @@ class PrivacySection:
     )
     dropout_margin: float = _help(
         "Distributed DP: each participant adds enough noise that its bucket's sum keeps the full noise even when "
-        "this share of the bucket drops out after masking (0 = the full noise only without dropouts).",
-        0.0,
+        "this share of the bucket drops out after setup and before its masked input arrives (a member lost then "
+        "takes its noise share with it; one lost after masking is recovered, noise included). A sum left below "
+        "the full noise is discarded. Costs 1 / sqrt(1 - margin) more noise std, which the accountant credits "
+        "against the coordinator (docs/decisions.md).",
+        0.1,
     )
     local_noise_multiplier: float = _help(
         "Sample-level DP-SGD on each participant (Opacus): per-example gradient noise as a multiple of "

@@ -66,7 +66,7 @@ def _coordinator_run(args: argparse.Namespace) -> int:
     out = deploy.run_directory(Path(args.directory), args.name)
     outcome = deploy.run_outcome(out)
     run = deploy.status(Path(args.directory))["runs"].get(args.name, {})
-    print(f"run {args.name}: {outcome.summary()}; epsilon {run.get('epsilon')}")
+    print(f"run {args.name}: {outcome.summary()}; epsilon {run.get('epsilon')} (against the coordinator {run.get('epsilon_coordinator')})")
     if code == 0:
         print(f"  published {out / 'adapters' / 'final'}")
     elif outcome.stopped_by == REFUSALS:
@@ -88,7 +88,8 @@ def _coordinator_status(args: argparse.Namespace) -> int:
         print(f"  {entry['name']:20s} node {entry['node_id']}  {entry['fingerprint'][:23]}…  {'REVOKED: ' + entry['revoked'] if entry['revoked'] else 'registered'}")
     for name, run in report["runs"].items():
         print(
-            f"run {name}: {run['outcome']}{' (finished)' if run['finished'] else ''}, epsilon {run['epsilon']}, "
+            f"run {name}: {run['outcome']}{' (finished)' if run['finished'] else ''}, epsilon {run['epsilon']} "
+            f"(against the coordinator {run['epsilon_coordinator']}), "
             f"last version {run['last_version']} ({'verifies' if run['last_version_verifies'] else 'DOES NOT VERIFY'}), "
             f"{'final published' if run['final'] else 'no final adapter'}, {run['rejections']} rejections, audit {run['audit']}"
         )
@@ -109,6 +110,20 @@ def _participant_init(args: argparse.Namespace) -> int:
     print(f"participant directory ready: {Path(args.directory).resolve()}")
     print(f"  labels {local.data.label_names}; base model fingerprint {local.model.sha256}")
     print(f"  send {Path(args.directory).resolve() / 'node.pub'} to the operator, review the [policy] in participant.toml, then `fedlora participant start {args.directory}`")
+    return 0
+
+
+def _participant_status(args: argparse.Namespace) -> int:
+    from participant.ledger import site_status
+
+    report = site_status(Path(args.directory))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    limits = {key: f" (limit {report[key]:g})" if report[key] else "" for key in ("max_epsilon", "max_epsilon_coordinator")}
+    print(f"privacy ledger of {Path(args.directory).resolve()}: {report['contributions']} contributions, delta {report['delta']:g}")
+    print(f"  epsilon against adapter consumers {report['epsilon']:.4g}{limits['max_epsilon']}")
+    print(f"  epsilon against the coordinator   {report['epsilon_coordinator']:.4g}{limits['max_epsilon_coordinator']}")
     return 0
 
 
@@ -200,6 +215,10 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     pstart = participant.add_parser("start", help="connect to the coordinator and serve rounds")
     pstart.add_argument("directory")
     pstart.set_defaults(handler=_participant_start)
+    pstatus = participant.add_parser("status", help="this site's privacy ledger: epsilon against consumers and against the coordinator")
+    pstatus.add_argument("directory")
+    pstatus.add_argument("--json", action="store_true")
+    pstatus.set_defaults(handler=_participant_status)
 
 
 def add_adapter_export(adapter: argparse._SubParsersAction) -> None:

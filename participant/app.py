@@ -16,8 +16,9 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedlora.config import Config
+from fedlora.privacy.ledger import Charge
 from fedlora.wire import Instruction, read_instruction, reply_content
-from participant import secure
+from participant import ledger, secure
 from participant.report import answered, evaluated, trained
 from participant.site import refuse, site_config, site_of
 
@@ -59,13 +60,28 @@ def train(msg: Message, context: Context) -> Message:
     refuse_stale(context, instruction.server_round)
     from participant.runtime import get_runtime, train_round
 
+    site = site_of(dict(context.node_config))
+    planned = ledger_charge(cfg)
+    if site is not None:  # a round the site's own ledger cannot afford is refused before training
+        ledger.check_charge(site, planned, f"round {instruction.server_round}", round=instruction.server_round)
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
     started = time.perf_counter()
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
+    if cfg.privacy.noise_multiplier > 0:  # an un-noised statistic of the records: kept here under DP
+        metrics.pop("train_loss", None)
     if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
         return secure.hold_update(msg, context, cfg, instruction, upload, metrics)
+    if site is not None:  # charged before the update leaves; a retried message is charged once
+        ledger.record_charge(site, f"run-{msg.metadata.run_id}/round-{instruction.server_round}", planned)
     return Message(reply_content(metrics, upload), reply_to=msg)
+
+
+def ledger_charge(cfg: Config) -> Charge:
+    """What one contribution costs as planned: against the coordinator, a plaintext update is seen as it is
+    and a secure one (at best) with the full noise; participant/secure.py charges the noise it can vouch for."""
+    z = cfg.privacy.noise_multiplier
+    return Charge(cfg.federation.fraction, z, z if cfg.secagg.enabled else 0.0)
 
 
 @app.evaluate()

@@ -6,6 +6,7 @@
                            whom this site's secure aggregation accepts as neighbours (participant/site.py)
     DIR/events.jsonl       every refused instruction, with the rule it broke
     DIR/accountant.json    sample-level privacy spent by DP-SGD on this site's records
+    DIR/ledger.json        user-level privacy spent by every contribution, across runs (participant/ledger.py)
     DIR/flwr/              FLWR_HOME of the SuperNode (installed app bundles)
 
 `start` checks the base model's files against the recorded fingerprint, then runs a Flower

@@ -93,9 +93,18 @@ class PolicySection:
         "Refuse secure rounds whose buckets sum fewer than this many participants' updates together.", 2
     )
     max_epsilon: float = _help(
-        "Refuse runs that do not promise user-level DP with privacy.epsilon_budget at most this (0 = no requirement).",
+        "Refuse runs that do not promise user-level DP with privacy.epsilon_budget at most this, and any round that "
+        "would take this site's own ledger (ledger.json: every run it contributed to, against adapter consumers, "
+        "with sampling amplification) past it (0 = no requirement).",
         0.0,
     )
+    max_epsilon_coordinator: float = _help(
+        "Refuse any round that would take this site's ledger against the coordinator (no sampling amplification, "
+        "the noise of the sum the coordinator could see) past this (0 = no limit). Central DP shows the coordinator "
+        "the update itself: infinite.",
+        0.0,
+    )
+    delta: float = _help("Delta at which this site's ledger states its epsilons and the two limits apply.", 1e-5)
     allowed_base_sha256: list[str] = _help(
         "Base-model fingerprints this site fine-tunes for; empty = only its own model.sha256. A run must state "
         "model.sha256.",
@@ -105,6 +114,8 @@ class PolicySection:
     def __post_init__(self) -> None:
         _require(self.min_bucket_size >= 1, "policy.min_bucket_size", "must be >= 1")
         _require(self.max_epsilon >= 0, "policy.max_epsilon", "must be >= 0 (0 = no requirement)")
+        _require(self.max_epsilon_coordinator >= 0, "policy.max_epsilon_coordinator", "must be >= 0 (0 = no limit)")
+        _require(0 < self.delta < 1, "policy.delta", f"must be in (0, 1), got {self.delta}")
 
 
 LOCAL_SECTIONS: dict[str, type] = {

@@ -35,6 +35,10 @@ reference 1 (each participant counts once). At mask_input the participant adds
 Skellam noise, drawn from the OS CSPRNG, to its encoded update coordinates (not to the weight
 or count slot), calibrated from the instance's scale and member count
 (`fedlora.secagg.plan.participant_skellam_mu`). Only a simulated adversary leaves it out.
+
+A deployed site (participant/ledger.py) refuses a setup whose fewest unmaskable noise shares
+would pass its ledger's limits, charges its ledger at mask_input before the masked input leaves,
+and raises that charge at unmask to what the surviving neighbours imply.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.attacks import choose_adversaries, resolve_attack
 from fedlora.config import Config
+from fedlora.privacy.ledger import Charge, present_noise_multiplier
 from fedlora.privacy.noise import secret_rng, skellam
 from fedlora.secagg import participant as protocol
 from fedlora.secagg.errors import SecAggCoordinatorFault
@@ -58,6 +63,7 @@ from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import RunBinding, participant_skellam_mu, weighted_input
 from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
 from fedlora.wire import Instruction, array_view, reply_content
+from participant import ledger
 from participant.masked import already_masked, remember_masked
 from participant.report import answered
 from participant.site import Refusal, min_bucket_size, record_event, refuse, site_identity, site_of
@@ -117,22 +123,26 @@ def hold_update(msg: Message, context: Context, cfg: Config, instruction: Instru
     keep_update(
         context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id), terms,
         adversary=is_adversary(cfg, partition_id),
+        sample_rate=cfg.federation.fraction,
     )
     return Message(reply_content(metrics), reply_to=msg)
 
 
 def keep_update(
     context: Context, update: np.ndarray, num_examples: int, server_round: int, key: bytes, terms: Terms, adversary: bool = False,
+    sample_rate: float = 1.0,
 ) -> None:
     """Store an update (float32) in `context.state` until the mask_input stage consumes it.
 
     `terms`: what a setup must agree with (participant/terms.py; noise_multiplier > 0: distributed DP).
     `adversary` marks a simulated attacker: it will mask its update unclipped (and without noise).
+    `sample_rate`: the run's q, for a deployed site's ledger (participant/ledger.py).
     """
     refuse_replay(context, terms.config_sha256, server_round, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
     context.state[HELD] = ConfigRecord({
-        "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary, **terms.to_dict(),
+        "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary,
+        "sample_rate": float(sample_rate), **terms.to_dict(),
     })
 
 
@@ -187,12 +197,16 @@ def setup(msg: Message, context: Context) -> Message:
             "contradicts this site's terms (participant/terms.py): " + "; ".join(problems),
             round=server_round, instance=request.round_id,
         )
+    site = site_of(dict(context.node_config))
+    if site is not None:  # the fewest noise shares this instance can release must fit the site's ledger
+        ledger.check_charge(site, site_charge(held, len(request.members), request.threshold), f"round {server_round}", round=server_round)
     names = dict(zip(request.members, request.member_names))
     try:
         state, advert = protocol.setup(request, identity(context, names.get(request.receiver, ""), request.member_names))
     except SecAggCoordinatorFault as fault:
         raise blame_coordinator(context, fault, None) from None
     held["weight_ref"] = float.fromhex(json.loads(request.context)["weight_ref"])
+    held["threshold"] = request.threshold
     held["members"] = len(request.members)  # k: the noise share is calibrated to the bucket at setup
     held["instance"] = state.round_id  # the held update is masked in this instance and no other
     _save(context, state)
@@ -228,6 +242,9 @@ def mask_input(msg: Message, context: Context) -> Message:
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, bound)
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
     state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    site = site_of(dict(context.node_config))
+    if site is not None:  # on disk before the masked input leaves; the instance id makes a retry free
+        ledger.record_charge(site, state.round_id, site_charge(held, int(held["members"]), int(held["threshold"])))
     del context.state[UPDATE]  # masked at most once ...
     remember_masked(site_of(dict(context.node_config)), context.state, str(held["config_sha256"]), server_round)  # ... ever, before it leaves
     _save(context, state)
@@ -246,6 +263,13 @@ def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: 
     return noise
 
 
+def site_charge(held: ConfigRecord, members: int, masked: int) -> Charge:
+    """A contribution to an instance of `members` whose sum holds at least `masked` noise shares
+    (the coordinator view: what it can unmask; participant/ledger.py)."""
+    z = float(held["noise_multiplier"])
+    return Charge(float(held["sample_rate"]), z, present_noise_multiplier(z, members, masked, float(held["dropout_margin"])))
+
+
 def consistency(msg: Message, context: Context) -> Message:
     """Stage 4: sign the survivor set the coordinator states (ConsistencyCheck); only one per instance."""
     state = _load(context)
@@ -258,12 +282,18 @@ def consistency(msg: Message, context: Context) -> Message:
 
 def unmask(msg: Message, context: Context) -> Message:
     """Stage 5: with t signatures on the set it signed, reveal exactly one kind of share per
-    neighbour; a second request is refused, an inconsistent one aborts and blames the coordinator."""
+    neighbour; a second request is refused, an inconsistent one aborts and blames the coordinator.
+    A deployed site then raises its ledger's charge to the noise shares the survivors hold."""
+    request = read_protocol(msg.content, STAGE["unmask"].request)
     state = _load(context)
     try:
-        state, response = protocol.unmask(state, read_protocol(msg.content, STAGE["unmask"].request))
+        state, response = protocol.unmask(state, request)
     except SecAggCoordinatorFault as fault:
         raise blame_coordinator(context, fault, state) from None
+    site, held = site_of(dict(context.node_config)), context.state.get(HELD)
+    if site is not None and held is not None and held.get("instance") == state.round_id:  # told whose inputs arrived
+        members = int(held["members"])
+        ledger.record_charge(site, state.round_id, site_charge(held, members, min(members, len(request.survived) + 1)), raise_only=True)
     _save(context, state)
     return Message(protocol_content(response), reply_to=msg)
 

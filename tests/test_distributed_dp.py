@@ -8,10 +8,12 @@ standard error of 1/sqrt(2 * 20000) = 0.5%, and the tests allow 3% (6 standard e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 from flwr.clientapp import ClientApp
@@ -196,7 +198,17 @@ def test_a_whole_distributed_dp_round_reports_epsilon_and_the_coordinator_adds_n
     assert row["epsilon"] == pytest.approx(reference.epsilon(), rel=1e-9)
     assert row["dp"]["noise_std"] == 0
     (bucket,) = row["secagg"]["buckets"]
-    assert bucket["status"] == "ok" and bucket["noise_std"] == pytest.approx(1.0 * cfg.robust.clip_norm, rel=0.01)
+    inflated = 1.0 / math.sqrt(1.0 - cfg.privacy.dropout_margin)  # every member masked: the margin's extra noise is present
+    assert bucket["status"] == "ok" and bucket["noise_std"] == pytest.approx(inflated * cfg.robust.clip_norm, rel=0.01)
+    # Against the coordinator: one unamplified Gaussian round at the noise present, for every member.
+    seen = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(inflated)).get_epsilon(1e-5)
+    assert row["epsilon_coordinator"] == pytest.approx(seen, rel=1e-9)  # q = 1 here: the margin's extra noise shows
+    assert run.dp.coordinator_epsilons() == pytest.approx({f"participant-{p}": seen for p in range(4)}, rel=1e-9)
+    # What is published (the signed manifests) under DP: epsilon and delta, no counts, no un-noised metrics.
+    for version in ("round-0000", "round-0001", "final"):
+        facts = json.loads((tmp_path / "adapters" / version / "manifest.json").read_text())["facts"]
+        assert not {"participants", "metrics", "train_loss", "eval_loss", "eval_accuracy"} & set(facts)
+    assert facts["epsilon"] == pytest.approx(row["epsilon"]) and "train_loss" not in row  # sites keep their losses under DP
     # Clipped updates alone move the adapter by at most C (the mean of 4 over q N = 4); the
     # participants' noise, of std z C / (q N) per coordinate, moves it far more.
     assert row["update_norm"] > 10 * cfg.robust.clip_norm

@@ -81,3 +81,15 @@ def test_audit_and_adapter_commands_import_no_model_stack(coordinator: Path, tmp
 @pytest.mark.parametrize("argv", [["config"], ["config", "federation.rounds=3", "secagg.enabled=true"], ["datasets"]])
 def test_config_and_datasets_import_no_model_stack(argv: list[str]) -> None:
     assert run_light(*argv)[:2] == (0, [])
+
+
+def test_participant_status_reads_the_ledger_without_the_model_stack(tmp_path: Path) -> None:
+    from fedlora.privacy.ledger import Charge
+    from participant.ledger import record_charge
+    from participant.local_config import LOCAL_CONFIG
+    from tests.test_participant_policy import site
+
+    (tmp_path / LOCAL_CONFIG).write_text(site().to_toml())
+    record_charge(tmp_path, "run-1/round-1", Charge(0.5, 1.0, 1.0))
+    assert run_light("participant", "status", str(tmp_path))[:2] == (0, [])
+    assert main(["participant", "status", str(tmp_path), "--json"]) == 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTS = ["tests/secagg", "tests/test_secure_federation.py", "tests/test_distributed_dp.py"]
+TESTS = ["tests/secagg", "tests/test_secure_federation.py", "tests/test_distributed_dp.py", "tests/test_privacy_views.py"]
 SIMULATIONS = (
     "not secure_round_matches and not vanishing_after_masking and not round_below_threshold and not whole_distributed_dp_round"
     " and not tracks_the_32_bit_one"
@@ -299,6 +299,42 @@ MUTATIONS = [
         "unmask-request-not-matched-to-signed-set",
         "a participant reveals what the unmask request asks even where it contradicts the survivor set it signed",
         (("fedlora/secagg/reveal.py", "    if disagree:", "    if False:"),),
+    ),
+    Mutation(
+        "under-noised-sum-kept",
+        "a bucket sum holding fewer than k (1 - m) noise shares is combined into the adapter (charged at the planned z)",
+        (("coordinator/secure.py",
+          "            if not meets(self.noise_multiplier, z):  # members took their shares away before masking",
+          "            if False:"),),
+    ),
+    Mutation(
+        "coordinator-view-charges-planned-noise",
+        "epsilon against the coordinator charged at the planned z, not the noise of the sum it saw",
+        (("fedlora/privacy/user_level.py",
+          "Charge(self.sample_rate, self.noise_multiplier, seen)",
+          "Charge(self.sample_rate, self.noise_multiplier, self.noise_multiplier)"),),
+    ),
+    Mutation(
+        "site-ledger-not-charged-at-mask",
+        "a site charges its ledger only if it hears of unmask (a masked input that left is not charged)",
+        (("participant/secure.py",
+          '        ledger.record_charge(site, state.round_id, site_charge(held, int(held["members"]), int(held["threshold"])))',
+          "        pass"),),
+    ),
+    Mutation(
+        "site-ledger-limits-ignored",
+        "a site takes part past its policy.max_epsilon / max_epsilon_coordinator",
+        (("participant/ledger.py", "    if passed:\n", "    if False:\n"),),
+    ),
+    Mutation(
+        "site-ledger-double-charges",
+        "a contribution charged again under the same key (a retried message counted twice)",
+        (("fedlora/privacy/ledger.py", "        if old is not None and not (", "        if False and not ("),),
+    ),
+    Mutation(
+        "site-ledger-lowered-at-unmask",
+        "a site's charge replaced by whatever unmask implies, even if that is less noise than assumed",
+        (("participant/secure.py", "raise_only=True)", "raise_only=False)"),),
     ),
 ]
 

@@ -1,0 +1,84 @@
+"""A deployed site's own privacy ledger: what it contributed, across runs and restarts (DESIGN decision 9).
+
+DIR/ledger.json (`fedlora.privacy.ledger.Ledger`, replaced atomically) holds one entry per
+contribution, keyed so that a retried message charges nothing twice:
+
+- plaintext round: `run-<run id>/round-<r>`, charged once trained, before the update is sent;
+  against the coordinator the update is seen in the clear (noise multiplier 0);
+- secure round: the instance id (unique per run, round and bucket), charged at mask_input before
+  the masked input leaves. Against the coordinator the site assumes the fewest masked inputs the
+  protocol can unmask, the threshold t: z sqrt(t / (k (1 - m))); at unmask, told which neighbours'
+  inputs arrived, it raises that to what they imply (never lowers it).
+
+Against consumers every contribution is charged at the run's (q, z): amplification and the
+discarding of under-noised sums are the coordinator's to keep, as its sampling is. A site cannot
+check either; `policy.max_epsilon_coordinator` bounds the view that needs no trust.
+Before each round the site refuses (events.jsonl) what would pass its `policy.max_epsilon`
+(consumers) or `policy.max_epsilon_coordinator`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedlora.atomic import read_json, write_json_atomic
+from fedlora.privacy.ledger import Charge, Ledger
+from participant.local_config import PolicySection, load_local_config
+from participant.site import refuse
+
+LEDGER = "ledger.json"
+
+
+def load_ledger(site: Path, delta: float) -> Ledger:
+    """The site's ledger (empty if none yet); a ledger at another delta is refused, not mixed."""
+    ledger = Ledger(delta)
+    path = Path(site) / LEDGER
+    if path.is_file():
+        ledger.load_state_dict(read_json(path))
+        if ledger.delta != delta:
+            raise ValueError(f"{path} states epsilon at delta {ledger.delta:g}, but policy.delta is {delta:g}; restore policy.delta")
+    return ledger
+
+
+def policy_of(site: Path) -> PolicySection:
+    return load_local_config(site).policy
+
+
+def check_charge(site: Path, charge: Charge, what: str, **details: Any) -> None:
+    """Raise a logged Refusal when `charge` would take the ledger past the site's limits."""
+    policy = policy_of(site)
+    consumers, coordinator = load_ledger(site, policy.delta).epsilons(charge)
+    passed = [
+        f"policy.max_epsilon={limit:g}: epsilon against adapter consumers would reach {value:.4g}"
+        for limit, value in ((policy.max_epsilon, consumers),) if 0 < limit < value
+    ] + [
+        f"policy.max_epsilon_coordinator={limit:g}: epsilon against the coordinator would reach {value:.4g}"
+        for limit, value in ((policy.max_epsilon_coordinator, coordinator),) if 0 < limit < value
+    ]
+    if passed:
+        raise refuse(site, f"refused {what}: this site's privacy ledger ({LEDGER}) is at its limit: " + "; ".join(passed), **details)
+
+
+def record_charge(site: Path, key: str, charge: Charge, raise_only: bool = False) -> None:
+    """Charge one contribution (nothing if `key` is charged already), written before the contribution leaves."""
+    policy = policy_of(site)
+    ledger = load_ledger(site, policy.delta)
+    if ledger.charge(key, charge, raise_only=raise_only):
+        write_json_atomic(Path(site) / LEDGER, ledger.state_dict())
+
+
+def site_status(site: Path) -> dict[str, Any]:
+    """The ledger as `fedlora participant status` reports it."""
+    policy = policy_of(site)
+    ledger = load_ledger(site, policy.delta)
+    consumers, coordinator = ledger.epsilons()
+    return {
+        "contributions": len(ledger.entries),
+        "delta": ledger.delta,
+        "epsilon": consumers,
+        "epsilon_coordinator": coordinator,
+        "max_epsilon": policy.max_epsilon,
+        "max_epsilon_coordinator": policy.max_epsilon_coordinator,
+    }
+
