@@ -65,7 +65,8 @@ class Terms:
         """The terms of a run's sections (`min_bucket_size`: the site's policy; 1 in simulation)."""
         return cls(
             binding.config_sha256, binding.adapter_sha256, float(clip_norm), max(2, sec.bucket_size, min_bucket_size),
-            sec.degree, float(sec.threshold), sec.wire_bits, float(privacy.noise_multiplier), float(privacy.dropout_margin),
+            sec.degree, float(sec.threshold), sec.wire_bits, float(privacy.noise_multiplier),
+            float(privacy.dropout_margin) if privacy.noise_multiplier > 0 else 0.0,  # a margin only sizes DP noise shares
         )
 
     @property

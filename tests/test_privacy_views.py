@@ -23,12 +23,16 @@ from coordinator.secure import secure_sum, seen_noise
 from fedlora.config import PrivacySection, SecaggSection, load_config
 from fedlora.privacy.ledger import Charge, Ledger, present_noise_multiplier
 from fedlora.privacy.user_level import UserLevelDP
+from fedlora.secagg.plan import RunBinding
+from fedlora.wire import config_sha256
 from fedlora.secure_wire import STAGE
 from participant import ledger as site_ledger
 from participant import secure as participant_secure
 from participant.local_config import LOCAL_CONFIG
 from participant.site import EVENTS, Refusal
+from participant.terms import Terms
 from tests.conftest import SMALL
+from tests.secagg.deviating import make_sites
 from tests.test_participant_policy import site
 
 DELTA = 1e-5
@@ -54,13 +58,11 @@ def _dp(q: float, z: float) -> UserLevelDP:
 
 
 def _sites(tmp_path: Path, n: int, **policy: float) -> list[Path]:
-    dirs = []
-    for i in range(n):
-        directory = tmp_path / f"site-{i}"
-        directory.mkdir(parents=True)
+    """n deployed sites (participant-0 ...: node key, pinned roster) with this policy."""
+    sites, _ = make_sites(tmp_path, n)
+    for directory in sites.values():
         (directory / LOCAL_CONFIG).write_text(site(**policy).to_toml())
-        dirs.append(directory)
-    return dirs
+    return list(sites.values())
 
 
 def _deaf_at_unmask() -> ClientApp:
@@ -89,17 +91,18 @@ def _secure_round(
     grid = LocalGrid(lambda node: deaf if deaf_at_unmask is not None and node == nodes[deaf_at_unmask] else app,
                      {node: ({"participant-dir": str(d)} if d else {}) for node, d in zip(nodes, dirs)})
     rng = np.random.default_rng(server_round)
+    binding = RunBinding(config_sha256(tag), "")  # each run its own configuration: a round is masked once per run
+    terms = Terms.of(SecaggSection(enabled=True), PrivacySection(noise_multiplier=z, dropout_margin=margin), 1.0, binding)
     for node in nodes:
         participant_secure.keep_update(
-            grid.contexts[node], (rng.normal(size=D) * 0.01).astype(np.float32), 10, server_round, os.urandom(32),
-            noise_multiplier=z, dropout_margin=margin, sample_rate=q,
+            grid.contexts[node], (rng.normal(size=D) * 0.01).astype(np.float32), 10, server_round, os.urandom(32), terms, sample_rate=q,
         )
     if silent_before_mask is not None:
         grid.silent.add((nodes[silent_before_mask], STAGE["share_keys"].message_type))
     members = [Member(node, f"participant-{i}", 10) for i, node in enumerate(nodes)]
     privacy = PrivacySection(noise_multiplier=z, dropout_margin=margin)
     return secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), seed=0, server_round=server_round, length=D,
-                      run_tag=tag, clip_norm=1.0, privacy=privacy)
+                      run_tag=tag, clip_norm=1.0, privacy=privacy, binding=binding)
 
 
 # --- the noise actually present ------------------------------------------------------------

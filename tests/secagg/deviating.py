@@ -19,27 +19,33 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 
 from coordinator.local_grid import LocalGrid
+from fedlora.config import PrivacySection, SecaggSection
 from fedlora.pki import create_node_key, public_key_fingerprint
 from fedlora.secagg.identity import Roster, roster_toml
 from fedlora.secagg.plan import input_clip_norm, round_context
 from fedlora.secagg.server import SecAggServer
 from fedlora.secure_wire import STAGE, protocol_content, read_protocol
 from participant import secure as participant_secure
+from participant.local_config import LOCAL_CONFIG
 from participant.site import EVENTS, ROSTER, SITE_KEY
+from participant.terms import Terms
+from tests.test_participant_policy import site
 
 ROUND = 3
 NODE0 = 5000
+TERMS = Terms.of(SecaggSection(enabled=True), PrivacySection(), 1.0)  # what every site agreed to (clip_norm 1, no DP)
 
 
 def make_sites(root: Path, n: int) -> tuple[dict[int, Path], Roster]:
-    """n site directories (participant-0 ...), each with a node key and the same pinned roster."""
+    """n site directories (participant-0 ...), each with a node key, the same pinned roster and a default participant.toml."""
     sites = {}
     for i in range(n):
         sites[i] = root / f"participant-{i}"
         create_node_key(sites[i])
     roster = Roster({f"participant-{i}": public_key_fingerprint(site / "node.pub") for i, site in sites.items()})
-    for site in sites.values():
-        (site / ROSTER).write_text(roster_toml(roster))
+    for directory in sites.values():
+        (directory / ROSTER).write_text(roster_toml(roster))
+        (directory / LOCAL_CONFIG).write_text(site().to_toml())  # a site's own configuration and default policy
     return sites, roster
 
 
@@ -68,7 +74,7 @@ class Federation:
         rng = np.random.default_rng(0)
         self.updates = {i: (rng.normal(size=self.d) * 0.05).astype(np.float32) for i in range(self.n)}
         for i, node in self.nodes.items():
-            participant_secure.keep_update(self.grid.contexts[node], self.updates[i], 100, ROUND, os.urandom(32))
+            participant_secure.keep_update(self.grid.contexts[node], self.updates[i], 100, ROUND, os.urandom(32), TERMS)
         self.server = SecAggServer(
             "run-x/round-3/bucket-0", list(range(self.n)), self.d + 1, input_clip_norm(1.0),
             context=round_context(ROUND, self.weight_ref), names=[f"participant-{i}" for i in range(self.n)], roster=self.roster,

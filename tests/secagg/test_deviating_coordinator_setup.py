@@ -24,16 +24,25 @@ from coordinator.gather import Member
 from coordinator.local_grid import LocalGrid
 from coordinator.secure import SecureSum, secure_sum
 from fedlora.config import Config, load_config
+from fedlora.pki import create_node_key, public_key_fingerprint
+from fedlora.secagg.identity import Roster, roster_toml
 from fedlora.secagg.messages import SetupRequest
 from fedlora.secagg.participant import request_params
 from fedlora.secagg.plan import RunBinding, round_context
 from fedlora.secure_wire import STAGE, protocol_content, read_meta, read_protocol
 from fedlora.wire import adapter_sha256, config_sha256, instruction_content
 from participant import app as participant_app
-from participant.local_config import LOCAL_CONFIG, LocalConfig, LocalDataSection, LocalModelSection, PolicySection, SiteSection
+from participant.local_config import (
+    LOCAL_CONFIG,
+    LocalConfig,
+    LocalDataSection,
+    LocalModelSection,
+    PolicySection,
+    SiteSection,
+)
 from participant.masked import MASKED_FILE
 from participant.secure import UPDATE
-from participant.site import EVENTS, SITE_KEY
+from participant.site import EVENTS, ROSTER, SITE_KEY
 from tests.conftest import SMALL
 
 SHA = "a" * 64
@@ -76,11 +85,17 @@ def make_site(directory: Path, min_bucket_size: int) -> Path:
 
 
 def sites(tmp_path: Path, policies: dict[int, int]) -> dict[int, dict]:
-    """Node configs: a site directory (policy.min_bucket_size) per node in `policies`, the rest without one."""
-    return {
-        node: {"fake-node": node, **({SITE_KEY: str(make_site(tmp_path / f"site-{node}", policies[node]))} if node in policies else {})}
-        for node in NODES
-    }
+    """Node configs: a site directory (policy.min_bucket_size) per node in `policies`, the rest without one.
+
+    Each site has a node key and pins the roster of every site's key under its member name (node-<id>).
+    """
+    directories = {node: make_site(tmp_path / f"site-{node}", policies[node]) for node in NODES if node in policies}
+    for directory in directories.values():
+        create_node_key(directory)
+    roster = Roster({f"node-{node}": public_key_fingerprint(directory / "node.pub") for node, directory in directories.items()})
+    for directory in directories.values():
+        (directory / ROSTER).write_text(roster_toml(roster))
+    return {node: {"fake-node": node, **({SITE_KEY: str(directories[node])} if node in directories else {})} for node in NODES}
 
 
 def train(grid: LocalGrid, configs: dict[int, str], adapters: dict[int, np.ndarray], server_round: int = ROUND) -> dict[int, Message]:
@@ -169,7 +184,7 @@ def test_a_member_given_another_model_or_config_refuses_the_instance_and_is_in_n
 def test_members_told_different_adapter_hashes_derive_different_instance_digests() -> None:
     # Were a target told its own adapter's hash (so that its check passes), its keys would still be
     # derived from another digest than its neighbours': their masks and share bundles do not meet.
-    request = SetupRequest("r", 0, [0, 1], [1], 2, D + 1, 1.0, 1.0, round_context(1, 1.0, binding=RunBinding("c", "a")), b"k" * 32)
+    request = SetupRequest("r", 0, [0, 1], [1], 2, D + 1, 1.0, 1.0, round_context(1, 1.0, binding=RunBinding("c", "a")), b"k" * 32, ["p0", "p1"])
     other = dataclasses.replace(request, context=round_context(1, 1.0, binding=RunBinding("c", "b")))
     assert request_params(request) != request_params(other)
 
