@@ -338,7 +338,7 @@ VANISH_AT_UNMASK = {1: {3}, 2: {2, 3}}  # server round -> partitions that go off
 vanishing_app = ClientApp()
 vanishing_app.train()(participant_app.train)
 vanishing_app.evaluate()(participant_app.evaluate_global)
-for _stage in ("setup", "share_keys", "mask_input"):
+for _stage in (name for name in participant_secure.HANDLERS if name != "unmask"):  # every stage but the one it vanishes at
     vanishing_app.query(STAGE[_stage].action)(participant_secure.HANDLERS[_stage])
 
 

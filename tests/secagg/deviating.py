@@ -18,7 +18,9 @@ import numpy as np
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 
+from coordinator.gather import Member
 from coordinator.local_grid import LocalGrid
+from coordinator.secure import SecureSum, secure_sum
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.pki import create_node_key, public_key_fingerprint
 from fedlora.secagg.identity import Roster, roster_toml
@@ -79,6 +81,13 @@ class Federation:
             "run-x/round-3/bucket-0", list(range(self.n)), self.d + 1, input_clip_norm(1.0),
             context=round_context(ROUND, self.weight_ref), names=[f"participant-{i}" for i in range(self.n)], roster=self.roster,
         )
+
+    def honest_sum(self, silent: set[tuple[int, str]]) -> SecureSum:
+        """An honest coordinator's secure sum over every site; `silent`: (participant, stage) replies lost."""
+        members = [Member(node, f"participant-{i}", 100) for i, node in self.nodes.items()]
+        self.grid.silent |= {(self.nodes[i], STAGE[stage].message_type) for i, stage in silent}
+        sec = SecaggSection(enabled=True, timeout_s=1.0)
+        return secure_sum(self.grid, members, sec, seed=0, server_round=ROUND, length=self.d, run_tag="t", clip_norm=1.0, roster=self.roster)
 
     def send(self, stage: str, requests: list[Any]) -> dict[int, Message]:
         """Deliver `requests` of `stage`; replies by participant id (errors included)."""

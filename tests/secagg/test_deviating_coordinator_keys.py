@@ -16,14 +16,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.gather import Member
-from coordinator.secure import secure_sum
-from fedlora.config import SecaggSection
 from fedlora.pki import CURVE
 from fedlora.secagg import crypto
 from fedlora.secagg.identity import encode_public, fingerprint, key_statement
 from fedlora.secagg.messages import KeysAdvert, KeysRelay
-from fedlora.secure_wire import STAGE
 from tests.secagg.deviating import Federation, events
 
 TARGET = 0
@@ -98,10 +94,7 @@ def test_the_checking_server_blames_a_participant_whose_identity_is_not_its_rost
 
 def test_an_honest_coordinator_completes_with_pinned_rosters_and_dropouts(tmp_path: Path) -> None:
     fed = Federation(tmp_path, n=5)
-    members = [Member(node, f"participant-{i}", 100) for i, node in fed.nodes.items()]
-    fed.grid.silent |= {(fed.nodes[1], STAGE["mask_input"].message_type), (fed.nodes[3], STAGE["unmask"].message_type)}
-    sec = SecaggSection(enabled=True, timeout_s=1.0)
-    result = secure_sum(fed.grid, members, sec, seed=0, server_round=3, length=fed.d, run_tag="t", clip_norm=1.0, roster=fed.roster)
+    result = fed.honest_sum({(1, "mask_input"), (3, "unmask")})
     (unit,) = result.buckets
     assert sorted(unit.members) == ["participant-0", "participant-2", "participant-3", "participant-4"]
     assert [r["participant"] for r in result.recovered] == ["participant-3"]

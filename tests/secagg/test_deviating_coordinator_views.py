@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.gather import Member
-from coordinator.secure import secure_sum
-from fedlora.config import SecaggSection
 from fedlora.secagg.messages import UnmaskRequest
-from fedlora.secure_wire import STAGE
 from tests.secagg.deviating import Federation, events
 
 TARGET = 0
@@ -82,10 +78,7 @@ def test_an_unmask_request_that_contradicts_the_signed_set_is_refused(tmp_path: 
 
 def test_an_honest_run_completes_when_survivors_vanish_before_and_at_the_consistency_check(tmp_path: Path) -> None:
     fed = Federation(tmp_path, n=6)
-    members = [Member(node, f"participant-{i}", 100) for i, node in fed.nodes.items()]
-    fed.grid.silent |= {(fed.nodes[1], STAGE["mask_input"].message_type), (fed.nodes[4], STAGE["consistency"].message_type)}
-    sec = SecaggSection(enabled=True, timeout_s=1.0)
-    result = secure_sum(fed.grid, members, sec, seed=0, server_round=3, length=fed.d, run_tag="t", clip_norm=1.0, roster=fed.roster)
+    result = fed.honest_sum({(1, "mask_input"), (4, "consistency")})
     (unit,) = result.buckets
     assert sorted(unit.members) == [f"participant-{i}" for i in (0, 2, 3, 4, 5)]  # 4 masked: in the sum
     assert [r["participant"] for r in result.recovered] == ["participant-4"]

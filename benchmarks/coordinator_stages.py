@@ -20,7 +20,7 @@ in units of the round's uploads (n d 4 bytes). The uploads themselves arrive as 
 messages, so 1.0 is the floor of a plaintext round that holds them; under secure aggregation
 the participants' held updates live in this process too (LocalGrid), which adds 1.0.
 
-    python benchmarks/coordinator.py [--n 10,50,100] [--d 4M,16M] [--modes plaintext,robust,secure,dp]   (M = 10^6)
+    python benchmarks/coordinator_stages.py [--n 10,50,100] [--d 4M,16M] [--modes plaintext,robust,secure,dp]   (M = 10^6)
 """
 
 from __future__ import annotations
