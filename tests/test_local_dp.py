@@ -108,7 +108,7 @@ def test_each_example_gradient_is_clipped_to_local_max_grad_norm(participant, mo
     clip_and_accumulate = DPOptimizer.clip_and_accumulate
 
     def spy(self):  # per-example norms before clipping, and the clipped sum after it
-        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in self.grad_samples], dim=1).norm(dim=1)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in self.grad_samples], dim=1).norm(dim=1)  # an empty draw: no rows
         clip_and_accumulate(self)
         total = torch.stack([p.summed_grad.norm() for p in self.params]).norm()
         seen.append((norms, float(total)))
