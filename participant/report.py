@@ -53,9 +53,9 @@ def trained(server_round: int, metrics: dict[str, Any], seconds: float) -> None:
     """The line of a train request this participant carried out (train_round's metrics)."""
     epsilon = metrics.get("local_epsilon")
     spent = f", epsilon {epsilon:.2f} so far" if epsilon is not None else ""  # sample-level, DP-SGD only
-    log.info(
-        "round %d: trained on %d records, loss %.3f, %.1f s%s", server_round, metrics["num-examples"], metrics["train_loss"], seconds, spent
-    )
+    loss = metrics["train_loss"]
+    shown = f"{loss:.3f}" if math.isfinite(loss) else "n/a (DP-SGD's Poisson draws took no record)"
+    log.info("round %d: trained on %d records, loss %s, %.1f s%s", server_round, metrics["num-examples"], shown, seconds, spent)
 
 
 def evaluated(server_round: int, examples: int, loss: float, accuracy: float) -> None:
