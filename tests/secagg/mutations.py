@@ -336,11 +336,6 @@ MUTATIONS = [
         "a site's charge replaced by whatever unmask implies, even if that is less noise than assumed",
         (("participant/secure.py", "raise_only=True)", "raise_only=False)"),),
     ),
-    Mutation(
-        "shamir-seeded-rng",
-        "Shamir coefficients drawn from an RNG seeded at import: every process (a SuperNode starts one per message) deals the same polynomial",
-        (("fedlora/secagg/shamir.py", "_SYSTEM_RNG = secrets.SystemRandom()", "import random\n_SYSTEM_RNG = random.Random(0)"),),
-    ),
 ]
 
 
