@@ -142,11 +142,12 @@ def majority_accuracy(label_counts: list[Any], classes: int) -> dict[str, float]
     The reference a learning curve must rise above; {} when any evaluated site sent no counts
     (free-form answers) or counts of the wrong shape (a site controls what it reports).
     """
-    if not label_counts or any(not isinstance(c, list) or (classes and len(c) != classes) for c in label_counts):
+    if not label_counts or any(not isinstance(c, list) or len(c) != len(label_counts[0]) for c in label_counts):
         return {}
-    totals = np.sum(np.asarray(label_counts, dtype=np.float64), axis=0) if len({len(c) for c in label_counts}) == 1 else None
-    if totals is None or totals.sum() <= 0 or np.any(totals < 0):
+    counts = np.asarray(label_counts, dtype=np.float64)  # sites x classes
+    if (classes and counts.shape[1] != classes) or not np.all(np.isfinite(counts) & (counts >= 0)) or counts.sum() <= 0:
         return {}
+    totals = counts.sum(axis=0)
     return {"majority_accuracy": float(totals.max() / totals.sum())}
 
 

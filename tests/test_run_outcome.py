@@ -96,7 +96,7 @@ def test_the_majority_class_rate_sums_every_sites_counts() -> None:
     assert majority_accuracy([[30, 10], [10, 50]], 2) == {"majority_accuracy": 60 / 100}
 
 
-@pytest.mark.parametrize("counts", [[], [None, [1, 2]], [[1, 2], [1, 2, 3]], [[1, -5], [1, 1]], [[0, 0]]])
+@pytest.mark.parametrize("counts", [[], [None, [1, 2]], [[1, 2], [1, 2, 3]], [[1, -5], [1, 1]], [[1, -5], [10, 10]], [[0, 0]], [[1, 2, 3]]])
 def test_no_majority_rate_from_missing_or_malformed_counts(counts) -> None:
     assert majority_accuracy(counts, 2) == {}
 
