@@ -34,7 +34,7 @@ n*d above `--flower-max-params` are skipped (default 800M: the whole default gri
 n=50 x d=16M cell alone takes ~5 minutes and 11 GB here), and no cell starts after
 `--budget-s` (default 1500 s; a running cell is stopped at the budget and reported skipped).
 
-    python benchmarks/secagg.py [--quick] [--n 5,10,20,50] [--d 1M,4M,16M] [--out benchmarks/results/secagg.json]
+    python benchmarks/secagg.py [--quick] [--n 5,10,20,50] [--d 1M,4M,16M] [--rounds 1] [--out benchmarks/results/secagg.json]
 
 `--quick` (n=5,10 x d=1M, under a minute) writes benchmarks/results/secagg-quick.json.
 """
@@ -90,17 +90,26 @@ def peak_rss() -> int:
     return 0
 
 
-def _figures(grid: Any, wall: float, n: int, d: int, error: float) -> dict[str, Any]:
-    per_node = list(grid.client_seconds_by_node.values())
+def _counters(grid: Any) -> dict[str, Any]:
+    return {"by_node": dict(grid.client_seconds_by_node), "client": grid.client_seconds, "serde": grid.serde_seconds,
+            "up": grid.bytes_up, "down": grid.bytes_down}
+
+
+def _figures(grid: Any, wall: float, n: int, d: int, error: float, since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-participant seconds and bytes of what the grid did after the `since` snapshot (`_counters`)."""
+    now, before = _counters(grid), since or {"by_node": {}, "client": 0.0, "serde": 0.0, "up": 0, "down": 0}
+    per_node = [spent - before["by_node"].get(node, 0.0) for node, spent in now["by_node"].items()]
+    client, serde = now["client"] - before["client"], now["serde"] - before["serde"]
+    up, down = now["up"] - before["up"], now["down"] - before["down"]
     return {
         "wall_seconds": wall,
         "client_seconds": float(np.mean(per_node)),
         "client_seconds_max": float(np.max(per_node)),
-        "coordinator_seconds": wall - grid.client_seconds - grid.serde_seconds,
-        "transport_seconds": grid.serde_seconds,
-        "bytes_up_per_participant": grid.bytes_up / n,
-        "bytes_down_per_participant": grid.bytes_down / n,
-        "up_per_param": grid.bytes_up / n / d,
+        "coordinator_seconds": wall - client - serde,
+        "transport_seconds": serde,
+        "bytes_up_per_participant": up / n,
+        "bytes_down_per_participant": down / n,
+        "up_per_param": up / n / d,
         "max_abs_error": error,
     }
 
@@ -136,7 +145,9 @@ def run_plaintext(n: int, d: int, seed: int) -> dict[str, Any]:
     }
 
 
-def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
+def run_fedlora(n: int, d: int, seed: int, rounds: int = 1) -> dict[str, Any]:
+    """`rounds` secure sums over the same members; figures of the last, and of the first when
+    there are several (a participant checks a member's certificate once: docs/decisions.md)."""
     from flwr.clientapp import ClientApp
 
     from coordinator.local_grid import LocalGrid
@@ -150,30 +161,36 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
 
     baseline = run_plaintext(n, d, seed)
     nodes, updates, counts = inputs(n, d, seed)
+    _, expected_updates, _ = inputs(n, d, seed)
+    expected = expected_mean(expected_updates, counts)
+    del expected_updates
     app = ClientApp()
     secure.register(app)
     grid = LocalGrid(app, {node: {} for node in nodes})
     sec = SecaggSection(enabled=True)
     terms = Terms.of(sec, PrivacySection(), CLIP_NORM)
-    for i, node in enumerate(nodes):
-        secure.keep_update(grid.contexts[node], updates[node], counts[node], 1, hashlib.sha256(f"{seed}/{i}".encode()).digest(), terms)
-    del updates
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(nodes)]
-    started = time.perf_counter()
-    result = secure_sum(grid, members, sec, seed, 1, d, "bench", CLIP_NORM)
-    mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])
-    wall = time.perf_counter() - started
-    if result.aborted or len(result.buckets[0].members) != n:
-        raise RuntimeError(f"secure sum failed: {result.aborted} {result.skipped}")
-    _, updates, _ = inputs(n, d, seed)
-    error = float(np.max(np.abs(mean - expected_mean(updates, counts))))
+    per_round = []
+    for server_round in range(1, rounds + 1):
+        for i, node in enumerate(nodes):
+            secure.keep_update(grid.contexts[node], updates[node], counts[node], server_round,
+                               hashlib.sha256(f"{seed}/{server_round}/{i}".encode()).digest(), terms)
+        since = _counters(grid)
+        started = time.perf_counter()
+        result = secure_sum(grid, members, sec, seed, server_round, d, "bench", CLIP_NORM)
+        mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])
+        wall = time.perf_counter() - started
+        if result.aborted or len(result.buckets[0].members) != n:
+            raise RuntimeError(f"secure sum failed: {result.aborted} {result.skipped}")
+        per_round.append(_figures(grid, wall, n, d, float(np.max(np.abs(mean - expected))), since))
+    del updates
     error_bound = result.buckets[0].error_bound / result.buckets[0].weight
     k = neighbourhood_degree(n)
-    figures = _figures(grid, wall, n, d, error)
-    del grid, result, updates
+    del grid, result
     again = run_plaintext(n, d, seed)  # the baseline twice, around the secure sum: the faster counts
     return {
-        **figures, "degree": k, "threshold": resolve_threshold(0, k), "error_bound": error_bound,
+        **per_round[-1], "rounds": rounds, **({"first_round": per_round[0]} if rounds > 1 else {}),
+        "degree": k, "threshold": resolve_threshold(0, k), "error_bound": error_bound,
         "plaintext_aggregation_seconds": min(baseline["aggregation_seconds"], again["aggregation_seconds"]),
         "plaintext_bytes_up_per_participant": baseline["bytes_up_per_participant"],
         "plaintext_up_per_param": baseline["up_per_param"],
@@ -280,16 +297,16 @@ def run_throughput(repeats: int = 7) -> dict[str, Any]:
     }
 
 
-def run_cell(impl: str, n: int, d: int, seed: int) -> dict[str, Any]:
-    runner = {"fedlora": run_fedlora, "flower": run_flower, "throughput": lambda *_: run_throughput()}[impl]
+def run_cell(impl: str, n: int, d: int, seed: int, rounds: int) -> dict[str, Any]:
+    runner = {"fedlora": lambda *a: run_fedlora(*a, rounds), "flower": run_flower, "throughput": lambda *_: run_throughput()}[impl]
     result = runner(n, d, seed)
     result.update({"impl": impl, "n": n, "d": d, "peak_rss_bytes": peak_rss()})
     return result
 
 
-def spawn(impl: str, n: int, d: int, seed: int, timeout: float) -> dict[str, Any]:
+def spawn(impl: str, n: int, d: int, seed: int, timeout: float, rounds: int = 1) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--cell", impl, str(n), str(d), "--seed", str(seed)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--cell", impl, str(n), str(d), "--seed", str(seed), "--rounds", str(rounds)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -397,12 +414,13 @@ def main() -> None:
     parser.add_argument("--flower-max-params", default="800M", help="skip Flower cells with n*d above this")
     parser.add_argument("--budget-s", type=float, default=1500.0, help="stop starting cells after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="fedlora: secure sums per cell over the same members; the last is reported (the first too)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/secagg.json (secagg-quick.json with --quick)")
     parser.add_argument("--cell", nargs=3, metavar=("IMPL", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         impl, n, d = args.cell
-        print(json.dumps(run_cell(impl, int(n), int(d), args.seed)))
+        print(json.dumps(run_cell(impl, int(n), int(d), args.seed, args.rounds)))
         return
     args.out = args.out or RESULTS / ("secagg-quick.json" if args.quick else "secagg.json")
     ns = [5, 10] if args.quick else [int(x) for x in args.n.split(",")]
@@ -420,14 +438,14 @@ def main() -> None:
             elif left < 5:
                 cells.append({"impl": impl, "n": n, "d": d, "skipped": "time budget spent"})
             else:
-                cells.append(spawn(impl, n, d, args.seed, left))
+                cells.append(spawn(impl, n, d, args.seed, left, args.rounds))
             print(json.dumps({k: v for k, v in cells[-1].items() if not isinstance(v, float) or k.endswith("seconds")}), flush=True)
     payload = {
         "machine": {
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
             "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
         },
-        "command": "python benchmarks/secagg.py" + (" --quick" if args.quick else f" --n {args.n} --d {args.d}"),
+        "command": "python benchmarks/secagg.py" + (" --quick" if args.quick else f" --n {args.n} --d {args.d}") + (f" --rounds {args.rounds}" if args.rounds > 1 else ""),
         "seconds": time.monotonic() - started,
         "throughput": cells[0],
         "rows": summarise(cells[1:]),

@@ -4,6 +4,8 @@
     DIR/node.key, node.pub EC P-384 key pair; node.pub goes to the operator to register
     DIR/roster.toml        the consortium's members and key fingerprints, from the operator out of band:
                            whom this site's secure aggregation accepts as neighbours (participant/site.py)
+    DIR/signing.key        Ed25519 key, certified by node.key, that signs this site's secure-aggregation messages
+    DIR/known-cards.json   other members' signing keys whose certificates this site checked (participant/site.py)
     DIR/events.jsonl       every refused instruction, with the rule it broke
     DIR/accountant.json    sample-level privacy spent by DP-SGD on this site's records
     DIR/ledger.json        user-level privacy spent by every contribution, across runs (participant/ledger.py)

@@ -66,7 +66,7 @@ from fedlora.wire import Instruction, array_view, reply_content
 from participant import ledger
 from participant.masked import already_masked, remember_masked
 from participant.report import answered
-from participant.site import Refusal, min_bucket_size, record_event, refuse, site_identity, site_of
+from participant.site import Refusal, min_bucket_size, record_event, refuse, remember_cards, site_identity, site_of
 from participant.terms import Terms, setup_contradictions
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
@@ -216,12 +216,12 @@ def setup(msg: Message, context: Context) -> Message:
 def share_keys(msg: Message, context: Context) -> Message:
     """Stage 2: Shamir-share the secrets, encrypted to each neighbour whose keys were relayed."""
     state = _load(context)
+    me = identity(context, state.name, state.member_names)
     try:
-        state, upload = protocol.share_keys(
-            state, read_protocol(msg.content, STAGE["share_keys"].request), identity(context, state.name, [state.name, *state.neighbour_names])
-        )
+        state, upload = protocol.share_keys(state, read_protocol(msg.content, STAGE["share_keys"].request), me)
     except SecAggCoordinatorFault as fault:
         raise blame_coordinator(context, fault, state) from None
+    remember_cards(site_of(dict(context.node_config)), me)
     _save(context, state)
     return Message(protocol_content(upload), reply_to=msg)
 
@@ -274,23 +274,25 @@ def consistency(msg: Message, context: Context) -> Message:
     """Stage 4: sign the survivor set the coordinator states (ConsistencyCheck); only one per instance."""
     state = _load(context)
     state, signature = protocol.sign_survivors(
-        state, read_protocol(msg.content, STAGE["consistency"].request), identity(context, state.name, [state.name, *state.neighbour_names])
+        state, read_protocol(msg.content, STAGE["consistency"].request), identity(context, state.name, state.member_names)
     )
     _save(context, state)
     return Message(protocol_content(signature), reply_to=msg)
 
 
 def unmask(msg: Message, context: Context) -> Message:
-    """Stage 5: with t signatures on the set it signed, reveal exactly one kind of share per
+    """Stage 5: with a majority's signatures on the set it signed, reveal exactly one kind of share per
     neighbour; a second request is refused, an inconsistent one aborts and blames the coordinator.
     A deployed site then raises its ledger's charge to the noise shares the survivors hold."""
     request = read_protocol(msg.content, STAGE["unmask"].request)
     state = _load(context)
+    me = identity(context, state.name, state.member_names)
     try:
-        state, response = protocol.unmask(state, request)
+        state, response = protocol.unmask(state, request, me)
     except SecAggCoordinatorFault as fault:
         raise blame_coordinator(context, fault, state) from None
     site, held = site_of(dict(context.node_config)), context.state.get(HELD)
+    remember_cards(site, me)
     if site is not None and held is not None and held.get("instance") == state.round_id:  # told whose inputs arrived
         members = int(held["members"])
         ledger.record_charge(site, state.round_id, site_charge(held, members, min(members, len(request.survived) + 1)), raise_only=True)

@@ -6,7 +6,9 @@ anything is trained or uploaded; a refusal (policy, malformed message, replay) i
 to DIR/events.jsonl with its reason, so the site can see what it was asked and declined
 (and logged as one line, participant/report.py).
 DIR/roster.toml, pinned out of band like the CA, names the consortium's members and their key
-fingerprints; with DIR/node.key it is this site's identity in secure aggregation (`site_identity`).
+fingerprints; with DIR/node.key it is this site's identity in secure aggregation (`site_identity`),
+where DIR/signing.key (Ed25519, made on first use, certified by node.key) signs its messages and
+DIR/known-cards.json remembers the other members' cards whose certificates it checked.
 Without the key (simulation) one configuration plays both parts, as before.
 """
 
@@ -17,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from fedlora.atomic import read_json, write_bytes_atomic, write_json_atomic
 from fedlora.config import Config
-from fedlora.pki import key_fingerprint
-from fedlora.secagg.identity import Identity, Roster, parse_roster
+from fedlora.pki import PRIVATE_MODE, key_fingerprint
+from fedlora.secagg.identity import Identity, Roster, certify, checked_before, make_card, parse_roster
 from participant.local_config import effective_config, load_local_config, policy_violations
 
 SITE_KEY = "participant-dir"
@@ -30,6 +34,8 @@ EVENTS = "events.jsonl"
 ACCOUNTANT = "accountant.json"
 ROSTER = "roster.toml"
 NODE_KEY = "node.key"
+SIGNING_KEY = "signing.key"
+KNOWN_CARDS = "known-cards.json"
 
 
 class Refusal(RuntimeError):
@@ -70,7 +76,8 @@ def site_config(site: Path | None, run: Config, server_round: int, what: str, ev
 
 
 def site_identity(site: Path) -> Identity:
-    """This site's signing identity: its node key, named as the pinned roster names that key."""
+    """This site's signing identity: its signing key certified by its node key, named as the pinned
+    roster names the node key."""
     roster_path, key_path = site / ROSTER, site / NODE_KEY
     if not roster_path.is_file():
         raise FileNotFoundError(
@@ -85,4 +92,30 @@ def site_identity(site: Path) -> Identity:
     names = [name for name, fingerprint in roster.members.items() if fingerprint == mine]
     if len(names) != 1:
         raise ValueError(f"{roster_path} names this site's key {mine} {len(names)} times, not once: ask the operator for the current roster")
-    return Identity(names[0], key, roster)
+    signing_key = _signing_key(site / SIGNING_KEY)
+    card = make_card(key.public_key(), signing_key.public_key(), certify(key, signing_key.public_key()))
+    known = checked_before([bytes.fromhex(c) for c in read_json(site / KNOWN_CARDS, [])])
+    return Identity(names[0], signing_key, card, roster, known)
+
+
+def remember_cards(site: Path | None, identity: Identity) -> None:
+    """Keep the cards this site has checked (a deployed SuperNode runs each message in a new process)."""
+    if site is not None and len(identity.known) != len(read_json(site / KNOWN_CARDS, [])):
+        write_json_atomic(site / KNOWN_CARDS, [card.hex() for card in identity.known])
+
+
+def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The site's Ed25519 signing key, made on first use (private from the first byte; of two
+    processes making it at once, the first to link it wins and the other reads it)."""
+    if not path.is_file():
+        fresh = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        try:
+            write_bytes_atomic(path, fresh, PRIVATE_MODE, exclusive=True)
+        except FileExistsError:
+            pass
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path}: {type(key).__name__} is not the Ed25519 signing key this site makes; remove it to make a new one")
+    return key

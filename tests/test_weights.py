@@ -8,7 +8,7 @@ import pytest
 from fedlora.aggregate import combine_units
 from fedlora.aggregate.robust import make_rule
 from fedlora.aggregate.units import single_units
-from fedlora.aggregate.weights import unit_weights
+from fedlora.aggregate.weights import secure_weight_reference, unit_weights
 from fedlora.config import ConfigError, load_config
 
 RULES = ["mean", "geomedian", "centered-clip:1.0", "multi-krum:1", "median", "trimmed-mean:0.2"]
@@ -19,6 +19,19 @@ def test_a_claim_weighs_at_most_the_cap_times_the_median_claim() -> None:
     assert unit_weights([60, 30, 90], "capped", 2.0) == [60, 30, 90]  # honest proportions within the cap stay
     assert unit_weights([60, 10**6], "equal", 2.0) == [1.0, 1.0]
     assert unit_weights([60, 10**6], "claimed", 2.0) == [60, 10**6]
+
+
+@pytest.mark.parametrize("weighting", ["capped", "equal", "claimed"])
+def test_a_secure_buckets_reference_gives_each_member_its_plaintext_weight(weighting: str) -> None:
+    # Members of a secure bucket weigh themselves w = min(n / ref, 1) and the bucket's weight is
+    # ref * sum(w): with the reference the coordinator binds, that is unit_weights, liar included.
+    round_claims = [60, 55, 70, 65, 10**6, 40]
+    bucket = [55, 10**6, 40]
+    ref = secure_weight_reference(round_claims, bucket, weighting, 2.0)
+    expected = unit_weights(round_claims, weighting, 2.0)
+    by_claim = dict(zip(round_claims, expected))
+    factor = min(round_claims) if weighting == "equal" else 1.0  # the same for every bucket of the round
+    assert [min(n / ref, 1.0) * ref for n in bucket] == pytest.approx([by_claim[n] * factor for n in bucket])
 
 
 @pytest.mark.parametrize("claims", [[60, 0], [60, -5], [60, float("nan")], [60, float("inf")]])

@@ -23,13 +23,36 @@ WEIGHTINGS = ("capped", "equal", "claimed")
 
 def unit_weights(claims: Sequence[float], weighting: str, cap: float) -> list[float]:
     """One weight per participant from the example counts it claimed (all positive)."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"robust.weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-    counts = np.asarray(claims, dtype=np.float64)
-    if counts.size and not (np.all(np.isfinite(counts)) and np.all(counts > 0)):
-        raise ValueError(f"example counts must be positive and finite, got {list(claims)}")
+    counts = _checked(claims, weighting)
     if weighting == "equal":
         return [1.0] * counts.size
     if weighting == "claimed" or counts.size == 0:
         return counts.tolist()
     return np.minimum(counts, cap * float(np.median(counts))).tolist()
+
+
+def secure_weight_reference(round_claims: Sequence[float], bucket_claims: Sequence[float], weighting: str, cap: float) -> float:
+    """The count each member of a secure bucket divides its own claim by (w = min(n / ref, 1), the
+    bucket's weight = ref * sum of w), chosen so that w * ref is the member's `unit_weights` weight
+    (times one factor for the whole round): `claimed`, the largest claim in the bucket; `equal`, the
+    round's smallest claim (every w = 1, each member weighs that factor);
+    `capped`, the largest claim but at most `cap` times the round's median claim, so a member
+    claiming more than the cap weighs the cap, whatever its claim. The coordinator sees the
+    claims; the reference is bound into the instance, so every member uses the same one."""
+    members, everyone = _checked(bucket_claims, weighting), _checked(round_claims, weighting)
+    if not members.size:
+        raise ValueError("a secure bucket needs members")
+    if weighting == "equal":
+        return float(everyone.min())
+    if weighting == "claimed":
+        return float(members.max())
+    return float(min(members.max(), cap * float(np.median(everyone))))
+
+
+def _checked(claims: Sequence[float], weighting: str) -> np.ndarray:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"robust.weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    counts = np.asarray(claims, dtype=np.float64)
+    if counts.size and not (np.all(np.isfinite(counts)) and np.all(counts > 0)):
+        raise ValueError(f"example counts must be positive and finite, got {list(claims)}")
+    return counts

@@ -78,6 +78,6 @@ def run_secure_sum(
     responses = []
     for ask in asks:
         if ask.receiver not in gone:
-            states[ask.receiver], response = part.unmask(_wire(states[ask.receiver]), _wire(ask))
+            states[ask.receiver], response = part.unmask(_wire(states[ask.receiver]), _wire(ask), identities[ask.receiver])
             responses.append(_wire(response, ask.receiver))
     return server.collect_unmask(responses)

@@ -90,7 +90,7 @@ class KeysAdvert(Message):
     c_ids: list[int]  # its neighbours, in order ...
     c_publics: list[bytes]  # ... and the key it receives each one's shares on
     possession: bytes  # proof it holds the private keys of s_public and c_publics
-    identity: bytes  # its long-term public key (OpenSSH line), on the roster under its name ...
+    identity: bytes  # its card (`identity.make_card`): signing key certified by its node key, on the roster under its name ...
     signatures: list[bytes]  # ... signing, per neighbour, `identity.key_statement` of its keys for that neighbour
 
 
@@ -102,7 +102,7 @@ class KeysRelay(Message):
     ids: list[int]
     c_publics: list[bytes]  # ids[m]'s receiving key for shares from this receiver
     s_publics: list[bytes]
-    identities: list[bytes]  # ids[m]'s long-term key ...
+    identities: list[bytes]  # ids[m]'s card ...
     signatures: list[bytes]  # ... and its signature of its keys for this receiver
 
 
@@ -162,8 +162,9 @@ class UnmaskRequest(Message):
     receiver: int
     survived: list[int]  # neighbours whose masked input arrived: reveal b-shares
     dropped: list[int]  # neighbours who masked with us but sent nothing: reveal s-shares
-    signers: list[int]  # neighbours that signed the survivor set ...
-    signatures: list[bytes]  # ... and their signatures: a participant reveals nothing without t on its own set
+    signers: list[int]  # members that signed the survivor set ...
+    signatures: list[bytes]  # ... their signatures: a participant reveals nothing without a majority on its own set ...
+    signer_identities: list[bytes]  # ... and their cards
 
 
 # Stage 6 reply: participant -> server.
@@ -201,7 +202,6 @@ class ParticipantState(Message):
     c_privates: list[bytes]  # receiving key per neighbour (same order as `neighbours`)
     key_ids: list[int]  # neighbours whose keys were relayed to us (stage 3)
     key_s_publics: list[bytes]
-    key_identities: list[bytes]  # their long-term keys, checked against the roster
     b_seed: bytes
     own_b_share: bytes
     share_owners: list[int]  # neighbours whose valid shares we hold (stage 4)
@@ -209,4 +209,5 @@ class ParticipantState(Message):
     held_s_shares: list[bytes]
     survivors: list[int]  # the survivor set it signed (stage 5)
     wire_bits: int
-    member_count: int  # members of the instance: a 16-bit wire's cap per member depends on it
+    members: list[int]  # every member of the instance (a 16-bit wire's cap per member depends on their number) ...
+    member_names: list[str]  # ... and its roster name: whose signatures on the survivor set count

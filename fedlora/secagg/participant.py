@@ -160,12 +160,13 @@ def setup(request: SetupRequest, identity: Identity) -> tuple[ParticipantState, 
         scale=float(request.scale),
         stage="advertised",
         neighbour_names=[request.member_names[request.members.index(j)] for j in request.neighbours],
+        members=list(request.members),
+        member_names=list(request.member_names),
         s_private=s_private,
         s_public=s_public,
         c_privates=[c for c, _ in receiving],
         key_ids=[],
         key_s_publics=[],
-        key_identities=[],
         b_seed=b"",
         own_b_share=b"",
         share_owners=[],
@@ -173,7 +174,6 @@ def setup(request: SetupRequest, identity: Identity) -> tuple[ParticipantState, 
         held_s_shares=[],
         survivors=[],
         wire_bits=request.wire_bits,
-        member_count=len(request.members),
     )
     signatures = [
         identity.sign(key_statement(params, me, j, s_public, c_public))
@@ -181,7 +181,7 @@ def setup(request: SetupRequest, identity: Identity) -> tuple[ParticipantState, 
     ]
     advert = KeysAdvert(
         request.round_id, me, s_public, list(request.neighbours), [p for _, p in receiving], proof,
-        identity.public, signatures,
+        identity.card, signatures,
     )
     return state, advert
 
@@ -195,14 +195,14 @@ def _check_signed_keys(state: ParticipantState, relay: KeysRelay, identity: Iden
     me = state.participant_id
     for j, c_pub, s_pub, ident, sig in zip(relay.ids, relay.c_publics, relay.s_publics, relay.identities, relay.signatures, strict=True):
         name = state.neighbour_names[state.neighbours.index(j)]
-        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub))
+        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub), identity.known)
         if fault:
             raise SecAggCoordinatorFault(
                 f"relayed keys of participant {j} ({name!r}) to {me} that {name!r} did not sign: {fault}",
                 {
                     "round_id": state.round_id, "params": state.params.hex(), "owner": j, "owner_name": name,
                     "roster_fingerprint": identity.roster.members.get(name, ""), "s_public": s_pub.hex(),
-                    "c_public": c_pub.hex(), "identity": ident.decode(errors="replace"), "signature": sig.hex(),
+                    "c_public": c_pub.hex(), "card": ident.hex(), "signature": sig.hex(),
                 },
             )
 
@@ -257,7 +257,6 @@ def share_keys(state: ParticipantState, relay: KeysRelay, identity: Identity) ->
         stage="shared",
         key_ids=list(ids),
         key_s_publics=list(relay.s_publics),
-        key_identities=list(relay.identities),
         b_seed=b_seed,
         own_b_share=b_shares[x_coord(me)],
     )
@@ -306,7 +305,7 @@ def mask_input(
         )
     if noise is not None and (np.shape(noise) != (state.vector_length,) or not np.issubdtype(np.asarray(noise).dtype, np.integer)):
         raise ValueError(f"noise must be {state.vector_length} integers, got {np.asarray(noise).dtype} {np.shape(noise)}")
-    narrow = narrowing(state.wire_bits, state.vector_length, state.member_count, state.params)
+    narrow = narrowing(state.wire_bits, state.vector_length, len(state.members), state.params)
     if noise is not None and narrow is not None:
         raise ValueError("distributed DP noise does not fit the 16-bit wire; use secagg.wire_bits=32")
     owners, held_b, held_s, accused, revealed = [], [], [], [], []

@@ -18,7 +18,7 @@ import dataclasses
 
 from .errors import SecAggAbort, SecAggCoordinatorFault, SecAggProtocolError
 from .guards import check_ids, expect
-from .identity import Identity, survivor_statement, verify
+from .identity import Identity, check_signed, survivor_statement
 from .messages import ParticipantState, SurvivorsRequest, SurvivorsSignature, UnmaskRequest, UnmaskResponse
 
 
@@ -44,35 +44,39 @@ def _inconsistent(state: ParticipantState, what: str, **evidence: object) -> Sec
     )
 
 
-def check_survivors(state: ParticipantState, request: UnmaskRequest) -> None:
-    """At least t signatures on the set this participant signed, and a request that agrees with it."""
+def signatures_needed(state: ParticipantState) -> int:
+    """Valid signatures on the survivor set (its own included) before revealing: a majority of the
+    instance's members, and at least t."""
+    return max(state.threshold, len(state.members) // 2 + 1)
+
+
+def check_survivors(state: ParticipantState, request: UnmaskRequest, identity: Identity) -> None:
+    """A majority of members' signatures on the set this participant signed, and a request that agrees with it."""
     signed = set(state.survivors)
     disagree = sorted({j for j in request.survived if j not in signed} | {j for j in request.dropped if j in signed})
     if disagree:
         raise _inconsistent(state, f"unmask request treats {disagree} otherwise than the survivor set it signed",
                             survived=list(request.survived), dropped=list(request.dropped))
-    if len(request.signers) != len(request.signatures) or len(set(request.signers)) != len(request.signers):
+    if not len(request.signers) == len(request.signatures) == len(request.signer_identities) or len(set(request.signers)) != len(request.signers):
         raise _inconsistent(state, "relayed a malformed list of survivor-set signatures", signers=list(request.signers))
     statement = survivor_statement(state.params, state.survivors)
-    valid = 0
-    for j, signature in zip(request.signers, request.signatures, strict=True):
-        if j not in state.key_ids or j == state.participant_id:
-            raise _inconsistent(state, f"relayed a survivor-set signature of {j}, not a neighbour whose key it holds", signer=j)
-        name = state.neighbour_names[state.neighbours.index(j)]
-        try:
-            verify(state.key_identities[state.key_ids.index(j)], signature, statement)
-        except ValueError:
+    for j, signature, card in zip(request.signers, request.signatures, request.signer_identities, strict=True):
+        if j not in state.members or j == state.participant_id:
+            raise _inconsistent(state, f"relayed a survivor-set signature of {j}, not another member of the instance", signer=j)
+        name = state.member_names[state.members.index(j)]
+        fault = check_signed(identity.roster, name, card, signature, statement, identity.known)
+        if fault:
             raise _inconsistent(
-                state, f"neighbour {j} ({name!r}) did not sign the survivor set this participant was told: inconsistent views",
-                signer=j, signer_name=name, signature=signature.hex(),
-            ) from None
-        valid += 1
-    if valid + 1 < state.threshold:
-        raise _inconsistent(state, f"relayed {valid} neighbours' signatures on the survivor set; threshold {state.threshold} needs {state.threshold - 1}",
-                            signers=list(request.signers))
+                state, f"member {j} ({name!r}) did not sign the survivor set this participant was told ({fault}): inconsistent views",
+                signer=j, signer_name=name, signature=signature.hex(), card=card.hex(),
+            )
+    need = signatures_needed(state)
+    if len(request.signers) + 1 < need:
+        raise _inconsistent(state, f"relayed {len(request.signers)} members' signatures on the survivor set; "
+                            f"{need} of {len(state.members)} members must have signed it", signers=list(request.signers))
 
 
-def unmask(state: ParticipantState, request: UnmaskRequest) -> tuple[ParticipantState, UnmaskResponse]:
+def unmask(state: ParticipantState, request: UnmaskRequest, identity: Identity) -> tuple[ParticipantState, UnmaskResponse]:
     """Stage 6: after the consistency check, b-shares of survivors (and own), s-shares of dropped; never both for one."""
     me = state.participant_id
     if state.stage == "unmasked":
@@ -92,7 +96,7 @@ def unmask(state: ParticipantState, request: UnmaskRequest) -> tuple[Participant
     unknown = sorted(set(survived + request.dropped) - set(state.share_owners))
     if unknown:
         raise SecAggProtocolError(unknown[0], f"participant {me} holds no shares of {unknown[0]}")
-    check_survivors(state, request)
+    check_survivors(state, request, identity)
     if len(survived) + 1 < state.threshold:
         raise SecAggAbort(
             f"participant {me}: only {len(survived)} neighbours survived, "

@@ -28,7 +28,8 @@ owner's long-term identity (`identity`), which participants check against their 
 server checks the signatures too (and the roster, when it is given one), so that it never relays
 what an honest participant would refuse and blame on it. Before any share is revealed, every
 survivor signs the survivor set (ConsistencyCheck, Bonawitz et al. round 4; `reveal`), and the
-server relays to each the signatures of its neighbours. See docs/threat-model.md.
+server relays to each every member's signature, which must come from a majority of the members.
+See docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from . import crypto, shamir
 from .errors import SecAggAbort
 from .fixedpoint import check_no_overflow, choose_scale, decode, error_bound
 from .graph import check_ids, communication_graph, default_degree, default_threshold
-from .identity import Roster, fingerprint, key_statement, survivor_statement, verify
+from .identity import Card, Roster, key_statement, open_card, survivor_statement, verify
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -65,6 +66,7 @@ from .rotation import rotated_bound
 log = logging.getLogger("fedlora.secagg")
 CIPHERTEXT_BYTES = crypto.KEY_BYTES + crypto.NONCE_BYTES + BUNDLE_BYTES + crypto.TAG_BYTES
 _DIGEST_BYTES = 32
+_KNOWN_CARDS: dict[bytes, Card] = {}  # cards whose certificate this process checked (`identity.open_card`)
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ class SecAggServer:
         self.blamed: dict[int, str] = {}
         self.s_publics: dict[int, bytes] = {}
         self.receiving: dict[tuple[int, int], bytes] = {}  # (holder, sender) -> holder's key
-        self.identities: dict[int, bytes] = {}  # id -> its long-term key
+        self.identities: dict[int, bytes] = {}  # id -> its card
+        self.cards: dict[int, Card] = {}  # id -> its card, opened
         self.key_signatures: dict[tuple[int, int], bytes] = {}  # (owner, receiver) -> owner's signature
         self.key_relay: dict[int, list[int]] = {}  # id -> neighbours whose keys it got (U1)
         self.relayed: dict[int, list[int]] = {}  # id -> neighbours whose shares it got (U2)
@@ -232,18 +235,20 @@ class SecAggServer:
         return self._signature_fault(i, msg)
 
     def _signature_fault(self, i: int, msg: KeysAdvert) -> str | None:
-        """Its keys signed by its identity (on the roster under its name, when the server has one):
+        """Its keys signed by its card (on the roster under its name, when the server has one):
         an honest server relays nothing its neighbours would refuse and blame on it."""
         name = self.names[self.ids.index(i)]
         if len(msg.signatures) != len(msg.c_ids):
             return f"sent {len(msg.signatures)} key signatures for {len(msg.c_ids)} neighbours"
         try:
-            if self.roster is not None and fingerprint(msg.identity) != self.roster.fingerprint_of(name):
-                return f"advertised identity {fingerprint(msg.identity)}, not {name!r}'s roster key"
+            card = open_card(msg.identity, _KNOWN_CARDS)
+            if self.roster is not None and card.fingerprint != self.roster.fingerprint_of(name):
+                return f"advertised identity {card.fingerprint}, not {name!r}'s roster key"
             for j, c_public, signature in zip(msg.c_ids, msg.c_publics, msg.signatures, strict=True):
-                verify(msg.identity, signature, key_statement(self.params, i, j, msg.s_public, c_public))
+                verify(card, signature, key_statement(self.params, i, j, msg.s_public, c_public))
         except (KeyError, ValueError) as err:
             return f"advertised keys not signed by its identity: {err}"
+        self.cards[i] = card
         return None
 
     def collect_keys(self, adverts: list[KeysAdvert]) -> list[KeysRelay]:
@@ -378,25 +383,33 @@ class SecAggServer:
 
     def collect_signatures(self, replies: list[SurvivorsSignature]) -> list[UnmaskRequest]:
         """Stage 5 -> 6 (ConsistencyCheck): check each survivor's signature on the survivor set and
-        relay to each signer its neighbours' signatures; ask only those who will see t (`reveal`)."""
+        relay every valid one to every signer; abort unless a majority of members (and t) signed."""
         self._advance("consistency", "unmask")
         statement = survivor_statement(self.params, sorted(self.u3))
         signed: dict[int, bytes] = {}
         for i, msg in self._accept(replies, self.u3, "consistency check").items():
             try:
-                verify(self.identities[i], msg.signature, statement)
+                verify(self.cards[i], msg.signature, statement)
                 signed[i] = msg.signature
             except ValueError:
                 self.blame(i, "did not sign the survivor set it was sent")
-        signers = {i: [j for j in self.key_relay[i] if j in signed] for i in signed}
-        self.holding = {i for i in signed if len(signers[i]) + 1 >= self.threshold}
+        need = max(self.threshold, len(self.ids) // 2 + 1)
+        if len(signed) < need:
+            raise SecAggAbort(
+                f"round {self.round_id}: {len(signed)} members signed the survivor set; {need} of "
+                f"{len(self.ids)} must (a majority, and the threshold) before anyone reveals a share"
+            )
+        self.holding = set(signed)
         self._check_recoverable()
         requests = []
         for i in sorted(self.holding):
             held = [j for j in self.relayed[i] if (i, j) not in self.lacking]
             survived = [j for j in held if j in self.u3]
             dropped = [j for j in held if j not in self.u3]
-            self.asked[i] = UnmaskRequest(self.round_id, i, survived, dropped, signers[i], [signed[j] for j in signers[i]])
+            others = [j for j in sorted(signed) if j != i]
+            self.asked[i] = UnmaskRequest(
+                self.round_id, i, survived, dropped, others, [signed[j] for j in others], [self.identities[j] for j in others]
+            )
             requests.append(self.asked[i])
         return requests
 

@@ -78,7 +78,7 @@ class Round:
     def responses(self, asks):
         out = []
         for req in asks:
-            self.states[req.receiver], resp = part.unmask(self.states[req.receiver], req)
+            self.states[req.receiver], resp = part.unmask(self.states[req.receiver], req, self.identities[req.receiver])
             out.append(resp)
         return out
 

@@ -65,9 +65,11 @@ class Federation:
     n: int = 5
     d: int = 64
     weight_ref: float = 100.0
+    degree: int | None = None  # None: the default graph (complete up to its degree)
     server: SecAggServer = field(init=False)
 
     def __post_init__(self) -> None:
+        self.terms = TERMS if self.degree is None else Terms.of(SecaggSection(enabled=True, degree=self.degree), PrivacySection(), 1.0)
         self.sites, self.roster = make_sites(self.root, self.n)
         self.nodes = {i: NODE0 + i for i in range(self.n)}
         app = ClientApp()
@@ -76,10 +78,11 @@ class Federation:
         rng = np.random.default_rng(0)
         self.updates = {i: (rng.normal(size=self.d) * 0.05).astype(np.float32) for i in range(self.n)}
         for i, node in self.nodes.items():
-            participant_secure.keep_update(self.grid.contexts[node], self.updates[i], 100, ROUND, os.urandom(32), TERMS)
+            participant_secure.keep_update(self.grid.contexts[node], self.updates[i], 100, ROUND, os.urandom(32), self.terms)
         self.server = SecAggServer(
             "run-x/round-3/bucket-0", list(range(self.n)), self.d + 1, input_clip_norm(1.0),
             context=round_context(ROUND, self.weight_ref), names=[f"participant-{i}" for i in range(self.n)], roster=self.roster,
+            degree=self.degree,
         )
 
     def honest_sum(self, silent: set[tuple[int, str]]) -> SecureSum:

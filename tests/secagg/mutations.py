@@ -260,13 +260,23 @@ MUTATIONS = [
         "relayed-keys-unsigned",
         "a participant accepts relayed keys without checking its neighbour's signature (key substitution)",
         (("fedlora/secagg/participant.py",
-          "        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub))",
+          "        fault = check_signed(identity.roster, name, ident, sig, key_statement(state.params, j, me, s_pub, c_pub), identity.known)",
           "        fault = None"),),
     ),
     Mutation(
         "signer-not-checked-against-roster",
         "any valid signature accepted, whatever key made it (the coordinator signs with its own)",
-        (("fedlora/secagg/identity.py", "        if fingerprint(identity) != expected:", "        if False:"),),
+        (("fedlora/secagg/identity.py", "        if opened.fingerprint != expected:", "        if False:"),),
+    ),
+    Mutation(
+        "seed-commitment-unchecked",
+        "a dealer's self-mask seed accepted from its shares without matching its commitment (its real mask stays in the sum)",
+        (("fedlora/secagg/server.py", "            if crypto.commit_seed(self.params, u, b_seed) != self.commitments[u]:", "            if False:"),),
+    ),
+    Mutation(
+        "card-certificate-unchecked",
+        "a card's signing key accepted without its node key's certificate (the coordinator presents its own key under a member's node key)",
+        (("fedlora/secagg/identity.py", "        node.verify(certificate, _certified_statement(raw), _SIGNATURE)", "        pass"),),
     ),
     Mutation(
         "roster-unchecked-at-setup",
@@ -285,15 +295,20 @@ MUTATIONS = [
     ),
     Mutation(
         "survivor-signatures-unchecked",
-        "a participant reveals shares without verifying its neighbours' signatures on the survivor set it signed",
+        "a participant reveals shares without verifying the members' signatures on the survivor set it signed",
         (("fedlora/secagg/reveal.py",
-          "            verify(state.key_identities[state.key_ids.index(j)], signature, statement)",
-          "            pass"),),
+          "        fault = check_signed(identity.roster, name, card, signature, statement, identity.known)",
+          "        fault = None"),),
     ),
     Mutation(
-        "fewer-than-t-survivor-signatures",
-        "a participant reveals shares with fewer than t signatures on its survivor set",
-        (("fedlora/secagg/reveal.py", "    if valid + 1 < state.threshold:", "    if False:"),),
+        "too-few-survivor-signatures",
+        "a participant reveals shares whatever the number of signatures on its survivor set",
+        (("fedlora/secagg/reveal.py", "    if len(request.signers) + 1 < need:", "    if False:"),),
+    ),
+    Mutation(
+        "survivor-signatures-from-a-neighbourhood",
+        "t signatures (a neighbourhood's worth) suffice instead of a majority of the bucket: a sparse bucket can be split",
+        (("fedlora/secagg/reveal.py", "    return max(state.threshold, len(state.members) // 2 + 1)", "    return state.threshold"),),
     ),
     Mutation(
         "unmask-request-not-matched-to-signed-set",

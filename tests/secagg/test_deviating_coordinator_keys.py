@@ -2,43 +2,56 @@
 
 Before identities, a coordinator relayed its own receiving keys in place of the target's
 neighbours' keys, opened the target's share bundles, re-sealed them to the real neighbours and
-later unmasked the target. Now every advertised key is signed with its owner's registered node
-key and every site checks the signature against its pinned roster: the target refuses, blames
-the coordinator with evidence in its events.jsonl, and seals nothing under the substituted keys.
+later unmasked the target. Now every advertised key is signed with its owner's signing key,
+certified by its registered node key, and every site checks certificate, signature and roster
+fingerprint: the target refuses, blames the coordinator with evidence in its events.jsonl, and
+seals nothing under the substituted keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fedlora.pki import CURVE
+from fedlora.pki import CURVE, key_fingerprint, load_node_public_key
 from fedlora.secagg import crypto
-from fedlora.secagg.identity import encode_public, fingerprint, key_statement
+from fedlora.secagg.identity import certify, key_statement, make_card, open_card
 from fedlora.secagg.messages import KeysAdvert, KeysRelay
+from participant.site import KNOWN_CARDS, SIGNING_KEY, site_identity
 from tests.secagg.deviating import Federation, events
 
 TARGET = 0
 
 
-def _substitute(fed: Federation, relay: KeysRelay, resign: bool) -> KeysRelay:
-    """The target's relay with the coordinator's own receiving keys; `resign`: signed with the
-    coordinator's own P-384 key (presented as the neighbours' identity), else the real signatures kept."""
+def _coordinator_card(node_public: ec.EllipticCurvePublicKey | None = None) -> tuple[ed25519.Ed25519PrivateKey, bytes, ec.EllipticCurvePrivateKey]:
+    """A signing key of the coordinator's and its card, certified by the coordinator's own node key;
+    presented under `node_public` (someone else's roster key) when given, so the certificate is forged."""
+    node, signing = ec.generate_private_key(CURVE()), ed25519.Ed25519PrivateKey.generate()
+    return signing, make_card(node_public or node.public_key(), signing.public_key(), certify(node, signing.public_key())), node
+
+
+def _substitute(fed: Federation, relay: KeysRelay, resign: str) -> KeysRelay:
+    """The target's relay with the coordinator's own receiving keys; `resign`: "no" keeps the real
+    signatures, "own-card" signs with a card of the coordinator's own, "forged-card" with a card
+    that names each neighbour's real node key over a certificate the coordinator made."""
     ours = [crypto.generate_keypair()[1] for _ in relay.ids]
-    if not resign:
+    if resign == "no":
         return dataclasses.replace(relay, c_publics=ours)
-    key = ec.generate_private_key(CURVE())
-    params = fed.server.params
-    signatures = [key.sign(key_statement(params, j, TARGET, s, c), ec.ECDSA(hashes.SHA384())) for j, s, c in zip(relay.ids, relay.s_publics, ours)]
-    return dataclasses.replace(relay, c_publics=ours, identities=[encode_public(key.public_key())] * len(ours), signatures=signatures)
+    cards, signatures = [], []
+    for j, s, c in zip(relay.ids, relay.s_publics, ours, strict=True):
+        victim = load_node_public_key(fed.sites[j] / "node.pub") if resign == "forged-card" else None
+        signing, card, _ = _coordinator_card(victim)
+        cards.append(card)
+        signatures.append(signing.sign(key_statement(fed.server.params, j, TARGET, s, c)))
+    return dataclasses.replace(relay, c_publics=ours, identities=cards, signatures=signatures)
 
 
-@pytest.mark.parametrize("resign", [False, True], ids=["neighbours-signatures-kept", "signed-by-the-coordinator"])
-def test_receiving_keys_substituted_by_the_coordinator_are_refused_and_blamed_on_it(tmp_path: Path, resign: bool) -> None:
+@pytest.mark.parametrize("resign", ["no", "own-card", "forged-card"])
+def test_receiving_keys_substituted_by_the_coordinator_are_refused_and_blamed_on_it(tmp_path: Path, resign: str) -> None:
     fed = Federation(tmp_path)
     adverts = fed.answers("setup", fed.send("setup", fed.server.setup()))
     relays = fed.server.collect_keys(adverts)
@@ -48,6 +61,8 @@ def test_receiving_keys_substituted_by_the_coordinator_are_refused_and_blamed_on
     replies = fed.send("share_keys", relays)
     # The target seals nothing to the substituted keys: its reply is a refusal naming the coordinator.
     assert replies[TARGET].has_error() and "coordinator" in replies[TARGET].error.reason
+    why = {"no": "signature does not verify", "own-card": "not 'participant-", "forged-card": "certificate does not verify"}[resign]
+    assert why in replies[TARGET].error.reason
     assert all(not replies[i].has_error() for i in range(1, fed.n))
     (blame,) = events(fed.sites[TARGET])
     owner = target.ids[0]
@@ -85,10 +100,10 @@ def test_the_checking_server_blames_a_participant_whose_identity_is_not_its_rost
     # coordinator; the honest coordinator checks the roster first and blames the participant.
     fed = Federation(tmp_path, n=4)
     adverts: list[KeysAdvert] = fed.answers("setup", fed.send("setup", fed.server.setup()))
-    key = ec.generate_private_key(CURVE())
-    adverts[2] = dataclasses.replace(adverts[2], identity=encode_public(key.public_key()))
+    signing, card, node = _coordinator_card()
+    adverts[2] = dataclasses.replace(adverts[2], identity=card, signatures=[signing.sign(b"anything") for _ in adverts[2].signatures])
     relays = fed.server.collect_keys(adverts)
-    assert list(fed.server.blamed) == [2] and fingerprint(adverts[2].identity) in fed.server.blamed[2]
+    assert list(fed.server.blamed) == [2] and key_fingerprint(node.public_key()) in fed.server.blamed[2]
     assert all(2 not in r.ids for r in relays)
 
 
@@ -99,3 +114,21 @@ def test_an_honest_coordinator_completes_with_pinned_rosters_and_dropouts(tmp_pa
     assert sorted(unit.members) == ["participant-0", "participant-2", "participant-3", "participant-4"]
     assert [r["participant"] for r in result.recovered] == ["participant-3"]
     assert not any(events(site) for site in fed.sites.values())
+    # Each site signed with its own signing key, kept private, and the same card every time
+    # (a deterministic certificate); it remembers the cards it checked, so a new process does
+    # not check their certificates again.
+    cards = {i: site_identity(directory).card for i, directory in fed.sites.items()}
+    for i, directory in fed.sites.items():
+        assert (directory / SIGNING_KEY).stat().st_mode & 0o777 == 0o600
+        identity = site_identity(directory)
+        assert identity.card == cards[i]
+        assert set(identity.known) == {cards[j] for j in cards if j != i}  # complete graph: every other member
+        assert sorted(json.loads((directory / KNOWN_CARDS).read_text())) == sorted(c.hex() for c in identity.known)
+
+
+def test_a_truncated_or_foreign_card_is_refused(tmp_path: Path) -> None:
+    signing, card, _ = _coordinator_card()
+    for bad in (card[:20], card[:40], card[:-5]):
+        with pytest.raises(ValueError):
+            open_card(bad, {})
+    assert open_card(card, {}).signing_key.public_bytes_raw() == signing.public_key().public_bytes_raw()

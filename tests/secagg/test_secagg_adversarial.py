@@ -194,6 +194,20 @@ def test_shares_dealt_inconsistently_are_blamed_on_their_dealer(make_round):
     rnd.check_sum(result, list(range(6)))
 
 
+def test_a_dealer_whose_consistent_shares_decode_to_another_seed_than_its_commitment_is_blamed(make_round):
+    # Owner 2 deals honest, consistent shares of its self-mask seed but commits to another seed:
+    # every share matches, decoding finds nothing off the polynomial, only the commitment check
+    # can tell. The seed the shares give would leave 2's real self-mask in the sum, so the bucket
+    # aborts, and 2, not a holder, is blamed.
+    rnd = make_round(n=5)
+    uploads = rnd.uploads(rnd.server.collect_keys(rnd.adverts()))
+    _replace(uploads, 2, b_commitment=crypto.commit_seed(rnd.states[2].params, 2, os.urandom(32)))
+    asks = rnd.asks(rnd.masked(rnd.server.collect_shares(uploads)))
+    with pytest.raises(SecAggAbort, match="self-mask of 2 cannot be removed"):
+        rnd.server.collect_unmask(rnd.responses(asks))
+    assert list(rnd.server.blamed) == [2] and "does not match its commitment" in rnd.server.blamed[2]
+
+
 def test_a_sum_whose_masks_do_not_cancel_is_refused_by_the_count_slot(make_round):
     # A participant that masks with anything but its agreed seeds turns the sum into noise; the
     # server cannot tell whose input it was, but it refuses the noise instead of publishing it.
@@ -230,13 +244,13 @@ def test_request_for_both_shares_is_refused(make_round):
     ask = _by(asks, 0)
     greedy = dataclasses.replace(ask, dropped=[ask.survived[0]])
     with pytest.raises(SecAggProtocolError, match="both") as err:
-        part.unmask(rnd.states[0], greedy)
+        part.unmask(rnd.states[0], greedy, rnd.identities[0])
     assert err.value.participant == ask.survived[0]
     # An honest answer is given once; a second request (with the other share) is refused.
-    state, response = part.unmask(rnd.states[0], ask)
+    state, response = part.unmask(rnd.states[0], ask, rnd.identities[0])
     assert set(response.b_owners).isdisjoint(response.s_owners)
     with pytest.raises(SecAggProtocolError, match="already answered"):
-        part.unmask(state, dataclasses.replace(ask, survived=[], dropped=ask.survived[:1]))
+        part.unmask(state, dataclasses.replace(ask, survived=[], dropped=ask.survived[:1]), rnd.identities[0])
 
 
 def test_a_participant_refuses_to_unmask_when_too_few_neighbours_survived(make_round):
@@ -246,7 +260,7 @@ def test_a_participant_refuses_to_unmask_when_too_few_neighbours_survived(make_r
     ask = _by(rnd.to_unmask(), 0)
     lonely = dataclasses.replace(ask, survived=ask.survived[:1], dropped=[])
     with pytest.raises(SecAggAbort, match="only 1 neighbours survived"):
-        part.unmask(rnd.states[0], lonely)
+        part.unmask(rnd.states[0], lonely, rnd.identities[0])
 
 
 def test_the_server_aborts_before_asking_for_any_share_when_a_secret_lacks_holders(make_round):

@@ -78,7 +78,7 @@ def test_no_rotated_coordinate_leaves_the_bound(d):
 def test_both_sides_derive_the_same_rotation_and_each_round_its_own():
     servers = [SecAggServer(f"run/round-{r}/bucket-0", [0, 1, 2], 1001, 1.0, wire_bits=16) for r in (1, 2)]
     state, _ = part.setup(servers[0].setup()[1], simulated_identity("participant-1", servers[0].names))
-    mine = narrowing(state.wire_bits, state.vector_length, state.member_count, state.params)
+    mine = narrowing(state.wire_bits, state.vector_length, len(state.members), state.params)
     assert mine == servers[0].narrow and mine.length == 1000 and mine.cap == NARROW_MAX // 3
     first, second = (signs(server.narrow.seed, 1000) for server in servers)
     assert 0.4 < np.mean(first != second) < 0.6  # another round: other signs
