@@ -160,7 +160,7 @@ def run_fedlora(n: int, d: int, seed: int) -> dict[str, Any]:
     del updates
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(nodes)]
     started = time.perf_counter()
-    result = secure_sum(grid, members, sec, seed, 1, d, "bench", CLIP_NORM)
+    result = secure_sum(grid, members, sec, 1, d, "bench", CLIP_NORM)
     mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])
     wall = time.perf_counter() - started
     if result.aborted or len(result.buckets[0].members) != n:
