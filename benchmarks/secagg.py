@@ -177,7 +177,7 @@ def run_fedlora(n: int, d: int, seed: int, rounds: int = 1) -> dict[str, Any]:
                                hashlib.sha256(f"{seed}/{server_round}/{i}".encode()).digest(), terms)
         since = _counters(grid)
         started = time.perf_counter()
-        result = secure_sum(grid, members, sec, seed, server_round, d, "bench", CLIP_NORM)
+        result = secure_sum(grid, members, sec, server_round, d, "bench", CLIP_NORM)
         mean = weighted_mean([b.mean for b in result.buckets], [b.weight for b in result.buckets])
         wall = time.perf_counter() - started
         if result.aborted or len(result.buckets[0].members) != n:

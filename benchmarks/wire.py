@@ -86,7 +86,7 @@ def run_cell(bits: int, n: int, d: int, seed: int) -> dict[str, Any]:
     del vectors
     members = [Member(node, f"participant-{i:03d}", counts[node]) for i, node in enumerate(counts)]
     started = time.perf_counter()
-    result = secure_sum(grid, members, sec, seed, 1, d, "wire", CLIP_NORM)
+    result = secure_sum(grid, members, sec, 1, d, "wire", CLIP_NORM)
     wall = time.perf_counter() - started
     if result.aborted or len(result.buckets[0].members) != n:
         raise RuntimeError(f"secure sum failed: {result.aborted} {result.skipped}")

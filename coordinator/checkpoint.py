@@ -5,9 +5,10 @@ user-level DP accountant, the reputation book, the round number and the config h
 `.npz` file replaced atomically (fedlora/atomic.py): after a crash the file is the last
 completed round's, whole. Arrays are stored as arrays; everything else as one JSON document.
 
-Randomness needs no saved state: sampling, bucketing and simulated attacks are drawn from
-generators seeded by (federation.seed, round), so a resumed round draws what it would have;
-DP noise and Poisson sampling come fresh from the OS CSPRNG and must never be replayed.
+Randomness needs no saved state: sampling and simulated attacks are drawn from generators
+seeded by (federation.seed, round), so a resumed round draws what it would have; DP noise,
+Poisson sampling and secure aggregation's bucket secret come fresh from the OS CSPRNG and must
+never be replayed (a re-run secure round draws new buckets; the audit log keeps both draws).
 """
 
 from __future__ import annotations

@@ -317,7 +317,7 @@ class Coordinator:
             length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
             with self.timed("secure_sum"):  # the SecAgg+ stages: keys, shares, masked inputs, unmasking
                 gathered = gather_secure(
-                    self.grid, members, sec, fed.seed, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
+                    self.grid, members, sec, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
                     binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector)),  # what the train instructions carried
                     roster=self.book.roster() if self.book else None,
                 )
@@ -339,12 +339,15 @@ class Coordinator:
                 row.update(self.evaluate(nodes, server_round))
         row["stage_seconds"] = {stage: round(seconds, 4) for stage, seconds in self.stage_seconds.items()}
         row["seconds"] = round(time.monotonic() - started, 3)
+        secagg = row.get("secagg", {})
         self.round_record = self.out.audit.append({
             "event": "round",
             "round": server_round,
             "sampled": [self.name(n) for n in sampled],
             "answered": [m.name for m in gathered.included],
-            "buckets": [b["members"] for b in row.get("secagg", {}).get("buckets", [])],
+            "buckets": [b["members"] for b in secagg.get("buckets", [])],
+            # The secret that drew them (fedlora.secagg.buckets): `fedlora audit verify` recomputes them from it.
+            **({"bucket_secret": secagg["bucket_secret"], "bucket_size": sec.bucket_size} if "bucket_secret" in secagg else {}),
             "skipped": row["skipped"],
             "applied": row.get("applied", False),
             "epsilon": row.get("epsilon"),

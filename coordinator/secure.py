@@ -1,7 +1,9 @@
 """Secure aggregation in the coordinator's round: SecAgg+ per bucket, over Flower messages.
 
 After the train exchange (participants reply with metadata only and keep their update), the
-round's participants are shuffled into buckets (`secagg.bucket_size`), and one
+round's participants are shuffled into buckets (`secagg.bucket_size`) by a secret drawn from the
+OS CSPRNG now that they are known (`fedlora.secagg.buckets`: nothing a participant received or
+chose predicts who shares its bucket; the secret is in the round's row and audit record), and one
 `fedlora.secagg.SecAggServer` per bucket is driven through its stages: each stage is one
 `grid.send_and_receive` of `query.secagg_<stage>` messages for all buckets at once. The
 coordinator only ever holds masked vectors and, at the end, one sum per bucket: a
@@ -57,7 +59,7 @@ from coordinator.gather import Gathered, Member, Rejection, error_reason
 from fedlora.aggregate import Unit
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.privacy.ledger import meets, present_noise_multiplier
-from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_buckets, decode
+from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_named_buckets, decode, draw_bucket_secret
 from fedlora.secagg.identity import Roster
 from fedlora.secagg.plan import (
     RunBinding, check_fixed_point, input_clip_norm, neighbourhood_degree, participant_skellam_mu, resolve_threshold, round_context, split_weighted_sum,
@@ -78,6 +80,7 @@ class SecureSum:
     skipped: list[Rejection] = field(default_factory=list)  # updates in no sum, with the reason
     recovered: list[dict[str, str]] = field(default_factory=list)  # vanished after masking, still summed
     aborted: list[str] = field(default_factory=list)
+    bucket_secret: bytes = b""  # what drew the buckets (none for one bucket): recorded, so anyone can recompute them
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -228,7 +231,7 @@ class _Bucket:
 
 
 def secure_sum(
-    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
+    grid: Grid, members: list[Member], sec: SecaggSection, server_round: int, length: int, run_tag: str, clip_norm: float,
     privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
 ) -> SecureSum:
     """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep.
@@ -246,10 +249,14 @@ def secure_sum(
         result.aborted.append(reason)
         result.skipped = [Rejection(m.name, f"secure aggregation not run: {reason}") for m in ordered]
         return result
-    ids = list(range(len(ordered)))
-    groups = [ids] if sec.bucket_size == 0 else assign_buckets(ids, sec.bucket_size, f"{seed}/{server_round}".encode())
+    if sec.bucket_size == 0:
+        groups = [ordered]
+    else:  # drawn only now that the members are fixed, fresh every round (a resumed round too)
+        result.bucket_secret = draw_bucket_secret()
+        by_name = {m.name: m for m in ordered}
+        groups = [[by_name[name] for name in names] for names in assign_named_buckets(list(by_name), sec.bucket_size, result.bucket_secret)]
     buckets = [
-        _Bucket(b, [ordered[i] for i in group], sec, clip_norm, server_round, length, run_tag, privacy, binding, roster) for b, group in enumerate(groups)
+        _Bucket(b, group, sec, clip_norm, server_round, length, run_tag, privacy, binding, roster) for b, group in enumerate(groups)
     ]
     while running := [b for b in buckets if b.status == "running"]:
         messages = [msg for bucket in running for msg in bucket.outgoing()]
@@ -296,19 +303,22 @@ def run_tag(grid: Grid) -> str:
 
 
 def gather_secure(
-    grid: Grid, members: list[Member], sec: SecaggSection, seed: int, server_round: int, length: int, run_tag: str, clip_norm: float,
+    grid: Grid, members: list[Member], sec: SecaggSection, server_round: int, length: int, run_tag: str, clip_norm: float,
     privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
 ) -> Gathered:
     """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
-    summed = secure_sum(grid, members, sec, seed, server_round, length, run_tag, clip_norm, privacy, binding, roster)
+    summed = secure_sum(grid, members, sec, server_round, length, run_tag, clip_norm, privacy, binding, roster)
     names = {name for unit in summed.buckets for name in unit.members}
+    secagg: dict[str, Any] = {"buckets": summed.layout, "recovered": summed.recovered}
+    if summed.bucket_secret:
+        secagg["bucket_secret"] = summed.bucket_secret.hex()
     return Gathered(
         units=summed.buckets,
         included=[m for m in members if m.name in names],
         skipped=summed.skipped,
         bytes_up=summed.bytes_up,
         bytes_down=summed.bytes_down,
-        row={"secagg": {"buckets": summed.layout, "recovered": summed.recovered}},
+        row={"secagg": secagg},
         aborted=summed.aborted,
         blamed=sorted(name for bucket in summed.layout for name in bucket.get("blamed", {})),
     )

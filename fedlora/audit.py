@@ -6,6 +6,10 @@ Editing a record breaks its own hash; removing or reordering records breaks the 
 and `prev`). Cutting records off the end leaves a valid shorter chain, so the last hash must
 be anchored elsewhere (e.g. in a signed adapter manifest) to detect truncation: `verify`
 returns it for that purpose. Each append is flushed and fsynced before the round goes on.
+
+`verify` also recomputes every secure round's buckets from the secret recorded beside them
+(`bucket_secret`, `bucket_size`; fedlora/secagg/buckets.py), so the log shows that the buckets
+are the ones that secret draws.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from fedlora.secagg.buckets import assign_named_buckets
 
 GENESIS = "0" * 64
 
@@ -73,4 +79,19 @@ def verify(path: Path) -> tuple[list[str], str]:
         if record.get("hash") != record_hash(record):
             problems.append(f"{where}: its hash does not match its content (edited)")
         previous = record.get("hash", "")
+        problems += [f"{where}: {problem}" for problem in bucket_problems(record)]
     return problems, previous
+
+
+def bucket_problems(record: dict[str, Any]) -> list[str]:
+    """Why a round record's buckets are not the ones its recorded secret draws (empty if they are)."""
+    if "bucket_secret" not in record:
+        return []
+    recorded = record.get("buckets", [])
+    try:
+        drawn = assign_named_buckets([name for bucket in recorded for name in bucket], record["bucket_size"], bytes.fromhex(record["bucket_secret"]))
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"round {record.get('round')}: its buckets cannot be recomputed from bucket_secret ({err})"]
+    if drawn != recorded:
+        return [f"round {record.get('round')}: its buckets are not the ones its bucket_secret draws ({drawn})"]
+    return []

@@ -174,7 +174,11 @@ class FederationSection:
     participants: int = _help("Participants in a simulation (virtual SuperNodes).", 4)
     fraction: float = _help("Share of connected participants sampled each round.", 1.0)
     min_participants: int = _help("A round is applied only if at least this many valid updates arrive.", 2)
-    seed: int = _help("Seed for sampling, partitioning, LoRA init and local training.", 0)
+    seed: int = _help(
+        "Seed for sampling, partitioning, LoRA init and local training. Not for secure aggregation's buckets: "
+        "every participant holds the seed, so the coordinator draws those from a secret each round.",
+        0,
+    )
     timeout_s: float = _help("Seconds the coordinator waits for replies in each stage.", 600.0)
     server_optimizer: str = _help(
         "How the coordinator applies the round's mean update (Reddi et al. 2021): 'fedavg' (plain step), "
@@ -223,7 +227,9 @@ class SecaggSection:
     )
     bucket_size: int = _help(
         "Participants per secure sum: the round's participants are shuffled into buckets of at least this "
-        "many (and fewer than twice as many), each summed securely; 0 = one bucket with everyone.",
+        "many (and fewer than twice as many), each summed securely; 0 = one bucket with everyone. The shuffle "
+        "comes from a secret the coordinator draws from the OS CSPRNG once the replies are in, not from the "
+        "seed, and is recorded in the audit log (`bucket_secret`).",
         0,
     )
     timeout_s: float = _help("Seconds the coordinator waits for replies in each secure-aggregation stage.", 300.0)
@@ -393,8 +399,9 @@ class SimulationSection:
     cpus_per_participant: float = _help("CPU cores Ray reserves for each virtual participant.", 1.0)
     reproducible_rounding: bool = _help(
         "Derive secure aggregation's stochastic rounding from (seed, round, partition) so a simulated secure "
-        "run repeats exactly. Off by default: the rounding then comes from the OS CSPRNG, which nobody else "
-        "can recompute. Never turn it on in a deployment.",
+        "run repeats exactly, but for its buckets (secagg.bucket_size > 0), which stay secret and differ between "
+        "runs. Off by default: the rounding then comes from the OS CSPRNG, which nobody else can recompute. Never "
+        "turn it on in a deployment.",
         False,
     )
 

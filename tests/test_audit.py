@@ -9,6 +9,7 @@ import pytest
 
 from fedlora.audit import GENESIS, AuditLog, verify
 from fedlora.cli import main
+from fedlora.secagg import assign_named_buckets
 
 
 def _log(path: Path, count: int = 4) -> list[dict]:
@@ -50,3 +51,21 @@ def test_tampering_is_detected(tmp_path: Path, tamper: str) -> None:
 def test_the_log_refuses_fields_it_sets_itself(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="set by the log"):
         AuditLog(tmp_path / "a.jsonl").append({"hash": "0" * 64})
+
+
+def test_verify_recomputes_each_rounds_buckets_from_the_recorded_secret(tmp_path: Path) -> None:
+    secret = bytes(range(32))
+    names = [f"participant-{i}" for i in range(6)]
+    drawn = assign_named_buckets(names, 2, secret)
+    good, forged, broken = (tmp_path / f"{name}.jsonl" for name in ("good", "forged", "broken"))
+    AuditLog(good).append({"event": "round", "round": 1, "buckets": drawn, "bucket_secret": secret.hex(), "bucket_size": 2})
+    assert verify(good)[0] == []
+    # A chain the coordinator wrote itself, intact, but with buckets it chose rather than drew.
+    chosen = sorted([sorted(names[:2]), sorted(names[2:4]), sorted(names[4:])])
+    assert chosen != drawn
+    AuditLog(forged).append({"event": "round", "round": 1, "buckets": chosen, "bucket_secret": secret.hex(), "bucket_size": 2})
+    (problem,) = verify(forged)[0]
+    assert problem.startswith("record 1: round 1: its buckets are not the ones its bucket_secret draws")
+    assert main(["audit", "verify", str(forged)]) == 1
+    AuditLog(broken).append({"event": "round", "round": 1, "buckets": drawn, "bucket_secret": "0/1", "bucket_size": 2})
+    assert "cannot be recomputed" in verify(broken)[0][0]

@@ -1,6 +1,7 @@
 """Coordinator checkpoints and `--resume` (coordinator/checkpoint.py, Coordinator.restore,
-RunDirectory.resume_at): the file format, and a run killed in round 3 that resumes with its
-privacy accountant, server optimiser state, audit chain and signing key as they were."""
+RunDirectory.resume_at): the file format, a run killed in round 3 that resumes with its
+privacy accountant, server optimiser state, audit chain and signing key as they were, and a
+secure round re-run with freshly drawn buckets."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fedlora.audit import read_records, verify
 from fedlora.config import Config, load_config
 from fedlora.privacy.accountant import RoundAccountant
 from fedlora.registry import verify_adapter
+from fedlora.secagg import assign_buckets
 from participant.app import app
 from tests.conftest import SMALL
 
@@ -274,3 +276,33 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         Coordinator(load_config(None, RESUMABLE), tmp_path, resume=True)
     assert "--resume" in str(err.value)
+
+
+def test_a_resumed_secure_round_draws_its_buckets_afresh_and_the_log_records_every_draw(tmp_path: Path) -> None:
+    """Killed after round 2's audit record: the re-run round draws a new bucket secret (nothing replays it)."""
+    cfg = load_config(None, [
+        *SMALL, f"federation.participants={PARTICIPANTS}", "federation.fraction=1.0", "federation.rounds=2",
+        "secagg.enabled=true", "secagg.bucket_size=2", "train.local_steps=1", "data.max_examples=80",
+    ])
+    coordinator = Coordinator(cfg, tmp_path)
+    save_adapter = coordinator.out.save_adapter
+
+    def killed_in_round_2(server_round: int, *args, **kwargs):
+        if server_round == 2:
+            raise RuntimeError("killed")
+        return save_adapter(server_round, *args, **kwargs)
+
+    coordinator.out.save_adapter = killed_in_round_2
+    with pytest.raises(RuntimeError, match="killed"):
+        coordinator.run(LocalGrid(app, nodes()))
+    rows = Coordinator(cfg, tmp_path, resume=True).run(LocalGrid(app, nodes()))
+
+    assert verify(tmp_path / "audit.jsonl")[0] == []  # which recomputes each round's buckets from its secret
+    drawn = [r for r in read_records(tmp_path / "audit.jsonl") if r["event"] == "round"]
+    assert [r["round"] for r in drawn] == [1, 2, 2] and len({r["bucket_secret"] for r in drawn}) == 3
+    for record in drawn:  # an auditor's recomputation: ids index the round's members in name order
+        members = sorted(name for bucket in record["buckets"] for name in bucket)
+        assert members == sorted(record["sampled"]) and record["bucket_size"] == 2
+        ids = assign_buckets(list(range(len(members))), 2, bytes.fromhex(record["bucket_secret"]))
+        assert record["buckets"] == [[members[i] for i in group] for group in ids]
+    assert [r["secagg"]["bucket_secret"] for r in rows if r["round"]] == [drawn[0]["bucket_secret"], drawn[2]["bucket_secret"]]

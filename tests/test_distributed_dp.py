@@ -66,7 +66,7 @@ def _noise(result, updates, members, names=None):
 
 def _run(grid, members, z: float, margin: float = 0.0):
     privacy = PrivacySection(noise_multiplier=z, dropout_margin=margin)
-    return secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), seed=0, server_round=3, length=D,
+    return secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), server_round=3, length=D,
                       run_tag="t", clip_norm=1.0, privacy=privacy)
 
 
@@ -162,7 +162,7 @@ def test_the_plan_leaves_ten_sigma_of_the_noise_above_the_worst_case_sum(members
 def test_an_honest_participant_refuses_a_setup_that_weights_it_or_changes_the_noise() -> None:
     # A coordinator without DP settings binds example weights and no noise: DP participants refuse.
     grid, members, _ = _federation(3, 1.0)
-    result = secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), seed=0, server_round=3, length=D,
+    result = secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), server_round=3, length=D,
                         run_tag="t", clip_norm=1.0)
     assert not result.buckets and {r.participant for r in result.skipped} == {m.name for m in members}
     assert "noise_multiplier=0" in result.skipped[0].reason

@@ -109,9 +109,9 @@ def test_a_replayed_secure_stage_is_refused_as_one_line(caplog: pytest.LogCaptur
     from tests.test_secure_federation import _federation
 
     grid, members, _, _ = _federation(3, 50)
-    secure_sum(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
+    secure_sum(grid, members, SecaggSection(enabled=True), server_round=3, length=50, run_tag="t", clip_norm=1.0)
     caplog.set_level(logging.INFO, logger="fedlora")
-    again = secure_sum(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=50, run_tag="t2", clip_norm=1.0)
+    again = secure_sum(grid, members, SecaggSection(enabled=True), server_round=3, length=50, run_tag="t2", clip_norm=1.0)
     assert not again.buckets and all("refused: refused a setup request for round 3" in r.reason for r in again.skipped)
     lines = [record.getMessage() for record in participant_lines(caplog)]
     assert len(lines) == len(members) and all(line.startswith("round 3: refused: refused a setup request for round 3") for line in lines), lines

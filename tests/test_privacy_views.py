@@ -101,7 +101,7 @@ def _secure_round(
         grid.silent.add((nodes[silent_before_mask], STAGE["share_keys"].message_type))
     members = [Member(node, f"participant-{i}", 10) for i, node in enumerate(nodes)]
     privacy = PrivacySection(noise_multiplier=z, dropout_margin=margin)
-    return secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), seed=0, server_round=server_round, length=D,
+    return secure_sum(grid, members, SecaggSection(enabled=True, timeout_s=1.0), server_round=server_round, length=D,
                       run_tag=tag, clip_norm=1.0, privacy=privacy, binding=binding)
 
 

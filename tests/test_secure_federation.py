@@ -79,7 +79,7 @@ def _check_sum(result, members, updates, counts, clip_norm, names):
 def test_bucket_sums_equal_the_weighted_plaintext_sum() -> None:
     sec = SecaggSection(enabled=True, bucket_size=3)
     grid, members, updates, counts = _federation(7, 3000, big=(1, 4))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=3000, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, sec, server_round=3, length=3000, run_tag="t", clip_norm=1.0)
     assert not result.aborted and not result.skipped
     assert sorted(len(b.members) for b in result.buckets) == [3, 4]
     assert sorted(n for b in result.buckets for n in b.members) == sorted(m.name for m in members)
@@ -109,7 +109,7 @@ def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> 
         participant_secure.keep_update(grid.contexts[node], update.astype(np.float32), 50, 3, os.urandom(32), TERMS)
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
     sec = SecaggSection(enabled=True, bucket_size=2)
-    gathered = gather_secure(grid, members, sec, seed=0, server_round=3, length=400, run_tag="t", clip_norm=1.0)
+    gathered = gather_secure(grid, members, sec, server_round=3, length=400, run_tag="t", clip_norm=1.0)
     assert [len(u.members) for u in gathered.units] == [2] * 5  # sums of two, never one update
     attacked = next(k for k, u in enumerate(gathered.units) if "participant-0" in u.members)
     robust = combine_units(gathered.units, make_rule("multi-krum:1"))
@@ -134,7 +134,7 @@ def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encodi
         update = huge if i == 0 else np.zeros(300, np.float32)
         participant_secure.keep_update(grid.contexts[node], update, 50, 3, os.urandom(32), TERMS, adversary=i == 0)
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
-    (unit,) = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0).buckets
+    (unit,) = secure_sum(grid, members, sec, server_round=3, length=300, run_tag="t", clip_norm=1.0).buckets
     sent = np.linalg.norm(unit.total) / 50  # the attacker's update as it reached the sum
     assert 4.0 < sent < 4 * np.sqrt(2)  # far above C = 1, within the encoding's range
 
@@ -144,7 +144,7 @@ def test_dropouts_before_and_after_masking() -> None:
     grid, members, updates, counts = _federation(5, 500)
     before, after = members[1], members[3]
     grid.silent |= {(before.node, STAGE["mask_input"].message_type), (after.node, STAGE["unmask"].message_type)}
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=500, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, sec, server_round=3, length=500, run_tag="t", clip_norm=1.0)
     # `after` sent its masked input, then vanished: recovered from its neighbours' shares.
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {before.name})
     assert [r["participant"] for r in result.recovered] == [after.name]
@@ -156,7 +156,7 @@ def test_below_threshold_the_bucket_aborts_with_a_reason() -> None:
     grid, members, updates, counts = _federation(4, 200)  # complete graph, threshold 3
     for member in members[:2]:
         grid.silent.add((member.node, STAGE["unmask"].message_type))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=200, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, sec, server_round=3, length=200, run_tag="t", clip_norm=1.0)
     assert not result.buckets and result.layout[0]["status"] == "aborted"
     assert "threshold" in result.aborted[0]
     assert {r.participant for r in result.skipped} == {m.name for m in members}
@@ -199,7 +199,7 @@ def _garble_first_bundle(record: ConfigRecord) -> None:
 def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_summed() -> None:
     sec = SecaggSection(enabled=True)
     grid, members, updates, counts = _federation(5, 300, app=_tampered_by(1007, "share_keys", _add_stray_receiver))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, sec, server_round=3, length=300, run_tag="t", clip_norm=1.0)
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-1"]
     assert [r.participant for r in result.skipped] == ["participant-1"]
@@ -210,7 +210,7 @@ def test_a_participant_addressing_shares_to_a_stranger_is_excluded_and_the_rest_
 def test_garbage_sent_to_one_neighbour_is_blamed_on_its_sender_over_flower_messages() -> None:
     sec = SecaggSection(enabled=True)
     grid, members, updates, counts = _federation(6, 300, app=_tampered_by(1014, "share_keys", _garble_first_bundle))
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=300, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, sec, server_round=3, length=300, run_tag="t", clip_norm=1.0)
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-2"]  # node 1014, never its accuser
     assert "bad share bundle" in result.layout[0]["blamed"]["participant-2"]
@@ -224,7 +224,7 @@ def _claim_to_be_participant_2(record: ConfigRecord) -> None:
 
 def test_a_reply_claiming_another_sender_is_blamed_on_its_authenticated_node_never_on_the_one_it_names() -> None:
     grid, members, updates, counts = _federation(5, 200, app=_tampered_by(1007, "setup", _claim_to_be_participant_2))
-    result = secure_sum(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=200, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, SecaggSection(enabled=True), server_round=3, length=200, run_tag="t", clip_norm=1.0)
     assert result.layout[0]["status"] == "ok"
     assert list(result.layout[0]["blamed"]) == ["participant-1"]  # node 1007, not participant-2
     assert "claiming to be participant 2" in result.layout[0]["blamed"]["participant-1"]
@@ -233,7 +233,7 @@ def test_a_reply_claiming_another_sender_is_blamed_on_its_authenticated_node_nev
 
 def test_a_participant_blamed_at_unmask_stays_in_the_sum_and_is_booked_a_fault() -> None:
     grid, members, updates, counts = _federation(6, 200, app=_tampered_by(1007, "unmask", _garble_second_b_share))
-    gathered = gather_secure(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=200, run_tag="t", clip_norm=1.0)
+    gathered = gather_secure(grid, members, SecaggSection(enabled=True), server_round=3, length=200, run_tag="t", clip_norm=1.0)
     assert gathered.blamed == ["participant-1"] and not gathered.skipped
     assert "participant-1" in {m.name for m in gathered.included}  # its masked input is in the sum
 
@@ -253,7 +253,7 @@ def test_an_update_replaced_after_setup_is_not_masked_in_that_instance() -> None
         return reply
 
     grid, members, updates, counts = _federation(5, 50, app=app)
-    result = secure_sum(grid, members, SecaggSection(enabled=True), seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, SecaggSection(enabled=True), server_round=3, length=50, run_tag="t", clip_norm=1.0)
     assert [r.participant for r in result.skipped] == ["participant-1"]
     assert "was not set up for instance" in result.skipped[0].reason
     _check_sum(result, members, updates, counts, 1.0, {m.name for m in members} - {"participant-1"})
@@ -262,9 +262,9 @@ def test_an_update_replaced_after_setup_is_not_masked_in_that_instance() -> None
 def test_a_participant_masks_its_update_only_once() -> None:
     sec = SecaggSection(enabled=True)
     grid, members, _, _ = _federation(3, 50)
-    first = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0)
+    first = secure_sum(grid, members, sec, server_round=3, length=50, run_tag="t", clip_norm=1.0)
     assert len(first.buckets) == 1
-    again = secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t2", clip_norm=1.0)
+    again = secure_sum(grid, members, sec, server_round=3, length=50, run_tag="t2", clip_norm=1.0)
     assert not again.buckets
     assert all("already masked an input for it (replay)" in r.reason for r in again.skipped)
 
@@ -274,7 +274,7 @@ def test_a_replayed_train_message_for_a_masked_round_is_refused_before_training(
     config = load_config(None, SMALL + ["secagg.enabled=true"])
     terms = dataclasses.replace(TERMS, config_sha256=config_sha256(config.to_toml()))  # held from this run's instruction
     grid, members, _, _ = _federation(3, 50, app=participant_app.app, terms=terms)
-    secure_sum(grid, members, sec, seed=0, server_round=3, length=50, run_tag="t", clip_norm=1.0, binding=terms.binding)
+    secure_sum(grid, members, sec, server_round=3, length=50, run_tag="t", clip_norm=1.0, binding=terms.binding)
     node = members[0].node
     content = instruction_content(np.zeros(4, np.float32), 3, config.to_toml())
     train = Message(content, dst_node_id=node, message_type="train", group_id="3")

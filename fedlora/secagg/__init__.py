@@ -7,7 +7,7 @@ owner's long-term identity and checked against a roster (`identity`).
 """
 
 from . import crypto, participant, shamir
-from .buckets import assign_buckets
+from .buckets import assign_buckets, assign_named_buckets, draw_bucket_secret
 from .errors import SecAggAbort, SecAggCoordinatorFault, SecAggError, SecAggProtocolError
 from .fixedpoint import check_no_overflow, choose_scale, clip, decode, encode, error_bound
 from .graph import communication_graph, default_degree, default_threshold
@@ -46,6 +46,7 @@ __all__ = [
     "UnmaskResponse",
     "apply_mask",
     "assign_buckets",
+    "assign_named_buckets",
     "check_no_overflow",
     "choose_scale",
     "clip",
@@ -54,6 +55,7 @@ __all__ = [
     "decode",
     "default_degree",
     "default_threshold",
+    "draw_bucket_secret",
     "encode",
     "error_bound",
     "expand_mask",

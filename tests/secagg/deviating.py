@@ -90,7 +90,7 @@ class Federation:
         members = [Member(node, f"participant-{i}", 100) for i, node in self.nodes.items()]
         self.grid.silent |= {(self.nodes[i], STAGE[stage].message_type) for i, stage in silent}
         sec = SecaggSection(enabled=True, timeout_s=1.0)
-        return secure_sum(self.grid, members, sec, seed=0, server_round=ROUND, length=self.d, run_tag="t", clip_norm=1.0, roster=self.roster)
+        return secure_sum(self.grid, members, sec, server_round=ROUND, length=self.d, run_tag="t", clip_norm=1.0, roster=self.roster)
 
     def send(self, stage: str, requests: list[Any]) -> dict[int, Message]:
         """Deliver `requests` of `stage`; replies by participant id (errors included)."""

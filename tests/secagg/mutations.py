@@ -142,6 +142,13 @@ MUTATIONS = [
         (("participant/secure.py", "        return os.urandom(32)", "        return bytes(32)"),),
     ),
     Mutation(
+        "public-bucket-secret",
+        "buckets drawn from a value participants can compute (the round, as the run seed once was)",
+        (("coordinator/secure.py",
+          "        result.bucket_secret = draw_bucket_secret()",
+          '        result.bucket_secret = f"{server_round}".encode().ljust(32, b"/")'),),
+    ),
+    Mutation(
         "no-replay-refusal",
         "a participant masks again for a round it already masked",
         (("participant/secure.py",

@@ -112,7 +112,7 @@ def members_of(replies: dict[int, Message]) -> list[Member]:
 
 
 def secure_round(grid: LocalGrid, members: list[Member], cfg: Config, binding: RunBinding, tag: str = "t") -> SecureSum:
-    return secure_sum(grid, members, cfg.secagg, 0, ROUND, D, tag, cfg.robust.clip_norm, cfg.privacy, binding)
+    return secure_sum(grid, members, cfg.secagg, ROUND, D, tag, cfg.robust.clip_norm, cfg.privacy, binding)
 
 
 def refusals(node_config: dict) -> list[str]:

@@ -1,8 +1,6 @@
-import itertools
-
 import pytest
 
-from fedlora.secagg import assign_buckets, communication_graph, default_degree, default_threshold
+from fedlora.secagg import communication_graph, default_degree, default_threshold
 
 
 def _connected(graph):
@@ -47,20 +45,3 @@ def test_defaults():
     for k in range(1, 40):
         t = default_threshold(k)
         assert 2 * t > k + 1 and t <= k + 1
-
-
-@pytest.mark.parametrize("n, s", [(10, 3), (10, 1), (10, 10), (17, 4), (100, 7)])
-def test_buckets(n, s):
-    ids = list(range(100, 100 + n))
-    buckets = assign_buckets(ids, s, seed=5)
-    assert all(len(b) >= s for b in buckets)
-    assert sorted(itertools.chain(*buckets)) == ids
-    assert len(buckets) == n // s
-    assert assign_buckets(ids[::-1], s, seed=5) == buckets
-
-
-def test_buckets_reshuffle_with_seed_and_refuse_too_few():
-    ids = list(range(40))
-    assert assign_buckets(ids, 4, seed=1) != assign_buckets(ids, 4, seed=2)
-    with pytest.raises(ValueError, match="fewer than bucket_size"):
-        assign_buckets(ids[:3], 4, seed=1)

@@ -184,7 +184,7 @@ def test_the_16_bit_weighted_mean_equals_the_float64_one_within_the_bound_with_d
     before, after = members[1], members[4]  # one lost before masking, one after
     grid.silent |= {(before.node, STAGE["mask_input"].message_type), (after.node, STAGE["unmask"].message_type)}
     sec = SecaggSection(enabled=True, wire_bits=16, timeout_s=1.0)
-    result = secure_sum(grid, members, sec, seed=0, server_round=3, length=d, run_tag="t", clip_norm=1.0)
+    result = secure_sum(grid, members, sec, server_round=3, length=d, run_tag="t", clip_norm=1.0)
     (unit,) = result.buckets
     assert sorted(unit.members) == sorted(m.name for m in members if m is not before)
     assert [r["participant"] for r in result.recovered] == [after.name]
@@ -202,7 +202,7 @@ def test_the_16_bit_upload_is_at_most_2_bytes_per_parameter():
     for bits in (32, 16):
         grid, members, _, _ = _federation(5, d, seed=1, wire_bits=bits)
         sec = SecaggSection(enabled=True, wire_bits=bits)
-        result = secure_sum(grid, members, sec, seed=0, server_round=3, length=d, run_tag="t", clip_norm=1.0)
+        result = secure_sum(grid, members, sec, server_round=3, length=d, run_tag="t", clip_norm=1.0)
         assert len(result.buckets) == 1
         per_param = grid.bytes_up / len(members) / d  # serialised Flower messages, all stages
         assert bits / 8 <= per_param <= bits / 8 + 4096 / d, (bits, per_param)
