@@ -319,7 +319,7 @@ class Coordinator:
                 gathered = gather_secure(
                     self.grid, members, sec, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
                     binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector)),  # what the train instructions carried
-                    roster=self.book.roster() if self.book else None,
+                    roster=self.book.roster() if self.book else None, weighting=(self.cfg.robust.weighting, self.cfg.robust.weight_cap),
                 )
         else:
             with self.timed("gather"):

@@ -57,6 +57,7 @@ from flwr.app import Message
 
 from coordinator.gather import Gathered, Member, Rejection, error_reason
 from fedlora.aggregate import Unit
+from fedlora.aggregate.weights import secure_weight_reference
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.privacy.ledger import meets, present_noise_multiplier
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, SecAggServer, assign_named_buckets, decode, draw_bucket_secret
@@ -91,6 +92,7 @@ class _Bucket:
     def __init__(
         self, index: int, members: list[Member], sec: SecaggSection, clip_norm: float, server_round: int, length: int, run_tag: str,
         privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
+        weight_ref: float = 1.0,
     ) -> None:
         self.index, self.members, self.sec, self.clip_norm = index, members, sec, clip_norm
         self.server_round, self.length = server_round, length
@@ -101,8 +103,8 @@ class _Bucket:
         self.bytes_up = self.bytes_down = 0
         self.by_id = dict(enumerate(members))
         noise = (privacy.noise_multiplier, privacy.dropout_margin) if privacy and privacy.noise_multiplier > 0 else (0.0, 0.0)
-        # Under DP each participant counts once (n_ref = 1: w = 1); otherwise by its example count.
-        self.weight_ref = 1.0 if noise[0] else float(max((m.num_examples for m in members), default=1))
+        # Under DP each participant counts once (n_ref = 1: w = 1); otherwise as robust.weighting says.
+        self.weight_ref = 1.0 if noise[0] else weight_ref
         self.noise, self.noise_std, self.noise_multiplier = noise, 0.0, 0.0
         self.survivors: list[str] = []  # whose masked inputs a discarded sum held
         self.round_id = f"{run_tag}/round-{server_round}/bucket-{index}"
@@ -233,6 +235,7 @@ class _Bucket:
 def secure_sum(
     grid: Grid, members: list[Member], sec: SecaggSection, server_round: int, length: int, run_tag: str, clip_norm: float,
     privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
+    weighting: tuple[str, float] = ("capped", 2.0),
 ) -> SecureSum:
     """Sum the members' held updates securely, per bucket; stages of all buckets run in lockstep.
 
@@ -240,7 +243,9 @@ def secure_sum(
     the run configuration and global adapter the round's train instructions carried (module docstring).
     `roster` (name -> fingerprint, the participant book's): advertised identities are checked against
     it, so a participant signing with another key is blamed here rather than relayed to neighbours
-    who would blame the coordinator.
+    who would blame the coordinator. `weighting` (robust.weighting, robust.weight_cap): the weight
+    reference each bucket binds, so that a member's weight is what it would be in plaintext, a
+    claim above the cap included (`secure_weight_reference`).
     """
     ordered = sorted(members, key=lambda m: m.name)
     result = SecureSum()
@@ -256,7 +261,9 @@ def secure_sum(
         by_name = {m.name: m for m in ordered}
         groups = [[by_name[name] for name in names] for names in assign_named_buckets(list(by_name), sec.bucket_size, result.bucket_secret)]
     buckets = [
-        _Bucket(b, group, sec, clip_norm, server_round, length, run_tag, privacy, binding, roster) for b, group in enumerate(groups)
+        _Bucket(b, group, sec, clip_norm, server_round, length, run_tag, privacy, binding, roster,
+                secure_weight_reference([m.num_examples for m in ordered], [m.num_examples for m in group], *weighting))
+        for b, group in enumerate(groups)
     ]
     while running := [b for b in buckets if b.status == "running"]:
         messages = [msg for bucket in running for msg in bucket.outgoing()]
@@ -305,9 +312,10 @@ def run_tag(grid: Grid) -> str:
 def gather_secure(
     grid: Grid, members: list[Member], sec: SecaggSection, server_round: int, length: int, run_tag: str, clip_norm: float,
     privacy: PrivacySection | None = None, binding: RunBinding = RunBinding(), roster: Roster | None = None,
+    weighting: tuple[str, float] = ("capped", 2.0),
 ) -> Gathered:
     """The secure gatherer: one unit per bucket that completed, the bucket layout for the row."""
-    summed = secure_sum(grid, members, sec, server_round, length, run_tag, clip_norm, privacy, binding, roster)
+    summed = secure_sum(grid, members, sec, server_round, length, run_tag, clip_norm, privacy, binding, roster, weighting)
     names = {name for unit in summed.buckets for name in unit.members}
     secagg: dict[str, Any] = {"buckets": summed.layout, "recovered": summed.recovered}
     if summed.bucket_secret:

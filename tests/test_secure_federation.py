@@ -26,6 +26,7 @@ from coordinator.gather import Member
 from coordinator.secure import gather_secure, secure_sum
 from fedlora.aggregate import combine_units
 from fedlora.aggregate.robust import make_rule
+from fedlora.aggregate.weights import unit_weights
 from fedlora.config import ConfigError, PrivacySection, SecaggSection, load_config
 from fedlora.secagg import clip
 from fedlora.secure_wire import STAGE, read_meta
@@ -61,19 +62,39 @@ def _federation(n: int, d: int, app: ClientApp | None = None, seed: int = 0, big
     return grid, members, updates, counts
 
 
-def _expected(members, updates, counts, clip_norm, names):
+def _expected(members, updates, counts, clip_norm, names, weighting=("capped", 2.0)):
+    """The plaintext weighted sum of `names`' clipped updates, each weighed as `unit_weights` says."""
+    weights = dict(zip((m.node for m in members), unit_weights([counts[m.node] for m in members], *weighting)))
     chosen = [m for m in members if m.name in names]
-    total = sum(counts[m.node] * clip(updates[m.node], clip_norm) for m in chosen)
-    return total, float(sum(counts[m.node] for m in chosen))
+    total = sum(weights[m.node] * clip(updates[m.node], clip_norm) for m in chosen)
+    return total, float(sum(weights[m.node] for m in chosen))
 
 
-def _check_sum(result, members, updates, counts, clip_norm, names):
-    total, weight = _expected(members, updates, counts, clip_norm, names)
+def _check_sum(result, members, updates, counts, clip_norm, names, weighting=("capped", 2.0)):
+    total, weight = _expected(members, updates, counts, clip_norm, names, weighting)
     got_total = sum(b.total for b in result.buckets)
     got_weight = sum(b.weight for b in result.buckets)
     assert sorted(n for b in result.buckets for n in b.members) == sorted(names)
     assert np.max(np.abs(got_total - total)) <= sum(b.error_bound for b in result.buckets)
     assert abs(got_weight - weight) <= 1e-6 * weight
+
+
+@pytest.mark.parametrize("weighting", ["capped", "claimed"])
+def test_a_member_claiming_a_million_examples_weighs_in_a_secure_bucket_what_it_would_in_plaintext(weighting: str) -> None:
+    # The bucket's weight reference comes from robust.weighting: under the cap, the liar's weight
+    # slot and its update count 2 median claims, not 10^6 (with `claimed` they count 10^6).
+    sec = SecaggSection(enabled=True, bucket_size=3)
+    grid, members, updates, counts = _federation(6, 300)
+    liar = members[2] = dataclasses.replace(members[2], num_examples=10**6)
+    counts[liar.node] = grid.contexts[liar.node].state[participant_secure.HELD]["num_examples"] = 10**6
+    result = secure_sum(grid, members, sec, server_round=3, length=300, run_tag="t", clip_norm=1.0, weighting=(weighting, 2.0))
+    assert not result.aborted and not result.skipped
+    _check_sum(result, members, updates, counts, 1.0, {m.name for m in members}, (weighting, 2.0))
+    weights = dict(zip((m.name for m in members), unit_weights([counts[m.node] for m in members], weighting, 2.0)))
+    (bucket,) = [b for b in result.buckets if liar.name in b.members]
+    liar_weight = bucket.weight - sum(weights[name] for name in bucket.members if name != liar.name)
+    median = float(np.median([counts[m.node] for m in members]))
+    assert liar_weight == pytest.approx(2.0 * median if weighting == "capped" else 10**6, rel=1e-6)
 
 
 def test_bucket_sums_equal_the_weighted_plaintext_sum() -> None:

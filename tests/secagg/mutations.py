@@ -276,6 +276,11 @@ MUTATIONS = [
         (("fedlora/secagg/identity.py", "        if opened.fingerprint != expected:", "        if False:"),),
     ),
     Mutation(
+        "secure-weight-reference-from-largest-claim",
+        "a secure bucket's weight reference is its largest claim again: a member claiming 10^6 outweighs its bucket",
+        (("coordinator/secure.py", "        self.weight_ref = 1.0 if noise[0] else weight_ref", "        self.weight_ref = 1.0 if noise[0] else float(max(m.num_examples for m in members))"),),
+    ),
+    Mutation(
         "seed-commitment-unchecked",
         "a dealer's self-mask seed accepted from its shares without matching its commitment (its real mask stays in the sum)",
         (("fedlora/secagg/server.py", "            if crypto.commit_seed(self.params, u, b_seed) != self.commitments[u]:", "            if False:"),),
