@@ -13,7 +13,6 @@ continues from the last completed round, with ε, reputation and optimiser state
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -30,7 +29,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from coordinator.gather import Gathered, Member, Rejection, error_reason, gather_plaintext, read_train_replies
+from coordinator.gather import Gathered, Member, Rejection, as_sent, error_reason, gather_plaintext, read_train_replies
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
 from coordinator.outputs import RunDirectory, majority_note
 from coordinator.participants import BOOK, ParticipantBook
@@ -40,7 +39,7 @@ from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_s
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
 from fedlora.aggregate.weights import unit_weights
-from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
+from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
 from fedlora.model import load_model, model_fingerprint
@@ -258,13 +257,13 @@ class Coordinator:
         return unit_weights(claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
 
     def simulate_attacks(self, members: list[Member], server_round: int) -> list[Member]:
-        """Replace malicious participants' updates (simulation only); they see the honest ones."""
+        """Replace malicious participants' updates and claims (simulation only); they see the honest
+        updates and know the defence as configured."""
         if not self.attack:
             return members
         malicious = {f"participant-{pid}" for pid in self.adversaries}
         rng = np.random.default_rng([self.cfg.federation.seed, server_round, 0xBAD])
-        attacked = attack_updates({m.name: m.vector for m in members}, malicious, self.attack, rng)
-        return [dataclasses.replace(m, vector=attacked[m.name]) for m in members]
+        return as_sent(members, attack_updates({m.name: m.vector for m in members}, malicious, self.attack, rng, Knowledge.of(self.cfg)))
 
     def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
         eligible = [node for node in nodes if not self.excluded(self.name(node))]
@@ -371,11 +370,7 @@ class Coordinator:
 
     def screen(self, gathered: Gathered) -> int:
         """Set aside units that cannot be combined (their members skipped with the reason); how many."""
-        # Under DP no norm screening: whether one unit is set aside would depend on the others' norms.
-        ratio = 0.0 if self.dp else self.cfg.robust.max_norm_ratio
-        # Secure sums under distributed DP carry noise, so their means may exceed the clip bound.
-        bounded = self.cfg.clips_updates and not (self.dp and self.cfg.secagg.enabled)
-        gathered.units, rejected = screen_units(gathered.units, self.server_length, ratio, self.cfg.robust.clip_norm if bounded else None)
+        gathered.units, rejected = screen_units(gathered.units, self.server_length, *self.cfg.norm_screens)
         out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
         gathered.included = [m for m in gathered.included if m.name not in out]
         gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]
