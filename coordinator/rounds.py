@@ -38,7 +38,7 @@ from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
-from fedlora.aggregate.weights import unit_weights
+from fedlora.aggregate.weights import claimed_average, unit_weights
 from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
@@ -256,6 +256,10 @@ class Coordinator:
         """Aggregation weights from claimed example counts, bounded per robust.weighting."""
         return unit_weights(claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
 
+    def average(self, values: list[float], claims: list[int]) -> float:
+        """Reported values averaged with the weights their claimed example counts give updates."""
+        return claimed_average(values, claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
+
     def simulate_attacks(self, members: list[Member], server_round: int) -> list[Member]:
         """Replace malicious participants' updates and claims (simulation only); they see the honest
         updates and know the defence as configured."""
@@ -275,15 +279,17 @@ class Coordinator:
                 log.warning("evaluation by %s: %s", self.name(node), "no reply (timeout)" if reply is None else error_reason(reply.error.reason))
                 continue
             _, metrics = read_reply(reply.content)
-            if not self.excluded(self.name(node, metrics)):  # a revoked participant's scores are refused too
+            count = metrics.get("num-examples", 0)
+            # A revoked participant's scores are refused too; one that evaluated nothing adds nothing.
+            if not self.excluded(self.name(node, metrics)) and math.isfinite(count) and count > 0:
                 rows.append(metrics)
         rows.sort(key=lambda m: m["partition_id"])
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
-        weights = [m["num-examples"] for m in rows]
+        claims = [m["num-examples"] for m in rows]  # weighed as updates are: a count is a claim
         result = {
-            "eval_loss": float(np.average([m["eval_loss"] for m in rows], weights=weights)),
-            "eval_accuracy": float(np.average([m["eval_accuracy"] for m in rows], weights=weights)),
+            "eval_loss": self.average([m["eval_loss"] for m in rows], claims),
+            "eval_accuracy": self.average([m["eval_accuracy"] for m in rows], claims),
         }
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
 
@@ -412,13 +418,16 @@ class Coordinator:
             step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector
+        claims = {m.name: m.num_examples for m in gathered.included}
+        for unit in combined.metrics.get("participant_updates", []):  # the claim beside the weight it was given
+            unit["claimed_examples"] = claims.get(unit["participant"])
         row.update(combined.metrics)  # participant_updates / bucket_updates (norm, cosine), mean_error_bound
         row.update(step.metrics)  # svd_truncation_error in exact mode
         row["applied"] = True
         kept = gathered.included
         losses = [m for m in kept if "train_loss" in m.metrics]  # under DP the sites keep their losses to themselves
-        if losses:
-            row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in losses], weights=[m.num_examples for m in losses]))
+        if losses:  # claims, weighed as the updates are
+            row["train_loss"] = self.average([m.metrics["train_loss"] for m in losses], [m.num_examples for m in losses])
         local = {m.name: m.metrics["local_epsilon"] for m in kept if "local_epsilon" in m.metrics}
         if local:  # each participant's own sample-level epsilon (DP-SGD), as it reported it
             row["local_epsilon"] = local

@@ -10,6 +10,9 @@ construction (docs/decisions.md, "Aggregation weights"):
   most `cap` honest medians; honest sites of different sizes keep their proportions up to it.
 - `equal`: every site counts once, whatever it claims (as DP-FedAvg does).
 - `claimed`: the claims as they are, for consortia that verify them some other way.
+
+Reported losses and accuracies are claims as well: averaged across participants, they get the
+weights their counts give updates (`claimed_average`), so a count buys a number no more weight.
 """
 
 from __future__ import annotations
@@ -33,3 +36,8 @@ def unit_weights(claims: Sequence[float], weighting: str, cap: float) -> list[fl
     if weighting == "claimed" or counts.size == 0:
         return counts.tolist()
     return np.minimum(counts, cap * float(np.median(counts))).tolist()
+
+
+def claimed_average(values: Sequence[float], claims: Sequence[float], weighting: str, cap: float) -> float:
+    """The average of reported values (losses, accuracies), weighted as `unit_weights` weighs updates."""
+    return float(np.average(values, weights=unit_weights(claims, weighting, cap)))
