@@ -286,6 +286,48 @@ def test_a_replayed_train_message_for_a_masked_round_is_refused_before_training(
     assert participant_secure.UPDATE not in grid.contexts[node].state  # nothing trained or held
 
 
+def test_a_simulated_count_inflation_reaches_the_metadata_and_the_weight_slot_under_secure_aggregation() -> None:
+    """The claim travels in the train reply and in the masked weight slot. The bucket's weight reference
+    is its largest claim, so the liar's bucket weighs the claim and its mean is the liar's update:
+    bounding a member's weight under secure aggregation is open (docs/decisions.md, "Aggregation weights")."""
+    from coordinator.gather import read_train_replies
+    from coordinator.rounds import exchange
+    from fedlora.attacks import choose_adversaries
+    from fedlora.secagg.plan import RunBinding
+    from fedlora.wire import adapter_sha256, read_instruction
+
+    overrides = ["secagg.enabled=true", "secagg.bucket_size=3", "federation.participants=6", "robust.clip_norm=1.0",
+                 "simulation.adversaries=0.17", "simulation.attack=count-inflation:1000000"]
+    cfg = load_config(None, [*SMALL, *overrides])
+    (bad,) = choose_adversaries(6, 0.17, cfg.federation.seed)
+    d, rng = 200, np.random.default_rng(0)
+    direction = np.ones(d) / np.sqrt(d)
+    updates = {p: (0.6 * direction + 0.2 * rng.standard_normal(d) / np.sqrt(d)).astype(np.float32) for p in range(6)}
+    app = ClientApp()
+    participant_secure.register(app)
+
+    @app.train()
+    def train(msg, context):  # a participant that trained `updates[p]` on 60 records
+        instruction = read_instruction(msg.content)
+        pid = int(context.node_config["partition-id"])
+        metrics = {"num-examples": 60, "train_loss": 1.0, "partition_id": pid}
+        return participant_secure.hold_update(msg, context, instruction.config, instruction, updates[pid], metrics)
+
+    grid = LocalGrid(app, {100 + p: {"partition-id": p} for p in range(6)})
+    adapter, toml = np.zeros(4, np.float32), cfg.to_toml()
+    replies = exchange(grid, list(grid.contexts), instruction_content(adapter, 1, toml), "train", 1, 10.0)
+    members, rejected = read_train_replies(replies, lambda node, metrics: f"participant-{node - 100}", 10.0, with_vector=False)
+    assert not rejected and {m.name: m.num_examples for m in members}[f"participant-{bad}"] == 10**6
+    binding = RunBinding(config_sha256(toml), adapter_sha256(adapter))
+    gathered = gather_secure(grid, members, cfg.secagg, cfg.federation.seed, 1, d, "t", 1.0, binding=binding)
+    (liars,) = [u for u in gathered.units if f"participant-{bad}" in u.members]
+    (honest,) = [u for u in gathered.units if u is not liars]
+    assert honest.weight == pytest.approx(180, rel=1e-6) and liars.weight == pytest.approx(10**6 + 120, rel=1e-6)
+    assert np.linalg.norm(liars.mean) <= 1.0 + 1e-4  # at the clip bound: it passes the screen
+    own = updates[bad] / np.linalg.norm(updates[bad])  # blind, it points against what it trained
+    assert float(liars.mean @ own) / np.linalg.norm(liars.mean) < -0.999  # its bucket is its update
+
+
 def test_rounding_keys_are_fresh_unless_a_simulation_asks_for_reproducible_ones() -> None:
     secret = load_config(None, SMALL + ["secagg.enabled=true"])
     keys = {participant_secure.rounding_key(secret, 3, 0) for _ in range(3)}
