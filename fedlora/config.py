@@ -385,9 +385,12 @@ class PrivacySection:
 class SimulationSection:
     adversaries: float = _help("Share of simulated participants that are malicious.", 0.0)
     attack: str = _help(
-        "'sign-flip', 'scaling:<factor>', 'gaussian:<std>', 'alie[:<z>]' (Baruch et al. 2019), 'ipm:<eps>' "
-        "(Xie et al. 2019), 'label-flip' (trains on shifted answers) or '<module>:<function>'. alie and ipm read the "
-        "round's honest updates (plaintext only).",
+        "'sign-flip', 'scaling:<factor>', 'gaussian:<std>', 'alie[:<z>]' (Baruch et al. 2019), 'alie-auto' (alie "
+        "with the paper's z for the round's participants and attackers), 'ipm:<eps>' (Xie et al. 2019), 'ipm-clip' "
+        "(ipm at norm exactly robust.clip_norm), 'count-inflation:<claim>' (claims <claim> examples, with ipm-clip's "
+        "update), 'sacrifice[:<count>]' (<count> attackers get screened to lower the rule's tolerance, the rest "
+        "alie-auto), 'label-flip' (trains on shifted answers) or '<module>:<function>' (fedlora/attacks.py). alie and "
+        "alie-auto need the round's honest updates (plaintext only); the others attack blind under secure aggregation.",
         "sign-flip",
     )
     cpus_per_participant: float = _help("CPU cores Ray reserves for each virtual participant.", 1.0)

@@ -140,7 +140,7 @@ def keep_update(
     """Store an update (float32) in `context.state` until the mask_input stage consumes it.
 
     `terms`: what a setup must agree with (participant/terms.py; noise_multiplier > 0: distributed DP).
-    `adversary` marks a simulated attacker: it will mask its update unclipped (and without noise).
+    `adversary` marks a simulated attacker: it will mask its update unclipped, its weight uncapped (and without noise).
     `sample_rate`: the run's q, for a deployed site's ledger (participant/ledger.py).
     """
     refuse_replay(context, terms.config_sha256, server_round, "an update to hold")
