@@ -7,6 +7,7 @@ coordinator. The plaintext gatherer is here; the secure one (SecAgg+ per bucket)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from flwr.app import Message
 
 from fedlora.adapter import check_vector
 from fedlora.aggregate import Unit, single_units
+from fedlora.attacks import Sent
 from fedlora.wire import read_reply
 
 
@@ -29,6 +31,17 @@ class Member:
     num_examples: int
     metrics: dict[str, Any] = field(default_factory=dict)
     vector: np.ndarray | None = None  # None under secure aggregation: the update stays home
+
+
+def as_sent(members: list[Member], sent: dict[str, Sent]) -> list[Member]:
+    """The members as the coordinator receives them when those in `sent` attack (simulation only):
+    their updates replaced, and their claims (example count, metrics) with them."""
+    out = []
+    for member in members:
+        lie = sent.get(member.name)
+        count = member.num_examples if lie is None or lie.num_examples is None else lie.num_examples
+        out.append(member if lie is None else dataclasses.replace(member, vector=lie.update, num_examples=count, metrics=lie.claims(member.metrics)))
+    return out
 
 
 @dataclass(frozen=True)

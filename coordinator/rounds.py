@@ -13,7 +13,6 @@ continues from the last completed round, with ε, reputation and optimiser state
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -30,7 +29,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from coordinator.gather import Gathered, Member, Rejection, error_reason, gather_plaintext, read_train_replies
+from coordinator.gather import Gathered, Member, Rejection, as_sent, error_reason, gather_plaintext, read_train_replies
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
 from coordinator.outputs import RunDirectory, majority_note
 from coordinator.participants import BOOK, ParticipantBook
@@ -39,8 +38,8 @@ from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
-from fedlora.aggregate.weights import unit_weights
-from fedlora.attacks import attack_updates, choose_adversaries, resolve_attack
+from fedlora.aggregate.weights import claimed_average, unit_weights
+from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
 from fedlora.model import load_model, model_fingerprint
@@ -257,14 +256,18 @@ class Coordinator:
         """Aggregation weights from claimed example counts, bounded per robust.weighting."""
         return unit_weights(claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
 
+    def average(self, values: list[float], claims: list[int]) -> float:
+        """Reported values averaged with the weights their claimed example counts give updates."""
+        return claimed_average(values, claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
+
     def simulate_attacks(self, members: list[Member], server_round: int) -> list[Member]:
-        """Replace malicious participants' updates (simulation only); they see the honest ones."""
+        """Replace malicious participants' updates and claims (simulation only); they see the honest
+        updates and know the defence as configured."""
         if not self.attack:
             return members
         malicious = {f"participant-{pid}" for pid in self.adversaries}
         rng = np.random.default_rng([self.cfg.federation.seed, server_round, 0xBAD])
-        attacked = attack_updates({m.name: m.vector for m in members}, malicious, self.attack, rng)
-        return [dataclasses.replace(m, vector=attacked[m.name]) for m in members]
+        return as_sent(members, attack_updates({m.name: m.vector for m in members}, malicious, self.attack, rng, Knowledge.of(self.cfg)))
 
     def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
         eligible = [node for node in nodes if not self.excluded(self.name(node))]
@@ -276,15 +279,17 @@ class Coordinator:
                 log.warning("evaluation by %s: %s", self.name(node), "no reply (timeout)" if reply is None else error_reason(reply.error.reason))
                 continue
             _, metrics = read_reply(reply.content)
-            if not self.excluded(self.name(node, metrics)):  # a revoked participant's scores are refused too
+            count = metrics.get("num-examples", 0)
+            # A revoked participant's scores are refused too; one that evaluated nothing adds nothing.
+            if not self.excluded(self.name(node, metrics)) and math.isfinite(count) and count > 0:
                 rows.append(metrics)
         rows.sort(key=lambda m: m["partition_id"])
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
-        weights = [m["num-examples"] for m in rows]
+        claims = [m["num-examples"] for m in rows]  # weighed as updates are: a count is a claim
         result = {
-            "eval_loss": float(np.average([m["eval_loss"] for m in rows], weights=weights)),
-            "eval_accuracy": float(np.average([m["eval_accuracy"] for m in rows], weights=weights)),
+            "eval_loss": self.average([m["eval_loss"] for m in rows], claims),
+            "eval_accuracy": self.average([m["eval_accuracy"] for m in rows], claims),
         }
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
 
@@ -374,11 +379,7 @@ class Coordinator:
 
     def screen(self, gathered: Gathered) -> int:
         """Set aside units that cannot be combined (their members skipped with the reason); how many."""
-        # Under DP no norm screening: whether one unit is set aside would depend on the others' norms.
-        ratio = 0.0 if self.dp else self.cfg.robust.max_norm_ratio
-        # Secure sums under distributed DP carry noise, so their means may exceed the clip bound.
-        bounded = self.cfg.clips_updates and not (self.dp and self.cfg.secagg.enabled)
-        gathered.units, rejected = screen_units(gathered.units, self.server_length, ratio, self.cfg.robust.clip_norm if bounded else None)
+        gathered.units, rejected = screen_units(gathered.units, self.server_length, *self.cfg.norm_screens)
         out = {name: f"screened out: {r.reason}" + (f" (bucket {', '.join(r.members)})" if len(r.members) > 1 else "") for r in rejected for name in r.members}
         gathered.included = [m for m in gathered.included if m.name not in out]
         gathered.skipped += [Rejection(name, reason, fault=True) for name, reason in out.items()]
@@ -420,13 +421,16 @@ class Coordinator:
             step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector
+        claims = {m.name: m.num_examples for m in gathered.included}
+        for unit in combined.metrics.get("participant_updates", []):  # the claim beside the weight it was given
+            unit["claimed_examples"] = claims.get(unit["participant"])
         row.update(combined.metrics)  # participant_updates / bucket_updates (norm, cosine), mean_error_bound
         row.update(step.metrics)  # svd_truncation_error in exact mode
         row["applied"] = True
         kept = gathered.included
         losses = [m for m in kept if "train_loss" in m.metrics]  # under DP the sites keep their losses to themselves
-        if losses:
-            row["train_loss"] = float(np.average([m.metrics["train_loss"] for m in losses], weights=[m.num_examples for m in losses]))
+        if losses:  # claims, weighed as the updates are
+            row["train_loss"] = self.average([m.metrics["train_loss"] for m in losses], [m.num_examples for m in losses])
         local = {m.name: m.metrics["local_epsilon"] for m in kept if "local_epsilon" in m.metrics}
         if local:  # each participant's own sample-level epsilon (DP-SGD), as it reported it
             row["local_epsilon"] = local

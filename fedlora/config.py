@@ -391,9 +391,12 @@ class PrivacySection:
 class SimulationSection:
     adversaries: float = _help("Share of simulated participants that are malicious.", 0.0)
     attack: str = _help(
-        "'sign-flip', 'scaling:<factor>', 'gaussian:<std>', 'alie[:<z>]' (Baruch et al. 2019), 'ipm:<eps>' "
-        "(Xie et al. 2019), 'label-flip' (trains on shifted answers) or '<module>:<function>'. alie and ipm read the "
-        "round's honest updates (plaintext only).",
+        "'sign-flip', 'scaling:<factor>', 'gaussian:<std>', 'alie[:<z>]' (Baruch et al. 2019), 'alie-auto' (alie "
+        "with the paper's z for the round's participants and attackers), 'ipm:<eps>' (Xie et al. 2019), 'ipm-clip' "
+        "(ipm at norm exactly robust.clip_norm), 'count-inflation:<claim>' (claims <claim> examples, with ipm-clip's "
+        "update), 'sacrifice[:<count>]' (<count> attackers get screened to lower the rule's tolerance, the rest "
+        "alie-auto), 'label-flip' (trains on shifted answers) or '<module>:<function>' (fedlora/attacks.py). alie and "
+        "alie-auto need the round's honest updates (plaintext only); the others attack blind under secure aggregation.",
         "sign-flip",
     )
     cpus_per_participant: float = _help("CPU cores Ray reserves for each virtual participant.", 1.0)
@@ -435,14 +438,16 @@ class Config:
         self._check_privacy()
         # Validate the attack spec now rather than in the first round.
         if self.simulation.adversaries > 0:
-            from fedlora.attacks import resolve_attack
+            from fedlora.attacks import OMNISCIENT, resolve_attack
 
             resolve_attack(self.simulation.attack)
+            name = self.simulation.attack.partition(":")[0]
             _require(
-                not (self.secagg.enabled and self.simulation.attack.partition(":")[0] == "alie"),
+                not (self.secagg.enabled and name in OMNISCIENT),
                 "simulation.attack",
-                "alie needs the round's honest updates, which nobody sees under secure aggregation (it would send "
-                "its own update unchanged); use ipm:<eps>, sign-flip or scaling:<factor>, or secagg.enabled=false",
+                f"{name} needs the round's honest updates, which nobody sees under secure aggregation (it would send "
+                "its own update unchanged); use ipm-clip, ipm:<eps>, count-inflation:<claim>, sacrifice, sign-flip or "
+                "scaling:<factor>, or secagg.enabled=false",
             )
 
     def _resolve_lora_mode(self) -> None:
@@ -524,6 +529,17 @@ class Config:
     def clips_updates(self) -> bool:
         """Participants clip to robust.clip_norm when anything relies on a bounded update."""
         return self.secagg.enabled or self.robust.rule != "mean" or self.privacy.noise_multiplier > 0
+
+    @property
+    def norm_screens(self) -> tuple[float, float | None]:
+        """(max_norm_ratio, clip bound) the coordinator screens units with (0 / None: off).
+
+        Under DP no ratio screen: whether one unit is set aside would depend on the others' norms.
+        Secure sums under distributed DP carry noise, so their means may exceed the clip bound.
+        """
+        private = self.privacy.noise_multiplier > 0
+        bounded = self.clips_updates and not (private and self.secagg.enabled)
+        return 0.0 if private else self.robust.max_norm_ratio, self.robust.clip_norm if bounded else None
 
     def _sampled_per_round(self) -> int:
         fed = self.federation

@@ -51,7 +51,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.attacks import choose_adversaries, resolve_attack
+from fedlora.attacks import Knowledge, Sent, choose_adversaries, resolve_attack
 from fedlora.config import Config
 from fedlora.privacy.ledger import Charge, present_noise_multiplier
 from fedlora.privacy.noise import secret_rng, skellam
@@ -101,27 +101,32 @@ def is_adversary(cfg: Config, partition_id: int) -> bool:
     return sim.adversaries > 0 and partition_id in choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed)
 
 
-def simulated_attack(cfg: Config, update: np.ndarray, server_round: int, partition_id: int) -> np.ndarray:
-    """A simulated adversary's update under secure aggregation: attacked here, before masking.
+def simulated_attack(cfg: Config, update: np.ndarray, server_round: int, partition_id: int) -> Sent:
+    """What a participant sends under secure aggregation: a simulated adversary attacks here, before masking.
 
-    Omniscient attacks get `benign = []`: no party can see the honest updates in secure mode.
-    The adversary then skips clipping (`mask_input`), as a real one would.
+    Omniscient attacks get `benign = []`: no party can see the honest updates in secure mode. The
+    adversary knows the defence as configured and its coalition as planned (all adversaries, in a
+    round of the planned size). Its claims go into the reply's metadata and its weight slot, and
+    it then skips clipping (`mask_input`), as a real one would.
     """
     if not is_adversary(cfg, partition_id):
-        return update
-    sim = cfg.simulation
+        return Sent(update)
+    adversaries = choose_adversaries(cfg.federation.participants, cfg.simulation.adversaries, cfg.federation.seed)
+    sampled = cfg._sampled_per_round()
+    knowledge = Knowledge.of(cfg, participants=sampled, attackers=min(len(adversaries), sampled), index=adversaries.index(partition_id))
     rng = np.random.default_rng([cfg.federation.seed, server_round, 0xBAD, partition_id])
-    return np.asarray(resolve_attack(sim.attack)(update, [], rng))
+    return resolve_attack(cfg.simulation.attack)(update, [], rng, knowledge)
 
 
 def hold_update(msg: Message, context: Context, cfg: Config, instruction: Instruction, update: np.ndarray, metrics: dict) -> Message:
     """Keep this round's update for the secure stages, with the terms it may be masked under; reply with the metadata only."""
     server_round, partition_id = instruction.server_round, int(metrics.get("partition_id", -1))
-    update = simulated_attack(cfg, update, server_round, partition_id)
+    sent = simulated_attack(cfg, update, server_round, partition_id)
+    metrics = sent.claims(metrics)
     binding = RunBinding(instruction.config_sha256, instruction.adapter_sha256)
     terms = Terms.of(cfg.secagg, cfg.privacy, cfg.robust.clip_norm, binding, min_bucket_size(site_of(dict(context.node_config))))
     keep_update(
-        context, update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id), terms,
+        context, sent.update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id), terms,
         adversary=is_adversary(cfg, partition_id),
         sample_rate=cfg.federation.fraction,
     )
@@ -135,7 +140,7 @@ def keep_update(
     """Store an update (float32) in `context.state` until the mask_input stage consumes it.
 
     `terms`: what a setup must agree with (participant/terms.py; noise_multiplier > 0: distributed DP).
-    `adversary` marks a simulated attacker: it will mask its update unclipped (and without noise).
+    `adversary` marks a simulated attacker: it will mask its update unclipped, its weight uncapped (and without noise).
     `sample_rate`: the run's q, for a deployed site's ledger (participant/ledger.py).
     """
     refuse_replay(context, terms.config_sha256, server_round, "an update to hold")
@@ -237,9 +242,8 @@ def mask_input(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"the held update of round {server_round} was not set up for instance {state.round_id!r}; refusing to mask it")
     clip_norm = state.clip_norm / np.sqrt(2.0)  # the protocol's bound is sqrt(2) C (fedlora.secagg.plan)
     update = array_view(context.state[UPDATE]["update"])
-    widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping
-    bound = None if widest is None else widest - clip_norm  # room left beside the weight slot
-    vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, bound)
+    widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping and caps
+    vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, widest)
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
     state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
     site = site_of(dict(context.node_config))

@@ -29,6 +29,8 @@ from fedlora.aggregate.robust import make_rule
 from fedlora.aggregate.weights import unit_weights
 from fedlora.config import ConfigError, PrivacySection, SecaggSection, load_config
 from fedlora.secagg import clip
+from fedlora.secagg.fixedpoint import widest_clip
+from fedlora.secagg.plan import check_fixed_point
 from fedlora.secure_wire import STAGE, read_meta
 from fedlora.simulation import simulate
 from fedlora.wire import config_sha256, instruction_content
@@ -144,7 +146,7 @@ def test_a_robust_rule_over_bucket_sums_drops_the_bucket_with_the_attacker() -> 
 
 def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encoding() -> None:
     # Honest members are clipped to C = 1; the attacker (node 0) masks its update unclipped, up
-    # to the whole 32-bit range the bucket's scale leaves one member: here about n * sqrt(2) C.
+    # to the whole 32-bit range the bucket's scale leaves one member: about n * sqrt(2) C.
     sec = SecaggSection(enabled=True)
     app = ClientApp()
     participant_secure.register(app)
@@ -157,7 +159,8 @@ def test_a_simulated_attacker_ignores_clipping_and_is_bounded_only_by_the_encodi
     members = [Member(node, f"participant-{i}", 50) for i, node in enumerate(nodes)]
     (unit,) = secure_sum(grid, members, sec, server_round=3, length=300, run_tag="t", clip_norm=1.0).buckets
     sent = np.linalg.norm(unit.total) / 50  # the attacker's update as it reached the sum
-    assert 4.0 < sent < 4 * np.sqrt(2)  # far above C = 1, within the encoding's range
+    widest = widest_clip(check_fixed_point(1.0, 4, update_length=300))
+    assert 4.0 < widest * (1 - 1e-3) < sent <= widest * (1 + 1e-6)  # far above C = 1: the whole encoding's range
 
 
 def test_dropouts_before_and_after_masking() -> None:
@@ -304,6 +307,51 @@ def test_a_replayed_train_message_for_a_masked_round_is_refused_before_training(
     assert participant_secure.UPDATE not in grid.contexts[node].state  # nothing trained or held
 
 
+def test_a_simulated_count_inflation_reaches_the_metadata_and_the_weight_slot_under_secure_aggregation() -> None:
+    """The claim travels in the train reply and in the masked weight slot. The bucket's weight reference
+    is capped (2 median claims: 120), so the claim itself buys nothing; but the attacker writes its
+    weight slot as far as the bucket's encoding lets one member (3 x 120 in a bucket of 3), more
+    than its plaintext cap: a per-member bound inside the protocol is open (docs/decisions.md,
+    "Aggregation weights")."""
+    from coordinator.gather import read_train_replies
+    from coordinator.rounds import exchange
+    from fedlora.attacks import choose_adversaries
+    from fedlora.secagg.plan import RunBinding
+    from fedlora.wire import adapter_sha256, read_instruction
+
+    overrides = ["secagg.enabled=true", "secagg.bucket_size=3", "federation.participants=6", "robust.clip_norm=1.0",
+                 "simulation.adversaries=0.17", "simulation.attack=count-inflation:1000000"]
+    cfg = load_config(None, [*SMALL, *overrides])
+    (bad,) = choose_adversaries(6, 0.17, cfg.federation.seed)
+    d, rng = 200, np.random.default_rng(0)
+    direction = np.ones(d) / np.sqrt(d)
+    updates = {p: (0.6 * direction + 0.2 * rng.standard_normal(d) / np.sqrt(d)).astype(np.float32) for p in range(6)}
+    app = ClientApp()
+    participant_secure.register(app)
+
+    @app.train()
+    def train(msg, context):  # a participant that trained `updates[p]` on 60 records
+        instruction = read_instruction(msg.content)
+        pid = int(context.node_config["partition-id"])
+        metrics = {"num-examples": 60, "train_loss": 1.0, "partition_id": pid}
+        return participant_secure.hold_update(msg, context, instruction.config, instruction, updates[pid], metrics)
+
+    grid = LocalGrid(app, {100 + p: {"partition-id": p} for p in range(6)})
+    adapter, toml = np.zeros(4, np.float32), cfg.to_toml()
+    replies = exchange(grid, list(grid.contexts), instruction_content(adapter, 1, toml), "train", 1, 10.0)
+    members, rejected = read_train_replies(replies, lambda node, metrics: f"participant-{node - 100}", 10.0, with_vector=False)
+    assert not rejected and {m.name: m.num_examples for m in members}[f"participant-{bad}"] == 10**6
+    binding = RunBinding(config_sha256(toml), adapter_sha256(adapter))
+    gathered = gather_secure(grid, members, cfg.secagg, 1, d, "t", 1.0, binding=binding)
+    (liars,) = [u for u in gathered.units if f"participant-{bad}" in u.members]
+    (honest,) = [u for u in gathered.units if u is not liars]
+    assert honest.weight == pytest.approx(180, rel=1e-6)
+    assert liars.weight == pytest.approx(60 + 60 + 3 * 120, rel=1e-6)  # not 10^6 + 120, as before the capped reference
+    assert np.linalg.norm(liars.mean) <= 1.0 + 1e-4  # at the clip bound: it passes the screen
+    own = updates[bad] / np.linalg.norm(updates[bad])  # blind, it points against what it trained
+    assert float(liars.mean @ own) / np.linalg.norm(liars.mean) < -0.99  # it still dominates its bucket (360 of 480)
+
+
 def test_rounding_keys_are_fresh_unless_a_simulation_asks_for_reproducible_ones() -> None:
     secret = load_config(None, SMALL + ["secagg.enabled=true"])
     keys = {participant_secure.rounding_key(secret, 3, 0) for _ in range(3)}
@@ -320,8 +368,8 @@ def test_attacks_apply_before_masking() -> None:
 
     bad = choose_adversaries(3, 0.34, cfg.federation.seed)[0]
     good = next(i for i in range(3) if i != bad)
-    np.testing.assert_array_equal(participant_secure.simulated_attack(cfg, update, 1, bad), -update)
-    np.testing.assert_array_equal(participant_secure.simulated_attack(cfg, update, 1, good), update)
+    np.testing.assert_array_equal(participant_secure.simulated_attack(cfg, update, 1, bad).update, -update)
+    np.testing.assert_array_equal(participant_secure.simulated_attack(cfg, update, 1, good).update, update)
 
 
 @pytest.mark.parametrize(

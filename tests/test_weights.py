@@ -8,7 +8,7 @@ import pytest
 from fedlora.aggregate import combine_units
 from fedlora.aggregate.robust import make_rule
 from fedlora.aggregate.units import single_units
-from fedlora.aggregate.weights import secure_weight_reference, unit_weights
+from fedlora.aggregate.weights import claimed_average, secure_weight_reference, unit_weights
 from fedlora.config import ConfigError, load_config
 
 RULES = ["mean", "geomedian", "centered-clip:1.0", "multi-krum:1", "median", "trimmed-mean:0.2"]
@@ -32,6 +32,11 @@ def test_a_secure_buckets_reference_gives_each_member_its_plaintext_weight(weigh
     by_claim = dict(zip(round_claims, expected))
     factor = min(round_claims) if weighting == "equal" else 1.0  # the same for every bucket of the round
     assert [min(n / ref, 1.0) * ref for n in bucket] == pytest.approx([by_claim[n] * factor for n in bucket])
+
+
+def test_reported_metrics_are_averaged_with_the_weights_their_counts_give_updates() -> None:
+    assert claimed_average([0.5, 0.5, 1.0], [60, 60, 10**6], "capped", 2.0) == pytest.approx((30 + 30 + 120) / 240)
+    assert claimed_average([0.5, 0.5, 1.0], [60, 60, 10**6], "claimed", 2.0) > 0.9999
 
 
 @pytest.mark.parametrize("claims", [[60, 0], [60, -5], [60, float("nan")], [60, float("inf")]])
@@ -76,6 +81,7 @@ def test_weighting_settings_are_checked_at_load_time() -> None:
 
 
 def test_a_participant_claiming_a_million_examples_is_weighed_as_the_cap_allows_in_a_real_round(tmp_path) -> None:
+    """Its update, its train loss and its evaluation scores all weigh the cap, and its claim is shown."""
     from flwr.clientapp import ClientApp
 
     from coordinator.local_grid import LocalGrid
@@ -85,19 +91,58 @@ def test_a_participant_claiming_a_million_examples_is_weighed_as_the_cap_allows_
     from tests.conftest import SMALL
 
     lying_app = ClientApp()
+    trained, evaluated = {}, {}  # what each participant reported, by partition id (the last evaluation)
 
     @lying_app.train()
     def train(msg, context):
         reply = participant_app.train(msg, context)
         vector, metrics = read_reply(reply.content)
-        if metrics["partition_id"] == 0:
-            metrics["num-examples"] = 10**6  # the claim is all the participant controls here
+        if metrics["partition_id"] == 0:  # the claims are all the participant controls here
+            metrics["num-examples"], metrics["train_loss"] = 10**6, 0.0
+        trained[metrics["partition_id"]] = metrics
         return type(reply)(reply_content(metrics, np.array(vector)), reply_to=msg)
 
-    lying_app.evaluate()(participant_app.evaluate_global)
+    @lying_app.evaluate()
+    def evaluate(msg, context):
+        reply = participant_app.evaluate_global(msg, context)
+        _, metrics = read_reply(reply.content)
+        if metrics["partition_id"] == 0:
+            metrics["num-examples"], metrics["eval_accuracy"] = 10**6, 1.0
+        evaluated[metrics["partition_id"]] = metrics
+        return type(reply)(reply_content(metrics), reply_to=msg)
+
     cfg = load_config(None, [*SMALL, "federation.rounds=1"])
     grid = LocalGrid(lying_app, {p + 1: {"partition-id": p, "num-partitions": 3} for p in range(3)})
     (row,) = [r for r in Coordinator(cfg, tmp_path).run(grid) if r["round"] == 1]
-    weights = {u["participant"]: u["weight"] for u in row["participant_updates"]}
-    honest = sorted(w for name, w in weights.items() if name != "participant-0")
-    assert weights["participant-0"] == pytest.approx(2.0 * float(np.median([*honest, 10**6])))  # capped, not 10^6
+    units = {u["participant"]: u for u in row["participant_updates"]}
+    honest = sorted(u["weight"] for name, u in units.items() if name != "participant-0")
+    assert units["participant-0"]["weight"] == pytest.approx(2.0 * float(np.median([*honest, 10**6])))  # capped, not 10^6
+    assert units["participant-0"]["claimed_examples"] == 10**6  # the lie, shown beside its cap
+
+    def average(reports: dict, key: str, weighting: str = "capped") -> float:
+        ordered = [reports[p] for p in sorted(reports)]
+        return claimed_average([m[key] for m in ordered], [m["num-examples"] for m in ordered], weighting, 2.0)
+
+    assert row["train_loss"] == pytest.approx(average(trained, "train_loss"), rel=1e-9)
+    assert row["eval_accuracy"] == pytest.approx(average(evaluated, "eval_accuracy"), rel=1e-9)
+    assert average(evaluated, "eval_accuracy", "claimed") > 0.999 > row["eval_accuracy"] + 0.05  # trusted, the liar's 1.0 would be the score
+
+
+def test_a_simulated_attacker_inflating_its_count_reaches_the_weights_in_a_real_round(tmp_path) -> None:
+    from coordinator.local_grid import LocalGrid
+    from coordinator.rounds import Coordinator
+    from fedlora.attacks import choose_adversaries
+    from participant import app as participant_app
+    from tests.conftest import SMALL
+
+    overrides = ["federation.rounds=1", "robust.rule=median", "robust.clip_norm=0.001", "simulation.adversaries=0.34", "simulation.attack=count-inflation:1000000"]
+    cfg = load_config(None, [*SMALL, *overrides])
+    (bad,) = choose_adversaries(3, 0.34, cfg.federation.seed)
+    grid = LocalGrid(participant_app.app, {p + 1: {"partition-id": p, "num-partitions": 3} for p in range(3)})
+    (row,) = [r for r in Coordinator(cfg, tmp_path).run(grid) if r["round"] == 1]
+    units = {u["participant"]: u for u in row["participant_updates"]}
+    liar = units.pop(f"participant-{bad}")
+    assert not row["skipped"] and liar["claimed_examples"] == 10**6
+    assert liar["update_norm"] == pytest.approx(0.001, rel=1e-5)  # at the clip bound: no screen sets it aside
+    assert liar["weight"] == pytest.approx(2.0 * float(np.median([u["claimed_examples"] for u in units.values()] + [10**6])))
+    assert liar["cosine_to_aggregate"] < 0 < min(u["cosine_to_aggregate"] for u in units.values())

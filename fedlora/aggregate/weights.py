@@ -10,6 +10,9 @@ construction (docs/decisions.md, "Aggregation weights"):
   most `cap` honest medians; honest sites of different sizes keep their proportions up to it.
 - `equal`: every site counts once, whatever it claims (as DP-FedAvg does).
 - `claimed`: the claims as they are, for consortia that verify them some other way.
+
+Reported losses and accuracies are claims as well: averaged across participants, they get the
+weights their counts give updates (`claimed_average`), so a count buys a number no more weight.
 """
 
 from __future__ import annotations
@@ -56,3 +59,8 @@ def _checked(claims: Sequence[float], weighting: str) -> np.ndarray:
     if counts.size and not (np.all(np.isfinite(counts)) and np.all(counts > 0)):
         raise ValueError(f"example counts must be positive and finite, got {list(claims)}")
     return counts
+
+
+def claimed_average(values: Sequence[float], claims: Sequence[float], weighting: str, cap: float) -> float:
+    """The average of reported values (losses, accuracies), weighted as `unit_weights` weighs updates."""
+    return float(np.average(values, weights=unit_weights(claims, weighting, cap)))

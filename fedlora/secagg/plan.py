@@ -233,22 +233,25 @@ def context_binding(context: dict) -> RunBinding:
 
 
 def weighted_input(
-    update: np.ndarray, num_examples: int, weight_ref: float, clip_norm: float, update_bound: float | None = None
+    update: np.ndarray, num_examples: int, weight_ref: float, clip_norm: float, widest: float | None = None
 ) -> np.ndarray:
     """The float64 vector a participant masks: [w * clip(update, C), w * C] (see module doc).
 
-    `update_bound` replaces C as the update's clip (not the weight slot's): a simulated attacker's.
+    `widest` (a simulated attacker's): its input may lie anywhere in the encoding's range. Its
+    weight is its claim over the reference, uncapped, its update unclipped, and the whole vector is
+    scaled down, keeping its direction, only to L2 norm `widest` (`fedlora.secagg.fixedpoint.widest_clip`).
     """
     if num_examples <= 0:
         raise ValueError(f"example count {num_examples} is not positive")
     if not weight_ref > 0:
         raise ValueError(f"weight reference {weight_ref} is not positive")
-    weight = min(num_examples / weight_ref, 1.0)
-    clipped = clip(update, clip_norm if update_bound is None else update_bound)  # float64 copy; raises on NaN/inf
-    out = np.empty(clipped.size + 1, dtype=np.float64)
-    np.multiply(clipped, weight, out=out[:-1])
+    weight = num_examples / weight_ref
+    if widest is None:
+        weight, update = min(weight, 1.0), clip(update, clip_norm)  # float64 copy; raises on NaN/inf
+    out = np.empty(np.size(update) + 1, dtype=np.float64)
+    np.multiply(np.ravel(update), weight, out=out[:-1])
     out[-1] = weight * clip_norm
-    return out
+    return out if widest is None else clip(out, widest)
 
 
 def split_weighted_sum(total: np.ndarray, clip_norm: float, weight_ref: float) -> tuple[np.ndarray, float]:

@@ -125,3 +125,13 @@ def test_the_widest_clip_is_the_whole_range_one_vector_may_use(n):
     with pytest.raises(ValueError, match="overflow"):
         check_no_overflow(widest * (1 + 1e-6), 1, scale)
     assert n * 0.99 < widest < n * 1.01  # one participant may take everyone's share of the range
+
+
+def test_an_honest_input_caps_its_weight_and_clips_and_an_attackers_lies_anywhere_within_the_widest_norm():
+    from fedlora.secagg.plan import weighted_input
+
+    update = np.array([30.0, 40.0])  # norm 50
+    np.testing.assert_allclose(weighted_input(update, 500, 100.0, 1.0), [0.6, 0.8, 1.0])  # weight min(5, 1), clipped to C
+    np.testing.assert_allclose(weighted_input(update, 50, 100.0, 1.0, widest=1000.0), [15.0, 20.0, 0.5])  # within the range: as claimed
+    lie = weighted_input(update, 10**6, 100.0, 1.0, widest=8.0)  # weight 10^4: the whole vector cut to the widest norm
+    assert np.linalg.norm(lie) == pytest.approx(8.0) and lie[2] / lie[0] == pytest.approx(1.0 / 30.0)  # the same mean update
