@@ -173,6 +173,8 @@ class Coordinator:
         # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
         self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.rule = make_rule(cfg.robust.rule)
+        if warning := cfg.robustness_warning():
+            log.warning("%s", warning)
         # Length of an update in server coordinates (B·A products in exact mode): fixed by the layout.
         self.server_length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
         self.reputation = Reputation(cfg.robust.quarantine_after, cfg.robust.quarantine_window)

@@ -195,8 +195,6 @@ class _Bucket:
         survivors = tuple(self.by_id[i].name for i in out.survivors)
         # The weight is decoded from the weight slot (scale C): its error is the sum's over C.
         bound = out.error_bound * self.weight_ref
-        self.result = Unit.from_total(survivors, total, weight, bound, bound / self.clip_norm)
-        self.status = "ok"
         z, margin = self.noise
         if z:  # the survivors' noise shares, each of variance 2 mu, in update units
             k, summed = len(self.members), len(out.survivors)
@@ -205,13 +203,15 @@ class _Bucket:
             # Relative to the rounded sensitivity: z while at least k (1 - m) shares are in the sum.
             self.noise_multiplier = present_noise_multiplier(z, k, summed, margin)
             if not meets(self.noise_multiplier, z):  # members took their shares away before masking
-                self.survivors, self.result = list(survivors), None
-                self.status, self.reason = "discarded", (
+                self.survivors, self.status, self.reason = list(survivors), "discarded", (
                     f"bucket {self.index}: {summed} of {k} masked inputs arrived, fewer than k (1 - privacy.dropout_margin) = "
                     f"{k * (1 - margin):g}: its sum carries noise multiplier {self.noise_multiplier:.4g}, below the run's {z:g}; "
                     "discarded, so the adapter carries the planned noise (charged against the coordinator, who saw it)"
                 )
                 log.warning("round %d, %s", self.server_round, self.reason)
+                return
+        self.result = Unit.from_total(survivors, total, weight, bound, bound / self.clip_norm, self.noise_std)
+        self.status = "ok"
 
     def skipped(self) -> list[Rejection]:
         """Members whose update is in no sum, with the reason."""

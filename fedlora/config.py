@@ -298,6 +298,12 @@ class RobustSection:
         "capped",
     )
     weight_cap: float = _help("With robust.weighting='capped': the most one claim weighs, in median claims of the round.", 2.0)
+    expected_attackers: float = _help(
+        "Share of participants the consortium plans to withstand as malicious (0 = simulation.adversaries). A run "
+        "warns when, with buckets of b, the expected attacker-touched units (1 - (1 - f)^b of them) exceed what "
+        "robust.rule tolerates, and says which bucket size would hold.",
+        0.0,
+    )
 
     quarantine_after: int = _help(
         "Quarantine a participant (never sampled again this run) once it was rejected for a fault (invalid or "
@@ -327,6 +333,7 @@ class RobustSection:
 
         _require_choice(self.weighting, "robust.weighting", WEIGHTINGS)
         _require(math.isfinite(self.weight_cap) and self.weight_cap >= 1, "robust.weight_cap", f"must be >= 1, got {self.weight_cap}")
+        _require(0.0 <= self.expected_attackers < 1.0, "robust.expected_attackers", f"must be in [0, 1), got {self.expected_attackers}")
         try:
             make_rule(self.rule)
         except ValueError as err:
@@ -535,11 +542,19 @@ class Config:
         """(max_norm_ratio, clip bound) the coordinator screens units with (0 / None: off).
 
         Under DP no ratio screen: whether one unit is set aside would depend on the others' norms.
-        Secure sums under distributed DP carry noise, so their means may exceed the clip bound.
+        The clip bound screens secure sums under distributed DP too, allowing for their noise
+        (`fedlora.aggregate.screen.noise_norm_bound`).
         """
         private = self.privacy.noise_multiplier > 0
-        bounded = self.clips_updates and not (private and self.secagg.enabled)
-        return 0.0 if private else self.robust.max_norm_ratio, self.robust.clip_norm if bounded else None
+        return 0.0 if private else self.robust.max_norm_ratio, self.robust.clip_norm if self.clips_updates else None
+
+    def robustness_warning(self) -> str:
+        """Why robust.rule will not hold against the attackers planned for ('' when it will or none are)."""
+        from fedlora.aggregate.robust import capacity_warning, make_rule
+
+        attackers = self.robust.expected_attackers or self.simulation.adversaries
+        bucket = (self.secagg.bucket_size or self._sampled_per_round()) if self.secagg.enabled else 1
+        return capacity_warning(make_rule(self.robust.rule), attackers, self._sampled_per_round(), bucket)
 
     def _sampled_per_round(self) -> int:
         fed = self.federation
@@ -575,11 +590,12 @@ class Config:
         if p.noise_multiplier == 0:
             return
         _require(
-            self.robust.rule == "mean",
+            self.robust.rule == "mean" or self.secagg.enabled,
             "robust.rule",
-            f"{self.robust.rule!r} with DP: only the mean of clipped updates has a sensitivity bounded by robust.clip_norm "
-            "(one participant moves a median, trimmed mean or Krum selection by an amount that depends on the others); "
-            "use robust.rule='mean' with DP",
+            f"{self.robust.rule!r} with central DP: the coordinator adds noise to the rule's output, and only the mean of "
+            "clipped updates has a sensitivity bounded by robust.clip_norm (one participant moves a median, trimmed mean or "
+            "Krum selection by an amount that depends on the others); use robust.rule='mean', or distributed DP "
+            "(secagg.enabled=true), where every bucket's sum carries its own noise and the rule is post-processing",
         )
         _require(
             self.lora.mode != "exact",

@@ -8,6 +8,7 @@ standard error of 1/sqrt(2 * 20000) = 0.5%, and the tests allow 3% (6 standard e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from coordinator.gather import Member
 from coordinator.local_grid import LocalGrid
 from coordinator.rounds import Coordinator
 from coordinator.secure import secure_sum
+from fedlora.aggregate.screen import noise_norm_bound, screen_units
 from fedlora.config import ConfigError, PrivacySection, SecaggSection, load_config
 from fedlora.privacy.accountant import RoundAccountant
 from fedlora.privacy.noise import SKELLAM_MU_MAX, SKELLAM_SUM_MU_MAX, secret_rng, skellam, skellam_mu
@@ -212,3 +214,48 @@ def test_a_whole_distributed_dp_round_reports_epsilon_and_the_coordinator_adds_n
     # Clipped updates alone move the adapter by at most C (the mean of 4 over q N = 4); the
     # participants' noise, of std z C / (q N) per coordinate, moves it far more.
     assert row["update_norm"] > 10 * cfg.robust.clip_norm
+
+
+def _dp_federation_with_attacker(z: float, attacker: int | None, scale_to: float):
+    """4 members under distributed DP; `attacker` (if any) holds an update of norm `scale_to` and masks it unclipped."""
+    app = ClientApp()
+    participant_secure.register(app)
+    nodes = [7000 + i for i in range(4)]
+    grid = LocalGrid(app, {node: {} for node in nodes})
+    rng = np.random.default_rng(5)
+    updates = {}
+    for i, node in enumerate(nodes):
+        update = rng.normal(size=D)
+        updates[node] = (update / np.linalg.norm(update) * (scale_to if i == attacker else 0.5)).astype(np.float32)
+        participant_secure.keep_update(
+            grid.contexts[node], updates[node], 10, 3, os.urandom(32),
+            Terms.of(SecaggSection(enabled=True), PrivacySection(noise_multiplier=z, dropout_margin=0.0), 1.0), adversary=i == attacker,
+        )
+    return grid, [Member(node, f"participant-{i}", 10) for i, node in enumerate(nodes)]
+
+
+def test_a_noisy_bucket_sum_is_screened_against_the_clip_bound_with_its_noise_allowed_for() -> None:
+    # An honest bucket's noisy mean is far longer than C (noise of std z C on each of 20,000
+    # coordinates), so a screen that ignored the noise would reject every honest bucket; with the
+    # noise allowed for it passes. A member that masks an input 100 x the noise bound longer than
+    # C is caught in the same sum, with its bucket.
+    z = 1.0
+    grid, members = _dp_federation_with_attacker(z, None, 0.0)
+    (honest,) = _run(grid, members, z).buckets
+    assert np.linalg.norm(honest.mean) > 10 * 1.0
+    kept, rejected = screen_units([honest], D, 0.0, 1.0)
+    assert kept == [honest] and not rejected
+    assert screen_units([dataclasses.replace(honest, noise_std=0.0)], D, 0.0, 1.0)[1]  # the allowance is what lets it pass
+    big = 100 * noise_norm_bound(honest.noise_std, D)
+    grid, members = _dp_federation_with_attacker(z, 0, big)
+    (attacked,) = _run(grid, members, z).buckets
+    kept, rejected = screen_units([attacked], D, 0.0, 1.0)
+    assert not kept and "exceeds robust.clip_norm" in rejected[0].reason
+
+
+def test_a_robust_rule_is_allowed_with_distributed_dp_but_not_with_central_dp() -> None:
+    dp = ["privacy.noise_multiplier=1.0", "federation.participants=20", "federation.fraction=1.0", "robust.rule=geomedian"]
+    cfg = load_config(None, [*dp, "secagg.enabled=true", "secagg.bucket_size=4"])
+    assert cfg.robust.rule == "geomedian" and cfg.norm_screens == (0.0, cfg.robust.clip_norm)
+    with pytest.raises(ConfigError, match="central DP"):
+        load_config(None, dp)

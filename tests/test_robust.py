@@ -12,9 +12,11 @@ from fedlora.aggregate.robust import (
     MultiKrum,
     SpecForm,
     TrimmedMean,
+    capacity_warning,
     check_rule_fits,
     make_rule,
     parse_spec,
+    touched_units,
 )
 
 D = 400
@@ -323,3 +325,29 @@ def test_sacrificing_units_to_screening_does_not_let_an_outlier_through() -> Non
     rule, _ = rule_after_screening(make_rule("multi-krum:2"), kept=5, screened=2)
     result = rule.aggregate([*honest, outlier], [1.0] * 5)
     assert result.metrics["dropped"] == [4] and np.all(result.vector > 0.9)
+
+
+@pytest.mark.parametrize(
+    ("rule", "attackers", "participants", "bucket", "verdict"),
+    [
+        ("geomedian", 0.2, 15, 1, ""),  # 3 of 15 plaintext units, 7 tolerated
+        ("geomedian", 0.2, 20, 5, "buckets of 2 would hold"),  # 2.7 of 4 buckets touched, 1 tolerated
+        ("median", 0.33, 15, 2, "no smaller bucket holds it"),  # 3.9 of 7 touched, 3 tolerated; plaintext would
+        ("multi-krum:2", 0.2, 15, 1, "no smaller bucket holds it"),  # 3 attackers, 2 tolerated
+    ],
+)
+def test_a_rule_that_cannot_hold_the_expected_attackers_is_named_with_a_bucket_size_that_would(rule, attackers, participants, bucket, verdict) -> None:
+    warning = capacity_warning(make_rule(rule), attackers, participants, bucket)
+    assert (verdict in warning) and (bool(warning) == bool(verdict))
+    if bucket > 1:
+        units = participants // bucket
+        assert touched_units(attackers, bucket, units) == pytest.approx(units * (1 - (1 - attackers) ** bucket))
+
+
+def test_a_run_warns_when_its_buckets_hold_more_attackers_than_its_rule_tolerates() -> None:
+    from fedlora.config import load_config
+
+    cfg = load_config(None, ["secagg.enabled=true", "secagg.bucket_size=5", "federation.participants=20", "robust.rule=geomedian",
+                             "robust.expected_attackers=0.2"])
+    assert "buckets of 2 would hold" in cfg.robustness_warning()
+    assert load_config(None, ["robust.rule=geomedian", "robust.expected_attackers=0.2"]).robustness_warning() == ""

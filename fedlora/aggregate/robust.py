@@ -109,6 +109,36 @@ def check_rule_fits(rule: RobustRule, units: int) -> None:
         )
 
 
+def touched_units(attackers: float, bucket_size: int, units: int) -> float:
+    """Expected units holding at least one attacker, when a fraction `attackers` of participants is
+    malicious and each unit is a bucket of `bucket_size` drawn at random: 1 - (1 - f)^b of them."""
+    return units * (1.0 - (1.0 - attackers) ** max(1, bucket_size))
+
+
+def capacity_warning(rule: RobustRule, attackers: float, participants: int, bucket_size: int) -> str:
+    """Why `rule` over buckets of `bucket_size` (1 = plaintext) among `participants` per round will
+    not hold against a fraction `attackers` ('' when it will), and which bucket size would."""
+    if attackers <= 0:
+        return ""
+
+    def holds(size: int) -> bool:
+        units = max(1, participants // size)
+        return units >= rule.min_units() and touched_units(attackers, size, units) <= rule.breakdown(units)
+
+    if holds(bucket_size):
+        return ""
+    units = max(1, participants // bucket_size)
+    fits = [size for size in range(2 if bucket_size > 1 else 1, bucket_size) if holds(size)]
+    advice = (f"buckets of {fits[-1]} would hold" if fits else
+              "no smaller bucket holds it: choose a rule that tolerates more (e.g. median, geomedian), sample more "
+              "participants per round" + (", or plaintext updates" if bucket_size > 1 and holds(1) else ""))
+    return (
+        f"robust.rule {rule.name!r} tolerates {rule.breakdown(units)} adversarial units of {units} per round, but with "
+        f"{attackers:.0%} attackers about {touched_units(attackers, bucket_size, units):.1f} units "
+        f"{'hold one (1 - (1 - f)^b of buckets of ' + str(bucket_size) + ')' if bucket_size > 1 else 'are attackers'}: {advice}"
+    )
+
+
 def rule_after_screening(rule: RobustRule, kept: int, screened: int) -> tuple[RobustRule, str]:
     """The rule for the `kept` units that screening left, and why it changed ('' if it did not).
 

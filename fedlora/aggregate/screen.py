@@ -4,7 +4,8 @@ A unit is rejected for a wrong length, a non-positive or non-finite weight, non-
 a mean longer than `robust.clip_norm` when participants clip (an honest member never sends
 one: an attacker that skipped clipping is caught here, whatever the others sent), or a mean
 whose norm is far outside the round's distribution (more than `max_norm_ratio` times
-the median unit norm; with fewer than 3 units there is no distribution to speak of). Norm
+the median unit norm; with fewer than 3 units there is no distribution to speak of; off under
+DP, where whether one unit is kept would depend on the others). Norm
 screening is cheap and catches crude scaling attacks and broken training runs; what it lets
 through is the robust rule's job. Under secure aggregation a rejected bucket takes its honest
 members with it: the coordinator cannot tell them apart.
@@ -20,6 +21,7 @@ import numpy as np
 from fedlora.aggregate.units import Unit
 
 MIN_UNITS_FOR_NORMS = 3
+NOISE_TAIL = 10.0  # standard deviations of the noise norm allowed above its typical value
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,24 @@ def _defect(unit: Unit, length: int) -> str | None:
     return None
 
 
+def noise_norm_bound(noise_std: float, length: int) -> float:
+    """A norm that `length` independent noise coordinates of std `noise_std` exceed with probability
+    below exp(-NOISE_TAIL^2 / 2) (~2e-22): the norm of a Gaussian vector concentrates at
+    sigma sqrt(d) with Gaussian tails of width sigma (Lipschitz concentration; the Skellam shares of
+    distributed DP are as concentrated, being sums of many integer draws of the same variance)."""
+    return noise_std * (np.sqrt(length) + NOISE_TAIL)
+
+
 def _over_clip_bound(unit: Unit, clip_norm: float) -> str | None:
     """A unit whose mean is longer than the bound every member clipped to holds an unclipped update.
 
     The mean of clipped updates (with weights <= 1) is never longer than C; the allowance covers
-    the secure sum's fixed-point error (per coordinate, on the total and on the weight).
+    the secure sum's fixed-point error (per coordinate, on the total and on the weight) and, under
+    distributed DP, the norm its noise shares can reach (`noise_norm_bound`): a noise-aware screen,
+    so that a member's input far outside the clip bound is caught even in a noisy sum.
     """
     norm = float(np.linalg.norm(unit.mean))
-    allowance = (unit.error_bound * np.sqrt(unit.mean.size) + clip_norm * unit.weight_error) / unit.weight
+    allowance = (unit.error_bound * np.sqrt(unit.mean.size) + clip_norm * unit.weight_error + noise_norm_bound(unit.noise_std, unit.mean.size)) / unit.weight
     limit = clip_norm * (1 + 1e-6) + allowance
     return None if norm <= limit else f"update norm {norm:.4g} exceeds robust.clip_norm={clip_norm:g}, which every member clips to"
 

@@ -33,11 +33,14 @@ class Unit:
     weight: float  # sum over members of weight_i (example counts)
     error_bound: float = 0.0  # max abs error per coordinate of the sum weight * mean (secure sums' fixed point)
     weight_error: float = 0.0  # max abs error of `weight`
+    noise_std: float = 0.0  # std per coordinate of the DP noise in the sum weight * mean (distributed DP's shares)
 
     @classmethod
-    def from_total(cls, members: tuple[str, ...], total: np.ndarray, weight: float, error_bound: float = 0.0, weight_error: float = 0.0) -> Unit:
+    def from_total(
+        cls, members: tuple[str, ...], total: np.ndarray, weight: float, error_bound: float = 0.0, weight_error: float = 0.0, noise_std: float = 0.0,
+    ) -> Unit:
         """A unit from a sum of weighted updates (a secure bucket's sum)."""
-        return cls(members, np.asarray(total, dtype=np.float64) / weight, weight, error_bound, weight_error)
+        return cls(members, np.asarray(total, dtype=np.float64) / weight, weight, error_bound, weight_error, noise_std)
 
     @property
     def total(self) -> np.ndarray:

@@ -281,6 +281,17 @@ MUTATIONS = [
         (("coordinator/secure.py", "        self.weight_ref = 1.0 if noise[0] else weight_ref", "        self.weight_ref = 1.0 if noise[0] else float(max(m.num_examples for m in members))"),),
     ),
     Mutation(
+        "noise-ignored-by-the-clip-screen",
+        "the clip-bound screen ignores distributed DP's noise: every honest noisy bucket is set aside",
+        (("fedlora/aggregate/screen.py", " + noise_norm_bound(unit.noise_std, unit.mean.size)) / unit.weight", ") / unit.weight"),),
+    ),
+    Mutation(
+        "no-clip-screen-under-distributed-dp",
+        "noisy bucket sums are not screened against the clip bound (a member's unbounded input passes)",
+        (("coordinator/secure.py", "        self.result = Unit.from_total(survivors, total, weight, bound, bound / self.clip_norm, self.noise_std)",
+          "        self.result = Unit.from_total(survivors, total, weight, bound, bound / self.clip_norm, 1e30)"),),
+    ),
+    Mutation(
         "seed-commitment-unchecked",
         "a dealer's self-mask seed accepted from its shares without matching its commitment (its real mask stays in the sum)",
         (("fedlora/secagg/server.py", "            if crypto.commit_seed(self.params, u, b_seed) != self.commitments[u]:", "            if False:"),),
