@@ -665,17 +665,26 @@ def build_sections(raw: dict[str, dict[str, Any]], known: dict[str, type]) -> di
     return sections
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (optional) and apply `section.key=value` overrides on top."""
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read TOML files (optional; a later file's keys win, key by key) and apply `section.key=value` overrides on top.
+
+    Layering lets a file add one concern to another (examples/attack.toml on examples/robust.toml)
+    without copying it.
+    """
     raw: dict[str, dict[str, Any]] = {}
-    if path:
-        file_path = Path(path)
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    for file_path in (Path(p) for p in paths if p):  # '' = no file (Flower's empty config-file)
         if not file_path.is_file():
             raise ConfigError(f"config file {file_path} does not exist")
         try:
-            raw = tomllib.loads(file_path.read_text())
+            layer = tomllib.loads(file_path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {file_path} is not valid TOML: {err}") from err
+        for section, values in layer.items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section] = raw[section] | values
+            else:  # a new section, or one that is not a table (build_sections says so)
+                raw[section] = values
     for text in overrides or []:
         section, name, value = _parse_override(text)
         raw.setdefault(section, {})[name] = value
