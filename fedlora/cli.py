@@ -93,14 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser("simulate", help="run a whole federation on this machine")
-    simulate.add_argument("--config", help="TOML config file (defaults are used for anything it leaves out)")
+    simulate.add_argument(
+        "--config",
+        action="append",
+        help="TOML config file (defaults are used for anything it leaves out); repeat it to layer files, a later file's keys winning",
+    )
     simulate.add_argument("--out", help="run directory (default runs/<name>)")
     simulate.add_argument("--name", help="run name under runs/ (default a timestamp)")
     simulate.add_argument("overrides", nargs="*", metavar="section.key=value")
     simulate.set_defaults(handler=_simulate)
 
     config = commands.add_parser("config", help="list every option, or print a resolved config")
-    config.add_argument("--config", help="TOML config file to resolve")
+    config.add_argument("--config", action="append", help="TOML config file to resolve; repeat it to layer files, as simulate does")
     config.add_argument(
         "--markdown",
         action="store_true",

@@ -73,6 +73,11 @@ class ModelSection:
         _require(bool(self.name), "model.name", "must name a built-in model or a local directory")
 
 
+# lora.frozen_a_gain's default: measured in docs/benchmarks.md ("What frozen-a and the robust
+# examples cost when nobody attacks"), where frozen-a at PEFT's init lagged fedavg on some tables.
+FROZEN_A_GAIN = 2.0
+
+
 @dataclass
 class LoraSection:
     r: int = _help("LoRA rank.", 8)
@@ -88,6 +93,14 @@ class LoraSection:
         "The resolved mode is what config.toml records.",
         "auto",
     )
+    frozen_a_gain: float = _help(
+        "lora.mode='frozen-a' only: each seeded lora_A is rescaled before it is frozen so that |A·x| is about this "
+        "times |x| (0 = PEFT's init, a gain of sqrt(r/(3·in)): 0.14 for the built-in Llama at r=8). An A that never "
+        "trains must start larger (FFA-LoRA, Sun et al. 2024): Adam moves B by about train.lr per step at any scale "
+        "of A, so the adapter's step grows with |A·x|. Unlike a larger train.lr, it leaves the uploaded B deltas "
+        "(robust.clip_norm, DP noise, the secure encoding) as they were.",
+        FROZEN_A_GAIN,
+    )
     participant_ranks: list[int] = _help(
         "LoRA rank per participant, indexed by partition id (e.g. [4, 8, 16, 16]); empty = every "
         "participant trains lora.r. Needs lora.mode='exact'; lora.r stays the global adapter's rank, "
@@ -99,6 +112,7 @@ class LoraSection:
         _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.frozen_a_gain >= 0, "lora.frozen_a_gain", f"must be >= 0 (0 = PEFT's init), got {self.frozen_a_gain}")
         from fedlora.aggregate.registry import MODES
 
         _require_choice(self.mode, "lora.mode", ("auto", *MODES))
@@ -704,17 +718,26 @@ def build_sections(raw: dict[str, dict[str, Any]], known: dict[str, type]) -> di
     return sections
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (optional) and apply `section.key=value` overrides on top."""
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read TOML files (optional; a later file's keys win, key by key) and apply `section.key=value` overrides on top.
+
+    Layering lets a file add one concern to another (examples/attack.toml on examples/robust.toml)
+    without copying it.
+    """
     raw: dict[str, dict[str, Any]] = {}
-    if path:
-        file_path = Path(path)
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    for file_path in (Path(p) for p in paths if p):  # '' = no file (Flower's empty config-file)
         if not file_path.is_file():
             raise ConfigError(f"config file {file_path} does not exist")
         try:
-            raw = tomllib.loads(file_path.read_text())
+            layer = tomllib.loads(file_path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {file_path} is not valid TOML: {err}") from err
+        for section, values in layer.items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section] = raw[section] | values
+            else:  # a new section, or one that is not a table (build_sections says so)
+                raw[section] = values
     for text in overrides or []:
         section, name, value = _parse_override(text)
         raw.setdefault(section, {})[name] = value

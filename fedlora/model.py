@@ -304,17 +304,33 @@ def lora_config(cfg: LoraSection, task: str) -> LoraConfig:
 def attach_lora(base: torch.nn.Module, cfg: LoraSection, task: str, seed: int) -> PeftModel:
     """Wrap the base with fresh LoRA weights drawn from `seed`, identical on every machine.
 
-    In lora.mode='frozen-a' (FFA-LoRA) every lora_A keeps that seeded value for the whole run:
-    it is frozen here, so only lora_B (and any fully trained head) reaches the optimiser.
+    In lora.mode='frozen-a' (FFA-LoRA) every lora_A keeps that seeded value, rescaled to
+    lora.frozen_a_gain (`frozen_a_factor`), for the whole run: it is frozen here, so only lora_B
+    (and any fully trained head) reaches the optimiser.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, lora_config(cfg, task))
     if cfg.mode == "frozen-a":
-        for name, parameter in model.named_parameters():
-            if ".lora_A." in name:
-                parameter.requires_grad_(False)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".lora_A." in name:
+                    parameter.mul_(frozen_a_factor(parameter, cfg.frozen_a_gain)).requires_grad_(False)
     return model
+
+
+def frozen_a_factor(a: torch.Tensor, gain: float) -> float:
+    """What lora_A `a` (r, in) is multiplied by so that |a x| is about `gain` |x| (1 for gain 0).
+
+    An A that never trains never grows: Adam moves each entry of B by about the learning rate
+    whatever A's scale, so the step of the product B·A is proportional to |A x|. PEFT's init gives
+    |A x| of only sqrt(r / (3 in)) |x|, and it shrinks with the layer's width, while in fedavg A
+    grows by about the learning rate per entry and step. Averaged over input directions,
+    |A x|^2 = ||A||_F^2 |x|^2 / in, hence the Frobenius norm gain * sqrt(in).
+    """
+    if gain == 0:
+        return 1.0
+    return gain * math.sqrt(a.shape[1]) / float(torch.linalg.matrix_norm(a.float()))
 
 
 @dataclass

@@ -1,3 +1,4 @@
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,32 @@ def test_flower_run_config_maps_onto_sections() -> None:
 def test_every_example_config_loads(path: Path) -> None:
     cfg = load_config(path, [])
     assert cfg.federation.rounds >= 1
+
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize("robust", ["robust.toml", "robust-secure.toml"])
+def test_the_robust_examples_are_clean_and_the_attack_file_layers_on_them_key_by_key(robust: str) -> None:
+    clean = load_config(EXAMPLES / robust, [])
+    assert clean.simulation.adversaries == 0  # a clean starting point: what the defences cost with nobody attacking
+    attacked = load_config([EXAMPLES / robust, EXAMPLES / "attack.toml"], ["federation.seed=3"])
+    assert (attacked.simulation.adversaries, attacked.simulation.attack) == (0.2, "scaling:10")
+    assert (attacked.robust, attacked.lora, attacked.secagg) == (clean.robust, clean.lora, clean.secagg)
+    assert attacked.federation.seed == 3  # overrides still win over every file
+
+
+def test_fedlora_config_layers_repeated_config_files(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedlora.cli import main
+
+    assert main(["config", "--config", str(EXAMPLES / "robust.toml"), "--config", str(EXAMPLES / "attack.toml")]) == 0
+    printed = build_config(tomllib.loads(capsys.readouterr().out))
+    assert (printed.robust.rule, printed.simulation.attack) == ("geomedian", "scaling:10")
+
+
+def test_a_missing_layer_is_named() -> None:
+    with pytest.raises(ConfigError, match="nope.toml does not exist"):
+        load_config([EXAMPLES / "robust.toml", EXAMPLES / "nope.toml"])
 
 
 @pytest.mark.parametrize(

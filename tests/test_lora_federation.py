@@ -45,6 +45,24 @@ def test_frozen_a_trains_only_b_and_fedprox_pulls_towards_the_start() -> None:
     assert 0 < distances[50.0] < distances[0.0]
 
 
+def test_frozen_a_rescales_the_seeded_a_to_its_gain_and_other_modes_keep_pefts_init() -> None:
+    model_cfg = ModelSection(task="generation", quantization="none")
+
+    def a_factors(lora: LoraSection) -> dict[str, np.ndarray]:
+        model = load_model(model_cfg, lora, [], seed=0).model
+        return {name: p.detach().numpy().copy() for name, p in model.named_parameters() if ".lora_A." in name}
+
+    peft_init = a_factors(LoraSection(mode="fedavg"))
+    assert a_factors(LoraSection(mode="frozen-a", frozen_a_gain=0)).keys() == peft_init.keys()
+    assert all(np.array_equal(a, peft_init[n]) for n, a in a_factors(LoraSection(mode="frozen-a", frozen_a_gain=0)).items())
+    for name, a in a_factors(LoraSection(mode="frozen-a", frozen_a_gain=2.0)).items():
+        rows, columns = a.shape
+        assert np.linalg.norm(a) == pytest.approx(2.0 * np.sqrt(columns), rel=1e-5)  # |A x| ~ 2 |x| on average
+        factor = np.linalg.norm(a) / np.linalg.norm(peft_init[name])
+        assert factor == pytest.approx(np.sqrt(3 * columns / rows) * 2.0, rel=0.2)  # PEFT's gain is sqrt(r / 3 in)
+        np.testing.assert_allclose(a, factor * peft_init[name], rtol=1e-5, atol=1e-7)  # the same seeded directions
+
+
 @pytest.fixture(scope="module")
 def frozen_a_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     cfg = load_config(None, SMALL + ["lora.mode=frozen-a", "federation.server_optimizer=fedadam"])
