@@ -258,5 +258,7 @@ def test_a_federation_on_the_16_bit_wire_tracks_the_32_bit_one(tmp_path):
     assert [r["round"] for r in rows[16]] == [r["round"] for r in rows[32]] == [0, 1, 2, 3]
     for wide, narrow in zip(rows[32][1:], rows[16][1:]):
         assert narrow["applied"] and narrow["participants"] == 4
-        assert abs(narrow["eval_loss"] - wide["eval_loss"]) <= 0.01 * wide["eval_loss"]
+        # 16-bit rounding compounds over rounds; with frozen-a's rescaled A (lora.frozen_a_gain) the
+        # updates are larger and the two runs drift apart by up to ~1.5% in held-out loss.
+        assert abs(narrow["eval_loss"] - wide["eval_loss"]) <= 0.03 * wide["eval_loss"]
         assert abs(narrow["eval_accuracy"] - wide["eval_accuracy"]) <= 0.05
