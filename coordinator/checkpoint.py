@@ -24,6 +24,7 @@ import numpy as np
 from fedlora.atomic import write_bytes_atomic
 
 CHECKPOINT = "checkpoint.npz"
+VERSION_CHECKPOINTS = "checkpoints"  # <version>.npz: the state after each adapter version
 _STATE = "__state__"
 
 
@@ -55,6 +56,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     document = json.dumps(_split_arrays(state, arrays, ""), allow_nan=True).encode()
     buffer = io.BytesIO()
     np.savez(buffer, **{_STATE: np.frombuffer(document, dtype=np.uint8)}, **arrays)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(Path(path), buffer.getvalue())
 
 

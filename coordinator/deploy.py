@@ -16,23 +16,28 @@ The ServerApp is the one `fedlora simulate` runs; only the engine differs.
 from __future__ import annotations
 
 import json
+import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomli_w
 
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint
 from coordinator.outcome import Outcome, read_outcome
-from coordinator.outputs import read_metrics
+from coordinator.outputs import Lineage, read_metrics
 from coordinator.participants import BOOK, ParticipantBook
+from coordinator.withdrawal import WITHDRAWALS, requested_by, withdraw_from_run
+from fedlora.audit import read_records
 from fedlora.audit import verify as verify_audit
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.pki import create_ca, issue_server_certificate, public_key_fingerprint
 from fedlora.secagg.identity import roster_toml
-from fedlora.registry import load_or_create_key, verify_adapter
+from fedlora.registry import WITHDRAWAL, load_or_create_key, verify_adapter
 from fedlora.service import executable, flower_environment, run_command, run_service
+from fedlora.withdrawal_request import read_request, request_problems
 
 CONNECTION = "fedlora"  # the name of the SuperLink connection in DIR/flwr/config.toml
 SETTINGS = "coordinator.toml"
@@ -176,6 +181,59 @@ def revoke(directory: Path, name: str, reason: str) -> str:
     return f"{name} revoked: node {entry.node_id} unregistered from the SuperLink and refused by the coordinator"
 
 
+def withdraw(directory: Path, name: str, reason: str, request_file: Path | None) -> list[str]:
+    """Withdraw `name` from the consortium: revoked at once, then each run it took part in (what was done).
+
+    A run whose round loop is going leaves it out from now on (the round in progress included)
+    and applies the rest when its loop ends (`Coordinator.withdraw_pending`); any other run is
+    withdrawn from here, and its certificate copied to DIR/withdrawals/.
+    """
+    directory = Path(directory).resolve()
+    book = ParticipantBook(directory / BOOK)
+    entry = book.find(name)
+    request = read_request(request_file) if request_file else None
+    if request is not None:
+        problems = request_problems(request, name, entry.fingerprint)
+        if problems:
+            raise ValueError(f"refusing the withdrawal request {request_file}: {'; '.join(problems)}")
+        reason = reason or str(request.get("reason", ""))
+    if not reason.strip():
+        raise ValueError("say why (--reason): the certificate, the audit log and every withdrawn version keep it")
+    if entry.withdrawal:
+        raise ValueError(f"{name} is already withdrawn ({entry.withdrawal['reason']}, {entry.withdrawal['at']})")
+    done = [revoke(directory, name, f"withdrawn: {reason}")]
+    book = ParticipantBook(directory / BOOK)
+    book.withdraw(name, reason, requested_by(request))
+    key = load_or_create_key(directory / "coordinator.key")
+    for out in sorted((directory / "runs").glob("*")) if (directory / "runs").is_dir() else []:
+        if run_is_live(out):
+            done.append(f"run {out.name} is running: {name} is left out from now on, this round included; its versions are withdrawn when the run's rounds end")
+            continue
+        try:
+            certificate = withdraw_from_run(out, name, reason, key, requested_by(request))
+        except KeyError:  # it never took part in this run
+            continue
+        kept = directory / WITHDRAWALS / f"{name}-{out.name}.json"
+        kept.parent.mkdir(exist_ok=True)
+        shutil.copyfile(out / WITHDRAWALS / f"{name}.json", kept)
+        versions = certificate["withdrawn_versions"]
+        done.append(
+            f"run {out.name}: {len(versions)} versions withdrawn ({', '.join(versions) or 'none'}); head rolled back to "
+            f"{certificate['rolled_back_to']}; certificate {kept}"
+            + (f"; re-train rounds {certificate['replay_from_round']}+ without it: `fedlora coordinator run {directory} {out.name} --resume`" if versions else "")
+        )
+    return done
+
+
+def run_is_live(out: Path) -> bool:
+    """Whether a run's round loop is going: its coordinator process is alive and has not ended the run."""
+    pid_file = out / "coordinator.pid"
+    if not pid_file.is_file() or not psutil.pid_exists(int(pid_file.read_text().strip() or 0)):
+        return False
+    records = read_records(out / "audit.jsonl") if (out / "audit.jsonl").is_file() else []
+    return not records or records[-1].get("event") not in {"ended", "withdrawal"}
+
+
 def run_directory(directory: Path, name: str) -> Path:
     return Path(directory).resolve() / "runs" / name
 
@@ -230,7 +288,10 @@ def status(directory: Path) -> dict[str, Any]:
     settings = read_settings(directory)
     report: dict[str, Any] = {"address": settings.address, "participants": [], "runs": {}}
     for entry in ParticipantBook(directory / BOOK).entries:
-        report["participants"].append({"name": entry.name, "node_id": entry.node_id, "fingerprint": entry.fingerprint, "revoked": entry.revoked})
+        report["participants"].append({
+            "name": entry.name, "node_id": entry.node_id, "fingerprint": entry.fingerprint, "revoked": entry.revoked,
+            "withdrawn": {key: entry.withdrawal[key] for key in ("reason", "at")} if entry.withdrawal else {},
+        })
     public_key = (directory / "coordinator.pub").read_bytes()
     for out in sorted((directory / "runs").glob("*")) if (directory / "runs").is_dir() else []:
         rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
@@ -238,8 +299,11 @@ def status(directory: Path) -> dict[str, Any]:
         versions = sorted((out / "adapters").glob("round-*")) if (out / "adapters").is_dir() else []
         audit_problems, audit_last = verify_audit(out / "audit.jsonl") if (out / "audit.jsonl").is_file() else (["no audit log"], "")
         outcome = run_outcome(out) if (out / "config.toml").is_file() else None
+        done = load_checkpoint(out / CHECKPOINT)["round"] if (out / CHECKPOINT).is_file() else 0
+        lineage = Lineage.load(out)
+        head = out / "adapters" / lineage.version(done) if (out / CHECKPOINT).is_file() else None
         report["runs"][out.name] = {
-            "rounds_done": load_checkpoint(out / CHECKPOINT)["round"] if (out / CHECKPOINT).is_file() else 0,
+            "rounds_done": done,
             "rounds_planned": outcome.rounds_planned if outcome else None,
             "rounds_run": outcome.rounds_run if outcome else 0,
             "rounds_applied": outcome.rounds_applied if outcome else 0,
@@ -248,12 +312,15 @@ def status(directory: Path) -> dict[str, Any]:
             "final": (out / "adapters" / "final").is_dir(),
             "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
             "epsilon_coordinator": next((row["epsilon_coordinator"] for row in reversed(rows) if row.get("epsilon_coordinator") is not None), None),
-            "last_version": versions[-1].name if versions else None,
-            "last_version_verifies": not verify_adapter(versions[-1], public_key) if versions else None,
+            "last_version": head.name if head else None,  # the head of the current lineage
+            "last_version_verifies": not verify_adapter(head, public_key) if head else None,
             "rejections": sum(len(row.get("skipped", [])) for row in rounds),
             "last_rejections": rounds[-1].get("skipped", []) if rounds else [],
             "stopped": next((row["stopped"] for row in rows if "stopped" in row), None),
             "audit": "intact" if not audit_problems else "; ".join(audit_problems),
+            "lineage": lineage.number,
+            "withdrawn": lineage.withdrawn,
+            "withdrawn_versions": sorted(v.name for v in versions if (v / WITHDRAWAL).is_file()),
             "audit_last_hash": audit_last,
         }
     return report

@@ -1,5 +1,12 @@
 """The run directory: resolved config, one metrics line per round, PEFT adapters, a plot.
 
+Adapter versions form lineages. The run as first trained is lineage 0 (`adapters/round-0003`);
+a withdrawal (coordinator/withdrawal.py) rolls the head back to the last version without the
+participant's contributions and the rounds after it are re-trained as lineage k
+(`adapters/round-0003-r1`), each manifest naming its parent and the version it replaces.
+`lineage.json` holds the current lineage; `checkpoints/<version>.npz` the state after each
+version, so a head can be rolled back to any of them.
+
 Each round's line is appended and flushed before the next round starts, so a crash loses
 at most the round in flight. A resumed run (`resume=True`) keeps everything up to the
 checkpoint's round: later metrics rows (the round that was cut short) are dropped, a torn
@@ -12,12 +19,13 @@ import hashlib
 import json
 import math
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlora.atomic import write_bytes_atomic
+from fedlora.atomic import read_json, write_bytes_atomic, write_json_atomic
 from fedlora.audit import AuditLog
 from fedlora.registry import load_or_create_key, sign_adapter
 from fedlora.config import Config
@@ -26,6 +34,36 @@ if TYPE_CHECKING:  # torch and peft load only to write an adapter: `coordinator 
     from peft import PeftConfig
 
     from fedlora.adapter import AdapterLayout
+
+
+LINEAGE = "lineage.json"
+
+
+@dataclass
+class Lineage:
+    """Which versions the head is built from, and who is excluded from its rounds."""
+
+    number: int = 0  # 0: the run as first trained; k: the k-th re-training after a withdrawal
+    base_round: int = -1  # rounds up to this one keep the versions in `chain`
+    chain: dict[int, str] = field(default_factory=dict)  # round -> version, up to base_round
+    replaced: dict[int, str] = field(default_factory=dict)  # round -> the withdrawn version this lineage re-trains
+    withdrawn: dict[str, str] = field(default_factory=dict)  # participant -> why; excluded from every round
+
+    def version(self, server_round: int) -> str:
+        """The head's version of a round: kept from before the rollback, or this lineage's own."""
+        if server_round <= self.base_round:
+            return self.chain[server_round]
+        return f"round-{server_round:04d}" + (f"-r{self.number}" if self.number else "")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Lineage:
+        raw = read_json(Path(run_dir) / LINEAGE, {})
+        for key in ("chain", "replaced"):
+            raw[key] = {int(r): v for r, v in raw.get(key, {}).items()}
+        return cls(**raw)
+
+    def save(self, run_dir: Path) -> None:
+        write_json_atomic(Path(run_dir) / LINEAGE, asdict(self))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -63,6 +101,8 @@ class RunDirectory:
             self.metrics_path.write_text("")
             (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
             shutil.rmtree(self.path / "adapters" / "final", ignore_errors=True)  # never another run's result
+            (self.path / LINEAGE).unlink(missing_ok=True)
+        self.lineage = Lineage.load(self.path)
         self.torn_audit_bytes = cut_torn_tail(self.path / "audit.jsonl")
         self.audit = AuditLog(self.path / "audit.jsonl")
         if not resume:
@@ -103,13 +143,19 @@ class RunDirectory:
         """The round's adapter as a PEFT directory with a manifest signed by the run's key."""
         from fedlora.adapter import save_peft_dir
 
-        directory = self.path / "adapters" / f"round-{server_round:04d}"
+        directory = self.version_dir(server_round)
         if directory.exists():  # left half-written by a round a crash cut short
             shutil.rmtree(directory)
         directory = save_peft_dir(directory, vector, layout, peft_config)
-        parent = f"round-{server_round - 1:04d}" if server_round > 0 else None
+        parent = self.lineage.version(server_round - 1) if server_round > 0 else None
+        lineage = self.lineage
+        if lineage.number:  # a re-trained version says what it replaces and whom it leaves out
+            facts = facts | {"lineage": lineage.number, "replaces": lineage.replaced.get(server_round), "withdrawn": sorted(lineage.withdrawn)}
         sign_adapter(directory, self.signing_key, {"round": server_round, "parent": parent, "config_sha256": self.config_sha256, **facts})
         return directory
+
+    def version_dir(self, server_round: int) -> Path:
+        return self.path / "adapters" / self.lineage.version(server_round)
 
     def publish_final(self, source: Path) -> Path:
         final = self.path / "adapters" / "final"

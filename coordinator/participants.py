@@ -11,7 +11,8 @@ connected. The book is one JSON file, replaced atomically.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 from fedlora.atomic import read_json, write_json_atomic
@@ -27,6 +28,7 @@ class Registered:
     fingerprint: str
     registered: str
     revoked: str = ""  # why, when revoked
+    withdrawal: dict[str, Any] = field(default_factory=dict)  # reason, when, who asked: coordinator/withdrawal.py
 
 
 class ParticipantBook:
@@ -63,11 +65,17 @@ class ParticipantBook:
         return entry
 
     def revoke(self, name: str, reason: str) -> Registered:
-        entry = self.find(name)
-        revoked = Registered(entry.name, entry.node_id, entry.fingerprint, entry.registered, f"{reason} ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
-        self.entries = [revoked if e.name == name else e for e in self.entries]
+        return self._update(replace(self.find(name), revoked=f"{reason} ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})"))
+
+    def withdraw(self, name: str, reason: str, requested_by: dict[str, Any]) -> Registered:
+        """Record that `name` left the consortium (revoke it as well: `coordinator.deploy.withdraw`)."""
+        withdrawal = {"reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "requested_by": requested_by}
+        return self._update(replace(self.find(name), withdrawal=withdrawal))
+
+    def _update(self, entry: Registered) -> Registered:
+        self.entries = [entry if e.name == entry.name else e for e in self.entries]
         self.save()
-        return revoked
+        return entry
 
     def name_of(self, node_id: int) -> str | None:
         return next((entry.name for entry in self.entries if entry.node_id == node_id), None)

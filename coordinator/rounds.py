@@ -28,12 +28,13 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from coordinator.checkpoint import CHECKPOINT, VERSION_CHECKPOINTS, load_checkpoint, save_checkpoint
 from coordinator.gather import Gathered, Member, Rejection, as_sent, error_reason, gather_plaintext, read_train_replies
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
-from coordinator.outputs import RunDirectory, majority_note
+from coordinator.outputs import Lineage, RunDirectory, majority_note
 from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag, seen_noise
+from coordinator.withdrawal import honour_request, withdraw_from_run
 from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
@@ -47,6 +48,7 @@ from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.secagg.plan import RunBinding
 from fedlora.wire import adapter_sha256, instruction_content, read_reply
+from fedlora.withdrawal_request import request_in
 from participant.runtime import label_names_for
 
 log = logging.getLogger("fedlora.coordinator")
@@ -187,8 +189,11 @@ class Coordinator:
             self.restore(load_checkpoint(self.out.path / CHECKPOINT))
 
     def checkpoint(self, server_round: int) -> None:
-        """Everything the next round depends on, written atomically once the round's adapter is out."""
-        save_checkpoint(self.out.path / CHECKPOINT, {
+        """Everything the next round depends on, written atomically once the round's adapter is out.
+
+        Kept per version too (`checkpoints/<version>.npz`): a withdrawal rolls the head back to one.
+        """
+        state = {
             "round": server_round,
             "config_sha256": self.out.config_sha256,
             "adapter": self.adapter.vector,
@@ -196,7 +201,9 @@ class Coordinator:
             "reputation": self.reputation.state_dict(),
             "privacy": self.dp.state_dict() if self.dp else None,
             "audit_last": self.out.audit.last,
-        })
+        }
+        save_checkpoint(self.out.path / VERSION_CHECKPOINTS / f"{self.out.lineage.version(server_round)}.npz", state)
+        save_checkpoint(self.out.path / CHECKPOINT, state)
         self.completed = server_round
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -214,11 +221,14 @@ class Coordinator:
         self.reputation.load_state_dict(state["reputation"])
         self.completed = int(state["round"])
         records = read_records(self.out.path / "audit.jsonl")
-        if state["audit_last"] not in {record["hash"] for record in records}:
+        hashes = [record["hash"] for record in records]
+        if state["audit_last"] not in hashes:
             raise ValueError(f"{self.out.path / 'audit.jsonl'} lacks the records up to the checkpoint's round {self.completed} (truncated)")
-        # A round cut short after its update was computed (its audit record is written) released a
-        # result that its re-run releases again: both count. One cut short before that released nothing.
-        cut = {r["round"]: r for r in records if r.get("event") == "round" and r["round"] > self.completed and r.get("applied")}
+        # A round cut short after its update was computed (its audit record is written after the
+        # checkpoint's) released a result that its re-run releases again: both count. One cut short
+        # before that released nothing. (A withdrawal's rollback checkpoints after its own record.)
+        since = records[hashes.index(state["audit_last"]) + 1 :]
+        cut = {r["round"]: r for r in since if r.get("event") == "round" and r["round"] > self.completed and r.get("applied")}
         released = sorted(cut)
         if self.dp:
             self.dp.load_state_dict(state["privacy"])
@@ -318,6 +328,7 @@ class Coordinator:
         with self.timed("gather"):
             members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
             del replies  # the messages' copies of the updates: each update is now held once, by its member
+        self.honour_withdrawal_requests(rejected)
         rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
         members = [m for m in members if not self.excluded(m.name)]  # a name may be learnt only from its reply
         if sec.enabled:  # updates stay with the participants until masked: summed per bucket
@@ -332,6 +343,7 @@ class Coordinator:
             with self.timed("gather"):
                 gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas, self.weights)
         gathered.skipped = rejected + gathered.skipped
+        self.drop_excluded(gathered)
         # Accounted once gathered, applied or not; against the coordinator, at the noise it saw each update in.
         seen = (seen_noise(gathered.row["secagg"]["buckets"]) if sec.enabled else {m.name: 0.0 for m in members}) if self.dp else {}
         spent = self.dp.spend(server_round, seen) if self.dp else {}
@@ -361,6 +373,7 @@ class Coordinator:
             "epsilon_coordinator": row.get("epsilon_coordinator"),
             "seen_noise": seen,  # who the coordinator saw in which sum: a resumption re-charges it
             "adapter_sha256": hashlib.sha256(self.adapter.vector.tobytes()).hexdigest(),
+            "version": self.out.lineage.version(server_round),  # whose lineage the answered contributed to
         })
         return row
 
@@ -369,7 +382,9 @@ class Coordinator:
         return [node for node in sorted(nodes, key=self.name) if not self.excluded(self.name(node))]
 
     def excluded(self, name: str) -> str:
-        """Why `name` may not take part ('' if it may): revoked by the operator, or quarantined."""
+        """Why `name` may not take part ('' if it may): withdrawn or revoked by the operator, or quarantined."""
+        if name in self.out.lineage.withdrawn:
+            return f"withdrawn: {self.out.lineage.withdrawn[name]}"
         if name in self.cfg.robust.revoked:
             return "revoked (robust.revoked)"
         revoked = self.book.revoked() if self.book else {}
@@ -378,6 +393,49 @@ class Coordinator:
         if self.book and name.startswith("unregistered-node-"):
             return "not registered with this coordinator"
         return f"quarantined: {self.reputation.quarantined[name]}" if name in self.reputation.quarantined else ""
+
+    def honour_withdrawal_requests(self, rejected: list[Rejection]) -> None:
+        """Sites that refused because they withdrew: revoked at once if their signed request checks out."""
+        for rejection in rejected:
+            request = request_in(rejection.reason)
+            if request is not None and self.book:
+                done = honour_request(self.book, rejection.participant, request, self.out.audit)
+                if done:
+                    log.warning("%s", done)
+
+    def withdraw_pending(self) -> None:
+        """Withdrawals made while this run's round loop was going, applied now it has ended."""
+        if not self.book:
+            return
+        for entry in ParticipantBook(self.book.path).entries:
+            if entry.withdrawal and entry.name not in Lineage.load(self.out.path).withdrawn:
+                try:
+                    certificate = withdraw_from_run(self.out.path, entry.name, entry.withdrawal["reason"], self.out.signing_key, entry.withdrawal["requested_by"])
+                except KeyError:  # never took part in this run
+                    continue
+                log.warning(
+                    "%s withdrawn: versions %s marked, head rolled back to %s; re-train without it with --resume",
+                    entry.name, ", ".join(certificate["withdrawn_versions"]) or "none", certificate["rolled_back_to"],
+                )
+
+    def drop_excluded(self, gathered: Gathered) -> None:
+        """Units with a member revoked or withdrawn while the round ran are not combined.
+
+        A withdrawal takes effect at once, the round in progress included; under secure
+        aggregation the member's bucket goes with it (its sum cannot be split).
+        """
+        if self.book:
+            self.book = ParticipantBook(self.book.path)
+        why = {name: reason for unit in gathered.units for name in unit.members if (reason := self.excluded(name))}
+        if not why:
+            return
+        dropped = {name for unit in gathered.units if set(unit.members) & set(why) for name in unit.members}
+        gathered.units = [unit for unit in gathered.units if not set(unit.members) & set(why)]
+        gathered.included = [m for m in gathered.included if m.name not in dropped]
+        gathered.skipped += [
+            Rejection(name, f"left out during the round: {why[name]}" if name in why else f"left out with its bucket: {', '.join(sorted(why))} left during the round")
+            for name in sorted(dropped)
+        ]
 
     def screen(self, gathered: Gathered) -> int:
         """Set aside units that cannot be combined (their members skipped with the reason); how many."""
@@ -464,6 +522,10 @@ class Coordinator:
         nodes = wait_for_nodes(grid, fed.min_participants, fed.timeout_s)
         if len(nodes) < fed.min_participants:
             raise RuntimeError(f"only {len(nodes)} participants connected within {fed.timeout_s:g} s; need federation.min_participants={fed.min_participants}")
+        if self.completed >= 0 and not self.book:
+            # Simulated sites are named by their evaluation replies; a resumed run has not heard them
+            # yet, and must exclude the same names when sampling as the run it continues.
+            self.evaluate(nodes, self.completed)
         if self.completed < 0:
             started = time.monotonic()
             baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, **self.evaluate(nodes, 0)}
@@ -472,7 +534,7 @@ class Coordinator:
             log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f%s", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"], majority_note(baseline))
             self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
             self.checkpoint(0)
-        latest = self.out.path / "adapters" / f"round-{self.completed:04d}"
+        latest = self.out.version_dir(self.completed)
         applied = read_outcome(self.out.read_metrics(), fed.rounds).rounds_applied  # before a resumption
         for server_round in range(self.completed + 1, fed.rounds + 1):
             stop, stopped_by = self.stop_reason()
@@ -505,4 +567,5 @@ class Coordinator:
         })
         (log.info if outcome.succeeded else log.error)("run ended: %s", outcome.summary())
         self.out.plot()
+        self.withdraw_pending()
         return self.out.read_metrics()

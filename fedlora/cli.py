@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_verify.set_defaults(handler=_adapter_verify)
     add_adapter_export(adapter)
     add_model_hash(commands)
-    add_deploy_commands(commands)
+    add_deploy_commands(commands, audit)
     return parser
 
 

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fedlora.withdraw_cli import add_withdraw_commands
+
 
 def _coordinator_init(args: argparse.Namespace) -> int:
     from coordinator import deploy
@@ -85,7 +87,10 @@ def _coordinator_status(args: argparse.Namespace) -> int:
         return 0
     print(f"SuperLink at {report['address']}")
     for entry in report["participants"]:
-        print(f"  {entry['name']:20s} node {entry['node_id']}  {entry['fingerprint'][:23]}…  {'REVOKED: ' + entry['revoked'] if entry['revoked'] else 'registered'}")
+        state = f"WITHDRAWN {entry['withdrawn']['at']}: {entry['withdrawn']['reason']}" if entry["withdrawn"] else (
+            "REVOKED: " + entry["revoked"] if entry["revoked"] else "registered"
+        )
+        print(f"  {entry['name']:20s} node {entry['node_id']}  {entry['fingerprint'][:23]}…  {state}")
     for name, run in report["runs"].items():
         print(
             f"run {name}: {run['outcome']}{' (finished)' if run['finished'] else ''}, epsilon {run['epsilon']} "
@@ -97,6 +102,8 @@ def _coordinator_status(args: argparse.Namespace) -> int:
             print(f"    last round skipped {rejection['participant']}: {rejection['reason']}")
         if run["stopped"]:
             print(f"    stopped: {run['stopped']}")
+        if run["withdrawn"]:
+            print(f"    lineage {run['lineage']} leaves out {', '.join(run['withdrawn'])}; withdrawn versions: {', '.join(run['withdrawn_versions']) or 'none'}")
     return 0
 
 
@@ -142,7 +149,7 @@ def _adapter_export(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise FileNotFoundError(f"no adapter version {args.version!r} (neither a directory nor under {Path(args.run) / 'adapters'})")
     key = Path(args.public_key) if args.public_key else find_public_key(source)
-    target = export_adapter(source, Path(args.target), key.read_bytes())
+    target = export_adapter(source, Path(args.target), key.read_bytes(), args.force)
     print(f"{source} verified against {key} and exported to {target} (a plain PEFT adapter)")
     return 0
 
@@ -163,7 +170,7 @@ def _model_save(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
+def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._SubParsersAction) -> None:
     coordinator = commands.add_parser("coordinator", help="operate a deployed coordinator (Flower SuperLink)").add_subparsers(dest="action", required=True)
     init = coordinator.add_parser("init", help="create a coordinator directory: CA, TLS certificate, signing key, run config")
     init.add_argument("directory")
@@ -219,6 +226,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     pstatus.add_argument("directory")
     pstatus.add_argument("--json", action="store_true")
     pstatus.set_defaults(handler=_participant_status)
+    add_withdraw_commands(coordinator, participant, audit)
 
 
 def add_adapter_export(adapter: argparse._SubParsersAction) -> None:
@@ -227,6 +235,7 @@ def add_adapter_export(adapter: argparse._SubParsersAction) -> None:
     export.add_argument("target", help="directory to write (must not exist or be empty)")
     export.add_argument("--run", default=".", help="run directory holding adapters/ (default: .)")
     export.add_argument("--public-key", help="the coordinator's coordinator.pub (default: found above the version)")
+    export.add_argument("--force", action="store_true", help="export a withdrawn version anyway (it still must verify)")
     export.set_defaults(handler=_adapter_export)
 
 

@@ -7,6 +7,11 @@ metrics) and an Ed25519 signature over the canonical JSON of all of that. `verif
 recomputes the hashes and checks the signature; a changed file, an added or removed file, an
 edited fact and a signature by another key are each reported. The directory stays a plain
 PEFT adapter: stock `PeftModel.from_pretrained` ignores the manifest.
+
+A version whose lineage includes a withdrawn participant's contribution gets a second signed
+file beside the manifest, `withdrawal.json` (coordinator/withdrawal.py): `verify_adapter`
+reports the version withdrawn, and `export_adapter` refuses it unless forced. A withdrawal
+record is signed over the manifest's signature, so it cannot be moved to another version.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MANIFEST = "manifest.json"
+WITHDRAWAL = "withdrawal.json"
+SIGNED_FILES = (MANIFEST, WITHDRAWAL)  # beside the adapter, not part of it
 
 
 def _canonical(payload: dict[str, Any]) -> bytes:
@@ -34,7 +41,7 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path.name not in SIGNED_FILES
     }
 
 
@@ -60,26 +67,74 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 def sign_adapter(directory: Path, key: Ed25519PrivateKey, facts: dict[str, Any]) -> dict[str, Any]:
     """Write the signed manifest of an adapter directory; returns it."""
     body = {"files": file_hashes(directory), "facts": facts, "public_key": public_pem(key.public_key()).decode()}
-    manifest = body | {"signature": key.sign(_canonical(body)).hex()}
+    manifest = sign_document(body, key)
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=True) + "\n")
     return manifest
 
 
+def trusted_key(public_key_pem: bytes) -> Ed25519PublicKey:
+    trusted = serialization.load_pem_public_key(public_key_pem)
+    if not isinstance(trusted, Ed25519PublicKey):
+        raise ValueError("the trusted key is not an Ed25519 public key")
+    return trusted
+
+
+def sign_document(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """`body` with an Ed25519 signature over its canonical JSON (withdrawal records, certificates)."""
+    return body | {"signature": key.sign(_canonical(body)).hex()}
+
+
+def document_verifies(document: dict[str, Any], trusted: Ed25519PublicKey) -> bool:
+    body = {key: value for key, value in document.items() if key != "signature"}
+    try:
+        trusted.verify(bytes.fromhex(str(document.get("signature", ""))), _canonical(body))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def withdraw_version(directory: Path, key: Ed25519PrivateKey, facts: dict[str, Any]) -> dict[str, Any]:
+    """Mark a signed version withdrawn: a record signed with the version's own manifest signature inside."""
+    manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    record = sign_document({"version": Path(directory).name, "manifest_signature": manifest["signature"], **facts}, key)
+    (Path(directory) / WITHDRAWAL).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def withdrawal_of(directory: Path, trusted: Ed25519PublicKey) -> tuple[dict[str, Any] | None, list[str]]:
+    """A version's withdrawal record if it has a valid one, and what is wrong with the record if not."""
+    path = Path(directory) / WITHDRAWAL
+    if not path.is_file():
+        return None, []
+    record = json.loads(path.read_text())
+    manifest = json.loads((Path(directory) / MANIFEST).read_text()) if (Path(directory) / MANIFEST).is_file() else {}
+    if not document_verifies(record, trusted):
+        return None, [f"{WITHDRAWAL}: its signature does not verify with the trusted key"]
+    if record.get("manifest_signature") != manifest.get("signature"):
+        return None, [f"{WITHDRAWAL}: it withdraws another version (its manifest signature differs)"]
+    return record, []
+
+
 def verify_adapter(directory: Path, public_key_pem: bytes) -> list[str]:
-    """What is wrong with a signed adapter directory (empty if nothing), against the trusted key."""
+    """What is wrong with a signed adapter directory (empty if nothing), against the trusted key.
+
+    A validly withdrawn version is reported as such: 'WITHDRAWN: ...' is its first problem.
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return [f"{path} does not exist: the adapter is not signed"]
     manifest = json.loads(path.read_text())
-    body = {key: manifest.get(key) for key in ("files", "facts", "public_key")}
     problems = []
-    trusted = serialization.load_pem_public_key(public_key_pem)
-    if not isinstance(trusted, Ed25519PublicKey):
-        return ["the trusted key is not an Ed25519 public key"]
     try:
-        trusted.verify(bytes.fromhex(manifest.get("signature", "")), _canonical(body))
-    except (InvalidSignature, ValueError):
+        trusted = trusted_key(public_key_pem)
+    except ValueError as err:
+        return [str(err)]
+    if not document_verifies(manifest, trusted):
         problems.append("the signature does not verify with the trusted key (signed by another key, or the manifest was edited)")
+    withdrawal, withdrawal_problems = withdrawal_of(directory, trusted)
+    problems += withdrawal_problems
+    if withdrawal:
+        problems.insert(0, f"WITHDRAWN: {withdrawal_summary(withdrawal)}")
     actual, listed = file_hashes(directory), manifest.get("files") or {}
     for name in sorted(set(actual) | set(listed)):
         if name not in listed:
@@ -91,6 +146,10 @@ def verify_adapter(directory: Path, public_key_pem: bytes) -> list[str]:
     return problems
 
 
+def withdrawal_summary(record: dict[str, Any]) -> str:
+    return f"its lineage includes contributions of {', '.join(record['participants'])}, withdrawn {record['withdrawn_at']} ({record['reason']})"
+
+
 def find_public_key(adapter_directory: Path) -> Path:
     """The `coordinator.pub` nearest above an adapter version (a simulated run's, or a coordinator's)."""
     for parent in list(Path(adapter_directory).resolve().parents)[:4]:
@@ -99,13 +158,19 @@ def find_public_key(adapter_directory: Path) -> Path:
     raise FileNotFoundError(f"no coordinator.pub above {adapter_directory}; pass --public-key (the coordinator's coordinator.pub)")
 
 
-def export_adapter(source: Path, target: Path, public_key_pem: bytes) -> Path:
-    """Copy a version that verifies as a plain PEFT directory (no manifest) that stock PEFT loads."""
+def export_adapter(source: Path, target: Path, public_key_pem: bytes, force: bool = False) -> Path:
+    """Copy a version that verifies as a plain PEFT directory (no manifest) that stock PEFT loads.
+
+    A withdrawn version is refused unless `force` (it still verifies otherwise: the copy is the
+    signed one).
+    """
     problems = verify_adapter(source, public_key_pem)
+    if force and problems and problems[0].startswith("WITHDRAWN"):
+        problems = problems[1:]
     if problems:
         raise ValueError(f"{source} does not verify, refusing to export it: {'; '.join(problems)}")
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty")
-    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SIGNED_FILES))
     return target

@@ -27,6 +27,7 @@ from fedlora.atomic import read_json, write_bytes_atomic, write_json_atomic
 from fedlora.config import Config
 from fedlora.pki import PRIVATE_MODE, key_fingerprint
 from fedlora.secagg.identity import Identity, Roster, certify, checked_before, make_card, parse_roster
+from fedlora.withdrawal_request import REQUEST, make_request, read_request, refusal_text
 from participant.local_config import effective_config, load_local_config, policy_violations
 
 SITE_KEY = "participant-dir"
@@ -68,6 +69,8 @@ def site_config(site: Path | None, run: Config, server_round: int, what: str, ev
     """The configuration this round runs with here; raises Refusal when the policy forbids it."""
     if site is None:
         return run
+    if (site / REQUEST).is_file():  # withdrawn: nothing more, and the coordinator hears why with every refusal
+        raise refuse(site, refusal_text(read_request(site / REQUEST)), round=server_round)
     local = load_local_config(site)
     violations = policy_violations(run, local, evaluating)
     if violations:
@@ -75,19 +78,38 @@ def site_config(site: Path | None, run: Config, server_round: int, what: str, ev
     return effective_config(run, local)
 
 
+def node_key(site: Path) -> ec.EllipticCurvePrivateKey:
+    key_path = site / NODE_KEY
+    key = load_ssh_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path}: {type(key).__name__} is not the EC P-384 node key `fedlora participant init` makes")
+    return key
+
+
+def withdraw(site: Path, reason: str) -> Path:
+    """Leave the consortium: a request signed with the node key, after which every instruction is refused."""
+    site = Path(site).resolve()
+    if (site / REQUEST).is_file():
+        raise FileExistsError(f"{site} has already withdrawn ({site / REQUEST}); send that file to the operator if they have not seen it")
+    if not reason.strip():
+        raise ValueError("say why the site withdraws (--reason): the certificate and the audit log keep it")
+    request = make_request(load_local_config(site).site.name, reason, node_key(site))
+    write_json_atomic(site / REQUEST, request)
+    record_event(site, "withdrew", reason=reason)
+    return site / REQUEST
+
+
 def site_identity(site: Path) -> Identity:
     """This site's signing identity: its signing key certified by its node key, named as the pinned
     roster names the node key."""
-    roster_path, key_path = site / ROSTER, site / NODE_KEY
+    roster_path = site / ROSTER
     if not roster_path.is_file():
         raise FileNotFoundError(
             f"no consortium roster at {roster_path}: secure aggregation needs the roster the operator distributes "
             f"(`fedlora coordinator roster`); install it with `fedlora participant init --roster` or copy it there"
         )
     roster = parse_roster(roster_path.read_text(), str(roster_path))
-    key = load_ssh_private_key(key_path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{key_path}: {type(key).__name__} is not the EC P-384 node key `fedlora participant init` makes")
+    key = node_key(site)
     mine = key_fingerprint(key.public_key())
     names = [name for name, fingerprint in roster.members.items() if fingerprint == mine]
     if len(names) != 1:
