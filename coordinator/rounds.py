@@ -48,7 +48,7 @@ from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.secagg.plan import RunBinding
 from fedlora.wire import adapter_sha256, instruction_content, read_reply
-from fedlora.withdrawal_request import request_in
+from fedlora.withdrawal_request import MARK, request_in
 from participant.runtime import label_names_for
 
 log = logging.getLogger("fedlora.coordinator")
@@ -328,7 +328,7 @@ class Coordinator:
         with self.timed("gather"):
             members, rejected = read_train_replies(replies, self.name, fed.timeout_s, with_vector=not sec.enabled)
             del replies  # the messages' copies of the updates: each update is now held once, by its member
-        self.honour_withdrawal_requests(rejected)
+        rejected = self.honour_withdrawal_requests(rejected)
         rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
         members = [m for m in members if not self.excluded(m.name)]  # a name may be learnt only from its reply
         if sec.enabled:  # updates stay with the participants until masked: summed per bucket
@@ -394,14 +394,23 @@ class Coordinator:
             return "not registered with this coordinator"
         return f"quarantined: {self.reputation.quarantined[name]}" if name in self.reputation.quarantined else ""
 
-    def honour_withdrawal_requests(self, rejected: list[Rejection]) -> None:
-        """Sites that refused because they withdrew: revoked at once if their signed request checks out."""
+    def honour_withdrawal_requests(self, rejected: list[Rejection]) -> list[Rejection]:
+        """Sites that refused because they withdrew: revoked at once if their signed request checks out.
+
+        The rejections come back with the request itself cut from the reason (the audit log keeps it).
+        """
+        out = []
         for rejection in rejected:
             request = request_in(rejection.reason)
-            if request is not None and self.book:
+            if request is None:
+                out.append(rejection)
+                continue
+            if self.book:
                 done = honour_request(self.book, rejection.participant, request, self.out.audit)
                 if done:
                     log.warning("%s", done)
+            out.append(Rejection(rejection.participant, rejection.reason.split(MARK)[0] + "(signed withdrawal request attached)"))
+        return out
 
     def withdraw_pending(self) -> None:
         """Withdrawals made while this run's round loop was going, applied now it has ended."""

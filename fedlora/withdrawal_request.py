@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,12 @@ def refusal_text(request: dict[str, Any]) -> str:
 
 def request_in(reason: str) -> dict[str, Any] | None:
     """The withdrawal request a refusal carries, if any (None when the text holds no parsable one)."""
-    if MARK not in reason:
+    found = re.search(re.escape(MARK) + r"([A-Za-z0-9+/=]+)", reason)
+    if found is None:
         return None
     try:
-        request = json.loads(base64.b64decode(reason.split(MARK, 1)[1].split()[0].strip("'\""), validate=True))
-    except (IndexError, ValueError, binascii.Error):
+        request = json.loads(base64.b64decode(found.group(1), validate=True))
+    except (ValueError, binascii.Error):
         return None
     return request if isinstance(request, dict) else None
 
