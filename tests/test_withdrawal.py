@@ -129,3 +129,41 @@ def test_unknown_and_repeated_withdrawals_are_refused(withdrawn_run: dict) -> No
         withdraw_from_run(run, "participant-99", "typo", key, {"by": "operator"})
     with pytest.raises(ValueError, match="already withdrawn"):
         withdraw_from_run(run, withdrawn_run["name"], "again", key, {"by": "operator"})
+
+
+def test_under_secure_aggregation_the_replay_matches_within_the_fixed_point_error(tmp_path: Path) -> None:
+    """Fresh buckets (and rounding) each run: the replayed head differs from the never-joined one by rounding only."""
+    secure = [*RUN, "secagg.enabled=true", "secagg.bucket_size=2", "federation.rounds=2"]
+    cfg = load_config(None, secure)
+    Coordinator(cfg, tmp_path / "run").run(LocalGrid(app, nodes()))
+    rounds = [r for r in read_records(tmp_path / "run" / "audit.jsonl") if r["event"] == "round"]
+    name = sorted(set(rounds[1]["sampled"]) - set(rounds[0]["sampled"]))[0]
+    key = load_or_create_key(tmp_path / "run" / "coordinator.key")
+    certificate = withdraw_from_run(tmp_path / "run", name, "left", key, {"by": "operator"})
+    assert certificate["withdrawn_versions"] == ["round-0002"] and certificate["rolled_back_to"] == "round-0001"
+    (summed,) = certificate["secure_rounds"]  # what replay can and cannot remove, with the bucket it was summed in
+    assert summed["round"] == 2 and name in summed["bucket"] and len(summed["bucket"]) >= 2
+    assert "never saw it alone" in certificate["secure_scope"]
+    Coordinator(cfg, tmp_path / "run", resume=True).run(LocalGrid(app, nodes()))
+    Coordinator(load_config(None, [*secure, f'robust.revoked=["{name}"]']), tmp_path / "never").run(LocalGrid(app, nodes()))
+    replayed, reference = (load_checkpoint(tmp_path / d / CHECKPOINT)["adapter"] for d in ("run", "never"))
+    withdrawn = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-0002.npz")["adapter"]
+    before = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-0001.npz")["adapter"]
+    gap, step = np.abs(replayed - reference).max(), np.abs(withdrawn - before).max()
+    assert gap <= 1e-3 * step, (gap, step)  # rounding of one secure sum, against a whole round's update
+    assert np.abs(withdrawn - reference).max() > 100 * gap  # while the withdrawn head is far off
+
+
+def test_privacy_spent_by_withdrawn_versions_stays_spent_and_the_replay_is_charged_on_top(tmp_path: Path) -> None:
+    dp = [*SMALL, f"federation.participants={PARTICIPANTS}", "federation.rounds=2", "train.local_steps=1", "data.max_examples=80", "privacy.noise_multiplier=1.0"]
+    cfg = load_config(None, dp)
+    Coordinator(cfg, tmp_path).run(LocalGrid(app, nodes()))
+    spent = load_checkpoint(tmp_path / CHECKPOINT)["privacy"]
+    rounds = [r for r in read_records(tmp_path / "audit.jsonl") if r["event"] == "round"]
+    name = next(n for n in rounds[0]["answered"])  # Poisson sampling: whoever round 1 applied
+    withdraw_from_run(tmp_path, name, "left", load_or_create_key(tmp_path / "coordinator.key"), {"by": "operator"})
+    assert load_checkpoint(tmp_path / CHECKPOINT)["privacy"] == spent  # not rolled back with the adapter
+    rows = Coordinator(cfg, tmp_path, resume=True).run(LocalGrid(app, nodes()))
+    history = load_checkpoint(tmp_path / CHECKPOINT)["privacy"]["accountant"]["history"]
+    assert sum(count for *_, count in history) == 2 + 2  # two rounds released, two re-trained
+    assert rows[-1]["epsilon"] > max(r["epsilon"] for r in rounds)
