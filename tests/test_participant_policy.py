@@ -55,6 +55,7 @@ def site(
     **policy,
 ) -> LocalConfig:
     policy.setdefault("require_secagg", False)
+    policy.setdefault("require_approval", False)  # approval has its own tests (tests/test_run_approval.py)
     return LocalConfig(
         site=SiteSection(name="hospital-a"),
         model=LocalModelSection(path="builtin:tiny-llama", sha256=model_sha256),
