@@ -161,8 +161,8 @@ def test_a_site_accepting_other_licences_refuses_naming_the_rule() -> None:
 # --- the hash the operator sends is the hash the site sees --------------------------------
 
 def test_the_operators_hash_is_the_one_every_instruction_carries(tmp_path: Path) -> None:
-    path = tmp_path / "run.toml"
-    path.write_text(run_config(*TERMS).to_toml())
+    path = tmp_path / "run.toml"  # as an operator writes it: a few keys, comments; the rest defaults
+    path.write_text('# the consortium\'s run\n[terms]\nowner = "North Consortium"  # agreed 2026-11\n[federation]\nrounds = 2\n')
     cfg = load_config(path)
     sent = read_instruction(instruction_content(np.zeros(4, dtype=np.float32), 1, cfg.to_toml()))
     assert run_config_sha256(path) == RunDirectory(tmp_path / "run", cfg).config_sha256 == sent.config_sha256
