@@ -144,7 +144,7 @@ def _participant_approve(args: argparse.Namespace) -> int:
         print(f"withdrew the approval of {revoke(directory, args.run, policy)}: this site refuses it from the next instruction on")
         return 0
     approval, new = approve(directory, args.run)
-    print(f"{'approved' if new else 'already approved:'} {approval}: this site takes part from the next instruction on (no restart needed)")
+    print(f"approved {approval}: this site takes part from the next instruction on (no restart needed)" if new else f"{approval} was already approved: nothing changed")
     if not policy.require_approval:
         print("  policy.require_approval is false in participant.toml: this site takes part in any run its policy allows")
     return 0
