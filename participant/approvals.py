@@ -51,8 +51,20 @@ def parse_approval(text: str) -> Approval:
 
 
 def approval_records(site: Path) -> list[dict[str, Any]]:
-    """Every approval made in approvals.json, withdrawn ones included (`revoked` set)."""
-    return list(read_json(Path(site) / APPROVALS, []))
+    """Every approval made in approvals.json, withdrawn ones included (`revoked` set); ValueError naming the
+    file when it was edited into something else."""
+    path = Path(site) / APPROVALS
+    records = read_json(path, [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) and _is_approval(r) for r in records):
+        raise ValueError(f"{path} is not a list of approvals written by `fedlora participant approve`; restore it or remove it")
+    return records
+
+
+def _is_approval(record: dict[str, Any]) -> bool:
+    try:
+        return parse_approval(str(record["value"])) == Approval(record["kind"], record["value"]) and "approved" in record
+    except (KeyError, ValueError):
+        return False
 
 
 def standing(site: Path) -> set[Approval]:
@@ -85,8 +97,7 @@ def approve(site: Path, text: str) -> tuple[Approval, bool]:
     approval = parse_approval(text)
     if approval in standing(site):
         return approval, False
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write(site, [*approval_records(site), {"kind": approval.kind, "value": approval.value, "approved": now, "revoked": None}])
+    _write(site, [*approval_records(site), {"kind": approval.kind, "value": approval.value, "approved": _now(), "revoked": None}])
     return approval, True
 
 
@@ -97,12 +108,15 @@ def revoke(site: Path, text: str, policy: PolicySection) -> Approval:
     if approval.kind == CONFIG and approval.value in policy.approved_config_sha256:
         raise ValueError(f"cannot revoke {approval} here: policy.approved_config_sha256 pins it; remove it from participant.toml")
     records = approval_records(site)
-    standing = [r for r in records if Approval(r["kind"], r["value"]) == approval and not r.get("revoked")]
-    if not standing:
+    current = [r for r in records if Approval(r["kind"], r["value"]) == approval and not r.get("revoked")]
+    if not current:
         raise ValueError(f"cannot revoke {approval}: this site has not approved it (`fedlora participant approvals DIR` lists what it has)")
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write(site, [r | {"revoked": now} if r in standing else r for r in records])
+    _write(site, [r | {"revoked": _now()} if r in current else r for r in records])
     return approval
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _write(site: Path, records: list[dict[str, Any]]) -> None:

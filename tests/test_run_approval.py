@@ -124,6 +124,13 @@ def test_revoking_what_is_not_approved_or_is_pinned_is_an_error(tmp_path: Path) 
     assert approved(tmp_path, required()) == {Approval(CONFIG, HASH)}  # nothing was withdrawn
 
 
+@pytest.mark.parametrize("content", ['{"a": 1}', '[{"kind": "run_id", "value": "x", "approved": "t"}]', '[{"kind": "config_sha256", "value": "17", "approved": "t"}]', "[1]"])
+def test_an_edited_approvals_file_is_an_error_naming_it(tmp_path: Path, content: str) -> None:
+    (tmp_path / APPROVALS).write_text(content)
+    with pytest.raises(ValueError, match=f"{APPROVALS} is not a list of approvals"):
+        approved(tmp_path, required())
+
+
 def test_the_cli_approves_lists_and_revokes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / LOCAL_CONFIG).write_text(site(require_approval=True).to_toml())
     assert main(["participant", "approvals", str(tmp_path)]) == 0
