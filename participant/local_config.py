@@ -6,7 +6,8 @@ and what it refuses. The run configuration that arrives with each instruction sa
 round is; it never chooses the site's data, base model or labels. `effective_config` builds
 the configuration a round actually runs with (the run's, with the site's parts put in), and
 `policy_violations` lists every rule an instruction breaks; a non-empty list means the
-participant refuses the round: nothing is trained and nothing is uploaded.
+participant refuses the round: nothing is trained and nothing is uploaded. Whether the site
+approved the run at all is participant/approvals.py's to say.
 """
 
 from __future__ import annotations
