@@ -161,7 +161,7 @@ def _participant_approvals(args: argparse.Namespace) -> int:
 
 def approvals_text(report: dict) -> str:
     """The site's approvals (`approval_status`) as `participant approvals` and `participant status` print them."""
-    from participant.approvals import Approval, CONFIG
+    from participant.approvals import CONFIG, Approval
 
     required = report["require_approval"]
     lines = [f"policy.require_approval = {str(required).lower()}" + ("" if required else ": this site takes part in any run its policy allows")]

@@ -86,10 +86,10 @@ def approval_violations(policy: PolicySection, granted: set[Approval], config_sh
     """'policy.require_approval: why' when the site approved neither this configuration nor this run."""
     if not policy.require_approval or {Approval(CONFIG, config_sha256), Approval(RUN, str(run_id))} & granted:
         return []
-    return [
+    return [(
         f"policy.require_approval: this site has not approved Flower run {run_id}, configuration sha256 {config_sha256} "
         f"(it takes part once it runs `fedlora participant approve DIR {config_sha256}`)"
-    ]
+    )]
 
 
 def approve(site: Path, text: str) -> tuple[Approval, bool]:

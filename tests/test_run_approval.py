@@ -37,11 +37,11 @@ from participant.approvals import (
     parse_approval,
     revoke,
 )
-from participant.local_config import LOCAL_CONFIG, LocalDataSection, PolicySection
-from participant.site import EVENTS, Refusal
+from participant.local_config import LOCAL_CONFIG, LocalDataSection, PolicySection, policy_violations
+from participant.site import Refusal
 from tests.conftest import SMALL
 from tests.test_light_commands import run_light
-from tests.test_participant_policy import NODE, _context, _message, events, policy_violations, run_config, site
+from tests.test_participant_policy import NODE, _context, _message, events, run_config, site
 
 HASH = "c" * 64
 OTHER = "d" * 64
