@@ -199,7 +199,7 @@ def run_config_for(directory: Path, out: Path, resume: bool, config: Path | None
 
 def run_config_sha256(path: Path) -> str:
     """The hash sites approve a run by: of the resolved configuration the ServerApp sends (`config_from_flat`
-    of this file), which is what `fedlora.wire.config_sha256` gives a participant for its instructions."""
+    of this file), which is what `fedlora.config.config_sha256` gives a participant for its instructions."""
     return config_sha256(load_config(path).to_toml())
 
 

@@ -1,7 +1,7 @@
 """The runs this site approved: a deployed participant trains and evaluates for no other (issue 24).
 
 A SuperNode takes instructions from any run its coordinator starts; approval is what makes a run
-one this site takes part in. A run is approved by its configuration hash (`fedlora.wire.config_sha256`,
+one this site takes part in. A run is approved by its configuration hash (`fedlora.config.config_sha256`,
 the SHA-256 of the run configuration every instruction carries; `fedlora coordinator status` prints it
 for the operator to send): the hash pins everything the run is, its consortium terms included, it
 stays the same when the run is resumed, and an instruction carrying any other configuration is not

@@ -24,7 +24,7 @@ import tomli_w
 from fedlora.config import Config, ConfigError, _help, _require, build_sections
 
 LOCAL_CONFIG = "participant.toml"
-SHA256_HEX = re.compile("[0-9a-f]{64}")  # a run configuration's hash as `fedlora.wire.config_sha256` writes it
+SHA256_HEX = re.compile("[0-9a-f]{64}")  # a run configuration's hash as `fedlora.config.config_sha256` writes it
 
 
 @dataclass
