@@ -32,7 +32,7 @@ from coordinator.participants import BOOK, ParticipantBook
 from coordinator.withdrawal import WITHDRAWALS, requested_by, withdraw_from_run
 from fedlora.audit import read_records
 from fedlora.audit import verify as verify_audit
-from fedlora.config import Config, ConfigError, load_config
+from fedlora.config import Config, ConfigError, config_sha256, load_config
 from fedlora.pki import create_ca, issue_server_certificate, public_key_fingerprint
 from fedlora.secagg.identity import roster_toml
 from fedlora.registry import WITHDRAWAL, load_or_create_key, verify_adapter
@@ -255,6 +255,12 @@ def run_config_for(directory: Path, out: Path, resume: bool, config: Path | None
     return path
 
 
+def run_config_sha256(path: Path) -> str:
+    """The hash sites approve a run by: of the resolved configuration the ServerApp sends (`config_from_flat`
+    of this file), which is what `fedlora.config.config_sha256` gives a participant for its instructions."""
+    return config_sha256(load_config(path).to_toml())
+
+
 def run(directory: Path, name: str, resume: bool, config: Path | None) -> int:
     """Submit the run to the SuperLink (`flwr run --stream`) and wait for it; 0 when it finished."""
     directory = Path(directory).resolve()
@@ -264,6 +270,8 @@ def run(directory: Path, name: str, resume: bool, config: Path | None) -> int:
     overrides = tomli_w.dumps({"config-file": str(config_file), "out": str(out), "coordinator-dir": str(directory), "resume": resume})
     overrides_file = directory / "state" / f"run-{name}.toml"
     overrides_file.write_text(overrides)
+    sha = run_config_sha256(config_file)
+    print(f"run {name}: configuration sha256 {sha}; sites take part once they approve it (`fedlora participant approve DIR {sha}`)", flush=True)
     argv = [executable("flwr"), "run", str(directory / "app"), CONNECTION, "--run-config", str(overrides_file), "--stream"]
     run_service(argv, flower_environment(directory / "flwr"))
     return 0 if finished(out) else 1
@@ -286,7 +294,7 @@ def status(directory: Path) -> dict[str, Any]:
     """Participants, and per run: rounds done, epsilon spent, last adapter version, rejections, checks."""
     directory = Path(directory).resolve()
     settings = read_settings(directory)
-    report: dict[str, Any] = {"address": settings.address, "participants": [], "runs": {}}
+    report: dict[str, Any] = {"address": settings.address, "run_toml_config_sha256": next_run_sha256(directory), "participants": [], "runs": {}}
     for entry in ParticipantBook(directory / BOOK).entries:
         report["participants"].append({
             "name": entry.name, "node_id": entry.node_id, "fingerprint": entry.fingerprint, "revoked": entry.revoked,
@@ -308,6 +316,7 @@ def status(directory: Path) -> dict[str, Any]:
             "rounds_run": outcome.rounds_run if outcome else 0,
             "rounds_applied": outcome.rounds_applied if outcome else 0,
             "outcome": outcome.summary() if outcome else "no configuration",
+            "config_sha256": run_config_sha256(out / "config.toml") if outcome else None,
             "finished": finished(out),
             "final": (out / "adapters" / "final").is_dir(),
             "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
@@ -324,3 +333,12 @@ def status(directory: Path) -> dict[str, Any]:
             "audit_last_hash": audit_last,
         }
     return report
+
+
+def next_run_sha256(directory: Path) -> str | None:
+    """The configuration hash of DIR/run.toml, for the operator to send the sites before the run (None if it
+    does not load: `fedlora config --config DIR/run.toml` says why)."""
+    try:
+        return run_config_sha256(Path(directory) / "run.toml")
+    except ConfigError:
+        return None

@@ -15,7 +15,6 @@ last audit line is cut off, and the audit chain goes on with a `resumed` record 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 from fedlora.atomic import read_json, write_bytes_atomic, write_json_atomic
 from fedlora.audit import AuditLog
 from fedlora.registry import load_or_create_key, sign_adapter
-from fedlora.config import Config
+from fedlora.config import Config, config_sha256
 
 if TYPE_CHECKING:  # torch and peft load only to write an adapter: `coordinator status` reads metrics without them
     from peft import PeftConfig
@@ -95,7 +94,7 @@ class RunDirectory:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        self.config_sha256 = hashlib.sha256(config.to_toml().encode()).hexdigest()
+        self.config_sha256 = config_sha256(config.to_toml())  # what every instruction's configuration hashes to
         if not resume:
             (self.path / "config.toml").write_text(config.to_toml())
             self.metrics_path.write_text("")

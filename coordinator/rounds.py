@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -506,8 +506,9 @@ class Coordinator:
         return row
 
     def version_facts(self, row: dict[str, Any]) -> dict[str, Any]:
-        """What an adapter version's signed manifest states besides its round and config."""
-        facts = {"base_model": self.cfg.model.name, "base_model_sha256": self.base_sha256}
+        """What an adapter version's signed manifest states besides its round and config (the consortium's
+        terms in full: a consumer holding one version must not need the run's configuration to learn them)."""
+        facts = {"base_model": self.cfg.model.name, "base_model_sha256": self.base_sha256, "terms": asdict(self.cfg.terms)}
         if self.dp:  # who took part, how many, and un-noised losses are not released (docs/decisions.md)
             return facts | {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "adjacency": "add/remove one participant"}
         return facts | {

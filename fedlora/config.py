@@ -8,6 +8,7 @@ and what is allowed, so a mistake fails at load time rather than in round 37.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
 import tomllib
@@ -409,6 +410,26 @@ class PrivacySection:
 
 
 @dataclass
+class TermsSection:
+    """The consortium's terms for the aggregated adapter, fixed before training: every signed manifest states
+    them, and they are part of the configuration hash each site approves (docs/decisions.md)."""
+
+    owner: str = _help(
+        "Who owns the aggregated adapter, e.g. 'North Consortium of Hospitals'. A site may require an owner "
+        "(its policy.required_owner). Empty = not stated.",
+        "",
+    )
+    licence: str = _help(
+        "The licence the adapter is released under: an SPDX identifier (e.g. 'CC-BY-NC-4.0') or the consortium "
+        "agreement's name. A site may accept only some (its policy.accepted_licences). Empty = not stated.",
+        "",
+    )
+    permitted_use: str = _help(
+        "What the adapter may be used for, e.g. 'research only; not for clinical decisions'. Empty = not stated.", ""
+    )
+
+
+@dataclass
 class SimulationSection:
     adversaries: float = _help("Share of simulated participants that are malicious.", 0.0)
     attack: str = _help(
@@ -444,6 +465,7 @@ class Config:
     secagg: SecaggSection = field(default_factory=SecaggSection)
     robust: RobustSection = field(default_factory=RobustSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    terms: TermsSection = field(default_factory=TermsSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
@@ -643,6 +665,12 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def config_sha256(config_toml: str) -> str:
+    """A run configuration's hash, over its TOML text as instructions carry it (`Config.to_toml`): the run's
+    identity in checkpoints, manifests and secure-aggregation bindings, and what a site approves."""
+    return hashlib.sha256(config_toml.encode()).hexdigest()
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -86,6 +86,8 @@ def _coordinator_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"SuperLink at {report['address']}")
+    sha = report["run_toml_config_sha256"]
+    print(f"run.toml: configuration sha256 {sha} (sites approve it: `fedlora participant approve DIR {sha}`)" if sha else "run.toml does not load: `fedlora config --config DIR/run.toml` says why")
     for entry in report["participants"]:
         state = f"WITHDRAWN {entry['withdrawn']['at']}: {entry['withdrawn']['reason']}" if entry["withdrawn"] else (
             "REVOKED: " + entry["revoked"] if entry["revoked"] else "registered"
@@ -100,6 +102,8 @@ def _coordinator_status(args: argparse.Namespace) -> int:
         )
         for rejection in run["last_rejections"]:
             print(f"    last round skipped {rejection['participant']}: {rejection['reason']}")
+        if run["config_sha256"]:
+            print(f"    configuration sha256 {run['config_sha256']}")
         if run["stopped"]:
             print(f"    stopped: {run['stopped']}")
         if run["withdrawn"]:
@@ -121,9 +125,11 @@ def _participant_init(args: argparse.Namespace) -> int:
 
 
 def _participant_status(args: argparse.Namespace) -> int:
+    from participant.approvals import approval_status
     from participant.ledger import site_status
+    from participant.local_config import load_local_config
 
-    report = site_status(Path(args.directory))
+    report = site_status(Path(args.directory)) | approval_status(Path(args.directory), load_local_config(Path(args.directory)).policy)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -131,7 +137,48 @@ def _participant_status(args: argparse.Namespace) -> int:
     print(f"privacy ledger of {Path(args.directory).resolve()}: {report['contributions']} contributions, delta {report['delta']:g}")
     print(f"  epsilon against adapter consumers {report['epsilon']:.4g}{limits['max_epsilon']}")
     print(f"  epsilon against the coordinator   {report['epsilon_coordinator']:.4g}{limits['max_epsilon_coordinator']}")
+    print(approvals_text(report))
     return 0
+
+
+def _participant_approve(args: argparse.Namespace) -> int:
+    from participant.approvals import approve, revoke
+    from participant.local_config import load_local_config
+
+    directory = Path(args.directory)
+    policy = load_local_config(directory).policy
+    if args.revoke:
+        print(f"withdrew the approval of {revoke(directory, args.run, policy)}: this site refuses it from the next instruction on")
+        return 0
+    approval, new = approve(directory, args.run)
+    print(f"approved {approval}: this site takes part from the next instruction on (no restart needed)" if new else f"{approval} was already approved: nothing changed")
+    if not policy.require_approval:
+        print("  policy.require_approval is false in participant.toml: this site takes part in any run its policy allows")
+    return 0
+
+
+def _participant_approvals(args: argparse.Namespace) -> int:
+    from participant.approvals import approval_status
+    from participant.local_config import load_local_config
+
+    report = approval_status(Path(args.directory), load_local_config(Path(args.directory)).policy)
+    print(json.dumps(report, indent=2) if args.json else approvals_text(report))
+    return 0
+
+
+def approvals_text(report: dict) -> str:
+    """The site's approvals (`approval_status`) as `participant approvals` and `participant status` print them."""
+    from participant.approvals import CONFIG, Approval
+
+    required = report["require_approval"]
+    lines = [f"policy.require_approval = {str(required).lower()}" + ("" if required else ": this site takes part in any run its policy allows")]
+    lines += [f"  {Approval(CONFIG, sha)}: pinned (policy.approved_config_sha256)" for sha in report["pinned"]]
+    for record in report["approvals"]:
+        revoked = f", REVOKED {record['revoked']}" if record.get("revoked") else ""
+        lines.append(f"  {Approval(record['kind'], record['value'])}: approved {record['approved']}{revoked}")
+    if required and not report["pinned"] and not any(not r.get("revoked") for r in report["approvals"]):
+        lines.append("  no run approved: this site refuses every run until it approves one (`fedlora participant approve DIR <hash>`)")
+    return "\n".join(lines)
 
 
 def _participant_start(args: argparse.Namespace) -> int:
@@ -222,10 +269,19 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     pstart = participant.add_parser("start", help="connect to the coordinator and serve rounds")
     pstart.add_argument("directory")
     pstart.set_defaults(handler=_participant_start)
-    pstatus = participant.add_parser("status", help="this site's privacy ledger: epsilon against consumers and against the coordinator")
+    pstatus = participant.add_parser("status", help="this site's privacy ledger (epsilon against consumers and the coordinator) and approved runs")
     pstatus.add_argument("directory")
     pstatus.add_argument("--json", action="store_true")
     pstatus.set_defaults(handler=_participant_status)
+    approve = participant.add_parser("approve", help="approve a run: this site trains and evaluates only for runs it approved")
+    approve.add_argument("directory")
+    approve.add_argument("run", help="the run's configuration hash (from the operator, or named in this site's refusal), or a Flower run id")
+    approve.add_argument("--revoke", action="store_true", help="withdraw the approval instead: the site refuses the run from the next instruction on")
+    approve.set_defaults(handler=_participant_approve)
+    approvals = participant.add_parser("approvals", help="list the runs this site approved (and withdrew)")
+    approvals.add_argument("directory")
+    approvals.add_argument("--json", action="store_true")
+    approvals.set_defaults(handler=_participant_approvals)
     add_withdraw_commands(coordinator, participant, audit)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedlora.config import Config, build_config
+from fedlora.config import Config, build_config, config_sha256
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,6 @@ class Instruction:
     config: Config
     config_sha256: str  # of the TOML text as received: the run's identity (coordinator/outputs.py hashes the same text)
     adapter_sha256: str  # of the global adapter as received (`adapter_sha256`)
-
-
-def config_sha256(config_toml: str) -> str:
-    """The run configuration's hash, over the TOML text the instruction carries."""
-    return hashlib.sha256(config_toml.encode()).hexdigest()
 
 
 def adapter_sha256(vector: np.ndarray) -> str:

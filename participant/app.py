@@ -32,7 +32,7 @@ def checked_instruction(msg: Message, context: Context, what: str) -> tuple[Inst
     """The instruction and the configuration to run it with here, or a logged refusal.
 
     A message that does not parse is refused as malformed; a deployed participant's own
-    configuration and policy then decide (participant/site.py).
+    configuration, policy and approvals then decide (participant/site.py).
     """
     site = site_of(dict(context.node_config))
     try:
@@ -40,7 +40,7 @@ def checked_instruction(msg: Message, context: Context, what: str) -> tuple[Inst
     except (KeyError, TypeError, ValueError) as err:
         raise refuse(site, f"refused a malformed {what}: {type(err).__name__}: {err}") from err
     evaluating = msg.metadata.message_type == MessageType.EVALUATE
-    return instruction, site_config(site, instruction.config, instruction.server_round, what, evaluating)
+    return instruction, site_config(site, instruction, context.run_id, what, evaluating)
 
 
 def refuse_stale(context: Context, server_round: int) -> None:

@@ -6,12 +6,14 @@ and what it refuses. The run configuration that arrives with each instruction sa
 round is; it never chooses the site's data, base model or labels. `effective_config` builds
 the configuration a round actually runs with (the run's, with the site's parts put in), and
 `policy_violations` lists every rule an instruction breaks; a non-empty list means the
-participant refuses the round: nothing is trained and nothing is uploaded.
+participant refuses the round: nothing is trained and nothing is uploaded. Whether the site
+approved the run at all is participant/approvals.py's to say.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import tomli_w
 from fedlora.config import Config, ConfigError, _help, _require, build_sections
 
 LOCAL_CONFIG = "participant.toml"
+SHA256_HEX = re.compile("[0-9a-f]{64}")  # a run configuration's hash as `fedlora.config.config_sha256` writes it
 
 
 @dataclass
@@ -110,8 +113,28 @@ class PolicySection:
         "model.sha256.",
         [],
     )
+    require_approval: bool = _help(
+        "Train and evaluate only for runs this site approved: by configuration hash or Flower run id "
+        "(`fedlora participant approve DIR <hash or run id>`), or pinned in policy.approved_config_sha256. A run "
+        "it did not approve is refused, naming its hash for the operator.",
+        True,
+    )
+    approved_config_sha256: list[str] = _help(
+        "Run configuration hashes this site approves in advance (the hash `fedlora coordinator status` prints); "
+        "approvals made with `fedlora participant approve` are kept in approvals.json beside this file.",
+        [],
+    )
+    required_owner: str = _help("Refuse runs whose terms.owner (owner of the aggregated adapter) is not this (empty = any).", "")
+    accepted_licences: list[str] = _help("Refuse runs whose terms.licence is not one of these (empty = any).", [])
 
     def __post_init__(self) -> None:
+        bad = [text for text in self.approved_config_sha256 if not SHA256_HEX.fullmatch(text)]
+        _require(not bad, "policy.approved_config_sha256", f"{bad} are not SHA-256 hashes (64 lower-case hex digits)")
+        _require(
+            self.require_approval or not self.approved_config_sha256,
+            "policy.approved_config_sha256",
+            "pins approved runs, which means nothing with policy.require_approval = false; set it to true",
+        )
         _require(self.min_bucket_size >= 1, "policy.min_bucket_size", "must be >= 1")
         _require(self.max_epsilon >= 0, "policy.max_epsilon", "must be >= 0 (0 = no requirement)")
         _require(self.max_epsilon_coordinator >= 0, "policy.max_epsilon_coordinator", "must be >= 0 (0 = no limit)")
@@ -185,9 +208,23 @@ def policy_violations(run: Config, local: LocalConfig, evaluating: bool = False)
     if run.model.sha256 not in allowed:
         stated = run.model.sha256 or "no base model fingerprint"
         violations.append(f"policy.allowed_base_sha256: the run is for {stated}, this site allows {', '.join(allowed)}")
+    if policy.required_owner and run.terms.owner != policy.required_owner:
+        violations.append(
+            f"policy.required_owner: the run's terms.owner is {_stated(run.terms.owner)}, this site requires "
+            f"{policy.required_owner!r} as owner of the aggregated adapter"
+        )
+    if policy.accepted_licences and run.terms.licence not in policy.accepted_licences:
+        violations.append(
+            f"policy.accepted_licences: the run's terms.licence is {_stated(run.terms.licence)}, this site "
+            f"accepts {', '.join(map(repr, policy.accepted_licences))}"
+        )
     if list(run.data.label_names) != list(local.data.label_names):
         violations.append(f"data.label_names: the run has {list(run.data.label_names)}, this site has {list(local.data.label_names)}")
     return violations
+
+
+def _stated(term: str) -> str:
+    return repr(term) if term else "not stated"
 
 
 def effective_config(run: Config, local: LocalConfig) -> Config:

@@ -1,8 +1,9 @@
 """A deployed participant's directory: its own configuration, policy checks and local log.
 
 `fedlora participant start DIR` passes DIR to the ClientApp as the node config key
-`participant-dir`. Every instruction is then checked against DIR/participant.toml before
-anything is trained or uploaded; a refusal (policy, malformed message, replay) is appended
+`participant-dir`. Every instruction is then checked against DIR/participant.toml and the runs
+the site approved (DIR/approvals.json, participant/approvals.py) before anything is trained or
+uploaded; a refusal (policy, approval, malformed message, replay) is appended
 to DIR/events.jsonl with its reason, so the site can see what it was asked and declined
 (and logged as one line, participant/report.py).
 DIR/roster.toml, pinned out of band like the CA, names the consortium's members and their key
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -28,7 +29,11 @@ from fedlora.config import Config
 from fedlora.pki import PRIVATE_MODE, key_fingerprint
 from fedlora.secagg.identity import Identity, Roster, certify, checked_before, make_card, parse_roster
 from fedlora.withdrawal_request import REQUEST, make_request, read_request, refusal_text
+from participant.approvals import approval_violations, approved
 from participant.local_config import effective_config, load_local_config, policy_violations
+
+if TYPE_CHECKING:  # fedlora.wire imports Flower's records
+    from fedlora.wire import Instruction
 
 SITE_KEY = "participant-dir"
 EVENTS = "events.jsonl"
@@ -65,14 +70,17 @@ def min_bucket_size(site: Path | None) -> int:
     return 1 if site is None else load_local_config(site).policy.min_bucket_size
 
 
-def site_config(site: Path | None, run: Config, server_round: int, what: str, evaluating: bool = False) -> Config:
-    """The configuration this round runs with here; raises Refusal when the policy forbids it."""
+def site_config(site: Path | None, instruction: Instruction, run_id: int, what: str, evaluating: bool = False) -> Config:
+    """The configuration this round runs with here; raises Refusal when the policy forbids it or the site
+    has not approved the run (Flower run `run_id`)."""
+    run, server_round = instruction.config, instruction.server_round
     if site is None:
         return run
     if (site / REQUEST).is_file():  # withdrawn: nothing more, and the coordinator hears why with every refusal
         raise refuse(site, refusal_text(read_request(site / REQUEST)), round=server_round)
     local = load_local_config(site)
     violations = policy_violations(run, local, evaluating)
+    violations += approval_violations(local.policy, approved(site, local.policy), instruction.config_sha256, run_id)
     if violations:
         raise refuse(site, f"{local.site.name or 'this participant'} refuses {what} for round {server_round}: " + "; ".join(violations), round=server_round)
     return effective_config(run, local)

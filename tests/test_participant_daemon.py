@@ -28,6 +28,7 @@ def test_init_records_the_labels_the_model_fingerprint_and_a_key_pair(site: Path
     assert local.data.label_names == ["no", "yes"] and local.model.sha256 == model_fingerprint("builtin:tiny-llama")
     assert (site / "node.key").stat().st_mode & 0o777 == 0o600 and (site / "node.pub").is_file()
     assert local.policy.require_secagg  # secure aggregation is required unless the site says otherwise
+    assert local.policy.require_approval and not local.policy.approved_config_sha256  # no run until the site approves one
     with pytest.raises(FileExistsError):
         daemon.init(site, "hospital-a", local.data.path, "Outcome", "builtin:tiny-llama", "127.0.0.1:9", None, 9094)
 

