@@ -1,8 +1,9 @@
-"""Break each secure-aggregation mechanism on purpose and check that a test notices.
+"""Break each secure-aggregation (and governance) mechanism on purpose and check that a test notices.
 
-Run by hand (not in CI; about 5 minutes on 2 cores):
+Run by hand (not in CI; the secure-aggregation group takes 30+ minutes on 2 cores):
 
     python tests/secagg/mutations.py [--only NAME] [--out docs/secagg-mutations.md]
+    python tests/secagg/mutations.py --group governance --out docs/governance-mutations.md
 
 Each mutation replaces one exact piece of source in a temporary copy of the repository and runs
 the protocol tests there (tests/secagg and the in-process stage tests of
@@ -37,6 +38,15 @@ class Mutation:
     name: str
     what: str  # the property it removes
     edits: tuple[tuple[str, str, str], ...]  # (file, exact old text, new text): every occurrence
+    tests: tuple[str, ...] = ()  # the tests that should notice, if not the secure-aggregation ones (group "governance")
+    keyword: str = ""  # pytest -k for `tests`
+
+    @property
+    def group(self) -> str:
+        return "governance" if self.tests else "secagg"
+
+    def command(self) -> list[str]:
+        return [*(self.tests or TESTS), "-k", self.keyword if self.tests else SIMULATIONS]
 
 
 MUTATIONS = [
@@ -377,6 +387,84 @@ MUTATIONS = [
 ]
 
 
+WITHDRAWAL_TESTS = ("tests/test_withdrawal.py",)
+DEPLOYED_WITHDRAWAL_TESTS = ("tests/test_withdrawal_deployed.py",)
+MUTATIONS += [
+    Mutation(
+        "withdrawal-record-signature-unchecked",
+        "a withdrawal record counts without a valid coordinator signature",
+        (("fedlora/registry.py", "    if not document_verifies(record, trusted):\n        return None, [f\"{WITHDRAWAL}: its signature",
+          "    if False:\n        return None, [f\"{WITHDRAWAL}: its signature"),),
+        WITHDRAWAL_TESTS, "moved or edited",
+    ),
+    Mutation(
+        "withdrawal-record-not-bound-to-version",
+        "a withdrawal record copied onto another version counts there",
+        (("fedlora/registry.py", "    if record.get(\"manifest_signature\") != manifest.get(\"signature\"):", "    if False:"),),
+        WITHDRAWAL_TESTS, "moved or edited",
+    ),
+    Mutation(
+        "lineage-ignores-descendants",
+        "only versions whose own round applied the update are withdrawn, not those trained from them",
+        (("coordinator/withdrawal.py", "any(name in made.get(v, ()) for v in ancestry(version, parent_of))", "name in made.get(version, ())"),),
+        WITHDRAWAL_TESTS, "rolls_back",
+    ),
+    Mutation(
+        "withdrawn-version-exported",
+        "adapter export writes a withdrawn version without --force",
+        (("fedlora/registry.py", "    if force and problems and problems[0].startswith(\"WITHDRAWN\"):",
+          "    if problems and problems[0].startswith(\"WITHDRAWN\"):"),),
+        WITHDRAWAL_TESTS, "rolls_back",
+    ),
+    Mutation(
+        "certificate-signature-unchecked",
+        "a withdrawal certificate verifies whatever its signature",
+        (("coordinator/withdrawal.py", "problems = [] if document_verifies(certificate, trusted_key(public_key_pem)) else", "problems = [] if True else"),),
+        WITHDRAWAL_TESTS, "certificate",
+    ),
+    Mutation(
+        "certificate-audit-record-unchecked",
+        "a certificate is accepted without its record in the audit chain",
+        (("coordinator/withdrawal.py", "        if record.get(\"hash\") != digest:", "        if False:"),),
+        WITHDRAWAL_TESTS, "certificate",
+    ),
+    Mutation(
+        "privacy-rolled-back",
+        "the accountant rolled back with the adapter (the withdrawn versions' privacy forgotten)",
+        (("coordinator/withdrawal.py", "rolled = rolled | {\"privacy\": state[\"privacy\"], \"audit_last\": record[\"hash\"]}",
+          "rolled = rolled | {\"audit_last\": record[\"hash\"]}"),),
+        WITHDRAWAL_TESTS, "privacy",
+    ),
+    Mutation(
+        "resume-recharges-rolled-back-rounds",
+        "a resumption charges every applied round after the checkpoint's, not only those after its audit record",
+        (("coordinator/rounds.py", "        since = records[hashes.index(state[\"audit_last\"]) + 1 :]", "        since = records"),),
+        WITHDRAWAL_TESTS, "privacy",
+    ),
+    Mutation(
+        "request-signature-unchecked",
+        "a withdrawal request honoured without verifying its signature",
+        (("fedlora/withdrawal_request.py",
+          "        key.verify(bytes.fromhex(str(request.get(\"signature\", \"\"))), _canonical(body), ec.ECDSA(hashes.SHA384()))", "        pass"),),
+        DEPLOYED_WITHDRAWAL_TESTS, "registered_key",
+    ),
+    Mutation(
+        "request-key-not-the-registered-one",
+        "a withdrawal request honoured when signed by any key",
+        (("fedlora/withdrawal_request.py",
+          "if not isinstance(key, ec.EllipticCurvePublicKey) or key_fingerprint(key) != registered_fingerprint:",
+          "if not isinstance(key, ec.EllipticCurvePublicKey):"),),
+        DEPLOYED_WITHDRAWAL_TESTS, "registered_key",
+    ),
+    Mutation(
+        "in-progress-round-keeps-withdrawn",
+        "a member withdrawn while its round runs is still combined",
+        (("coordinator/rounds.py", "        if not why:\n            return\n", "        if True:\n            return\n"),),
+        DEPLOYED_WITHDRAWAL_TESTS, "during",
+    ),
+]
+
+
 def _copy_tree(target: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
     for name in files:
@@ -400,7 +488,7 @@ def run(mutation: Mutation) -> tuple[str, str, float]:
         env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS, "-k", SIMULATIONS],
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.command()],
             cwd=copy, env=env, capture_output=True, text=True,
         )
         seconds = time.perf_counter() - started
@@ -415,9 +503,10 @@ def run(mutation: Mutation) -> tuple[str, str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="run one mutation by name")
+    parser.add_argument("--group", choices=["secagg", "governance"], help="run one group (default: all)")
     parser.add_argument("--out", type=Path, help="write the result table (markdown) here")
     args = parser.parse_args()
-    chosen = [m for m in MUTATIONS if args.only in (None, m.name)]
+    chosen = [m for m in MUTATIONS if args.only in (None, m.name) and args.group in (None, m.group)]
     if not chosen:
         parser.error(f"unknown mutation {args.only!r}; choose from {', '.join(m.name for m in MUTATIONS)}")
     rows = ["| mutation | what it breaks | result | first failing test |", "|---|---|---|---|"]
