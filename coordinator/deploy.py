@@ -206,6 +206,8 @@ def withdraw(directory: Path, name: str, reason: str, request_file: Path | None)
     book.withdraw(name, reason, requested_by(request))
     key = load_or_create_key(directory / "coordinator.key")
     for out in sorted((directory / "runs").glob("*")) if (directory / "runs").is_dir() else []:
+        if not (out / CHECKPOINT).is_file():  # never got past its start: nothing was published
+            continue
         if run_is_live(out):
             done.append(f"run {out.name} is running: {name} is left out from now on, this round included; its versions are withdrawn when the run's rounds end")
             continue

@@ -17,6 +17,7 @@ spent stays spent, and the replay's rounds are charged on top like any other rou
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -103,6 +104,12 @@ def withdraw_from_run(run_dir: Path, name: str, reason: str, key: Ed25519Private
     metrics, excludes it from every later round (`lineage.json`), records it in the audit chain.
     """
     run_dir = Path(run_dir)
+    with open(run_dir / ".withdrawal.lock", "a") as lock:  # the operator's command and a coordinator ending its rounds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _withdraw(run_dir, name, reason, key, requested_by)
+
+
+def _withdraw(run_dir: Path, name: str, reason: str, key: Ed25519PrivateKey, requested_by: dict[str, Any]) -> dict[str, Any]:
     audit_path = run_dir / "audit.jsonl"
     records = read_records(audit_path)
     if not any(name in r.get("sampled", []) + r.get("answered", []) for r in records if r.get("event") == "round"):
@@ -113,13 +120,18 @@ def withdraw_from_run(run_dir: Path, name: str, reason: str, key: Ed25519Private
         raise ValueError(f"{name!r} is already withdrawn from the run in {run_dir}: {lineage.withdrawn[name]}")
     parent_of = parents(run_dir / "adapters")
     shaped = tainted(name, contributors(records), parent_of)
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    head = lineage.version(int(state["round"]))
+    target = rollback_target(head, set(shaped), parent_of) if head in shaped else head
+    if head in shaped and (target is None or not (run_dir / VERSION_CHECKPOINTS / f"{target}.npz").is_file()):
+        raise ValueError(
+            f"cannot roll the run in {run_dir} back to {target}: no state was kept for it (checkpoints/{target}.npz; runs "
+            "made before fedlora kept a checkpoint per version cannot be re-trained exactly); nothing was changed"
+        )
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     certificate_id = hashlib.sha256(f"{run_dir.resolve()}|{name}|{when}".encode()).hexdigest()[:16]
     for version in shaped:
         mark_withdrawn(run_dir / "adapters" / version, key, name, reason, when, certificate_id)
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    head = lineage.version(int(state["round"]))
-    target = rollback_target(head, set(shaped), parent_of) if head in shaped else head
     facts: dict[str, Any] = {
         "participant": name,
         "reason": reason,
@@ -160,10 +172,8 @@ def mark_withdrawn(directory: Path, key: Ed25519PrivateKey, name: str, reason: s
     withdraw_version(directory, key, {"participants": participants, "reason": reason, "withdrawn_at": when, "certificate": certificate_id})
 
 
-def roll_back(run_dir: Path, lineage: Lineage, target: str | None, parent_of: dict[str, str | None], head: str) -> None:
+def roll_back(run_dir: Path, lineage: Lineage, target: str, parent_of: dict[str, str | None], head: str) -> None:
     """Publish `target` as the head and start the next lineage from it; the old lineage's metrics are archived."""
-    if target is None:
-        raise ValueError(f"every version of the run in {run_dir} includes the participant's contributions, round 0 included")
     chain = list(reversed(ancestry(target, parent_of)))  # round 0 .. target
     base_round = len(chain) - 1
     old = list(reversed(ancestry(head, parent_of)))
