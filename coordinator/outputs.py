@@ -9,9 +9,11 @@ last audit line is cut off, and the audit chain goes on with a `resumed` record 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # torch and peft load only to write an adapter: `coordinator 
     from peft import PeftConfig
 
     from fedlora.adapter import AdapterLayout
+    from fedlora.aggregate import Unit
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -63,6 +66,7 @@ class RunDirectory:
             self.metrics_path.write_text("")
             (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
             shutil.rmtree(self.path / "adapters" / "final", ignore_errors=True)  # never another run's result
+            shutil.rmtree(self.path / "units", ignore_errors=True)
         self.torn_audit_bytes = cut_torn_tail(self.path / "audit.jsonl")
         self.audit = AuditLog(self.path / "audit.jsonl")
         if not resume:
@@ -110,6 +114,23 @@ class RunDirectory:
         parent = f"round-{server_round - 1:04d}" if server_round > 0 else None
         sign_adapter(directory, self.signing_key, {"round": server_round, "parent": parent, "config_sha256": self.config_sha256, **facts})
         return directory
+
+    def save_units(self, server_round: int, units: Sequence[Unit], global_before: np.ndarray) -> Path:
+        """units/round-XXXX.npz: the round's screened units (members, weight, mean update in server
+        coordinates, DP noise std) and the global adapter they were applied to (`audit.keep_units`)."""
+        out = self.path / "units" / f"round-{server_round:04d}.npz"
+        out.parent.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            members=np.array(json.dumps([list(unit.members) for unit in units])),
+            weights=np.array([unit.weight for unit in units], dtype=np.float64),
+            noise_std=np.array([unit.noise_std for unit in units], dtype=np.float64),
+            means=np.stack([np.asarray(unit.mean, dtype=np.float32) for unit in units]),
+            global_before=np.asarray(global_before, dtype=np.float32),
+        )
+        write_bytes_atomic(out, buffer.getvalue())
+        return out
 
     def publish_final(self, source: Path) -> Path:
         final = self.path / "adapters" / "final"
