@@ -29,7 +29,7 @@ import numpy as np
 from coordinator.outputs import read_metrics
 from fedlora.audit import AuditLog, read_records
 from fedlora.config import Config, load_config
-from fedlora.contributions import ANOMALY_THRESHOLD, anomaly_scores, flagged, member_values, shapley_values
+from fedlora.contributions import ANOMALY_THRESHOLD, HARM_THRESHOLD, anomaly_scores, flagged, harm_scores, member_values, shapley_values
 
 REPORT = "contributions"
 
@@ -192,7 +192,8 @@ def finite(value: float) -> float | None:
 
 def value_contributions(
     run_dir: Path, validation: str, label_column: str = "", max_examples: int = 200, metric: str = "auto",
-    permutations: int = 20, tolerance: float = 0.01, threshold: float = ANOMALY_THRESHOLD, seed: int = 0,
+    permutations: int = 20, tolerance: float = 0.01, threshold: float = ANOMALY_THRESHOLD, harm_threshold: float = HARM_THRESHOLD,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The whole report as plain data (written by `write_report`)."""
     from participant.runtime import label_names_for
@@ -214,10 +215,14 @@ def value_contributions(
     rows, records = read_metrics(run_dir), read_records(run_dir / "audit.jsonl")
     people, bucket_trajectories = diagnostics(rows)
     secure = any(len(members) > 1 for members, _ in units)
-    cosine = None if secure else [float(np.mean([p[2] for p in people.get(name, [])])) if people.get(name) else math.nan for name in estimate.names]
+    # A member's cosine to the aggregate: its mean in plaintext, estimated from its buckets' cosines under secure aggregation.
+    cosines = [((p,), c) for p, trajectory in people.items() for _, _, c in trajectory] + [(tuple(b["members"]), b["cosine_to_aggregate"]) for b in bucket_trajectories]
+    aligned = member_values(cosines, average=True) if cosines else None
+    cosine = [float(aligned.value[aligned.names.index(name)]) if aligned and name in aligned.names else math.nan for name in estimate.names]
     floor = 1.0 / len(scorer.examples) if scorer.metric == "accuracy" else 0.0  # one validation record's worth
     scores = anomaly_scores(estimate.value, cosine, floor)
-    flags = flagged(scores, threshold)
+    harm = harm_scores(estimate.value, estimate.stderr)
+    flags = flagged(scores, threshold) | flagged(harm, harm_threshold)
     order = sorted(range(len(estimate.names)), key=lambda k: -estimate.value[k] if math.isfinite(estimate.value[k]) else math.inf)
     rank = {k: position + 1 for position, k in enumerate(order)}
     counts = participation(records, rows)
@@ -233,8 +238,9 @@ def value_contributions(
             "units_valued": sum(name in members for members, _ in units),
             **counts.get(name, {}),
             "mean_update_norm": finite(float(np.mean([p[1] for p in trajectory]))) if trajectory else None,
-            "mean_cosine": finite(cosine[k]) if cosine else None,
+            "mean_cosine": finite(cosine[k]),
             "anomaly_score": finite(scores[k]),
+            "harm_score": finite(harm[k]),
             "flagged": bool(flags[k]),
             "trajectory": trajectory,  # [round, norm, cosine to the aggregate] per plaintext round
         })
@@ -254,8 +260,11 @@ def value_contributions(
             "units": estimate.equations, "rank": estimate.rank, "residual_std": finite(estimate.residual_std),
             "evaluations": scorer.evaluations,
         },
-        "anomaly": {"score": "min of the robust z-scores (median, 1.4826 MAD) of value" + ("" if secure else " and mean cosine to the aggregate"),
-                    "threshold": -threshold, "value_scale_floor": floor},
+        "anomaly": {"score": "min of the robust z-scores (median, 1.4826 MAD) of value and of mean cosine to the aggregate"
+                    + (" (a member's estimated from its buckets' cosines by least squares)" if secure else ""),
+                    "threshold": -threshold, "value_scale_floor": floor,
+                    "harm": "value / its standard error", "harm_threshold": -harm_threshold,
+                    "flagged": "anomaly score below its threshold, or harm below its threshold"},
         "privacy": privacy_note(cfg, noise),
         "rounds": [u.round for u in kept],
         "participants": participants,
@@ -285,17 +294,18 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Value: {report['utility']}; validation {report['validation']['data']} ({report['validation']['records']} records). "
         f"Per round: {est['per_round']}. Members: {est['members']} ({est['units']} units, rank {est['rank']}, residual std "
-        f"{_number(est['residual_std'])}). Anomaly: {report['anomaly']['score']}, flagged below {report['anomaly']['threshold']:g}. "
+        f"{_number(est['residual_std'])}). Anomaly: {report['anomaly']['score']}, flagged below {report['anomaly']['threshold']:g}; "
+        f"harm: value / std err, flagged below {report['anomaly']['harm_threshold']:g}. "
         f"Privacy: {report['privacy']}.",
         "",
-        "| rank | participant | value / round | std err | sampled | answered | screened out | blamed | quarantined in | mean norm | mean cosine | anomaly | flagged |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| rank | participant | value / round | std err | sampled | answered | screened out | blamed | quarantined in | mean norm | mean cosine | anomaly | harm | flagged |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in report["participants"]:
         lines.append(
             f"| {p['rank']} | {p['participant']} | {_number(p['value'])} | {_number(p['stderr'])} | {p.get('sampled', 0)} | {p.get('answered', 0)} | "
             f"{p.get('screened_out', 0)} | {p.get('blamed', 0)} | {p.get('quarantined_in') or '-'} | {_number(p['mean_update_norm'])} | "
-            f"{_number(p['mean_cosine'])} | {_number(p['anomaly_score'])} | {'FLAGGED' if p['flagged'] else ''} |"
+            f"{_number(p['mean_cosine'])} | {_number(p['anomaly_score'])} | {_number(p['harm_score'])} | {'FLAGGED' if p['flagged'] else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -352,6 +362,8 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
         "values": {p["participant"]: p["value"] for p in people},
         "stderr": {p["participant"]: p["stderr"] for p in people},
         "anomaly_scores": {p["participant"]: p["anomaly_score"] for p in people},
+        "harm_scores": {p["participant"]: p["harm_score"] for p in people},
         "threshold": report["anomaly"]["threshold"],
+        "harm_threshold": report["anomaly"]["harm_threshold"],
         "flagged": [p["participant"] for p in people if p["flagged"]],
     })

@@ -30,6 +30,7 @@ import numpy as np
 Utility = Callable[[frozenset[int]], float]  # U(S) for a set of unit indices; U(empty) = 0
 MAD_TO_STD = 1.4826  # the MAD of a normal sample times this estimates its standard deviation
 ANOMALY_THRESHOLD = 3.5  # Iglewicz & Hoaglin's cut-off for the modified z-score
+HARM_THRESHOLD = 2.0  # standard errors below zero: a one-sided test at about 2.3%
 
 
 def exact_shapley(players: int, utility: Utility) -> np.ndarray:
@@ -99,8 +100,9 @@ class MemberEstimate:
     rank: int  # of the membership matrix
 
 
-def member_values(units: Sequence[tuple[Sequence[str], float]]) -> MemberEstimate:
-    """Solve value(unit) = sum of its members' values for every member, in the least-squares sense.
+def member_values(units: Sequence[tuple[Sequence[str], float]], average: bool = False) -> MemberEstimate:
+    """Solve value(unit) = sum of its members' values for every member, in the least-squares sense
+    (`average`: the mean of its members' values, for a unit's cosine to the aggregate).
 
     `units`: (members, value) for every unit of every round. A member's estimate is identifiable
     when its indicator lies in the row space of the membership matrix (some combination of the
@@ -112,7 +114,7 @@ def member_values(units: Sequence[tuple[Sequence[str], float]]) -> MemberEstimat
     x = np.zeros((len(units), len(names)))
     for row, (members, _) in enumerate(units):
         for name in members:
-            x[row, index[name]] = 1.0
+            x[row, index[name]] = 1.0 / len(members) if average else 1.0
     y = np.array([value for _, value in units], dtype=np.float64)
     solution, _, rank, _ = np.linalg.lstsq(x, y, rcond=None)
     projection = np.linalg.pinv(x) @ x  # onto the row space of x
@@ -152,6 +154,20 @@ def anomaly_scores(value: Sequence[float], cosine: Sequence[float] | None = None
     if cosine is not None:
         scores = np.fmin(scores, robust_z(cosine))
     return scores
+
+
+def harm_scores(value: Sequence[float], stderr: Sequence[float]) -> np.ndarray:
+    """Each value in standard errors, value / stderr: below -HARM_THRESHOLD a contribution lowered
+    the validation score beyond what the estimate's error explains.
+
+    The robust z-score compares participants with each other, and under secure buckets the
+    members' estimates are too noisy for any of them to stand out by 3.5 MADs; this asks of each
+    estimate on its own whether it is harmful with confidence. NaN where there is no error to
+    measure by.
+    """
+    v, se = np.asarray(value, dtype=np.float64), np.asarray(stderr, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(se) & (se > 0), v / se, math.nan)
 
 
 def flagged(scores: np.ndarray, threshold: float = ANOMALY_THRESHOLD) -> np.ndarray:

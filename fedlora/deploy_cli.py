@@ -104,7 +104,8 @@ def _coordinator_contributions(args: argparse.Namespace) -> int:
     from coordinator import contributions
 
     report = contributions.value_contributions(
-        Path(args.run), args.validation, args.label_column, args.max_examples, args.metric, args.permutations, args.tolerance, args.threshold, args.seed,
+        Path(args.run), args.validation, args.label_column, args.max_examples, args.metric, args.permutations, args.tolerance, args.threshold,
+        args.harm_threshold, args.seed,
     )
     record = contributions.write_report(Path(args.run), report)
     print(contributions.markdown(report))
@@ -177,7 +178,7 @@ def _model_save(args: argparse.Namespace) -> int:
 
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
-    from fedlora.contributions import ANOMALY_THRESHOLD
+    from fedlora.contributions import ANOMALY_THRESHOLD, HARM_THRESHOLD
 
     coordinator = commands.add_parser("coordinator", help="operate a deployed coordinator (Flower SuperLink)").add_subparsers(dest="action", required=True)
     init = coordinator.add_parser("init", help="create a coordinator directory: CA, TLS certificate, signing key, run config")
@@ -224,6 +225,10 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     contributions.add_argument("--tolerance", type=float, default=0.01, help="within-round truncation, as a share of the round's gain (default 0.01)")
     contributions.add_argument(
         "--threshold", type=float, default=ANOMALY_THRESHOLD, help=f"flag robust z-scores below minus this (default {ANOMALY_THRESHOLD:g})"
+    )
+    contributions.add_argument(
+        "--harm-threshold", type=float, default=HARM_THRESHOLD,
+        help=f"flag values more than this many standard errors below zero (default {HARM_THRESHOLD:g})",
     )
     contributions.add_argument("--seed", type=int, default=0, help="seed of the permutations")
     contributions.set_defaults(handler=_coordinator_contributions)

@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from fedlora.contributions import anomaly_scores, exact_shapley, flagged, gtg_shapley, member_values, robust_z, shapley_values
+from fedlora.contributions import (
+    HARM_THRESHOLD,
+    anomaly_scores,
+    exact_shapley,
+    flagged,
+    gtg_shapley,
+    harm_scores,
+    member_values,
+    robust_z,
+    shapley_values,
+)
 
 
 def additive(worth: list[float]):
@@ -104,3 +114,8 @@ def test_anomaly_takes_the_worse_of_value_and_cosine_and_never_flags_the_unknown
 def test_shapley_values_sum_to_the_whole_rounds_gain(players: int) -> None:
     game = lambda s: len(s) ** 2 / 9  # noqa: E731
     assert sum(shapley_values(players, game, np.random.default_rng(0), 10)) == pytest.approx(game(set(range(players))))
+
+
+def test_harm_is_a_value_below_zero_beyond_its_standard_error() -> None:
+    harm = harm_scores([-0.3, -0.05, 0.2, -1.0], [0.1, 0.1, 0.1, math.nan])
+    assert flagged(harm, HARM_THRESHOLD).tolist() == [True, False, False, False]  # no error known: no evidence
