@@ -7,7 +7,8 @@ label-flipped records and partition 2 on the diabetes task's records mapped onto
 labels (`simulation.bad_data`). Each mode is one federation through the real round pipeline
 (`benchmarks/federation.py`: Coordinator over a LocalGrid, real SecAgg+ per bucket) with
 `audit.keep_units`, then `coordinator.contributions` values its units on the first 200 records of
-the `stress` table with each metric (accuracy, minus the loss). Secure buckets are drawn from a
+the `stress` table with each metric (accuracy, minus the loss), GTG-Shapley with 10 permutations
+per plaintext round (buckets of 2 make 5 units a round, valued exactly). Secure buckets are drawn from a
 fresh secret every round (docs/decisions.md), so that mode differs from run to run.
 
     python benchmarks/contributions.py          # ~15 min on 2 shared cores
@@ -40,7 +41,7 @@ def audit(run_dir: Path, metric: str) -> dict[str, Any]:
     from coordinator.contributions import value_contributions
 
     started = time.perf_counter()
-    report = value_contributions(run_dir, "stress", max_examples=200, metric=metric, permutations=20)
+    report = value_contributions(run_dir, "stress", max_examples=200, metric=metric, permutations=10)
     people = report["participants"]
     keep = ("participant", "rank", "value", "stderr", "mean_cosine", "anomaly_score", "harm_score", "flagged")
     return {
