@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from coordinator.outputs import read_metrics
 from fedlora.audit import AuditLog, read_records
 from fedlora.config import Config, load_config
 from fedlora.contributions import ANOMALY_THRESHOLD, HARM_THRESHOLD, anomaly_scores, flagged, harm_scores, member_values, shapley_values
+
+if TYPE_CHECKING:
+    from fedlora.data import Example
 
 REPORT = "contributions"
 
@@ -87,7 +90,7 @@ def read_units(run_dir: Path) -> list[RoundUnits]:
     return out
 
 
-def validation_examples(cfg: Config, spec: str, label_column: str, max_examples: int, labels: list[str]) -> list[Any]:
+def validation_examples(cfg: Config, spec: str, label_column: str, max_examples: int, labels: list[str]) -> list[Example]:
     """The operator's validation records, verbalised as the run's data section says; refused when
     their answers are not the run's labels."""
     from fedlora.data import load_examples
@@ -106,7 +109,7 @@ def validation_examples(cfg: Config, spec: str, label_column: str, max_examples:
 class Scorer:
     """The run's model, loaded once, and the validation score of an adapter vector."""
 
-    def __init__(self, cfg: Config, examples: list[Any], labels: list[str], metric: str) -> None:
+    def __init__(self, cfg: Config, examples: list[Example], labels: list[str], metric: str) -> None:
         from fedlora.adapter import adapter_vector
         from fedlora.aggregate import make_aggregator, make_server_optimizer
         from fedlora.model import load_model
@@ -307,6 +310,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{p.get('screened_out', 0)} | {p.get('blamed', 0)} | {p.get('quarantined_in') or '-'} | {_number(p['mean_update_norm'])} | "
             f"{_number(p['mean_cosine'])} | {_number(p['anomaly_score'])} | {_number(p['harm_score'])} | {'FLAGGED' if p['flagged'] else ''} |"
         )
+    if report["mode"] == "secure buckets":  # the units themselves: what the coordinator saw
+        seen = {(b["round"], tuple(b["members"])): b for b in report["bucket_updates"]}
+        lines += ["", "| round | bucket | value | norm | cosine | noise std |", "|---:|---|---:|---:|---:|---:|"]
+        for unit in report["units"]:
+            bucket = seen.get((unit["round"], tuple(unit["members"])), {})
+            lines.append(
+                f"| {unit['round']} | {', '.join(unit['members'])} | {_number(unit['value'])} | {_number(bucket.get('update_norm'))} | "
+                f"{_number(bucket.get('cosine_to_aggregate'))} | {_number(unit['noise_std'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
