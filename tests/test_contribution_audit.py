@@ -84,7 +84,8 @@ def test_plaintext_audit_ranks_the_bad_data_last_and_flags_it(tmp_path: Path, ca
 
 @pytest.mark.slow
 def test_secure_buckets_of_two_estimate_members_from_overlaps_and_flag_the_bad_data(tmp_path: Path, capsys) -> None:
-    run_dir = federation(tmp_path / "run", "secagg.enabled=true", "secagg.bucket_size=2", "federation.rounds=6")
+    # 10 rounds: at 6 the members' standard errors (0.05-0.09) left the label-flippers unflagged in 1 of 4 runs.
+    run_dir = federation(tmp_path / "run", "secagg.enabled=true", "secagg.bucket_size=2", "federation.rounds=10")
     report = audited(run_dir, capsys, records=200)
     assert report["mode"] == "secure buckets"
     assert all(len(unit["members"]) == 2 for unit in report["units"])  # the coordinator valued sums, never one update
@@ -92,7 +93,7 @@ def test_secure_buckets_of_two_estimate_members_from_overlaps_and_flag_the_bad_d
     people = report["participants"]
     assert all(p["stderr"] is not None and p["stderr"] > 0 for p in people)  # every estimate states its error
     # The label-flippers come last and only bad participants are flagged. The other-task participant's harm is within
-    # the estimate's error over 6 rounds: it ranked among the last three in 3 of 4 runs seen, flagged in 2 (docs/benchmarks.md).
+    # the estimate's error: over 6 rounds it ranked among the last three in 2 of 4 runs seen (docs/benchmarks.md).
     assert {p["participant"] for p in people[-2:]} == {"participant-0", "participant-1"}, [(p["participant"], p["value"]) for p in people]
     flags = {p["participant"] for p in people if p["flagged"]}
     assert flags and flags <= BAD, [(p["participant"], p["anomaly_score"], p["harm_score"]) for p in people]
