@@ -29,7 +29,15 @@ import numpy as np
 from coordinator.outputs import read_metrics
 from fedlora.audit import AuditLog, read_records
 from fedlora.config import Config, load_config
-from fedlora.contributions import ANOMALY_THRESHOLD, HARM_THRESHOLD, anomaly_scores, flagged, harm_scores, member_values, shapley_values
+from fedlora.contributions import (
+    ANOMALY_THRESHOLD,
+    HARM_THRESHOLD,
+    anomaly_scores,
+    flagged,
+    harm_scores,
+    member_values,
+    shapley_values,
+)
 
 if TYPE_CHECKING:
     from fedlora.data import Example
@@ -295,11 +303,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Contributions: {report['run']} ({report['mode']})",
         "",
-        f"Value: {report['utility']}; validation {report['validation']['data']} ({report['validation']['records']} records). "
-        f"Per round: {est['per_round']}. Members: {est['members']} ({est['units']} units, rank {est['rank']}, residual std "
-        f"{_number(est['residual_std'])}). Anomaly: {report['anomaly']['score']}, flagged below {report['anomaly']['threshold']:g}; "
-        f"harm: value / std err, flagged below {report['anomaly']['harm_threshold']:g}. "
-        f"Privacy: {report['privacy']}.",
+        (
+            f"Value: {report['utility']}; validation {report['validation']['data']} ({report['validation']['records']} records). "
+            f"Per round: {est['per_round']}. Members: {est['members']} ({est['units']} units, rank {est['rank']}, residual std "
+            f"{_number(est['residual_std'])}). Anomaly: {report['anomaly']['score']}, flagged below {report['anomaly']['threshold']:g}; "
+            f"harm: value / std err, flagged below {report['anomaly']['harm_threshold']:g}. "
+            f"Privacy: {report['privacy']}."
+        ),
         "",
         "| rank | participant | value / round | std err | sampled | answered | screened out | blamed | quarantined in | mean norm | mean cosine | anomaly | harm | flagged |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",

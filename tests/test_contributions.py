@@ -31,7 +31,7 @@ def test_exact_shapley_of_an_additive_game_is_each_players_own_worth() -> None:
 
 def test_exact_shapley_splits_a_pure_synergy_equally_and_sums_to_the_whole() -> None:
     # Only the pair {0, 1} is worth anything; player 2 adds nothing: 0.5, 0.5, 0.
-    game = lambda s: 1.0 if {0, 1} <= s else 0.0  # noqa: E731
+    game = lambda s: 1.0 if {0, 1} <= s else 0.0
     values = exact_shapley(3, game)
     np.testing.assert_allclose(values, [0.5, 0.5, 0.0], atol=1e-12)
 
@@ -112,7 +112,7 @@ def test_anomaly_takes_the_worse_of_value_and_cosine_and_never_flags_the_unknown
 
 @pytest.mark.parametrize("players", [1, 3])
 def test_shapley_values_sum_to_the_whole_rounds_gain(players: int) -> None:
-    game = lambda s: len(s) ** 2 / 9  # noqa: E731
+    game = lambda s: len(s) ** 2 / 9
     assert sum(shapley_values(players, game, np.random.default_rng(0), 10)) == pytest.approx(game(set(range(players))))
 
 
