@@ -39,17 +39,19 @@ STRESS_TASK = [
 ]
 
 
-def run_federation(cfg) -> tuple[list[dict[str, Any]], list[str]]:
-    """The run's metrics rows (round 0 first) and the names of its simulated attackers."""
+def run_federation(cfg, keep: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The run's metrics rows (round 0 first) and the names of its simulated attackers; the run
+    directory is `keep` when given (else a temporary one)."""
     from coordinator.local_grid import LocalGrid
     from coordinator.rounds import Coordinator
     from participant.app import app
 
     n = cfg.federation.participants
     grid = LocalGrid(app, {p + 1: {"partition-id": p, "num-partitions": n} for p in range(n)})
-    with tempfile.TemporaryDirectory() as run_dir:
-        rows = Coordinator(cfg, Path(run_dir)).run(grid)
-        attackers = json.loads((Path(run_dir) / "adversaries.json").read_text())["partition_ids"]
+    with tempfile.TemporaryDirectory() as scratch:
+        run_dir = keep or Path(scratch)
+        rows = Coordinator(cfg, run_dir).run(grid)
+        attackers = json.loads((run_dir / "adversaries.json").read_text())["partition_ids"]
     return rows, [f"participant-{p}" for p in attackers]
 
 

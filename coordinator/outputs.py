@@ -15,9 +15,12 @@ last audit line is cut off, and the audit chain goes on with a `resumed` record 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +36,7 @@ if TYPE_CHECKING:  # torch and peft load only to write an adapter: `coordinator 
     from peft import PeftConfig
 
     from fedlora.adapter import AdapterLayout
+    from fedlora.aggregate import Unit
 
 
 LINEAGE = "lineage.json"
@@ -101,6 +105,7 @@ class RunDirectory:
             (self.path / "audit.jsonl").unlink(missing_ok=True)  # a new run starts a new chain
             shutil.rmtree(self.path / "adapters" / "final", ignore_errors=True)  # never another run's result
             (self.path / LINEAGE).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "units", ignore_errors=True)
         self.lineage = Lineage.load(self.path)
         self.torn_audit_bytes = cut_torn_tail(self.path / "audit.jsonl")
         self.audit = AuditLog(self.path / "audit.jsonl")
@@ -155,6 +160,23 @@ class RunDirectory:
 
     def version_dir(self, server_round: int) -> Path:
         return self.path / "adapters" / self.lineage.version(server_round)
+
+    def save_units(self, server_round: int, units: Sequence[Unit], global_before: np.ndarray) -> Path:
+        """units/<version>.npz: the round's screened units (members, weight, mean update in server
+        coordinates, DP noise std) and the global adapter they were applied to (`audit.keep_units`)."""
+        out = self.path / "units" / f"{self.lineage.version(server_round)}.npz"  # per version: a withdrawal re-trains rounds
+        out.parent.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            members=np.array(json.dumps([list(unit.members) for unit in units])),
+            weights=np.array([unit.weight for unit in units], dtype=np.float64),
+            noise_std=np.array([unit.noise_std for unit in units], dtype=np.float64),
+            means=np.stack([np.asarray(unit.mean, dtype=np.float32) for unit in units]),
+            global_before=np.asarray(global_before, dtype=np.float32),
+        )
+        write_bytes_atomic(out, buffer.getvalue())
+        return out
 
     def publish_final(self, source: Path) -> Path:
         final = self.path / "adapters" / "final"

@@ -484,6 +484,9 @@ class Coordinator:
                 server_round, len(gathered.included), fed.min_participants, f" ({row['aborted']})" if gathered.aborted else "",
             )
             return row
+        if self.cfg.audit.keep_units:  # opt-in: individual updates on disk (docs/decisions.md, "Contribution audit")
+            with self.timed("keep_units"):
+                self.out.save_units(server_round, gathered.units, self.adapter.vector)
         with self.timed("noise" if self.dp else "rule"):  # DP's noisy mean, or the robust rule over the units
             combined = combine_units(gathered.units, rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
         with self.timed("server_step"):

@@ -285,6 +285,58 @@ def flip_labels(examples: list[Example], label_names: list[str]) -> list[Example
 
 
 DATA_ATTACKS = ("label-flip",)  # attacks done in local training, not on the update
+
+
+@dataclass(frozen=True)
+class BadData:
+    """What a simulated participant trains on instead of its shard (`simulation.bad_data`)."""
+
+    kind: str  # a name in BAD_DATA_FORMS
+    dataset: str = ""  # other-task: the dataset its records come from
+
+    def examples(self, shard: list[Example], label_names: list[str], seed: int) -> list[Example]:
+        """The records it trains on, as many as its shard holds (so its claimed count is true)."""
+        if self.kind == "label-flip":
+            return flip_labels(shard, label_names)
+        return other_task(self.dataset, len(shard), label_names, seed)
+
+
+BAD_DATA_FORMS = ("label-flip", "other-task:<dataset>")
+
+
+def parse_bad_data(entries: list[str]) -> dict[int, BadData]:
+    """`simulation.bad_data` ('<partition id>=<kind>' entries) as partition id -> BadData."""
+    out: dict[int, BadData] = {}
+    for entry in entries:
+        where, equals, kind = (part.strip() for part in entry.partition("="))
+        name, colon, dataset = kind.partition(":")
+        problem = (
+            "is not '<partition id>=<kind>'" if not (equals and where.isdigit())
+            else f"names partition {where} twice" if int(where) in out
+            else "needs a dataset after 'other-task:'" if name == "other-task" and not dataset
+            else None if (name == "label-flip" and not colon) or name == "other-task"
+            else f"has an unknown kind {kind!r}"
+        )
+        if problem:
+            raise ValueError(f"simulation.bad_data: {entry!r} {problem}; kinds are {', '.join(BAD_DATA_FORMS)}")
+        out[int(where)] = BadData(name, dataset)
+    return out
+
+
+def other_task(dataset: str, count: int, label_names: list[str], seed: int) -> list[Example]:
+    """`count` records of another dataset (a built-in task or a .jsonl file), its answers mapped in
+    sorted order onto `label_names` (kept as they are when the run's answers are free-form).
+
+    A participant whose records answer another question: its update is as long as an honest one
+    and honestly trained, and pulls the model towards nothing the federation asks.
+    """
+    from fedlora.config import DataSection
+    from fedlora.data import load_examples
+
+    records = load_examples(DataSection(dataset=dataset), seed)[:count]
+    answers = sorted({record.response for record in records})
+    mapped = {answer: label_names[k % len(label_names)] for k, answer in enumerate(answers)} if label_names else {}
+    return [replace(record, response=mapped.get(record.response, record.response)) for record in records]
 OMNISCIENT = ("alie", "alie-auto")  # no attack at all without the honest updates: refused under secure aggregation
 
 ATTACK_FORMS: tuple[SpecForm, ...] = (

