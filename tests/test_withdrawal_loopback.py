@@ -29,30 +29,15 @@ from fedlora.config import load_config
 from fedlora.model import model_fingerprint
 from participant.app import app
 from participant.site import SITE_KEY
+from tests.test_deployment import RUN as DEPLOYED_RUN
 from tests.test_deployment import checkpointed, fedlora, free_port, kill_tree, listening, wait_for
 
 pytestmark = pytest.mark.slow  # real processes: minutes
 
 SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
 LATE = "hospital-c"
-RUN = """
-[model]
-name = "builtin:tiny-llama"
-task = "classification"
-sha256 = "{sha256}"
-[data]
-label_names = ["no", "yes"]
-max_length = 64
-[train]
-local_steps = 2
-batch_size = 4
-[federation]
-rounds = 4
-participants = 4
-min_participants = 3
-eval_every = 100
-timeout_s = 180
-"""
+# The deployment test's run, in plaintext for four sites, evaluated only at the start and the end.
+RUN = DEPLOYED_RUN.replace("participants = 3\n", "participants = 4\n", 1).replace("timeout_s = 180", "eval_every = 100\ntimeout_s = 180")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +48,7 @@ def withdrawn(tmp_path_factory: pytest.TempPathFactory):
     table["Outcome"] = table["Outcome"].map({0: "no", 1: "yes"})
     coordinator = root / "coordinator"
     assert main(["coordinator", "init", str(coordinator), "--address", f"127.0.0.1:{port}"]) == 0
-    (coordinator / "run.toml").write_text(RUN.format(sha256=model_fingerprint("builtin:tiny-llama")))
+    (coordinator / "run.toml").write_text(RUN.format(sha256=model_fingerprint("builtin:tiny-llama"), rounds=4, secure="false", noise=0.0))
     processes = []
     try:
         processes.append(fedlora("coordinator", "start", str(coordinator), log=root / "superlink.log"))
