@@ -30,8 +30,11 @@ from coordinator.outputs import Lineage, read_metrics
 from fedlora.audit import AuditLog, read_records
 from fedlora.config import Config, load_config
 from fedlora.contributions import (
+    ALIGNMENT_THRESHOLD,
     ANOMALY_THRESHOLD,
     HARM_THRESHOLD,
+    aggregate_shares,
+    alignment_deficits,
     anomaly_scores,
     flagged,
     harm_scores,
@@ -225,6 +228,10 @@ def value_contributions(
             units.append((members, float(value)))
             unit_rows.append({"round": round_units.round, "members": list(members), "weight": float(weight), "value": float(value), "noise_std": float(noise)})
     estimate = member_values(units)
+    shares = member_values([(members, float(share)) for u in kept for members, share in zip(u.members, aggregate_shares(u.weights, u.means))])
+    share = [float(shares.value[shares.names.index(name)]) if name in shares.names else math.nan for name in estimate.names]
+    share_se = [float(shares.stderr[shares.names.index(name)]) if name in shares.names else math.nan for name in estimate.names]
+    deficit = alignment_deficits(share, share_se)
     rows, records = read_metrics(run_dir), read_records(run_dir / "audit.jsonl")
     people, bucket_trajectories = diagnostics(rows)
     secure = any(len(members) > 1 for members, _ in units)
@@ -235,7 +242,7 @@ def value_contributions(
     floor = 1.0 / len(scorer.examples) if scorer.metric == "accuracy" else 0.0  # one validation record's worth
     scores = anomaly_scores(estimate.value, cosine, floor)
     harm = harm_scores(estimate.value, estimate.stderr)
-    flags = flagged(scores, threshold) | flagged(harm, harm_threshold)
+    flags = flagged(scores, threshold) | flagged(harm, harm_threshold) | flagged(deficit, ALIGNMENT_THRESHOLD)
     order = sorted(range(len(estimate.names)), key=lambda k: -estimate.value[k] if math.isfinite(estimate.value[k]) else math.inf)
     rank = {k: position + 1 for position, k in enumerate(order)}
     counts = participation(records, rows)
@@ -254,6 +261,9 @@ def value_contributions(
             "mean_cosine": finite(cosine[k]),
             "anomaly_score": finite(scores[k]),
             "harm_score": finite(harm[k]),
+            "aggregate_share": finite(share[k]),
+            "aggregate_share_stderr": finite(share_se[k]),
+            "alignment_deficit": finite(deficit[k]),
             "flagged": bool(flags[k]),
             "trajectory": trajectory,  # [round, norm, cosine to the aggregate] per plaintext round
         })
@@ -277,7 +287,10 @@ def value_contributions(
                     + (" (a member's estimated from its buckets' cosines by least squares)" if secure else ""),
                     "threshold": -threshold, "value_scale_floor": floor,
                     "harm": "value / its standard error", "harm_threshold": -harm_threshold,
-                    "flagged": "anomaly score below its threshold, or harm below its threshold"},
+                    "aggregate_share": "a member's share of each round's aggregate along its direction, w <mean, g> / (W |g|^2), "
+                                       "least squares over its units like the value",
+                    "alignment_deficit": "(share - median member's share) / its standard error", "alignment_threshold": -ALIGNMENT_THRESHOLD,
+                    "flagged": "anomaly score, harm or alignment deficit below its threshold"},
         "privacy": privacy_note(cfg, noise),
         "rounds": [u.round for u in kept],
         "participants": participants,
@@ -313,14 +326,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"Privacy: {report['privacy']}."
         ),
         "",
-        "| rank | participant | value / round | std err | sampled | answered | screened out | blamed | quarantined in | mean norm | mean cosine | anomaly | harm | flagged |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| rank | participant | value / round | std err | sampled | answered | screened out | blamed | quarantined in | mean norm | mean cosine | share of aggregate | anomaly | harm | alignment | flagged |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in report["participants"]:
         lines.append(
             f"| {p['rank']} | {p['participant']} | {_number(p['value'])} | {_number(p['stderr'])} | {p.get('sampled', 0)} | {p.get('answered', 0)} | "
             f"{p.get('screened_out', 0)} | {p.get('blamed', 0)} | {p.get('quarantined_in') or '-'} | {_number(p['mean_update_norm'])} | "
-            f"{_number(p['mean_cosine'])} | {_number(p['anomaly_score'])} | {_number(p['harm_score'])} | {'FLAGGED' if p['flagged'] else ''} |"
+            f"{_number(p['mean_cosine'])} | {_number(p['aggregate_share'])} | {_number(p['anomaly_score'])} | {_number(p['harm_score'])} | "
+            f"{_number(p['alignment_deficit'])} | {'FLAGGED' if p['flagged'] else ''} |"
         )
     if report["mode"] == "secure buckets":  # the units themselves: what the coordinator saw
         seen = {(b["round"], tuple(b["members"])): b for b in report["bucket_updates"]}
@@ -387,6 +401,7 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
         "stderr": {p["participant"]: p["stderr"] for p in people},
         "anomaly_scores": {p["participant"]: p["anomaly_score"] for p in people},
         "harm_scores": {p["participant"]: p["harm_score"] for p in people},
+        "alignment_deficits": {p["participant"]: p["alignment_deficit"] for p in people},
         "threshold": report["anomaly"]["threshold"],
         "harm_threshold": report["anomaly"]["harm_threshold"],
         "flagged": [p["participant"] for p in people if p["flagged"]],

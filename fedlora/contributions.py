@@ -31,6 +31,7 @@ Utility = Callable[[frozenset[int]], float]  # U(S) for a set of unit indices; U
 MAD_TO_STD = 1.4826  # the MAD of a normal sample times this estimates its standard deviation
 ANOMALY_THRESHOLD = 3.5  # Iglewicz & Hoaglin's cut-off for the modified z-score
 HARM_THRESHOLD = 2.0  # standard errors below zero: a one-sided test at about 2.3%
+ALIGNMENT_THRESHOLD = 3.0  # standard errors below the median member's share of the aggregate
 
 
 def exact_shapley(players: int, utility: Utility) -> np.ndarray:
@@ -173,3 +174,28 @@ def harm_scores(value: Sequence[float], stderr: Sequence[float]) -> np.ndarray:
 def flagged(scores: np.ndarray, threshold: float = ANOMALY_THRESHOLD) -> np.ndarray:
     """Which scores lie beyond -threshold (NaN is never flagged: no evidence either way)."""
     return np.nan_to_num(scores, nan=0.0) < -threshold
+
+
+def aggregate_shares(weights: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Each unit's share of the round's aggregate along its direction: w_u <mean_u, g> / (W |g|^2).
+
+    g is the weighted mean of the units and W their total weight, so the shares sum to 1, and a
+    unit's share is the sum of its members' (it is linear in their updates), which least squares
+    over overlapping buckets can split exactly where a cosine cannot be. An honest member carries
+    about its weight's share; one trained on flipped labels carries a negative share, one trained
+    on another task about none.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    x = np.asarray(means, dtype=np.float64)
+    g = (w[:, None] * x).sum(axis=0) / w.sum()
+    norm = float(g @ g)
+    return w * (x @ g) / (w.sum() * norm) if norm > 0 else np.zeros(len(w))
+
+
+def alignment_deficits(share: Sequence[float], stderr: Sequence[float]) -> np.ndarray:
+    """Each member's share below the median member's, in its own standard errors (NaN without one)."""
+    s, se = np.asarray(share, dtype=np.float64), np.asarray(stderr, dtype=np.float64)
+    finite = s[np.isfinite(s)]
+    median = float(np.median(finite)) if finite.size else math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(se) & (se > 0), (s - median) / se, math.nan)

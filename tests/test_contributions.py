@@ -119,3 +119,20 @@ def test_shapley_values_sum_to_the_whole_rounds_gain(players: int) -> None:
 def test_harm_is_a_value_below_zero_beyond_its_standard_error() -> None:
     harm = harm_scores([-0.3, -0.05, 0.2, -1.0], [0.1, 0.1, 0.1, math.nan])
     assert flagged(harm, HARM_THRESHOLD).tolist() == [True, False, False, False]  # no error known: no evidence
+
+
+def test_aggregate_shares_sum_to_one_and_a_buckets_share_is_its_members_sum() -> None:
+    from fedlora.contributions import aggregate_shares, alignment_deficits
+
+    rng = np.random.default_rng(3)
+    direction = rng.normal(size=50)
+    updates = np.stack([direction + 0.3 * rng.normal(size=50) for _ in range(6)] + [-direction, rng.normal(size=50)])  # honest, flipped, other
+    weights = np.full(8, 10.0)
+    alone = aggregate_shares(weights, updates)
+    assert alone.sum() == pytest.approx(1.0) and alone[6] < 0 < min(alone[:6]) and abs(alone[7]) < min(alone[:6])
+    pairs = [(0, 6), (1, 7), (2, 3), (4, 5)]  # the same round as buckets of 2: each bucket's mean and weight
+    bucket = aggregate_shares(np.full(4, 20.0), np.stack([(updates[a] + updates[b]) / 2 for a, b in pairs]))
+    assert bucket == pytest.approx([alone[a] + alone[b] for a, b in pairs])
+    deficits = alignment_deficits([0.1, 0.12, 0.11, -0.05], [0.01, 0.01, 0.01, 0.01])
+    assert deficits[3] == pytest.approx(-15.5) and deficits[1] > 0
+    assert np.isnan(alignment_deficits([0.1, 0.2], [0.0, np.nan])).all()  # no error, no verdict
