@@ -15,7 +15,6 @@ last audit line is cut off, and the audit chain goes on with a `resumed` record 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math

@@ -31,7 +31,8 @@ WITHDRAWAL = "withdrawal.json"
 SIGNED_FILES = (MANIFEST, WITHDRAWAL)  # beside the adapter, not part of it
 
 
-def _canonical(payload: dict[str, Any]) -> bytes:
+def canonical_json(payload: dict[str, Any]) -> bytes:
+    """The bytes a signature covers: sorted keys, no spaces (manifests, withdrawal records, requests)."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
 
 
@@ -81,13 +82,13 @@ def trusted_key(public_key_pem: bytes) -> Ed25519PublicKey:
 
 def sign_document(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     """`body` with an Ed25519 signature over its canonical JSON (withdrawal records, certificates)."""
-    return body | {"signature": key.sign(_canonical(body)).hex()}
+    return body | {"signature": key.sign(canonical_json(body)).hex()}
 
 
 def document_verifies(document: dict[str, Any], trusted: Ed25519PublicKey) -> bool:
     body = {key: value for key, value in document.items() if key != "signature"}
     try:
-        trusted.verify(bytes.fromhex(str(document.get("signature", ""))), _canonical(body))
+        trusted.verify(bytes.fromhex(str(document.get("signature", ""))), canonical_json(body))
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -24,20 +24,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.pki import key_fingerprint
+from fedlora.registry import canonical_json
 
 REQUEST = "withdrawal-request.json"
 REQUEST_KIND = "fedlora withdrawal request"
 MARK = "WITHDRAWAL-REQUEST "  # precedes the request (base64 JSON: Flower quotes error texts) in a refusal
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
 def make_request(name: str, reason: str, node_key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
     public = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     body = {"kind": REQUEST_KIND, "site": name, "reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "public_key": public}
-    return body | {"signature": node_key.sign(_canonical(body), ec.ECDSA(hashes.SHA384())).hex()}
+    return body | {"signature": node_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA384())).hex()}
 
 
 def request_problems(request: dict[str, Any], name: str, registered_fingerprint: str) -> list[str]:
@@ -54,7 +51,7 @@ def request_problems(request: dict[str, Any], name: str, registered_fingerprint:
         return [f"it is not signed with the key registered for {name!r} ({registered_fingerprint})"]
     body = {k: v for k, v in request.items() if k != "signature"}
     try:
-        key.verify(bytes.fromhex(str(request.get("signature", ""))), _canonical(body), ec.ECDSA(hashes.SHA384()))
+        key.verify(bytes.fromhex(str(request.get("signature", ""))), canonical_json(body), ec.ECDSA(hashes.SHA384()))
     except (InvalidSignature, ValueError):
         return ["its signature does not verify with the registered key (forged or edited)"]
     return []

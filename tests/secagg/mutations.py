@@ -445,7 +445,7 @@ MUTATIONS += [
         "request-signature-unchecked",
         "a withdrawal request honoured without verifying its signature",
         (("fedlora/withdrawal_request.py",
-          "        key.verify(bytes.fromhex(str(request.get(\"signature\", \"\"))), _canonical(body), ec.ECDSA(hashes.SHA384()))", "        pass"),),
+          "        key.verify(bytes.fromhex(str(request.get(\"signature\", \"\"))), canonical_json(body), ec.ECDSA(hashes.SHA384()))", "        pass"),),
         DEPLOYED_WITHDRAWAL_TESTS, "registered_key",
     ),
     Mutation(
