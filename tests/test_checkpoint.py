@@ -237,7 +237,7 @@ def test_a_run_killed_after_writing_round_3_drops_that_round_and_its_torn_audit_
 
 
 def test_resuming_a_finished_run_changes_nothing_but_the_record(tmp_path: Path) -> None:
-    cfg = load_config(None, [*RESUMABLE, "federation.rounds=1"])
+    cfg = load_config(None, [*RESUMABLE, "federation.rounds=1", "federation.fraction=1.0"])  # Poisson at 1: the round applies
     first = Coordinator(cfg, tmp_path).run(LocalGrid(app, nodes()))
     final = (tmp_path / "adapters" / "final" / "adapter_model.safetensors").read_bytes()
     again = Coordinator(cfg, tmp_path, resume=True).run(LocalGrid(app, nodes()))
