@@ -304,37 +304,42 @@ def status(directory: Path) -> dict[str, Any]:
         })
     public_key = (directory / "coordinator.pub").read_bytes()
     for out in sorted((directory / "runs").glob("*")) if (directory / "runs").is_dir() else []:
-        rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
-        rounds = [row for row in rows if row.get("round", 0) > 0 and "stopped" not in row]
-        versions = sorted((out / "adapters").glob("round-*")) if (out / "adapters").is_dir() else []
-        audit_problems, audit_last = verify_audit(out / "audit.jsonl") if (out / "audit.jsonl").is_file() else (["no audit log"], "")
-        outcome = run_outcome(out) if (out / "config.toml").is_file() else None
-        done = load_checkpoint(out / CHECKPOINT)["round"] if (out / CHECKPOINT).is_file() else 0
-        lineage = Lineage.load(out)
-        head = out / "adapters" / lineage.version(done) if (out / CHECKPOINT).is_file() else None
-        report["runs"][out.name] = {
-            "rounds_done": done,
-            "rounds_planned": outcome.rounds_planned if outcome else None,
-            "rounds_run": outcome.rounds_run if outcome else 0,
-            "rounds_applied": outcome.rounds_applied if outcome else 0,
-            "outcome": outcome.summary() if outcome else "no configuration",
-            "config_sha256": run_config_sha256(out / "config.toml") if outcome else None,
-            "finished": finished(out),
-            "final": (out / "adapters" / "final").is_dir(),
-            "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
-            "epsilon_coordinator": next((row["epsilon_coordinator"] for row in reversed(rows) if row.get("epsilon_coordinator") is not None), None),
-            "last_version": head.name if head else None,  # the head of the current lineage
-            "last_version_verifies": not verify_adapter(head, public_key) if head else None,
-            "rejections": sum(len(row.get("skipped", [])) for row in rounds),
-            "last_rejections": rounds[-1].get("skipped", []) if rounds else [],
-            "stopped": next((row["stopped"] for row in rows if "stopped" in row), None),
-            "audit": "intact" if not audit_problems else "; ".join(audit_problems),
-            "lineage": lineage.number,
-            "withdrawn": lineage.withdrawn,
-            "withdrawn_versions": sorted(v.name for v in versions if (v / WITHDRAWAL).is_file()),
-            "audit_last_hash": audit_last,
-        }
+        report["runs"][out.name] = run_status(out, public_key)
     return report
+
+
+def run_status(out: Path, public_key: bytes) -> dict[str, Any]:
+    """One run's rounds done, epsilon spent, last adapter version, rejections and checks (`coordinator status`)."""
+    rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
+    rounds = [row for row in rows if row.get("round", 0) > 0 and "stopped" not in row]
+    versions = sorted((out / "adapters").glob("round-*")) if (out / "adapters").is_dir() else []
+    audit_problems, audit_last = verify_audit(out / "audit.jsonl") if (out / "audit.jsonl").is_file() else (["no audit log"], "")
+    outcome = run_outcome(out) if (out / "config.toml").is_file() else None
+    done = load_checkpoint(out / CHECKPOINT)["round"] if (out / CHECKPOINT).is_file() else 0
+    lineage = Lineage.load(out)
+    head = out / "adapters" / lineage.version(done) if (out / CHECKPOINT).is_file() else None
+    return {
+        "rounds_done": done,
+        "rounds_planned": outcome.rounds_planned if outcome else None,
+        "rounds_run": outcome.rounds_run if outcome else 0,
+        "rounds_applied": outcome.rounds_applied if outcome else 0,
+        "outcome": outcome.summary() if outcome else "no configuration",
+        "config_sha256": run_config_sha256(out / "config.toml") if outcome else None,
+        "finished": finished(out),
+        "final": (out / "adapters" / "final").is_dir(),
+        "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
+        "epsilon_coordinator": next((row["epsilon_coordinator"] for row in reversed(rows) if row.get("epsilon_coordinator") is not None), None),
+        "last_version": head.name if head else None,  # the head of the current lineage
+        "last_version_verifies": not verify_adapter(head, public_key) if head else None,
+        "rejections": sum(len(row.get("skipped", [])) for row in rounds),
+        "last_rejections": rounds[-1].get("skipped", []) if rounds else [],
+        "stopped": next((row["stopped"] for row in rows if "stopped" in row), None),
+        "audit": "intact" if not audit_problems else "; ".join(audit_problems),
+        "lineage": lineage.number,
+        "withdrawn": lineage.withdrawn,
+        "withdrawn_versions": sorted(v.name for v in versions if (v / WITHDRAWAL).is_file()),
+        "audit_last_hash": audit_last,
+    }
 
 
 def next_run_sha256(directory: Path) -> str | None:

@@ -69,9 +69,13 @@ class Lineage:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl, one per round (round 0 = before training)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The rows of a run's metrics.jsonl, one per round (round 0 = before training).
+
+    A last line without its newline is one the coordinator is writing now (or a crash tore):
+    readers watching a live run skip it; a resumption cuts it off (`cut_torn_tail`)."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    lines = text.splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.strip() and line.endswith("\n")]
 
 
 def majority_note(row: dict[str, Any]) -> str:

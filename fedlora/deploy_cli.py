@@ -111,6 +111,23 @@ def _coordinator_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_dashboard(args: argparse.Namespace) -> int:
+    from coordinator.dashboard import wsgi_app
+    from fedlora.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+    from fedlora.web import is_loopback, parse_listen, serve
+
+    directory = Path(args.directory).resolve()
+    pki = directory / "pki"
+    tls = (Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert or args.tls_key else None
+    if tls is None and not is_loopback(parse_listen(args.listen)[0]) and (pki / SERVER_CERT).is_file():
+        tls = (pki / SERVER_CERT, pki / SERVER_KEY)  # exposed: the SuperLink's certificate, issued by the consortium CA
+    if tls and not all(tls):
+        raise ValueError("--tls-cert and --tls-key go together")
+    app = wsgi_app(directory, args.refresh)
+    serve(app, args.listen, tls, Path(args.token_file) if args.token_file else None, pki / CA_CERT if (pki / CA_CERT).is_file() else None, "fedlora dashboard")
+    return 0
+
+
 def _coordinator_contributions(args: argparse.Namespace) -> int:
     from coordinator import contributions
 
@@ -286,6 +303,16 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     )
     contributions.add_argument("--seed", type=int, default=0, help="seed of the permutations")
     contributions.set_defaults(handler=_coordinator_contributions)
+    dashboard = coordinator.add_parser(
+        "dashboard", help="serve the read-only operator dashboard and Prometheus /metrics (127.0.0.1:8050 by default)"
+    )
+    dashboard.add_argument("directory", help="the coordinator directory (or one simulated run directory)")
+    dashboard.add_argument("--listen", default="127.0.0.1:8050", help="host:port to bind; beyond loopback it needs TLS and --token-file")
+    dashboard.add_argument("--tls-cert", help="TLS certificate issued by the consortium CA (default when exposed: DIR/pki/server.crt)")
+    dashboard.add_argument("--tls-key", help="its private key (default when exposed: DIR/pki/server.key)")
+    dashboard.add_argument("--token-file", help="file holding the operator token every request must carry (Bearer, or Basic password)")
+    dashboard.add_argument("--refresh", type=float, default=5.0, help="seconds between page updates (default 5)")
+    dashboard.set_defaults(handler=_coordinator_dashboard)
     status = coordinator.add_parser("status", help="participants, rounds, epsilon spent, last version, rejections")
     status.add_argument("directory")
     status.add_argument("--json", action="store_true")
