@@ -71,7 +71,8 @@ def browser():
 def page_text(driver) -> str:
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.ID, "page").text
+    found = driver.find_elements(By.ID, "page")  # none until Dash has rendered the layout
+    return found[0].text if found else ""
 
 
 def scraped(port: int) -> dict[tuple[str, tuple], float]:
@@ -157,6 +158,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> dict:
         wait_for(lambda: f"round {ROUNDS} of {ROUNDS}" in page_text(driver), 60, "the last round on the page")
         reloaded = driver.execute_script("return window.openedOnce === true")
         final_text = page_text(driver)
+        seen.append(next(line for line in final_text.splitlines() if line.startswith("round ")))
         pages = {}
         shots = os.environ.get("FEDLORA_SCREENSHOTS")
         for path, name in (("/", "overview"), ("/participants", "participants"), ("/runs/main", "run"), ("/versions", "versions")):
@@ -169,10 +171,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 driver.save_screenshot(str(Path(shots) / f"dashboard-{name}.png"))
         digest = tree_digest(directory)
         after_metrics = scraped(port)
+        exposition = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
         time.sleep(2.5)  # two more page refreshes
         return {
             "directory": directory, "port": port, "seen": seen, "comparisons": comparisons, "still_open": reloaded, "final": final_text,
-            "pages": pages, "digest": digest, "after": after_metrics, "server": server, "root": root,
+            "pages": pages, "digest": digest, "after": after_metrics, "exposition": exposition, "server": server, "root": root,
         }  # fmt: skip
     finally:
         if driver is not None:
@@ -207,6 +210,13 @@ def test_metrics_agree_with_the_metrics_file_during_and_after_the_run(live: dict
     agreement(live["after"], read_metrics(live["directory"] / "runs" / "main"))
     assert live["after"][("fedlora_coordinator_participant_skipped_total", (("participant", "hospital-c"), ("reason", "refused")))] == ROUNDS
     assert live["after"][("fedlora_coordinator_alerts", (("kind", "site_refusing"),))] == 1
+
+
+def test_the_exposition_passes_prometheus_own_lint(live: dict) -> None:
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is needed (.ci/run installs Debian's prometheus package)")
+    done = subprocess.run(["promtool", "check", "metrics"], input=live["exposition"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_watching_changes_nothing(live: dict) -> None:

@@ -1,0 +1,51 @@
+"""examples/monitoring/: the Prometheus configuration, alert rules and Grafana dashboard work with our exporters.
+
+promtool (Debian's prometheus package; .ci/run installs it) checks the configuration and rules
+and runs the rules' unit tests (alerts-test.yml: each alert fires on its condition and stays
+quiet just short of it). Every metric the rules and the dashboard query must be one the
+coordinator's exporter really emits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coordinator.prometheus import CoordinatorCollector
+from fedlora.cli import main
+
+MONITORING = Path(__file__).resolve().parents[1] / "examples" / "monitoring"
+METRIC = re.compile(r"\b(fedlora_[a-z_]+)")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is needed (.ci/run installs Debian's prometheus package)")
+    return subprocess.run(["promtool", *args], cwd=MONITORING, capture_output=True, text=True, timeout=120)
+
+
+def test_the_configuration_and_rules_load_and_the_rules_pass_their_unit_tests() -> None:
+    for args in (("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml"), ("test", "rules", "alerts-test.yml")):
+        done = promtool(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in promtool("test", "rules", "alerts-test.yml").stdout
+
+
+def exported_names(directory: Path) -> set[str]:
+    """The sample names the coordinator's exporter emits (a counter's samples end in _total)."""
+    return {family.name + ("_total" if family.type == "counter" else "") for family in CoordinatorCollector(directory).collect()}
+
+
+def test_every_metric_the_rules_and_the_dashboard_query_is_exported(tmp_path: Path) -> None:
+    assert main(["coordinator", "init", str(tmp_path / "coordinator")]) == 0
+    exported = exported_names(tmp_path / "coordinator")
+    assert "fedlora_coordinator_rounds_total" in exported and "fedlora_coordinator_participant_connected" in exported
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    queried = {expr for panel in dashboard["panels"] for target in panel["targets"] for expr in METRIC.findall(target["expr"])}
+    queried |= set(METRIC.findall((MONITORING / "alerts.yml").read_text()))
+    assert queried and not queried - exported, f"queried but never exported: {sorted(queried - exported)}"
