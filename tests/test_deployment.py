@@ -99,6 +99,15 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
+    """The dashboard's /metrics, by sample name and sorted labels."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def checkpointed(run_dir: Path, server_round: int) -> bool:
     try:
         return load_checkpoint(run_dir / CHECKPOINT)["round"] >= server_round
@@ -141,7 +150,9 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
         (site / "roster.toml").write_text((root / "roster.toml").read_text())
     daemons = [fedlora("participant", "start", str(site), log=root / f"{site.name}.log") for site in sites]
     processes += daemons
-    state = {"root": root, "coordinator": coordinator, "sites": sites, "link": link, "daemons": daemons, "port": port}
+    dashboard_port = free_port()  # the operator watches: dashboard and /metrics over the live directory
+    processes.append(fedlora("coordinator", "dashboard", str(coordinator), "--listen", f"127.0.0.1:{dashboard_port}", log=root / "dashboard.log"))
+    state = {"root": root, "coordinator": coordinator, "sites": sites, "link": link, "daemons": daemons, "port": port, "dashboard": dashboard_port}
     yield state
     for process in [*processes, state["link"], *state.get("runs", [])]:
         kill_tree(process)
@@ -178,6 +189,11 @@ def test_secure_run_survives_sigkill_of_the_coordinator_in_round_2(consortium) -
     first = fedlora("coordinator", "run", str(coordinator), log=root / "run.log")
     consortium.setdefault("runs", []).append(first)
     wait_for(lambda: checkpointed(run_dir, 1), 400, "round 1 to be checkpointed")
+    scraped = metric_samples(consortium["dashboard"])  # the SuperLink's own state says who is connected
+    for index in range(HOSPITALS):
+        assert scraped[("fedlora_coordinator_participant_connected", (("participant", f"hospital-{index}"),))] == 1.0
+        assert time.time() - scraped[("fedlora_coordinator_participant_last_seen_timestamp_seconds", (("participant", f"hospital-{index}"),))] < 120
+    assert scraped[("fedlora_coordinator_last_round", (("run", "main"),))] >= 1
     time.sleep(6)  # round 2 is under way: the train requests are out
     kill_tree(consortium["link"])  # SuperLink, its SuperExec and the ServerApp holding the round loop
     kill_tree(first)
@@ -252,6 +268,10 @@ def test_every_site_refuses_a_plaintext_round_by_policy(consortium, capsys) -> N
     assert status["runs"]["main"]["audit"] == "intact" and status["runs"]["main"]["last_version_verifies"]
     assert status["runs"]["main"]["config_sha256"] == status["run_toml_config_sha256"] and status["runs"]["plaintext"]["config_sha256"] == plaintext_sha256
     assert status["runs"]["plaintext"]["rejections"] == HOSPITALS
+    scraped = metric_samples(consortium["dashboard"])
+    for index in range(HOSPITALS):  # the refusals, by reason, on the operator's metrics
+        assert scraped[("fedlora_coordinator_participant_skipped_total", (("participant", f"hospital-{index}"), ("reason", "refused")))] == 1.0
+    assert scraped[("fedlora_coordinator_head_verifies", (("run", "main"),))] == 1.0
     assert main(["coordinator", "revoke", str(coordinator), "hospital-2", "--reason", "left the consortium"]) == 0
     capsys.readouterr()
     assert main(["coordinator", "status", str(coordinator), "--json"]) == 0
