@@ -179,6 +179,12 @@ def activity_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _participant_monitor(args: argparse.Namespace) -> int:
+    from participant.monitor import serve
+
+    return serve(Path(args.directory), args.listen, args.tls_cert, args.tls_key, args.token_file)
+
+
 def _participant_approve(args: argparse.Namespace) -> int:
     from participant.approvals import approve, revoke
     from participant.local_config import load_local_config
@@ -334,6 +340,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     pstatus.add_argument("directory")
     pstatus.add_argument("--json", action="store_true")
     pstatus.set_defaults(handler=_participant_status)
+    monitor = participant.add_parser("monitor", help="serve this site's status page and Prometheus metrics, read-only (127.0.0.1:9464)")
+    monitor.add_argument("directory")
+    monitor.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT (default 127.0.0.1:9464); off loopback needs TLS and a token")
+    monitor.add_argument("--tls-cert", help="TLS certificate (PEM) to serve HTTPS with")
+    monitor.add_argument("--tls-key", help="its private key (PEM)")
+    monitor.add_argument("--token-file", help="file holding a bearer token every request must carry (Authorization: Bearer <token>)")
+    monitor.set_defaults(handler=_participant_monitor)
     approve = participant.add_parser("approve", help="approve a run: this site trains and evaluates only for runs it approved")
     approve.add_argument("directory")
     approve.add_argument("run", help="the run's configuration hash (from the operator, or named in this site's refusal), or a Flower run id")
