@@ -162,7 +162,7 @@ def activity_text(report: dict) -> str:
     for run in report["runs"]:
         made = [f"round {v['round']}: {v['adapter_sha256'][:16] + '…' if v['adapter_sha256'] else 'not received yet'}" for v in run["versions"]]
         lines += [
-            f"  configuration sha256 {run['config_sha256']} (Flower runs {', '.join(map(str, run['flower_runs']))})",
+            f"  configuration sha256 {run['config_sha256']} (Flower run{'s' if len(run['flower_runs']) > 1 else ''} {', '.join(map(str, run['flower_runs']))})",
             f"    trained rounds {rounds_text(run['rounds_trained'])}; sent {run['contributions']} updates ({run['bytes_sent']:,} bytes) "
             f"for rounds {rounds_text(run['rounds_contributed'])}" + (f", the last at {run['last_contribution']}" if run["last_contribution"] else ""),
         ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Iterable
 from html import escape
 from pathlib import Path
@@ -133,7 +134,7 @@ def _runs(runs: list[dict[str, Any]]) -> str:
         run["contributions"], f"{run['bytes_sent']:,}", run["last_contribution"] or "",
         "; ".join(f"round {v['round']}: {v['adapter_sha256'] or 'not received yet'}" for v in run["versions"]),
     ] for run in runs]  # fmt: skip
-    return "<h2>Runs</h2>" + _line(f"{len(runs)} runs this site took part in (events.jsonl)") + _table(headers, rows)
+    return "<h2>Runs</h2>" + _line(f"runs this site took part in (events.jsonl): {len(runs)}") + _table(headers, rows)
 
 
 def _refusals(refusals: dict[str, Any]) -> str:
@@ -165,6 +166,16 @@ class _Handler(WSGIRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+class _Server(ThreadingWSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that fails the TLS handshake (plain HTTP, a scanner) or stalls is one line, not a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.warning("request from %s dropped: %s", client_address[0], error)
+        else:
+            super().handle_error(request, client_address)
+
+
 def make_monitor_server(site: Path, listen: str, tls_cert: str | None = None, tls_key: str | None = None,
                         token_file: str | None = None) -> WSGIServer:  # fmt: skip
     """A bound, not yet serving, monitor server; ValueError (exposure, token, site files) or RuntimeError
@@ -180,7 +191,7 @@ def make_monitor_server(site: Path, listen: str, tls_cert: str | None = None, tl
         context.load_cert_chain(tls_cert, tls_key)
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        server = make_server(host, port, app, type("MonitorServer", (ThreadingWSGIServer,), {"address_family": family}), _Handler)
+        server = make_server(host, port, app, type("MonitorServer", (_Server,), {"address_family": family}), _Handler)
     except OSError as err:
         raise RuntimeError(f"cannot listen on {listen}: {err.strerror or err}") from None
     if context is not None:  # the handshake then happens in the request's thread, under the handler's timeout

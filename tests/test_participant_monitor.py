@@ -8,6 +8,7 @@ with what the site's files say, read here without participant/status.py.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import threading
@@ -176,7 +177,7 @@ def test_an_address_others_can_reach_needs_tls_and_a_token(site_dir: Path, tls: 
     check_exposure("0.0.0.0", tls["cert"], tls["key"], tls["token"])  # all three: allowed
 
 
-def test_with_a_token_a_request_without_it_is_refused_over_tls(site_dir: Path, tls: dict[str, Path]) -> None:
+def test_with_a_token_a_request_without_it_is_refused_over_tls(site_dir: Path, tls: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     context = ssl.create_default_context(cafile=str(tls["ca"]))
     options = {"tls_cert": str(tls["cert"]), "tls_key": str(tls["key"]), "token_file": str(tls["token"])}
     for url in serve(site_dir, **options):
@@ -186,6 +187,9 @@ def test_with_a_token_a_request_without_it_is_refused_over_tls(site_dir: Path, t
         assert fetch(url, "POST", context=context)[0] == 401  # who may not read may not learn what is answered either
         assert scrape(url, headers={"Authorization": f"Bearer {TOKEN}"}, context=context)[("fedlora_participant_refusals_total", ())] == 1
         assert fetch(url, "POST", headers={"Authorization": f"Bearer {TOKEN}"}, context=context)[0] == 405
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the TLS port: dropped, logged as one line
+            fetch(url.replace("https", "http"))
+    assert any("dropped" in r.getMessage() and "HTTP_REQUEST" in r.getMessage() for r in caplog.records)
 
 
 def test_the_certificate_goes_with_its_key_and_named_files_must_exist(tls: dict[str, Path]) -> None:
