@@ -5,6 +5,10 @@ never readable by others, even briefly), is flushed to disk, and is renamed over
 (atomic on POSIX within one file system); the directory is then synced so the rename itself
 survives a power loss. `exclusive=True` publishes with a hard link instead, which fails if the
 target appeared meanwhile, so an existing key is never clobbered.
+
+An append-only log (a site's events.jsonl) gets each line with `append_line`: one write to a
+descriptor opened for appending, so writers never interleave within a line, flushed before it
+returns; a crash can leave at most a last line without its newline, which readers skip.
 """
 
 from __future__ import annotations
@@ -47,6 +51,18 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     except OSError:
         pass
+    finally:
+        os.close(descriptor)
+
+
+def append_line(path: Path, line: str, mode: int = 0o644) -> None:
+    """Append `line` and a newline in one write, on disk before returning."""
+    data = (line + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        if os.write(descriptor, data) != len(data):
+            raise OSError(f"{path}: only part of a line was written (disk full?)")
+        os.fsync(descriptor)
     finally:
         os.close(descriptor)
 

@@ -156,20 +156,50 @@ def _participant_init(args: argparse.Namespace) -> int:
 
 
 def _participant_status(args: argparse.Namespace) -> int:
-    from participant.approvals import approval_status
-    from participant.ledger import site_status
-    from participant.local_config import load_local_config
+    from participant.status import site_report
 
-    report = site_status(Path(args.directory)) | approval_status(Path(args.directory), load_local_config(Path(args.directory)).policy)
+    report = site_report(Path(args.directory))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     limits = {key: f" (limit {report[key]:g})" if report[key] else "" for key in ("max_epsilon", "max_epsilon_coordinator")}
-    print(f"privacy ledger of {Path(args.directory).resolve()}: {report['contributions']} contributions, delta {report['delta']:g}")
+    print(f"privacy ledger of {report['directory']}: {report['contributions']} contributions, delta {report['delta']:g}")
     print(f"  epsilon against adapter consumers {report['epsilon']:.4g}{limits['max_epsilon']}")
     print(f"  epsilon against the coordinator   {report['epsilon_coordinator']:.4g}{limits['max_epsilon_coordinator']}")
     print(approvals_text(report))
+    print(activity_text(report))
     return 0
+
+
+def activity_text(report: dict) -> str:
+    """The runs, refusals, blame and withdrawal of `participant.status.site_report`, as `participant status` prints them."""
+    from participant.status import rounds_text
+
+    lines = [f"runs this site took part in: {len(report['runs'])}"]
+    for run in report["runs"]:
+        made = [f"round {v['round']}: {v['adapter_sha256'][:16] + '…' if v['adapter_sha256'] else 'not received yet'}" for v in run["versions"]]
+        lines += [
+            f"  configuration sha256 {run['config_sha256']} (Flower run{'s' if len(run['flower_runs']) > 1 else ''} {', '.join(map(str, run['flower_runs']))})",
+            f"    trained rounds {rounds_text(run['rounds_trained'])}; sent {run['contributions']} updates ({run['bytes_sent']:,} bytes) "
+            f"for rounds {rounds_text(run['rounds_contributed'])}" + (f", the last at {run['last_contribution']}" if run["last_contribution"] else ""),
+        ]
+        if made:  # the coordinator's audit log names the version each hash is (participant/status.py)
+            lines.append("    adapters made from those rounds (sha256): " + "; ".join(made))
+    refusals, blamed = report["refusals"], report["coordinator_blamed"]
+    by_rule = ", ".join(f"{rule} {count}" for rule, count in refusals["by_rule"].items())
+    lines.append(f"refusals: {refusals['total']}" + (f" ({by_rule})" if by_rule else ""))
+    lines += [f"  {e['time']}: {e['reason']}" for e in refusals["last"]]
+    lines.append(f"coordinator blamed: {blamed['total']}" + (" (the evidence is in events.jsonl: raise it with the consortium)" if blamed["total"] else ""))
+    lines += [f"  {e['time']}: {e['reason']}" for e in blamed["last"]]
+    if report["withdrawn"]:
+        lines.append(f"WITHDRAWN {report['withdrawn']['time']}: {report['withdrawn']['reason']}")
+    return "\n".join(lines)
+
+
+def _participant_monitor(args: argparse.Namespace) -> int:
+    from participant.monitor import serve
+
+    return serve(Path(args.directory), args.listen, args.tls_cert, args.tls_key, args.token_file)
 
 
 def _participant_approve(args: argparse.Namespace) -> int:
@@ -333,10 +363,17 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     pstart = participant.add_parser("start", help="connect to the coordinator and serve rounds")
     pstart.add_argument("directory")
     pstart.set_defaults(handler=_participant_start)
-    pstatus = participant.add_parser("status", help="this site's privacy ledger (epsilon against consumers and the coordinator) and approved runs")
+    pstatus = participant.add_parser("status", help="this site's privacy ledger, approved runs, the rounds it trained and sent, its refusals and why")
     pstatus.add_argument("directory")
     pstatus.add_argument("--json", action="store_true")
     pstatus.set_defaults(handler=_participant_status)
+    monitor = participant.add_parser("monitor", help="serve this site's status page and Prometheus metrics, read-only (127.0.0.1:9464)")
+    monitor.add_argument("directory")
+    monitor.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT (default 127.0.0.1:9464); off loopback needs TLS and a token")
+    monitor.add_argument("--tls-cert", help="TLS certificate (PEM) to serve HTTPS with")
+    monitor.add_argument("--tls-key", help="its private key (PEM)")
+    monitor.add_argument("--token-file", help="file holding a bearer token every request must carry (Authorization: Bearer <token>)")
+    monitor.set_defaults(handler=_participant_monitor)
     approve = participant.add_parser("approve", help="approve a run: this site trains and evaluates only for runs it approved")
     approve.add_argument("directory")
     approve.add_argument("run", help="the run's configuration hash (from the operator, or named in this site's refusal), or a Flower run id")

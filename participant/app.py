@@ -17,10 +17,11 @@ from flwr.clientapp import ClientApp
 
 from fedlora.config import Config
 from fedlora.privacy.ledger import Charge
+from fedlora.secure_wire import content_bytes
 from fedlora.wire import Instruction, read_instruction, reply_content
 from participant import ledger, secure
 from participant.report import answered, evaluated, trained
-from participant.site import refuse, site_config, site_of
+from participant.site import EVALUATED_EVENT, MALFORMED, REPLAY, TRAINED_EVENT, record_activity, refuse, site_config, site_of
 
 TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
 
@@ -38,7 +39,7 @@ def checked_instruction(msg: Message, context: Context, what: str) -> tuple[Inst
     try:
         instruction = read_instruction(msg.content)
     except (KeyError, TypeError, ValueError) as err:
-        raise refuse(site, f"refused a malformed {what}: {type(err).__name__}: {err}") from err
+        raise refuse(site, f"refused a malformed {what}: {type(err).__name__}: {err}", [MALFORMED]) from err
     evaluating = msg.metadata.message_type == MessageType.EVALUATE
     return instruction, site_config(site, instruction, context.run_id, what, evaluating)
 
@@ -47,7 +48,9 @@ def refuse_stale(context: Context, server_round: int) -> None:
     """A train request for a round this node already trained in this run is a replay: refused."""
     last = int(context.state[TRAINED]["round"]) if TRAINED in context.state else 0
     if server_round <= last:
-        raise refuse(site_of(dict(context.node_config)), f"refused a train request for round {server_round}: this node already trained round {last} of this run (replay)")
+        raise refuse(
+            site_of(dict(context.node_config)), f"refused a train request for round {server_round}: this node already trained round {last} of this run (replay)", [REPLAY]
+        )
     context.state[TRAINED] = ConfigRecord({"round": server_round})
 
 
@@ -68,13 +71,22 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
+    record_activity(
+        site, TRAINED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
+        trained_from=instruction.adapter_sha256, examples=int(metrics["num-examples"]),
+    )
     if cfg.privacy.noise_multiplier > 0:  # an un-noised statistic of the records: kept here under DP
         metrics.pop("train_loss", None)
     if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
         return secure.hold_update(msg, context, cfg, instruction, upload, metrics)
-    if site is not None:  # charged before the update leaves; a retried message is charged once
-        ledger.record_charge(site, f"run-{msg.metadata.run_id}/round-{instruction.server_round}", planned)
-    return Message(reply_content(metrics, upload), reply_to=msg)
+    content = reply_content(metrics, upload)
+    if site is not None:  # charged and recorded before the update leaves; a retried message is charged once
+        key = f"run-{msg.metadata.run_id}/round-{instruction.server_round}"
+        ledger.record_contribution(
+            site, key, planned, msg.metadata.run_id, instruction.config_sha256, instruction.server_round, instruction.adapter_sha256,
+            content_bytes(content),
+        )
+    return Message(content, reply_to=msg)
 
 
 def ledger_charge(cfg: Config) -> Charge:
@@ -104,6 +116,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         cfg.data.max_length,
     )
     evaluated(instruction.server_round, result.examples, result.loss, result.accuracy)
+    record_activity(  # the adapter's hash: the version a round made, so the site can tell which hold its updates
+        site_of(dict(context.node_config)), EVALUATED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
+        adapter_sha256=instruction.adapter_sha256, examples=result.examples,
+    )
     metrics = {
         "num-examples": result.examples,
         "eval_loss": result.loss,

@@ -6,7 +6,8 @@
                            whom this site's secure aggregation accepts as neighbours (participant/site.py)
     DIR/signing.key        Ed25519 key, certified by node.key, that signs this site's secure-aggregation messages
     DIR/known-cards.json   other members' signing keys whose certificates this site checked (participant/site.py)
-    DIR/events.jsonl       every refused instruction, with the rule it broke
+    DIR/events.jsonl       every refused instruction with the rules it broke, and each round trained, update sent and
+                           global adapter evaluated (participant/site.py; `participant status` and `monitor` read it)
     DIR/accountant.json    sample-level privacy spent by DP-SGD on this site's records
     DIR/ledger.json        user-level privacy spent by every contribution, across runs (participant/ledger.py)
     DIR/flwr/              FLWR_HOME of the SuperNode (installed app bundles)

@@ -14,7 +14,8 @@ Against consumers every contribution is charged at the run's (q, z): amplificati
 discarding of under-noised sums are the coordinator's to keep, as its sampling is. A site cannot
 check either; `policy.max_epsilon_coordinator` bounds the view that needs no trust.
 Before each round the site refuses (events.jsonl) what would pass its `policy.max_epsilon`
-(consumers) or `policy.max_epsilon_coordinator`.
+(consumers) or `policy.max_epsilon_coordinator`. Each contribution is also recorded in events.jsonl
+when it is charged (`record_contribution`): the ledger keeps what it cost, the event where it went.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from fedlora.atomic import read_json, write_json_atomic
 from fedlora.privacy.ledger import Charge, Ledger
 from participant.local_config import PolicySection, load_local_config
-from participant.site import refuse
+from participant.site import CONTRIBUTED_EVENT, record_activity, refuse
 
 LEDGER = "ledger.json"
 
@@ -49,15 +50,16 @@ def check_charge(site: Path, charge: Charge, what: str, **details: Any) -> None:
     """Raise a logged Refusal when `charge` would take the ledger past the site's limits."""
     policy = policy_of(site)
     consumers, coordinator = load_ledger(site, policy.delta).epsilons(charge)
-    passed = [
-        f"policy.max_epsilon={limit:g}: epsilon against adapter consumers would reach {value:.4g}"
-        for limit, value in ((policy.max_epsilon, consumers),) if 0 < limit < value
-    ] + [
-        f"policy.max_epsilon_coordinator={limit:g}: epsilon against the coordinator would reach {value:.4g}"
-        for limit, value in ((policy.max_epsilon_coordinator, coordinator),) if 0 < limit < value
-    ]
+    passed = {
+        rule: f"{rule}={limit:g}: epsilon against {view} would reach {value:.4g}"
+        for rule, view, limit, value in (
+            ("policy.max_epsilon", "adapter consumers", policy.max_epsilon, consumers),
+            ("policy.max_epsilon_coordinator", "the coordinator", policy.max_epsilon_coordinator, coordinator),
+        )
+        if 0 < limit < value
+    }
     if passed:
-        raise refuse(site, f"refused {what}: this site's privacy ledger ({LEDGER}) is at its limit: " + "; ".join(passed), **details)
+        raise refuse(site, f"refused {what}: this site's privacy ledger ({LEDGER}) is at its limit: " + "; ".join(passed.values()), list(passed), **details)
 
 
 def record_charge(site: Path, key: str, charge: Charge, raise_only: bool = False) -> None:
@@ -66,6 +68,15 @@ def record_charge(site: Path, key: str, charge: Charge, raise_only: bool = False
     ledger = load_ledger(site, policy.delta)
     if ledger.charge(key, charge, raise_only=raise_only):
         write_json_atomic(Path(site) / LEDGER, ledger.state_dict())
+
+
+def record_contribution(
+    site: Path, key: str, charge: Charge, run_id: int, config_sha256: str, server_round: int, trained_from: str, sent_bytes: int
+) -> None:
+    """Charge a contribution and record it in events.jsonl (CONTRIBUTED_EVENT), both before it leaves: which run
+    and round it went to, the global adapter it was trained from, and how many payload bytes it sends."""
+    record_charge(site, key, charge)
+    record_activity(site, CONTRIBUTED_EVENT, run_id, config_sha256, server_round, contribution=key, trained_from=trained_from, bytes=sent_bytes)
 
 
 def site_status(site: Path) -> dict[str, Any]:

@@ -151,7 +151,8 @@ def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, run
             runtime.site,
             f"participant {runtime.partition_id} refuses to train round {server_round}: it has spent sample-level epsilon "
             f"{spent:.4g} (delta {cfg.privacy.local_delta:g}) on its records, and this round's {cfg.train.local_steps} "
-            f"DP-SGD steps would bring it to {planned:.4g}, past privacy.local_epsilon_budget={budget:g}"
+            f"DP-SGD steps would bring it to {planned:.4g}, past privacy.local_epsilon_budget={budget:g}",
+            ["privacy.local_epsilon_budget"],
         )
 
 

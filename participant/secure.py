@@ -37,8 +37,9 @@ or count slot), calibrated from the instance's scale and member count
 (`fedlora.secagg.plan.participant_skellam_mu`). Only a simulated adversary leaves it out.
 
 A deployed site (participant/ledger.py) refuses a setup whose fewest unmaskable noise shares
-would pass its ledger's limits, charges its ledger at mask_input before the masked input leaves,
-and raises that charge at unmask to what the surviving neighbours imply.
+would pass its ledger's limits, charges its ledger and records the contribution in events.jsonl at
+mask_input before the masked input leaves, and raises that charge at unmask to what the surviving
+neighbours imply.
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ from fedlora.secagg.identity import Identity, simulated_identity
 from fedlora.secagg.messages import ParticipantState
 from fedlora.secagg.fixedpoint import widest_clip
 from fedlora.secagg.plan import RunBinding, participant_skellam_mu, weighted_input
-from fedlora.secure_wire import STAGE, STAGES, protocol_content, read_meta, read_protocol
+from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_meta, read_protocol
 from fedlora.wire import Instruction, array_view, reply_content
 from participant import ledger
 from participant.masked import already_masked, remember_masked
 from participant.report import answered
-from participant.site import Refusal, min_bucket_size, record_event, refuse, remember_cards, site_identity, site_of
+from participant.site import REPLAY, SETUP_TERMS, Refusal, min_bucket_size, record_event, refuse, remember_cards, site_identity, site_of
 from participant.terms import Terms, setup_contradictions
 
 UPDATE = "secagg.update"  # ArrayRecord: the update held for masking (float32)
@@ -92,7 +93,7 @@ def refuse_replay(context: Context, config_sha256: str, server_round: int, what:
     if already_masked(site, context.state, config_sha256, server_round):
         raise refuse(
             site, f"refused {what} for round {server_round}: this participant already masked an input for it (replay) "
-            f"in the run of configuration sha256 {config_sha256[:12] or '(none)'}…", round=server_round,
+            f"in the run of configuration sha256 {config_sha256[:12] or '(none)'}…", [REPLAY], round=server_round,
         )
 
 
@@ -200,7 +201,7 @@ def setup(msg: Message, context: Context) -> Message:
             site_of(dict(context.node_config)),
             f"refused the setup of instance {request.round_id!r}: the coordinator's setup request for round {server_round} "
             "contradicts this site's terms (participant/terms.py): " + "; ".join(problems),
-            round=server_round, instance=request.round_id,
+            [SETUP_TERMS], round=server_round, instance=request.round_id,
         )
     site = site_of(dict(context.node_config))
     if site is not None:  # the fewest noise shares this instance can release must fit the site's ledger
@@ -246,13 +247,17 @@ def mask_input(msg: Message, context: Context) -> Message:
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, widest)
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
     state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    content = protocol_content(masked)
     site = site_of(dict(context.node_config))
     if site is not None:  # on disk before the masked input leaves; the instance id makes a retry free
-        ledger.record_charge(site, state.round_id, site_charge(held, int(held["members"]), int(held["threshold"])))
+        charge = site_charge(held, int(held["members"]), int(held["threshold"]))
+        ledger.record_contribution(
+            site, state.round_id, charge, context.run_id, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]), content_bytes(content)
+        )
     del context.state[UPDATE]  # masked at most once ...
-    remember_masked(site_of(dict(context.node_config)), context.state, str(held["config_sha256"]), server_round)  # ... ever, before it leaves
+    remember_masked(site, context.state, str(held["config_sha256"]), server_round)  # ... ever, before it leaves
     _save(context, state)
-    return Message(protocol_content(masked), reply_to=msg)
+    return Message(content, reply_to=msg)
 
 
 def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: int) -> np.ndarray | None:

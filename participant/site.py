@@ -4,8 +4,12 @@
 `participant-dir`. Every instruction is then checked against DIR/participant.toml and the runs
 the site approved (DIR/approvals.json, participant/approvals.py) before anything is trained or
 uploaded; a refusal (policy, approval, malformed message, replay) is appended
-to DIR/events.jsonl with its reason, so the site can see what it was asked and declined
-(and logged as one line, participant/report.py).
+to DIR/events.jsonl with its reason and the rules it broke (`rules`: a short, bounded list that
+metrics can count by), so the site can see what it was asked and declined (and logged as one line,
+participant/report.py). What the participant did is appended there too, as it happens
+(`record_activity`): each round it trained, each update it sent and each global adapter it evaluated,
+with the run and the hash of the adapter, which is how a site later tells which versions hold its
+updates (participant/status.py reads it all back).
 DIR/roster.toml, pinned out of band like the CA, names the consortium's members and their key
 fingerprints; with DIR/node.key it is this site's identity in secure aggregation (`site_identity`),
 where DIR/signing.key (Ed25519, made on first use, certified by node.key) signs its messages and
@@ -24,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from fedlora.atomic import read_json, write_bytes_atomic, write_json_atomic
+from fedlora.atomic import append_line, read_json, write_bytes_atomic, write_json_atomic
 from fedlora.config import Config
 from fedlora.pki import PRIVATE_MODE, key_fingerprint
 from fedlora.secagg.identity import Identity, certify, checked_before, make_card, parse_roster
@@ -42,6 +46,11 @@ ROSTER = "roster.toml"
 NODE_KEY = "node.key"
 SIGNING_KEY = "signing.key"
 KNOWN_CARDS = "known-cards.json"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # of events.jsonl's `time`: local time with its UTC offset
+# What a refusal broke when no configuration key names it (events.jsonl `rules`, beside policy.* and data.*).
+MALFORMED, REPLAY, WITHDRAWN, SETUP_TERMS = "malformed", "replay", "withdrawn", "setup-terms"
+# What the participant did (events.jsonl `event`): trained a round, sent an update, evaluated a global adapter.
+TRAINED_EVENT, CONTRIBUTED_EVENT, EVALUATED_EVENT = "trained", "contributed", "evaluated"
 
 
 class Refusal(RuntimeError):
@@ -56,12 +65,17 @@ def site_of(node_config: dict[str, Any]) -> Path | None:
 def record_event(site: Path | None, event: str, **details: Any) -> None:
     """Append one line to the site's events.jsonl (the handler logs the refusal: participant/report.py)."""
     if site is not None:
-        with (site / EVENTS).open("a") as handle:
-            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **details}) + "\n")
+        append_line(site / EVENTS, json.dumps({"time": time.strftime(TIME_FORMAT), "event": event, **details}))
 
 
-def refuse(site: Path | None, reason: str, **details: Any) -> Refusal:
-    record_event(site, "refused", reason=reason, **details)
+def record_activity(site: Path | None, event: str, run_id: int, config_sha256: str, server_round: int, **details: Any) -> None:
+    """Record what the participant did in a round of a run (TRAINED_EVENT, CONTRIBUTED_EVENT, EVALUATED_EVENT), before its reply leaves."""
+    record_event(site, event, run=run_id, config_sha256=config_sha256, round=server_round, **details)
+
+
+def refuse(site: Path | None, reason: str, rules: list[str], **details: Any) -> Refusal:
+    """A Refusal, recorded with the rules it names (configuration keys, or MALFORMED, REPLAY, ...)."""
+    record_event(site, "refused", reason=reason, rules=rules, **details)
     return Refusal(reason)
 
 
@@ -77,12 +91,13 @@ def site_config(site: Path | None, instruction: Instruction, run_id: int, what: 
     if site is None:
         return run
     if (site / REQUEST).is_file():  # withdrawn: nothing more, and the coordinator hears why with every refusal
-        raise refuse(site, refusal_text(read_request(site / REQUEST)), round=server_round)
+        raise refuse(site, refusal_text(read_request(site / REQUEST)), [WITHDRAWN], round=server_round)
     local = load_local_config(site)
     violations = policy_violations(run, local, evaluating)
     violations += approval_violations(local.policy, approved(site, local.policy), instruction.config_sha256, run_id)
     if violations:
-        raise refuse(site, f"{local.site.name or 'this participant'} refuses {what} for round {server_round}: " + "; ".join(violations), round=server_round)
+        reason = f"{local.site.name or 'this participant'} refuses {what} for round {server_round}: " + "; ".join(violations)
+        raise refuse(site, reason, [violation.split(":", 1)[0] for violation in violations], round=server_round)  # each starts with its key
     return effective_config(run, local)
 
 

@@ -93,3 +93,5 @@ def test_participant_status_reads_the_ledger_without_the_model_stack(tmp_path: P
     record_charge(tmp_path, "run-1/round-1", Charge(0.5, 1.0, 1.0))
     assert run_light("participant", "status", str(tmp_path))[:2] == (0, [])
     assert main(["participant", "status", str(tmp_path), "--json"]) == 0
+    code, imported, stderr = run_light("participant", "monitor", str(tmp_path), "--listen", "0.0.0.0:9464")
+    assert (code, imported) == (2, []) and "refusing to listen on 0.0.0.0" in stderr  # no TLS, no token: nothing served

@@ -205,8 +205,9 @@ def test_a_site_refuses_a_round_past_its_max_epsilon_and_logs_it(tmp_path: Path)
     result = _secure_round(dirs, 1.0, 0.5, 0.1, 2, "run-1")
     assert not result.buckets and all("policy.max_epsilon_coordinator" in r.reason for r in result.skipped)
     for directory in dirs:
-        (event,) = [json.loads(line) for line in (directory / EVENTS).read_text().splitlines()]
-        assert event["event"] == "refused" and event["round"] == 2 and "privacy ledger" in event["reason"]
+        logged = [json.loads(line) for line in (directory / EVENTS).read_text().splitlines()]
+        assert [(e["event"], e["round"]) for e in logged] == [("contributed", 1), ("refused", 2)]
+        assert "privacy ledger" in logged[1]["reason"] and logged[1]["rules"] == ["policy.max_epsilon_coordinator"]
         assert site_ledger.site_status(directory)["contributions"] == 1  # the refused round is not charged
     one = sampled(0.5, 1.0)
     consumers = _sites(tmp_path / "consumers", 1, max_epsilon=(rdp([one]) + rdp([one, one])) / 2)[0]

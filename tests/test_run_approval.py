@@ -235,7 +235,11 @@ def test_approving_lets_the_next_round_proceed_and_revoking_refuses_again(approv
     by_round = {row["round"]: row for row in approval_run["rows"] if "stopped" not in row}
     assert by_round[2]["applied"] is True and by_round[2]["participants"] == 1
     assert by_round[3]["applied"] is False and "policy.require_approval" in by_round[3]["skipped"][0]["reason"]
-    assert sorted({e["round"] for e in events(approval_run["site"])}) == [0, 1, 3]  # round 2 and its evaluations were served
+    logged = events(approval_run["site"])
+    assert sorted({e["round"] for e in logged if e["event"] == "refused"}) == [0, 1, 3]  # round 2 and its evaluations were served
+    assert [(e["event"], e["round"]) for e in logged if e["event"] != "refused"] == [  # what it did, once approved
+        ("evaluated", 1), ("trained", 2), ("contributed", 2), ("evaluated", 2)
+    ]
 
 
 def test_a_revoked_approval_refuses_evaluations_too(approval_run: dict) -> None:
