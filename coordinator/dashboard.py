@@ -19,8 +19,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from coordinator.observe import observe
-from fedlora.web import read_only
 
+CALLBACK_PATH = "/_dash-update-component"  # Dash's render callback: the dashboard's one POST
 PAGES = (("/", "Overview"), ("/participants", "Participants"), ("/versions", "Versions and audit"))
 
 
@@ -227,8 +227,8 @@ def build_app(directory: Path, refresh_s: float) -> Dash:
 
 
 def wsgi_app(directory: Path, refresh_s: float) -> Any:
-    """The dashboard with the Prometheus exporter at /metrics, as one read-only WSGI app (Dash's callbacks,
-    which only render, are its one POST)."""
+    """The dashboard with the Prometheus exporter at /metrics, as one WSGI app (served read-only:
+    CALLBACK_PATH, where Dash's callbacks only render, is its one POST)."""
     from prometheus_client import make_wsgi_app
     from prometheus_client.registry import CollectorRegistry
     from werkzeug.middleware.dispatcher import DispatcherMiddleware
@@ -237,5 +237,4 @@ def wsgi_app(directory: Path, refresh_s: float) -> Any:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CoordinatorCollector(directory))
-    app = DispatcherMiddleware(build_app(directory, refresh_s).server, {"/metrics": make_wsgi_app(registry)})
-    return read_only(app, ("/_dash-update-component",))
+    return DispatcherMiddleware(build_app(directory, refresh_s).server, {"/metrics": make_wsgi_app(registry)})

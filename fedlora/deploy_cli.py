@@ -112,21 +112,21 @@ def _coordinator_status(args: argparse.Namespace) -> int:
 
 
 def _coordinator_dashboard(args: argparse.Namespace) -> int:
-    from coordinator.dashboard import wsgi_app
+    from coordinator.dashboard import CALLBACK_PATH, wsgi_app
+    from fedlora.exposure import is_loopback, parse_listen
     from fedlora.pki import CA_CERT, SERVER_CERT, SERVER_KEY
-    from fedlora.web import is_loopback, parse_listen, serve
+    from fedlora.web import bind, serve_forever, url
 
     directory = Path(args.directory).resolve()
     pki = directory / "pki"
-    tls = (Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert or args.tls_key else None
-    if tls is None and not is_loopback(parse_listen(args.listen)[0]) and (pki / SERVER_CERT).is_file():
-        tls = (pki / SERVER_CERT, pki / SERVER_KEY)  # exposed: the SuperLink's certificate, issued by the consortium CA
-    if tls and not all(tls):
-        raise ValueError("--tls-cert and --tls-key go together")
-    app = wsgi_app(directory, args.refresh)
-    serve(app, args.listen, tls, Path(args.token_file) if args.token_file else None, pki / CA_CERT if (pki / CA_CERT).is_file() else None, "fedlora dashboard")
+    tls_cert, tls_key = args.tls_cert, args.tls_key
+    if not (tls_cert or tls_key) and not is_loopback(parse_listen(args.listen)[0]) and (pki / SERVER_CERT).is_file():
+        tls_cert, tls_key = pki / SERVER_CERT, pki / SERVER_KEY  # exposed: the SuperLink's certificate, issued by the consortium CA
+    ca = pki / CA_CERT if (pki / CA_CERT).is_file() else None
+    server = bind(wsgi_app(directory, args.refresh), args.listen, tls_cert, tls_key, args.token_file, realm="fedlora dashboard", ca=ca, post_paths=(CALLBACK_PATH,))
+    print(f"dashboard of {directory} at {url(server)}/ (read-only{', token required' if args.token_file else ''}); metrics at /metrics; Ctrl-C stops it", flush=True)
+    serve_forever(server)
     return 0
-
 
 def _coordinator_contributions(args: argparse.Namespace) -> int:
     from coordinator import contributions

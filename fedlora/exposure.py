@@ -5,14 +5,20 @@ A view shows what a site trained, refused and spent, so it is for the people who
 interface it needs nothing more; on any other address (a LAN, or 0.0.0.0) it needs both TLS, so that
 the token and the page cannot be read or changed on the way, and the token, so that reaching the port
 is not enough. Every command that serves a view takes the same options: `--listen HOST:PORT`,
-`--tls-cert`, `--tls-key`, `--token-file`, and calls `check_exposure` before it binds.
+`--tls-cert`, `--tls-key`, `--token-file`, and fedlora/web.py calls `check_exposure` before it binds.
+The token travels as `Authorization: Bearer <token>` (Prometheus, curl) or as the password of HTTP
+Basic (what a browser asks for; the user name is ignored).
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 MIN_TOKEN_CHARS = 16
 NEW_TOKEN = "openssl rand -hex 32"
@@ -68,6 +74,24 @@ def load_token(path: str | Path) -> str:
 
 
 def token_matches(header_value: str | None, token: str) -> bool:
-    """Whether an Authorization header carries `token` as a bearer token, compared in constant time."""
+    """Whether an Authorization header carries `token`, as a bearer token or as a Basic password,
+    compared in constant time."""
     scheme, _, given = (header_value or "").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    given = given.strip()
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+        except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def check_issued_by(certificate: str | Path, ca_certificate: str | Path) -> None:
+    """ValueError unless `certificate` was signed by the CA (a view of the consortium is served with its CA)."""
+    issued = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    try:
+        issued.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(ca_certificate).read_bytes()))
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise ValueError(f"{certificate} was not issued by the consortium CA {ca_certificate}: {err or type(err).__name__}") from None

@@ -1,145 +1,95 @@
-"""Serving the read-only views (operator dashboard, site monitor) over HTTP(S) with cheroot.
+"""Serving the read-only views (the operator's dashboard, a site's monitor) with cheroot.
 
-On loopback a view needs nothing more: only this machine reaches it. Bound to any other
-address it must be served over TLS with a certificate issued by the consortium's CA and every
-request must carry the operator's (or site's) token, `Authorization: Bearer <token>` or HTTP
-Basic with the token as password (what a browser sends); a view exposed without both refuses
-to start. cheroot (CherryPy's WSGI server) serves any WSGI app with TLS and a thread pool,
-so we write no HTTP handling of our own (docs/decisions.md, "Operator dashboard").
+cheroot (CherryPy's WSGI server) serves any WSGI app with a thread pool and TLS, so we write no
+HTTP handling of our own (docs/decisions.md, "Operator dashboard"). Two middlewares make every
+view the same: a request without the token (when one is set) gets 401 and reaches nothing; a
+request that is not GET or HEAD gets 405, but for a view's own read-only POST route (Dash's render
+callback). Who may bind where is fedlora/exposure.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import ipaddress
 import signal
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-MIN_TOKEN_CHARS = 24
+from fedlora.exposure import check_exposure, check_issued_by, load_token, parse_listen, token_matches
 
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'host:port' (or '[::1]:port') -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen must be host:port, got {listen!r}")
-    return host.strip("[]"), int(port)
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+READ = ("GET", "HEAD")
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _refuse(start_response: Callable[..., Any], status: str, text: str, headers: list[tuple[str, str]]) -> list[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers])
+    return [body]
 
 
-def load_token(path: Path) -> str:
-    """The shared secret in a file (whitespace stripped); a short one is refused, as a guessable credential."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no token file at {path}")
-    token = path.read_text().strip()
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(f"{path}: the token must have at least {MIN_TOKEN_CHARS} characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-    return token
+def read_only(app: WSGIApp, post_paths: tuple[str, ...] = ()) -> WSGIApp:
+    """GET and HEAD, and POST only to `post_paths`; 405 otherwise."""
 
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method in READ or (method == "POST" and environ.get("PATH_INFO", "/") in post_paths):
+            return app(environ, start_response)
+        return _refuse(start_response, "405 Method Not Allowed", "read-only: GET or HEAD\n", [("Allow", ", ".join(READ))])
 
-def check_certificate(cert: Path, key: Path, ca: Path | None) -> None:
-    """The TLS certificate and key exist and, when a CA is named, the certificate was issued by it."""
-    for path in (cert, key):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no TLS file at {path}")
-    if ca is None:
-        return
-    if not Path(ca).is_file():
-        raise FileNotFoundError(f"no CA certificate at {ca}")
-    certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
-    try:
-        certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(ca).read_bytes()))
-    except (ValueError, TypeError, InvalidSignature) as err:
-        raise ValueError(f"{cert} was not issued by the consortium CA {ca}: {err}") from err
-
-
-def check_exposure(host: str, tls: tuple[Path, Path] | None, token_file: Path | None) -> None:
-    """Refuse to expose a view beyond loopback without TLS and a credential."""
-    if is_loopback(host):
-        return
-    missing = [what for what, given in (("TLS (--tls-cert and --tls-key)", tls), ("a credential (--token-file)", token_file)) if not given]
-    if missing:
-        raise ValueError(f"refusing to serve on {host}, beyond this machine, without {' and '.join(missing)}; bind 127.0.0.1 to use it locally")
-
-
-def token_matches(authorization: str, token: str) -> bool:
-    """Whether an Authorization header carries the token (Bearer, or Basic with it as the password)."""
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            value = base64.b64decode(value, validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-    elif scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.encode(), token.encode())
+    return guarded
 
 
 def require_token(app: WSGIApp, token: str, realm: str) -> WSGIApp:
-    """WSGI middleware: a request without the token gets 401 and never reaches the app."""
+    """401 for a request without the token, whatever it asks (who may not read learns nothing)."""
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if token_matches(environ.get("HTTP_AUTHORIZATION", ""), token):
+        if token_matches(environ.get("HTTP_AUTHORIZATION"), token):
             return app(environ, start_response)
-        start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", f'Basic realm="{realm}"')])
-        return [b"a credential is required\n"]
+        return _refuse(
+            start_response, "401 Unauthorized", "a token is required (Authorization: Bearer <token>, or as the Basic password)\n",
+            [("WWW-Authenticate", f'Basic realm="{realm}"')],
+        )  # fmt: skip
 
     return guarded
 
 
-def read_only(app: WSGIApp, post_paths: tuple[str, ...]) -> WSGIApp:
-    """WSGI middleware: GET and HEAD, and POST only to `post_paths` (a view's own read requests); 405 otherwise."""
-
-    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
-        if method in ("GET", "HEAD") or (method == "POST" and path in post_paths):
-            return app(environ, start_response)
-        start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
-        return [b"this view is read-only\n"]
-
-    return guarded
-
-
-def serve(app: WSGIApp, listen: str, tls: tuple[Path, Path] | None, token_file: Path | None, ca: Path | None, realm: str) -> str:
-    """Serve `app` until SIGTERM or Ctrl-C, after the exposure checks; prints and returns the URL."""
-    from cheroot import wsgi
-    from cheroot.ssl.builtin import BuiltinSSLAdapter
-
+def bind(
+    app: WSGIApp, listen: str, tls_cert: str | Path | None = None, tls_key: str | Path | None = None, token_file: str | Path | None = None,
+    *, realm: str, ca: str | Path | None = None, post_paths: tuple[str, ...] = (),
+) -> wsgi.Server:  # fmt: skip
+    """A bound server for a read-only view, not yet serving; ValueError (exposure, token, certificate) or
+    RuntimeError (the address) before anything listens. With `ca`, the certificate must be issued by it."""
     host, port = parse_listen(listen)
-    check_exposure(host, tls, token_file)
+    check_exposure(host, tls_cert, tls_key, token_file)
+    if tls_cert and ca:
+        check_issued_by(tls_cert, ca)
+    app = read_only(app, post_paths)
     if token_file:
         app = require_token(app, load_token(token_file), realm)
-    if tls:
-        check_certificate(*tls, ca)
     server = wsgi.Server((host, port), app, numthreads=8, server_name=realm)
-    if tls:
-        server.ssl_adapter = BuiltinSSLAdapter(str(tls[0]), str(tls[1]))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does (a container stop)
-    server.prepare()  # binds: a port in use fails here, before we say where it listens
-    bound = server.bind_addr[1]
-    url = f"{'https' if tls else 'http'}://{host if ':' not in host else f'[{host}]'}:{bound}/"
-    print(f"{realm} at {url} (read-only{', token required' if token_file else ''}); Ctrl-C stops it", flush=True)
+    if tls_cert:
+        server.ssl_adapter = BuiltinSSLAdapter(str(tls_cert), str(tls_key))
+    try:
+        server.prepare()
+    except OSError as err:
+        raise RuntimeError(f"cannot listen on {listen}: {err}") from None
+    return server
+
+
+def url(server: wsgi.Server) -> str:
+    host, port = server.bind_addr[:2]
+    return f"{'https' if server.ssl_adapter else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def serve_forever(server: wsgi.Server) -> None:
+    """Serve until Ctrl-C or SIGTERM (a container stop), then close."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
-    return url

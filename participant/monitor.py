@@ -3,35 +3,27 @@ people (/), both read-only and both read afresh from the site's files at each re
 
 The page is plain HTML made on the server from the same report as `participant status`
 (participant/status.py), every text escaped, refreshing itself; the metrics are participant/metrics.py's.
-It is a WSGI app served by the standard library's wsgiref (one thread per request, prometheus_client's
-server class), over TLS when given a certificate. It listens on 127.0.0.1 unless told otherwise, and
-elsewhere only with TLS and a bearer token (fedlora/exposure.py). Only GET and HEAD are answered.
+It is a WSGI app served as every read-only view is (fedlora/web.py: cheroot, over TLS when given a
+certificate, GET and HEAD only). It listens on 127.0.0.1 unless told otherwise, and elsewhere only
+with TLS and a token (fedlora/exposure.py).
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-import ssl
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from cheroot.wsgi import Server
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 
-from fedlora.exposure import check_exposure, load_token, parse_listen, token_matches
+from fedlora.web import StartResponse, WSGIApp, bind, serve_forever, url
 from participant.approvals import CONFIG, Approval
 from participant.metrics import SiteCollector
 from participant.status import rounds_text, site_report
 
-log = logging.getLogger("fedlora.participant.monitor")
-
 REFRESH_S = 30
-READ = ("GET", "HEAD")
 PAGE_HEADERS = [  # a page of the site's own text: never cached, never framed, nothing loaded from elsewhere
     ("Cache-Control", "no-store"),
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
@@ -39,23 +31,15 @@ PAGE_HEADERS = [  # a page of the site's own text: never cached, never framed, n
 ]
 STYLE = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:.2em .5em;text-align:left;vertical-align:top}td{word-break:break-word}.alert{color:#a00;font-weight:bold}"
 
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def monitor_app(site: Path, token: str | None = None) -> WSGIApp:
-    """The monitor's WSGI app: / and /metrics, to GET and HEAD only, and only with `token` when one is set."""
+def monitor_app(site: Path) -> WSGIApp:
+    """The monitor's WSGI app: the page at / and the metrics at /metrics."""
     registry = CollectorRegistry()
     registry.register(SiteCollector(site))
     routes: dict[str, WSGIApp] = {"/": lambda environ, start_response: _page(site, start_response), "/metrics": make_wsgi_app(registry)}
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        method = environ["REQUEST_METHOD"]
-        if token is not None and not token_matches(environ.get("HTTP_AUTHORIZATION"), token):
-            return _respond(start_response, "401 Unauthorized", "a bearer token is required (Authorization: Bearer <token>)\n",
-                            [("WWW-Authenticate", 'Bearer realm="fedlora participant"')])  # fmt: skip
-        if method not in READ:
-            return _respond(start_response, "405 Method Not Allowed", "read-only: GET or HEAD\n", [("Allow", ", ".join(READ))])
         route = routes.get(environ.get("PATH_INFO") or "/")
         if route is None:
             return _respond(start_response, "404 Not Found", "not found: the status page is /, the metrics /metrics\n")
@@ -159,57 +143,19 @@ def _approvals(report: dict[str, Any]) -> str:
     )
 
 
-class _Handler(WSGIRequestHandler):
-    timeout = 30  # seconds: a client that stalls, or never finishes its TLS handshake, frees its thread
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingWSGIServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that fails the TLS handshake (plain HTTP, a scanner) or stalls is one line, not a traceback."""
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):
-            log.warning("request from %s dropped: %s", client_address[0], error)
-        else:
-            super().handle_error(request, client_address)
-
-
 def make_monitor_server(site: Path, listen: str, tls_cert: str | None = None, tls_key: str | None = None,
-                        token_file: str | None = None) -> WSGIServer:  # fmt: skip
+                        token_file: str | None = None) -> Server:  # fmt: skip
     """A bound, not yet serving, monitor server; ValueError (exposure, token, site files) or RuntimeError
     (the address) before anything listens."""
-    host, port = parse_listen(listen)
-    check_exposure(host, tls_cert, tls_key, token_file)
     site_report(site)  # a directory whose files do not read fails now, not at the first scrape
-    app = monitor_app(Path(site), load_token(token_file) if token_file else None)
-    context = None
-    if tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(tls_cert, tls_key)
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        server = make_server(host, port, app, type("MonitorServer", (_Server,), {"address_family": family}), _Handler)
-    except OSError as err:
-        raise RuntimeError(f"cannot listen on {listen}: {err.strerror or err}") from None
-    if context is not None:  # the handshake then happens in the request's thread, under the handler's timeout
-        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    return server
+    return bind(monitor_app(Path(site)), listen, tls_cert, tls_key, token_file, realm="fedlora participant")
 
 
 def serve(site: Path, listen: str, tls_cert: str | None = None, tls_key: str | None = None, token_file: str | None = None) -> int:
     """Run the monitor in the foreground until interrupted."""
     server = make_monitor_server(site, listen, tls_cert, tls_key, token_file)
-    host, port = server.server_address[:2]
-    where = f"{'https' if tls_cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    where = url(server)
     print(f"monitor of {Path(site).resolve()}: status page {where}/, metrics {where}/metrics (read-only"
-          + (", bearer token required)" if token_file else ")"), flush=True)  # fmt: skip
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+          + (", token required)" if token_file else ")"), flush=True)  # fmt: skip
+    serve_forever(server)
     return 0

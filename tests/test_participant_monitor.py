@@ -8,6 +8,7 @@ with what the site's files say, read here without participant/status.py.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import ssl
@@ -29,6 +30,7 @@ from fedlora.wire import instruction_content
 from participant.app import checked_instruction
 from participant.ledger import LEDGER, record_contribution
 from participant.local_config import LOCAL_CONFIG
+from fedlora.web import url
 from participant.monitor import make_monitor_server
 from participant.site import EVENTS, Refusal, record_activity, record_event
 from tests.test_participant_policy import _context, _message, run_config, site
@@ -54,13 +56,12 @@ def site_dir(tmp_path: Path) -> Path:
 
 def serve(directory: Path, **options: str) -> Iterator[str]:
     server = make_monitor_server(directory, "127.0.0.1:0", **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     try:
-        yield f"{'https' if options.get('tls_cert') else 'http'}://127.0.0.1:{server.server_address[1]}"
+        yield url(server)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
         thread.join()
 
 
@@ -177,19 +178,18 @@ def test_an_address_others_can_reach_needs_tls_and_a_token(site_dir: Path, tls: 
     check_exposure("0.0.0.0", tls["cert"], tls["key"], tls["token"])  # all three: allowed
 
 
-def test_with_a_token_a_request_without_it_is_refused_over_tls(site_dir: Path, tls: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+def test_with_a_token_a_request_without_it_is_refused_over_tls(site_dir: Path, tls: dict[str, Path]) -> None:
     context = ssl.create_default_context(cafile=str(tls["ca"]))
     options = {"tls_cert": str(tls["cert"]), "tls_key": str(tls["key"]), "token_file": str(tls["token"])}
-    for url in serve(site_dir, **options):
-        status, headers, _ = fetch(f"{url}/metrics", context=context)
-        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
-        assert fetch(url, headers={"Authorization": "Bearer " + "f" * 32}, context=context)[0] == 401
-        assert fetch(url, "POST", context=context)[0] == 401  # who may not read may not learn what is answered either
-        assert scrape(url, headers={"Authorization": f"Bearer {TOKEN}"}, context=context)[("fedlora_participant_refusals_total", ())] == 1
-        assert fetch(url, "POST", headers={"Authorization": f"Bearer {TOKEN}"}, context=context)[0] == 405
-        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the TLS port: dropped, logged as one line
-            fetch(url.replace("https", "http"))
-    assert any("dropped" in r.getMessage() and "HTTP_REQUEST" in r.getMessage() for r in caplog.records)
+    for base in serve(site_dir, **options):
+        status, headers, _ = fetch(f"{base}/metrics", context=context)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")  # a browser asks for the token
+        assert fetch(base, headers={"Authorization": "Bearer " + "f" * 32}, context=context)[0] == 401
+        assert fetch(base, "POST", context=context)[0] == 401  # who may not read may not learn what is answered either
+        assert scrape(base, headers={"Authorization": f"Bearer {TOKEN}"}, context=context)[("fedlora_participant_refusals_total", ())] == 1
+        assert fetch(base, "POST", headers={"Authorization": f"Bearer {TOKEN}"}, context=context)[0] == 405
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the TLS port: the connection is dropped
+            fetch(base.replace("https", "http"))
 
 
 def test_the_certificate_goes_with_its_key_and_named_files_must_exist(tls: dict[str, Path]) -> None:
@@ -225,4 +225,6 @@ def test_a_token_is_long_printable_and_compared_as_a_bearer_token(tmp_path: Path
     token = load_token(tmp_path / "token")
     assert token == TOKEN
     assert token_matches(f"Bearer {TOKEN}", token) and token_matches(f"bearer  {TOKEN} ", token)
-    assert not any(token_matches(h, token) for h in (None, "", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer é"))
+    basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()  # what a browser sends: the token as password
+    assert token_matches(f"Basic {basic}", token) and token_matches(f"basic {basic}", token)
+    assert not any(token_matches(h, token) for h in (None, "", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer é", "Basic é"))
