@@ -58,7 +58,11 @@ def _coordinator_run(args: argparse.Namespace) -> int:
     from coordinator.checkpoint import CHECKPOINT
     from coordinator.outcome import REFUSALS
 
-    code = deploy.run(Path(args.directory), args.name, args.resume, Path(args.config) if args.config else None)
+    config = Path(args.config) if args.config else None
+    if args.start_or_resume:
+        code = deploy.start_or_resume(Path(args.directory), args.name, config)
+    else:
+        code = deploy.run(Path(args.directory), args.name, args.resume, config)
     if code != 0 and not (deploy.run_directory(Path(args.directory), args.name) / CHECKPOINT).is_file():
         print(
             f"run {args.name} did not start: flwr's message above says why (is `fedlora coordinator start {args.directory}` "
@@ -261,7 +265,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     revoke.set_defaults(handler=_coordinator_revoke)
     run = coordinator.add_parser("run", help="launch the run (or --resume it after a crash) and wait for it")
     run.add_argument("directory")
-    run.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    again.add_argument(
+        "--start-or-resume", action="store_true",
+        help="resume when the run has a checkpoint, else start it; wait for a round loop still going, and stop at once when the "
+        "run finished (for a supervisor that repeats the command: a Kubernetes Job)",
+    )
     run.add_argument("--name", default="main", help="run name under DIR/runs (default main)")
     run.add_argument("--config", help="run configuration (default DIR/run.toml; a resumed run keeps its own)")
     run.set_defaults(handler=_coordinator_run)
