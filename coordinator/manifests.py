@@ -57,8 +57,9 @@ APP = "fedlora-coordinator"
 POD = f"{APP}-0"
 STATE = "state"  # the StatefulSet's claim template: the claim is STATE-APP-0
 PORT = "superlink"
-# `coordinator run` only submits the run and follows its log: the round loop runs in the SuperLink's pod.
-ROUND_LOOP_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+# For containers that only run a command: `prepare`, and the round-loop Job's `coordinator run`, which
+# submits the run and follows its log (the round loop itself runs in the SuperLink's pod).
+LIGHT = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 # ConfigMap key -> where under MOUNT both pods see it
 SHARED_FILES = {"coordinator.toml": "coordinator.toml", "run.toml": "run.toml", "pyproject.toml": "app/pyproject.toml", "coordinator.pub": "coordinator.pub"}
 
@@ -132,7 +133,7 @@ def directory_mounts(connection: str, ca_only: bool) -> tuple[list[Doc], list[Do
 def prepare(target: Target) -> Doc:
     """Make the directories that files are mounted into as the pod's user: left to the runtime they would be root's."""
     command = ["mkdir", "-p", *(f"{MOUNT}/{name}" for name in ("app", "flwr", "pki", "state", "runs"))]
-    return container("prepare", target, command, [volume_mount(STATE, MOUNT, read_only=False)], ROUND_LOOP_RESOURCES)
+    return container("prepare", target, command, [volume_mount(STATE, MOUNT, read_only=False)], LIGHT)
 
 
 def model_mount(model: str) -> tuple[list[Doc], list[Doc]]:
@@ -182,7 +183,7 @@ def round_loop(target: Target, run: str, config: dict[str, str]) -> Doc:
     command = ["fedlora", "coordinator", "run", MOUNT, "--name", run, "--start-or-resume"]
     near = {"labelSelector": {"matchLabels": labels("superlink", APP)}, "topologyKey": "kubernetes.io/hostname"}  # the same volume
     spec = pod_spec(
-        [container("round-loop", target, command, mounts, ROUND_LOOP_RESOURCES)], volumes, initContainers=[prepare(target)],
+        [container("round-loop", target, command, mounts, LIGHT)], volumes, initContainers=[prepare(target)],
         restartPolicy="OnFailure", affinity={"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [near]}},
     )  # fmt: skip
     name = job_name(run)
