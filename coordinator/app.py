@@ -10,11 +10,13 @@ ServerApp's process would otherwise print the ML libraries' import-time warnings
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.runlock import round_loop
 from fedlora.config import Config, config_from_flat
 from fedlora.logs import show_progress
 
@@ -30,7 +32,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(flat.pop("out", "") or f"runs/run-{context.run_id}"))
     deployment = str(flat.pop("coordinator-dir", "") or "")
     resume = bool(flat.pop("resume", False))
-    Coordinator(config_from_flat(flat), run_dir, Path(deployment) if deployment else None, resume).run(grid)
+    with round_loop(run_dir) if deployment else nullcontext():  # a second loop on the run is refused before it reads anything
+        Coordinator(config_from_flat(flat), run_dir, Path(deployment) if deployment else None, resume).run(grid)
 
 
 def make_server_app(cfg: Config, run_dir: Path, failures: list[BaseException]) -> ServerApp:

@@ -29,6 +29,7 @@ from coordinator.checkpoint import CHECKPOINT, load_checkpoint
 from coordinator.outcome import Outcome, read_outcome
 from coordinator.outputs import Lineage, read_metrics
 from coordinator.participants import BOOK, ParticipantBook
+from coordinator.runlock import wait_for_round_loop
 from coordinator.withdrawal import WITHDRAWALS, requested_by, withdraw_from_run
 from fedlora.audit import read_records
 from fedlora.audit import verify as verify_audit
@@ -56,6 +57,10 @@ class Settings:
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
+
+
+def settings_toml(settings: Settings) -> str:
+    return tomli_w.dumps({"superlink": {"address": settings.address, "listen": settings.listen}})
 
 
 def read_settings(directory: Path) -> Settings:
@@ -103,7 +108,7 @@ def init(directory: Path, address: str, listen: str, run_config: Path | None, ex
     create_ca(pki)
     issue_server_certificate(pki, list(dict.fromkeys([settings.host, "localhost", "127.0.0.1", *extra_hosts])))
     load_or_create_key(directory / "coordinator.key")
-    (directory / SETTINGS).write_text(tomli_w.dumps({"superlink": {"address": settings.address, "listen": settings.listen}}))
+    (directory / SETTINGS).write_text(settings_toml(settings))
     (directory / "run.toml").write_text(cfg.to_toml())
     (directory / "flwr").mkdir(exist_ok=True)
     (directory / "flwr" / "config.toml").write_text(flower_connection(settings, pki / "ca.crt"))
@@ -119,6 +124,7 @@ def start(directory: Path) -> int:
     directory = Path(directory).resolve()
     settings = read_settings(directory)
     pki = directory / "pki"
+    (directory / "state").mkdir(exist_ok=True)  # a fresh volume under a container holds none yet
     argv = [
         executable("flower-superlink"),
         "--ssl-ca-certfile", str(pki / "ca.crt"),
@@ -277,6 +283,22 @@ def run(directory: Path, name: str, resume: bool, config: Path | None) -> int:
     argv = [executable("flwr"), "run", str(directory / "app"), CONNECTION, "--run-config", str(overrides_file), "--stream"]
     run_service(argv, flower_environment(directory / "flwr"))
     return 0 if finished(out) else 1
+
+
+def start_or_resume(directory: Path, name: str, config: Path | None) -> int:
+    """`run`, resumed when the run has a checkpoint: the one command a supervisor (a Kubernetes Job) repeats.
+
+    A round loop that an earlier attempt started and that is still going is waited for, not
+    doubled (coordinator/runlock.py); a run that has finished is left as it is (a `--resume`
+    would train one more round).
+    """
+    out = run_directory(directory, name)
+    if wait_for_round_loop(out):
+        print(f"run {name}: waited for the round loop an earlier attempt started", flush=True)
+    if finished(out):
+        print(f"run {name}: finished already; nothing to do", flush=True)
+        return 0
+    return run(directory, name, (out / CHECKPOINT).is_file(), config)
 
 
 def run_outcome(out: Path) -> Outcome:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora.withdraw_cli import add_withdraw_commands
+
+if TYPE_CHECKING:  # the manifests' modules load only for the `manifests` commands
+    from fedlora.kube import Target
 
 
 def _coordinator_init(args: argparse.Namespace) -> int:
@@ -58,7 +62,11 @@ def _coordinator_run(args: argparse.Namespace) -> int:
     from coordinator.checkpoint import CHECKPOINT
     from coordinator.outcome import REFUSALS
 
-    code = deploy.run(Path(args.directory), args.name, args.resume, Path(args.config) if args.config else None)
+    config = Path(args.config) if args.config else None
+    if args.start_or_resume:
+        code = deploy.start_or_resume(Path(args.directory), args.name, config)
+    else:
+        code = deploy.run(Path(args.directory), args.name, args.resume, config)
     if code != 0 and not (deploy.run_directory(Path(args.directory), args.name) / CHECKPOINT).is_file():
         print(
             f"run {args.name} did not start: flwr's message above says why (is `fedlora coordinator start {args.directory}` "
@@ -140,6 +148,66 @@ def _coordinator_contributions(args: argparse.Namespace) -> int:
     flagged = ", ".join(record["flagged"]) or "none"
     print(f"flagged: {flagged}; written {Path(args.run) / 'contributions.json'}, .md and .png; audit record {record['seq']} (report sha256 {record['report_sha256'][:16]}…)")
     return 0
+
+
+def _coordinator_manifests(args: argparse.Namespace) -> int:
+    from coordinator import manifests
+
+    coordinator = manifests.read_coordinator(Path(args.directory))
+    target = manifest_target(args)
+    files = manifests.coordinator_manifests(coordinator, target, args.name, args.include_secrets)
+    readme = manifests.readme(coordinator, target, args.name, args.participant or coordinator.registered, args.include_secrets)
+    written = write_manifests(Path(args.out), files, readme)
+    print(f"  next: create the namespace and Secrets, apply {written['coordinator.yaml']}, register the participants in the SuperLink's pod, "
+          f"then apply {written[f'run-{args.name}.yaml']}: {written['README.md']} has the commands")  # fmt: skip
+    return 0
+
+
+def _participant_manifests(args: argparse.Namespace) -> int:
+    from participant import manifests
+
+    site = manifests.read_site(Path(args.directory))
+    target = manifest_target(args)
+    files = manifests.participant_manifests(site, target, args.coordinator_cidr, args.include_secrets)
+    written = write_manifests(Path(args.out), files, manifests.readme(site, target, args.include_secrets))
+    print(f"  next: create the namespace and the node key's Secret, apply {written['participant.yaml']}, then approve runs in the pod: "
+          f"{written['README.md']} has the commands")  # fmt: skip
+    return 0
+
+
+def manifest_target(args: argparse.Namespace) -> Target:
+    from fedlora.kube import Target
+
+    return Target(args.namespace, args.image, args.cpu, args.memory, args.storage)
+
+
+def write_manifests(out: Path, files: dict[str, list[dict]], readme: str) -> dict[str, Path]:
+    """Write the manifests and say what each file holds; file name -> path."""
+    from fedlora.kube import write
+
+    paths = {path.name: path for path in write(out, files, readme)}
+    for name, documents in files.items():
+        objects = ", ".join(f"{document['kind']} {document['metadata']['name']}" for document in documents)
+        print(f"wrote {paths[name]}: {objects}")
+    if "secrets.yaml" in files:
+        print(f"  {paths['secrets.yaml']} holds private keys (mode 600): apply it, then delete it")
+    return paths
+
+
+def add_manifest_options(parser: argparse.ArgumentParser, cpu: str, memory: str) -> None:
+    """The options both `manifests` commands take."""
+    parser.add_argument("--out", default="k8s", help="directory to write the manifests and README.md to (default k8s)")
+    parser.add_argument("--namespace", default="fedlora", help="Kubernetes namespace (default fedlora)")
+    parser.add_argument(
+        "--image", default="fedlora:0.1.0", help="the image of examples/deployment/Containerfile or build-debian.sh, as the cluster pulls it"
+    )
+    parser.add_argument("--cpu", default=cpu, help=f"CPU the pod requests and is limited to (default {cpu})")
+    parser.add_argument("--memory", default=memory, help=f"memory the pod requests and is limited to (default {memory})")
+    parser.add_argument("--storage", default="10Gi", help="size of the volume that keeps the directory's state (default 10Gi)")
+    parser.add_argument(
+        "--include-secrets", action="store_true",
+        help="write the Secrets, private keys included, to OUT/secrets.yaml (default: README.md gives the kubectl commands that read them from DIR)",
+    )
 
 
 def _participant_init(args: argparse.Namespace) -> int:
@@ -308,7 +376,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     revoke.set_defaults(handler=_coordinator_revoke)
     run = coordinator.add_parser("run", help="launch the run (or --resume it after a crash) and wait for it")
     run.add_argument("directory")
-    run.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    again.add_argument(
+        "--start-or-resume", action="store_true",
+        help="resume when the run has a checkpoint, else start it; wait for a round loop still going, and stop at once when the "
+        "run finished (for a supervisor that repeats the command: a Kubernetes Job)",
+    )
     run.add_argument("--name", default="main", help="run name under DIR/runs (default main)")
     run.add_argument("--config", help="run configuration (default DIR/run.toml; a resumed run keeps its own)")
     run.set_defaults(handler=_coordinator_run)
@@ -348,6 +422,15 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_coordinator_status)
 
+    manifests = coordinator.add_parser("manifests", help="write Kubernetes manifests for this coordinator (SuperLink, round-loop Job, Service, ...)")
+    manifests.add_argument("directory")
+    manifests.add_argument("--name", default="main", help="the run the round-loop Job runs (default main)")
+    manifests.add_argument(
+        "--participant", action="append", default=[], help="a participant to register (repeatable; default: those in participants.json)"
+    )
+    add_manifest_options(manifests, cpu="2", memory="4Gi")
+    manifests.set_defaults(handler=_coordinator_manifests)
+
     participant = commands.add_parser("participant", help="run a participant daemon (Flower SuperNode)").add_subparsers(dest="action", required=True)
     pinit = participant.add_parser("init", help="create a participant directory: node key pair and participant.toml")
     pinit.add_argument("directory")
@@ -383,6 +466,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
     approvals.add_argument("directory")
     approvals.add_argument("--json", action="store_true")
     approvals.set_defaults(handler=_participant_approvals)
+    pmanifests = participant.add_parser("manifests", help="write Kubernetes manifests for this participant (SuperNode Deployment, ...)")
+    pmanifests.add_argument("directory")
+    pmanifests.add_argument(
+        "--coordinator-cidr", default="", help="addresses the pod may connect to (default: the coordinator's IP, or anywhere on its port)"
+    )
+    add_manifest_options(pmanifests, cpu="2", memory="8Gi")
+    pmanifests.set_defaults(handler=_participant_manifests)
     add_withdraw_commands(coordinator, participant, audit)
 
 

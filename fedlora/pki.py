@@ -181,6 +181,16 @@ def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def certificate_hosts(path: Path) -> list[str]:
+    """The names and IP addresses a certificate covers (its SubjectAlternativeName entries)."""
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*names.get_values_for_type(x509.DNSName), *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
+
+
 def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key_path, cert_path = directory / CA_KEY, directory / CA_CERT
     for path in (key_path, cert_path):
