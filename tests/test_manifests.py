@@ -206,3 +206,13 @@ def test_a_coordinator_at_an_ip_address_is_the_only_place_a_participant_may_conn
     assert "Secret" not in [d["kind"] for d in files["participant.yaml"]] and "kubectl create secret generic fedlora-hospital-a-node-key" in (
         tmp_path / "out" / "README.md"
     ).read_text()
+
+
+def test_the_dashboard_runs_beside_the_superlink_on_loopback_and_mounts_everything_read_only(coordinator: Path, tmp_path: Path) -> None:
+    pod = find(generate(tmp_path, "coordinator", "manifests", str(coordinator)), "StatefulSet")["spec"]["template"]["spec"]
+    dashboard = next(container for container in pod["containers"] if container["name"] == "dashboard")
+    assert dashboard["command"] == ["fedlora", "coordinator", "dashboard", "/srv/fedlora/coordinator", "--listen", "127.0.0.1:8050"]
+    writable = [mount["mountPath"] for mount in dashboard["volumeMounts"] if not mount.get("readOnly")]
+    assert writable == ["/tmp"], writable  # the coordinator directory, keys and configuration: read-only
+    superlink = next(container for container in pod["containers"] if container["name"] == "superlink")
+    assert {m["mountPath"] for m in superlink["volumeMounts"]} == {m["mountPath"] for m in dashboard["volumeMounts"]}
