@@ -4,6 +4,7 @@ Run by hand (not in CI; the secure-aggregation group takes 30+ minutes on 2 core
 
     python tests/secagg/mutations.py [--only NAME] [--out docs/secagg-mutations.md]
     python tests/secagg/mutations.py --group governance --out docs/governance-mutations.md
+    python tests/secagg/mutations.py --group views --out docs/views-mutations.md
 
 Each mutation replaces one exact piece of source in a temporary copy of the repository and runs
 the protocol tests there (tests/secagg and the in-process stage tests of
@@ -43,7 +44,7 @@ class Mutation:
 
     @property
     def group(self) -> str:
-        return "governance" if self.tests else "secagg"
+        return "views" if self.tests and self.tests[0] in VIEW_TESTS else ("governance" if self.tests else "secagg")
 
     def command(self) -> list[str]:
         return [*(self.tests or TESTS), "-k", self.keyword if self.tests else SIMULATIONS]
@@ -465,6 +466,40 @@ MUTATIONS += [
 ]
 
 
+VIEW_TESTS = ("tests/test_dashboard.py", "tests/test_participant_monitor.py")
+MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach them and what they may do
+    Mutation(
+        "view-token-not-required",
+        "a view served with --token-file answers requests without the token",
+        (("fedlora/web.py", "    if token_file:\n        app = require_token(", "    if False:\n        app = require_token("),),
+        VIEW_TESTS, "token",
+    ),
+    Mutation(
+        "view-any-token-accepted",
+        "any Authorization header passes for the token",
+        (("fedlora/exposure.py", "    return hmac.compare_digest(given.encode(), token.encode())", "    return True"),),
+        VIEW_TESTS, "token",
+    ),
+    Mutation(
+        "view-writes-allowed",
+        "a view answers PUT, DELETE and POST as well as GET",
+        (("fedlora/web.py", "        if method in READ or (method == \"POST\"", "        if True or (method == \"POST\""),),
+        VIEW_TESTS, "changes_nothing or only_get",
+    ),
+    Mutation(
+        "view-exposed-without-tls-or-token",
+        "a view binds a reachable address without TLS and a token",
+        (("fedlora/exposure.py", "    if missing and not is_loopback(host):", "    if False:"),),
+        VIEW_TESTS, "refuses_to_start or needs_tls",
+    ),
+    Mutation(
+        "view-certificate-from-any-ca",
+        "the dashboard serves a certificate the consortium CA did not issue",
+        (("fedlora/web.py", "    if tls_cert and ca:\n        check_issued_by(tls_cert, ca)", "    if False:\n        check_issued_by(tls_cert, ca)"),),
+        VIEW_TESTS, "refuses_to_start",
+    ),
+]
+
 def _copy_tree(target: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
     for name in files:
@@ -503,7 +538,7 @@ def run(mutation: Mutation) -> tuple[str, str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="run one mutation by name")
-    parser.add_argument("--group", choices=["secagg", "governance"], help="run one group (default: all)")
+    parser.add_argument("--group", choices=["secagg", "governance", "views"], help="run one group (default: all)")
     parser.add_argument("--out", type=Path, help="write the result table (markdown) here")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if args.only in (None, m.name) and args.group in (None, m.group)]
