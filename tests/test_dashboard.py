@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def agreement(values: dict[tuple[str, tuple], float], rows: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them: apt-get install chromium chromium-driver)")
     root = tmp_path_factory.mktemp("dashboard")
@@ -170,19 +171,16 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> dict:
         after_metrics = scraped(port)
         exposition = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
         time.sleep(2.5)  # two more page refreshes
-        return {
+        driver.quit()
+        driver = None
+        yield {
             "directory": directory, "port": port, "seen": seen, "comparisons": comparisons, "still_open": reloaded, "final": final_text,
-            "pages": pages, "digest": digest, "after": after_metrics, "exposition": exposition, "server": server, "root": root,
+            "pages": pages, "digest": digest, "after": after_metrics, "exposition": exposition, "root": root,
         }  # fmt: skip
     finally:
         if driver is not None:
             driver.quit()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def stop_server(live: dict):
-    yield
-    kill_tree(live["server"])
+        kill_tree(server)
 
 
 def test_the_open_page_follows_the_rounds_without_a_reload(live: dict) -> None:

@@ -16,6 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,10 @@ def site_dir(tmp_path: Path) -> Path:
     return directory
 
 
+@contextmanager
 def serve(directory: Path, **options: str) -> Iterator[str]:
+    """The monitor serving in a thread; stopped on leaving the block, even when an assertion failed in it
+    (cheroot's workers are not daemon threads: a server left running would keep pytest from exiting)."""
     server = make_monitor_server(directory, "127.0.0.1:0", **options)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
@@ -67,7 +71,8 @@ def serve(directory: Path, **options: str) -> Iterator[str]:
 
 @pytest.fixture
 def monitor(site_dir: Path) -> Iterator[str]:
-    yield from serve(site_dir)
+    with serve(site_dir) as base:
+        yield base
 
 
 def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> tuple[int, dict, str]:
@@ -181,7 +186,7 @@ def test_an_address_others_can_reach_needs_tls_and_a_token(site_dir: Path, tls: 
 def test_with_a_token_a_request_without_it_is_refused_over_tls(site_dir: Path, tls: dict[str, Path]) -> None:
     context = ssl.create_default_context(cafile=str(tls["ca"]))
     options = {"tls_cert": str(tls["cert"]), "tls_key": str(tls["key"]), "token_file": str(tls["token"])}
-    for base in serve(site_dir, **options):
+    with serve(site_dir, **options) as base:
         status, headers, _ = fetch(f"{base}/metrics", context=context)
         assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")  # a browser asks for the token
         assert fetch(base, headers={"Authorization": "Bearer " + "f" * 32}, context=context)[0] == 401
