@@ -224,7 +224,12 @@ def test_watching_changes_nothing(live: dict) -> None:
     assert tree_digest(live["directory"]) == live["digest"]
 
 
-def test_exposed_without_tls_or_a_token_it_refuses_to_start(live: dict, capsys) -> None:
+def test_exposed_without_tls_or_a_token_it_refuses_to_start(live: dict, capsys, monkeypatch) -> None:
+    def started(server) -> None:  # a dashboard that should have refused must not serve (nor hang the test)
+        server.stop()
+        raise AssertionError(f"the dashboard started on {server.bind_addr}")
+
+    monkeypatch.setattr("fedlora.web.serve_forever", started)
     directory, root = live["directory"], live["root"]
     assert main(["coordinator", "dashboard", str(directory), "--listen", f"0.0.0.0:{free_port()}"]) == 2
     assert "without --token-file" in capsys.readouterr().err
