@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,19 @@ SMALL = [
 @pytest.fixture
 def small_config() -> Config:
     return load_config(None, SMALL)
+
+
+def registered_coordinator(root: Path, sites: dict[int, str]) -> Path:
+    """`coordinator init ROOT/coordinator` with each site's real node key registered in the book under its
+    LocalGrid node id (what `coordinator register` records, without a SuperLink)."""
+    from coordinator.participants import BOOK, ParticipantBook
+    from fedlora.cli import main
+    from fedlora.pki import create_node_key, public_key_fingerprint
+
+    directory = root / "coordinator"
+    assert main(["coordinator", "init", str(directory)]) == 0
+    book = ParticipantBook(directory / BOOK)
+    for node, name in sites.items():
+        _, pub = create_node_key(root / name)
+        book.add(name, node, public_key_fingerprint(pub))
+    return directory

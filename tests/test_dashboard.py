@@ -28,14 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.local_grid import LocalGrid
 from coordinator.observe import alerts, observe
 from coordinator.outputs import read_metrics
-from coordinator.participants import BOOK, ParticipantBook
 from coordinator.rounds import Coordinator
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.pki import create_ca, create_node_key, issue_server_certificate, public_key_fingerprint
+from fedlora.pki import create_ca, issue_server_certificate
 from participant import app as participant_app
 from participant.site import SITE_KEY
-from tests.conftest import SMALL
+from tests.conftest import SMALL, registered_coordinator
 from tests.test_deployment import free_port, kill_tree, listening, wait_for
 
 SITES = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c"}
@@ -102,12 +101,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them: apt-get install chromium chromium-driver)")
     root = tmp_path_factory.mktemp("dashboard")
-    directory = root / "coordinator"
-    assert main(["coordinator", "init", str(directory)]) == 0
-    book = ParticipantBook(directory / BOOK)
-    for node, name in SITES.items():
-        _, pub = create_node_key(root / name)
-        book.add(name, node, public_key_fingerprint(pub))
+    directory = registered_coordinator(root, SITES)
     refusing = root / "hospital-c-site"  # a real site: its default policy requires secure aggregation and approval
     assert main(["participant", "init", str(refusing), "--name", "hospital-c", "--data", "diabetes", "--label-column", "Outcome"]) == 0
     configs = {node: {"partition-id": i, "num-partitions": 3} for i, node in enumerate(SITES)}

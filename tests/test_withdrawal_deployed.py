@@ -25,12 +25,12 @@ from coordinator.withdrawal import verify_certificate
 from fedlora.audit import read_records, verify
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.pki import create_node_key, public_key_fingerprint
+from fedlora.pki import public_key_fingerprint
 from fedlora.registry import verify_adapter
 from fedlora.withdrawal_request import make_request, refusal_text, request_in, request_problems
 from participant import app as participant_app
 from participant.site import Refusal, node_key
-from tests.conftest import SMALL
+from tests.conftest import SMALL, registered_coordinator
 
 SITES = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c"}
 
@@ -61,12 +61,7 @@ def withdrawn_app(request: dict) -> ClientApp:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("deployed-withdrawal")
-    directory = root / "coordinator"
-    assert main(["coordinator", "init", str(directory)]) == 0
-    book = ParticipantBook(directory / BOOK)
-    for node, name in SITES.items():
-        _, pub = create_node_key(root / name)
-        book.add(name, node, public_key_fingerprint(pub))
+    directory = registered_coordinator(root, SITES)
     request = make_request("hospital-c", "the board withdrew consent", node_key(root / "hospital-c"))
     out = directory / "runs" / "main"
     said: list[list[str]] = []
