@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.prometheus import CoordinatorCollector
+from participant.metrics import SiteCollector
 from fedlora.cli import main
 
 MONITORING = Path(__file__).resolve().parents[1] / "examples" / "monitoring"
@@ -36,15 +37,19 @@ def test_the_configuration_and_rules_load_and_the_rules_pass_their_unit_tests() 
     assert "SUCCESS" in promtool("test", "rules", "alerts-test.yml").stdout
 
 
-def exported_names(directory: Path) -> set[str]:
-    """The sample names the coordinator's exporter emits (a counter's samples end in _total)."""
-    return {family.name + ("_total" if family.type == "counter" else "") for family in CoordinatorCollector(directory).collect()}
+def exported_names(collector) -> set[str]:
+    """The sample names a collector emits (a counter's samples end in _total)."""
+    return {family.name + ("_total" if family.type == "counter" else "") for family in collector.collect()}
 
 
 def test_every_metric_the_rules_and_the_dashboard_query_is_exported(tmp_path: Path) -> None:
     assert main(["coordinator", "init", str(tmp_path / "coordinator")]) == 0
-    exported = exported_names(tmp_path / "coordinator")
-    assert "fedlora_coordinator_rounds_total" in exported and "fedlora_coordinator_participant_connected" in exported
+    site = tmp_path / "site"
+    assert main(["participant", "init", str(site), "--name", "hospital-a", "--data", "diabetes", "--label-column", "Outcome"]) == 0
+    local = site / "participant.toml"  # limits, so that the limit gauges exist
+    local.write_text(re.sub(r"(?m)^max_epsilon(_coordinator)? = .*$", lambda m: f"{m.group(0).split(' = ')[0]} = 8.0", local.read_text()))
+    exported = exported_names(CoordinatorCollector(tmp_path / "coordinator")) | exported_names(SiteCollector(site))
+    assert {"fedlora_coordinator_rounds_total", "fedlora_coordinator_participant_connected", "fedlora_participant_epsilon_limit"} <= exported
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     queried = {expr for panel in dashboard["panels"] for target in panel["targets"] for expr in METRIC.findall(target["expr"])}
     queried |= set(METRIC.findall((MONITORING / "alerts.yml").read_text()))
