@@ -29,7 +29,9 @@ from coordinator.deploy import Settings, app_pyproject, flower_connection, read_
 from coordinator.participants import BOOK, ParticipantBook
 from fedlora.config import load_config
 from fedlora.kube import (
+    LIGHT,
     SUBPATH_NOTE,
+    VIEW_PORTS,
     Doc,
     SecretFiles,
     Target,
@@ -42,6 +44,7 @@ from fedlora.kube import (
     metadata,
     network_policy,
     pod_spec,
+    read_only_view,
     resources,
     secret_command,
     secret_object,
@@ -59,8 +62,6 @@ STATE = "state"  # the StatefulSet's claim template: the claim is STATE-APP-0
 PORT = "superlink"
 # For containers that only run a command: `prepare`, and the round-loop Job's `coordinator run`, which
 # submits the run and follows its log (the round loop itself runs in the SuperLink's pod).
-DASHBOARD_PORT = 8050
-LIGHT = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 # ConfigMap key -> where under MOUNT both pods see it
 SHARED_FILES = {"coordinator.toml": "coordinator.toml", "run.toml": "run.toml", "pyproject.toml": "app/pyproject.toml", "coordinator.pub": "coordinator.pub"}
 
@@ -174,12 +175,12 @@ def superlink(coordinator: Coordinator, target: Target, config: dict[str, str]) 
 
 
 def dashboard(target: Target, superlink_mounts: list[Doc]) -> Doc:
-    """The read-only operator dashboard and /metrics beside the SuperLink, on the pod's loopback only
-    (`kubectl port-forward`), with every volume mounted read-only: it can change nothing."""
-    mounts = [mount | {"readOnly": True} for mount in superlink_mounts]
-    command = ["fedlora", "coordinator", "dashboard", MOUNT, "--listen", f"127.0.0.1:{DASHBOARD_PORT}"]
-    probe = {"exec": {"command": ["python", "-c", f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{DASHBOARD_PORT}/metrics', timeout=20)"]}}
-    return container("dashboard", target, command, mounts, LIGHT, readinessProbe={**probe, "periodSeconds": 30, "timeoutSeconds": 25})
+    """The operator's dashboard and /metrics beside the SuperLink, on the pod's loopback (`kubectl port-forward`),
+    every volume read-only: it can change nothing."""
+    port = VIEW_PORTS["dashboard"]
+    command = ["fedlora", "coordinator", "dashboard", MOUNT, "--listen", f"127.0.0.1:{port}"]
+    probe = {"exec": {"command": ["python", "-c", f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=20)"]}}
+    return read_only_view("dashboard", target, command, superlink_mounts, readinessProbe={**probe, "periodSeconds": 30, "timeoutSeconds": 25})
 
 
 def job_name(run: str) -> str:

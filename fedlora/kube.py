@@ -26,6 +26,8 @@ from fedlora.atomic import write_bytes_atomic
 Doc = dict[str, Any]
 
 USER = 10001  # the image's non-root user and group (examples/deployment/Containerfile)
+LIGHT = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}  # a view or a Job that waits
+VIEW_PORTS = {"dashboard": 8050, "monitor": 9464}  # the views' default ports, on the pod's loopback
 TMP = "/tmp"  # an emptyDir: HOME and the libraries' caches under a read-only root file system
 SUBPATH_NOTE = "files mounted one by one (subPath) do not follow a changed ConfigMap: the pod template carries its hash, so applying a change restarts the pod"
 
@@ -134,6 +136,12 @@ def container(name: str, target: Target, command: list[str], mounts: list[Doc], 
         "volumeMounts": [*mounts, volume_mount("tmp", TMP, read_only=False)],
         **extra,
     }
+
+
+def read_only_view(name: str, target: Target, command: list[str], mounts: list[Doc], **extra: Any) -> Doc:
+    """A read-only view (dashboard, site monitor) beside the main container: the same volumes, every one
+    mounted read-only, and little CPU and memory."""
+    return container(name, target, command, [mount | {"readOnly": True} for mount in mounts], LIGHT, **extra)
 
 
 def pod_spec(containers: list[Doc], volumes: list[Doc], **extra: Any) -> Doc:

@@ -109,9 +109,16 @@ def supernode(site: Site, target: Target) -> Doc:
             "replicas": 1,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": kube.labels("participant", site.name)},
-            "template": kube.template("participant", site.name, kube.pod_spec([main], volumes + more_volumes), site.files),
+            "template": kube.template("participant", site.name, kube.pod_spec([main, monitor(target, mounts + more_mounts)], volumes + more_volumes), site.files),
         },
     }
+
+
+def monitor(target: Target, supernode_mounts: list[Doc]) -> Doc:
+    """The site's monitor beside its daemon, on the pod's loopback (`kubectl port-forward`), every volume read-only
+    and without the node key: it can neither change the site nor act as it."""
+    command = ["fedlora", "participant", "monitor", MOUNT, "--listen", f"127.0.0.1:{kube.VIEW_PORTS['monitor']}"]
+    return kube.read_only_view("monitor", target, command, [m for m in supernode_mounts if m["name"] != "node-key"])
 
 
 def participant_manifests(site: Site, target: Target, cidr: str, include_secrets: bool) -> dict[str, list[Doc]]:

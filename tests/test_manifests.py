@@ -216,3 +216,11 @@ def test_the_dashboard_runs_beside_the_superlink_on_loopback_and_mounts_everythi
     assert writable == ["/tmp"], writable  # the coordinator directory, keys and configuration: read-only
     superlink = next(container for container in pod["containers"] if container["name"] == "superlink")
     assert {m["mountPath"] for m in superlink["volumeMounts"]} == {m["mountPath"] for m in dashboard["volumeMounts"]}
+
+
+def test_the_site_monitor_runs_beside_the_daemon_read_only_and_without_the_node_key(site: Path, tmp_path: Path) -> None:
+    pod = find(generate(tmp_path, "participant", "manifests", str(site)), "Deployment")["spec"]["template"]["spec"]
+    monitor = next(container for container in pod["containers"] if container["name"] == "monitor")
+    assert monitor["command"][:3] == ["fedlora", "participant", "monitor"] and monitor["command"][-2:] == ["--listen", "127.0.0.1:9464"]
+    assert [mount["mountPath"] for mount in monitor["volumeMounts"] if not mount.get("readOnly")] == ["/tmp"]
+    assert not any(mount["name"] == "node-key" for mount in monitor["volumeMounts"])  # it cannot act as the site
