@@ -13,6 +13,7 @@ version that does not verify.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
@@ -69,6 +70,18 @@ def round_series(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return series
 
 
+def file_stamp(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Each file's name, size and modification time: changes whenever a file of the version is rewritten."""
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file())
+
+
+@functools.lru_cache(maxsize=4096)
+def verified(directory: str, stamp: tuple[tuple[str, int, int], ...], public_key: bytes) -> tuple[str, ...]:
+    """`verify_adapter`'s problems, once per content stamp: a page refresh or a scrape does not re-hash every
+    version of every run (`fedlora adapter verify` always hashes afresh)."""
+    return tuple(verify_adapter(Path(directory), public_key))
+
+
 def versions(run_dir: Path, public_key: bytes | None) -> list[dict[str, Any]]:
     """Every adapter version of a run: its lineage, parent, whether it verifies and whether it is withdrawn."""
     adapters = Path(run_dir) / "adapters"
@@ -78,7 +91,7 @@ def versions(run_dir: Path, public_key: bytes | None) -> list[dict[str, Any]]:
         if not manifest.is_file():
             continue  # being written
         facts = json.loads(manifest.read_text()).get("facts", {})
-        problems = verify_adapter(version, public_key) if public_key else ["no coordinator.pub to verify against"]
+        problems = list(verified(str(version), file_stamp(version), public_key)) if public_key else ["no coordinator.pub to verify against"]
         out.append({
             "version": version.name, "round": facts.get("round"), "parent": facts.get("parent"), "lineage": facts.get("lineage", 0),
             "verifies": not problems, "problems": problems, "withdrawn": (version / WITHDRAWAL).is_file(),

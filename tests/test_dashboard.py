@@ -301,3 +301,17 @@ def test_a_directory_that_is_neither_is_refused(tmp_path: Path, capsys) -> None:
         observe(tmp_path)
     assert main(["coordinator", "dashboard", str(tmp_path)]) == 2
     assert "neither a coordinator directory" in capsys.readouterr().err
+
+
+def test_a_version_tampered_with_after_a_snapshot_shows_at_the_next(live: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(live["directory"] / "runs" / "main", run)
+    shutil.copy(live["directory"] / "coordinator.pub", run / "coordinator.pub")  # a run directory verifies against its own key file
+    assert all(v["verifies"] for v in observe(run)["runs"]["run"]["versions"])  # verified once, then remembered
+    weights = run / "adapters" / f"round-{ROUNDS:04d}" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    shown = {v["version"]: v for v in observe(run)["runs"]["run"]["versions"]}
+    assert not shown[f"round-{ROUNDS:04d}"]["verifies"] and shown[f"round-{ROUNDS - 1:04d}"]["verifies"]
+    assert observe(run)["alerts"][0]["kind"] == "version_unverified"
