@@ -19,8 +19,9 @@ from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.export import GGUF_FILE, RECORD, export_version, gguf_tensor_name, llama_heads, rope_rows_for_gguf
 from fedlora.model import base_model_dir, load_model, model_fingerprint
-from fedlora.registry import load_or_create_key, sign_adapter
+from fedlora.registry import load_or_create_key, sign_adapter, withdraw_version
 from tests.conftest import SMALL
+from tests.test_light_commands import run_light
 
 BASE = "builtin:tiny-llama"
 ALL_MODULES = "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -47,14 +48,20 @@ def record(target: Path) -> dict:
     return json.loads((target / RECORD).read_text())
 
 
-def test_the_peft_export_is_the_default_and_states_its_source(version: Path, tmp_path: Path) -> None:
-    assert main(["adapter", "export", "final", str(tmp_path / "peft"), "--run", str(version.parents[1])]) == 0
+def test_the_peft_export_is_the_default_states_its_source_and_loads_in_stock_peft(version: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # still a light command: it imports no model stack (tests/test_light_commands.py)
+    assert run_light("adapter", "export", "final", str(tmp_path / "peft"), "--run", str(version.parents[1]))[:2] == (0, [])
     manifest = json.loads((version / "manifest.json").read_text())
     stated = record(tmp_path / "peft")
     assert stated["format"] == "peft" and stated["source_version"] == "final" and not stated["withdrawn"]
     assert stated["manifest_signature"] == manifest["signature"]
     assert stated["base_model_sha256"] == manifest["facts"]["base_model_sha256"]
     assert not (tmp_path / "peft" / "manifest.json").exists()
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir(BASE)), str(tmp_path / "peft"))
+    assert any("lora_B" in name for name, _ in stock.named_parameters())
 
 
 def test_a_merged_export_computes_what_base_plus_adapter_computes(version: Path, tmp_path: Path) -> None:
@@ -130,3 +137,14 @@ def test_a_version_that_does_not_verify_is_exported_in_no_format(version: Path, 
         with pytest.raises(ValueError, match="does not verify"):
             export_version(copy, tmp_path / f"out-{fmt}", trusted(version), fmt)
         assert not (tmp_path / f"out-{fmt}").exists()
+
+
+def test_a_withdrawn_version_is_exported_only_when_forced_and_its_record_says_so(version: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "round-0003"
+    shutil.copytree(version, copy)
+    facts = {"participants": ["participant-1"], "withdrawn_at": "2026-12-07T00:00:00Z", "reason": "the hospital left"}
+    withdraw_version(copy, load_or_create_key(version.parents[1] / "coordinator.key"), facts)
+    with pytest.raises(ValueError, match="WITHDRAWN"):
+        export_version(copy, tmp_path / "refused", trusted(version), "gguf")
+    export_version(copy, tmp_path / "forced", trusted(version), "gguf", force=True)
+    assert record(tmp_path / "forced")["withdrawn"] and record(tmp_path / "forced")["source_version"] == "round-0003"
