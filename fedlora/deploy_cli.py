@@ -317,7 +317,8 @@ def _participant_start(args: argparse.Namespace) -> int:
 
 
 def _adapter_export(args: argparse.Namespace) -> int:
-    from fedlora.registry import export_adapter, find_public_key
+    from fedlora.export import export_version
+    from fedlora.registry import find_public_key
 
     source = Path(args.version)
     if not source.is_dir():
@@ -325,8 +326,9 @@ def _adapter_export(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise FileNotFoundError(f"no adapter version {args.version!r} (neither a directory nor under {Path(args.run) / 'adapters'})")
     key = Path(args.public_key) if args.public_key else find_public_key(source)
-    target = export_adapter(source, Path(args.target), key.read_bytes(), args.force)
-    print(f"{source} verified against {key} and exported to {target} (a plain PEFT adapter)")
+    target = export_version(source, Path(args.target), key.read_bytes(), args.format, args.base, args.force)
+    what = {"peft": "a plain PEFT adapter", "merged": "the base with the adapter merged in", "gguf": "a GGUF LoRA adapter for llama.cpp"}
+    print(f"{source} verified against {key} and exported to {target} ({what[args.format]}; EXPORT.json says what it was made from)")
     return 0
 
 
@@ -477,12 +479,19 @@ def add_deploy_commands(commands: argparse._SubParsersAction, audit: argparse._S
 
 
 def add_adapter_export(adapter: argparse._SubParsersAction) -> None:
-    export = adapter.add_parser("export", help="write a verified adapter version as a plain PEFT directory")
+    from fedlora.export import FORMATS
+
+    export = adapter.add_parser("export", help="write a verified adapter version for a serving stack (PEFT, merged model, GGUF)")
     export.add_argument("version", help="an adapter directory, or a version name (round-0003, final) in --run")
     export.add_argument("target", help="directory to write (must not exist or be empty)")
     export.add_argument("--run", default=".", help="run directory holding adapters/ (default: .)")
     export.add_argument("--public-key", help="the coordinator's coordinator.pub (default: found above the version)")
     export.add_argument("--force", action="store_true", help="export a withdrawn version anyway (it still must verify)")
+    export.add_argument(
+        "--format", choices=FORMATS, default="peft",
+        help="peft: the PEFT directory (vLLM, TGI, transformers); merged: a full model with the adapter merged in; gguf: a LoRA for llama.cpp (Llama bases)",
+    )
+    export.add_argument("--base", help="base model for merged/gguf (default: the manifest's facts.base_model); its fingerprint must match")
     export.set_defaults(handler=_adapter_export)
 
 
