@@ -79,6 +79,11 @@ def format_prompt(record_text: str, question: str) -> str:
     return f"### Record\n{record_text}\n### Question\n{question}\n### Answer\n"
 
 
+def instruction_prompt(instruction: str, record_text: str = "") -> str:
+    """The prompt of a JSONL instruction (with its optional input): training and `fedlora generate` share it."""
+    return format_prompt(record_text, instruction) if record_text else f"### Question\n{instruction}\n### Answer\n"
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -125,8 +130,7 @@ def _jsonl_examples(path: Path) -> list[Example]:
             prompt = "".join(f"### {m['role']}\n{m['content']}\n" for m in messages[:-1]) + "### assistant\n"
             examples.append(Example(prompt, messages[-1]["content"], {}))
         elif "instruction" in item and "output" in item:
-            record_text = item.get("input", "")
-            prompt = format_prompt(record_text, item["instruction"]) if record_text else f"### Question\n{item['instruction']}\n### Answer\n"
+            prompt = instruction_prompt(item["instruction"], item.get("input", ""))
             examples.append(Example(prompt, str(item["output"]), {k: v for k, v in item.items() if k != "output"}))
         else:
             raise ValueError(
@@ -195,15 +199,19 @@ def answer_choices(examples: list[Example], max_choices: int = 16) -> list[str]:
 
 def encode_causal(example: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and labels with the prompt masked (-100), so the loss covers only the answer."""
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    # Keep the answer whole: truncate the prompt from the left.
-    room = max(max_length - len(prefix) - len(response_ids), 1)
-    prompt_ids = prefix + prompt_ids[-room:]
+    prompt_ids = encode_prompt(example.prompt, tokenizer, max_length - len(response_ids))  # the answer stays whole
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
     return input_ids, labels
+
+
+def encode_prompt(prompt: str, tokenizer: Any, room: int) -> list[int]:
+    """BOS (if the tokenizer has one), then the prompt truncated from the left to fit `room` tokens in all
+    (one prompt token at least): how a sequence starts in training and in `fedlora generate`."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prefix + prompt_ids[-max(room - len(prefix), 1) :]
 
 
 # Per tokenizer: (prompt, response, max_length) -> encode_causal's result. A participant trains on

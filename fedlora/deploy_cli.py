@@ -318,13 +318,9 @@ def _participant_start(args: argparse.Namespace) -> int:
 
 def _adapter_export(args: argparse.Namespace) -> int:
     from fedlora.export import export_version
-    from fedlora.registry import find_public_key
+    from fedlora.registry import find_public_key, version_directory
 
-    source = Path(args.version)
-    if not source.is_dir():
-        source = Path(args.run) / "adapters" / args.version
-    if not source.is_dir():
-        raise FileNotFoundError(f"no adapter version {args.version!r} (neither a directory nor under {Path(args.run) / 'adapters'})")
+    source = version_directory(args.version, Path(args.run))
     key = Path(args.public_key) if args.public_key else find_public_key(source)
     target = export_version(source, Path(args.target), key.read_bytes(), args.format, args.base, args.force)
     what = {"peft": "a plain PEFT adapter", "merged": "the base with the adapter merged in", "gguf": "a GGUF LoRA adapter for llama.cpp"}

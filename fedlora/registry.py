@@ -159,17 +159,32 @@ def find_public_key(adapter_directory: Path) -> Path:
     raise FileNotFoundError(f"no coordinator.pub above {adapter_directory}; pass --public-key (the coordinator's coordinator.pub)")
 
 
+def require_verified(directory: Path, public_key_pem: bytes, force: bool, purpose: str) -> None:
+    """Refuse a version that does not verify, listing its problems; a withdrawn one unless `force`."""
+    problems = verify_adapter(directory, public_key_pem)
+    if force and problems and problems[0].startswith("WITHDRAWN"):
+        problems = problems[1:]
+    if problems:
+        raise ValueError(f"{directory} does not verify, refusing to {purpose}: {'; '.join(problems)}")
+
+
+def version_directory(version: str, run: Path) -> Path:
+    """An adapter version given as a directory, or as a name (round-0003, final) under `run`/adapters."""
+    source = Path(version)
+    if not source.is_dir():
+        source = Path(run) / "adapters" / version
+    if not source.is_dir():
+        raise FileNotFoundError(f"no adapter version {version!r} (neither a directory nor under {Path(run) / 'adapters'})")
+    return source
+
+
 def export_adapter(source: Path, target: Path, public_key_pem: bytes, force: bool = False) -> Path:
     """Copy a version that verifies as a plain PEFT directory (no manifest) that stock PEFT loads.
 
     A withdrawn version is refused unless `force` (it still verifies otherwise: the copy is the
     signed one).
     """
-    problems = verify_adapter(source, public_key_pem)
-    if force and problems and problems[0].startswith("WITHDRAWN"):
-        problems = problems[1:]
-    if problems:
-        raise ValueError(f"{source} does not verify, refusing to export it: {'; '.join(problems)}")
+    require_verified(source, public_key_pem, force, "export it")
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty")
