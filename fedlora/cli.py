@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedlora.config import ConfigError, describe_options, load_config, options_markdown
 from fedlora.deploy_cli import add_adapter_export, add_deploy_commands, add_model_hash
+from fedlora.generate_cli import add_generate_command
 from fedlora.logs import configure
 
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_verify.set_defaults(handler=_adapter_verify)
     add_adapter_export(adapter)
     add_model_hash(commands)
+    add_generate_command(commands)
     add_deploy_commands(commands, audit)
     return parser
 

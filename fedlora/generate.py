@@ -1,0 +1,136 @@
+"""`fedlora generate`: answers from a signed adapter version, on any machine holding it and the coordinator's key.
+
+The version is verified first (`registry.require_verified`: a changed or added file, or another
+signer, is refused; a withdrawn version unless forced) and the base must have the fingerprint the
+version was signed for (`export.checked_base`), so an answer always comes from the adapter the
+consortium published, on the base it was trained on. No coordinator is involved: a site needs only
+the version directory and `coordinator.pub`.
+
+Each question is formatted as training formats a JSONL instruction (`data.instruction_prompt`,
+`data.encode_prompt`) and answered greedily, so the same question gets the same answer on every
+machine; a classification adapter answers with its predicted class name instead. The base's chat
+template, where its tokenizer has one, is not applied, since training does not apply it either;
+chat templates are future work of issue 26.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.data import encode_prompt, instruction_prompt
+from fedlora.export import checked_base
+from fedlora.registry import MANIFEST, require_verified
+
+PROMPT_FIELDS = ("prompt", "question", "instruction")
+# --quantization -> (model.quantization, model.compute_dtype) of the project's loader.
+QUANTIZATIONS = {"nf4": ("nf4", "auto"), "bf16": ("none", "bfloat16"), "none": ("none", "float32")}
+
+
+@dataclass
+class Answerer:
+    """A base with the version's adapter attached, its tokenizer, and its class names (empty: it generates)."""
+
+    model: Any
+    tokenizer: Any
+    label_names: list[str]
+
+
+def question_prompt(item: dict[str, Any], where: str) -> str:
+    """The training prompt of one question: its prompt (or question, or instruction) and optional input."""
+    key = next((key for key in PROMPT_FIELDS if key in item), None)
+    if key is None:
+        raise ValueError(f"{where}: expected a 'prompt', 'question' or 'instruction' field, got {sorted(item)}")
+    text = item[key]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: the {key!r} field is empty")
+    return instruction_prompt(text, str(item.get("input") or ""))
+
+
+def read_questions(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSONL file, each checked to hold a question before any model loads."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--input: {path} does not exist")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+        question_prompt(item, f"{path}:{number}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"--input: {path} holds no questions")
+    return items
+
+
+def write_answers(path: Path, items: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+
+
+def class_names(directory: Path, facts: dict[str, Any], run: Path) -> list[str]:
+    """A classification version's class names: its manifest's, else its run's `data.label_names`."""
+    if facts.get("label_names"):
+        return list(facts["label_names"])
+    from fedlora.config import load_config
+
+    for config in (directory.resolve().parents[1] / "config.toml", Path(run) / "config.toml"):
+        if config.is_file() and load_config(config).data.label_names:
+            return list(load_config(config).data.label_names)
+    raise ValueError(
+        f"{directory} is a classification adapter, but neither its manifest (facts.label_names) nor its run's config.toml "
+        "(data.label_names) names its classes; pass --run with the run directory"
+    )
+
+
+def open_version(directory: Path, public_key_pem: bytes, base: str | None, quantization: str, force: bool, run: Path) -> Answerer:
+    """Verify the version and its base, then load the base with the adapter attached by stock PEFT."""
+    from peft import PeftConfig, PeftModel
+
+    from fedlora.config import ModelSection
+    from fedlora.model import load_base_model, load_tokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization: {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    require_verified(directory, public_key_pem, force, "answer with it")
+    facts = json.loads((directory / MANIFEST).read_text()).get("facts") or {}
+    name = base or facts.get("base_model") or ""
+    checked_base(name, facts.get("base_model_sha256"))
+    classifies = PeftConfig.from_pretrained(str(directory)).task_type == "SEQ_CLS"
+    label_names = class_names(directory, facts, run) if classifies else []
+    weights, dtype = QUANTIZATIONS[quantization]
+    cfg = ModelSection(name=name, task="classification" if classifies else "generation", quantization=weights, compute_dtype=dtype)
+    tokenizer = load_tokenizer(cfg)
+    model = load_base_model(cfg, num_labels=len(label_names))
+    if classifies and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # as training sets it (model.load_model)
+    return Answerer(PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer, label_names)
+
+
+def answer(answerer: Answerer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy answer to a formatted prompt, or the predicted class name of a classification adapter."""
+    import torch
+
+    model, tokenizer = answerer.model, answerer.tokenizer
+    device = next(model.parameters()).device
+    context = int(getattr(model.config, "max_position_embeddings", 512))
+    with torch.no_grad():
+        if answerer.label_names:
+            batch = tokenizer([prompt], truncation=True, max_length=context, return_tensors="pt").to(device)
+            return answerer.label_names[int(model(**batch).logits[0].argmax())]
+        ids = torch.tensor([encode_prompt(prompt, tokenizer, context - max_new_tokens)], device=device)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer_all(answerer: Answerer, items: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
+    """Each question object with its `answer` added."""
+    return [item | {"answer": answer(answerer, question_prompt(item, f"question {i}"), max_new_tokens)} for i, item in enumerate(items, 1)]
