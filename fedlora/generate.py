@@ -7,8 +7,8 @@ consortium published, on the base it was trained on. No coordinator is involved:
 the version directory and `coordinator.pub`.
 
 Each question is formatted as training formats a JSONL instruction (`data.instruction_prompt`,
-`data.encode_prompt`) and answered greedily, so the same question gets the same answer on every
-machine; a classification adapter answers with its predicted class name instead. The base's chat
+`data.encode_prompt`) and answered greedily, not sampled, so a question asked again on the same
+base and hardware gets the same answer; a classification adapter answers with its predicted class name instead. The base's chat
 template, where its tokenizer has one, is not applied, since training does not apply it either;
 chat templates are future work of issue 26.
 """
