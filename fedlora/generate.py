@@ -81,8 +81,9 @@ def class_names(directory: Path, facts: dict[str, Any], run: Path) -> list[str]:
     from fedlora.config import load_config
 
     for config in (directory.resolve().parents[1] / "config.toml", Path(run) / "config.toml"):
-        if config.is_file() and load_config(config).data.label_names:
-            return list(load_config(config).data.label_names)
+        names = load_config(config).data.label_names if config.is_file() else []
+        if names:
+            return list(names)
     raise ValueError(
         f"{directory} is a classification adapter, but neither its manifest (facts.label_names) nor its run's config.toml "
         "(data.label_names) names its classes; pass --run with the run directory"
