@@ -18,7 +18,7 @@ from fedlora.adapter import adapter_vector, save_peft_dir
 from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.data import instruction_prompt
-from fedlora.generate import answer, open_version, read_questions
+from fedlora.generate import answer, class_names, open_version, read_questions
 from fedlora.model import base_model_dir, load_model, model_fingerprint
 from fedlora.registry import load_or_create_key, sign_adapter
 from tests.conftest import SMALL
@@ -140,3 +140,13 @@ def test_a_classification_version_answers_with_the_class_stock_peft_predicts(tmp
     with torch.no_grad():
         predicted = int(stock(**tokenizer([prompt], return_tensors="pt")).logits[0].argmax())
     assert answer(answerer, prompt, 4) == ["no", "yes"][predicted]
+
+
+def test_class_names_come_from_the_manifest_else_the_run_config_else_an_error_says_where(tmp_path: Path) -> None:
+    version = tmp_path / "run" / "adapters" / "final"
+    version.mkdir(parents=True)
+    assert class_names(version, {"label_names": ["low", "high"]}, tmp_path) == ["low", "high"]
+    with pytest.raises(ValueError, match="pass --run"):
+        class_names(version, {}, tmp_path)
+    (tmp_path / "run" / "config.toml").write_text('[data]\nlabel_names = ["no", "yes"]\n')
+    assert class_names(version, {}, tmp_path) == ["no", "yes"]
