@@ -5,8 +5,8 @@ in a thread, with the real participant app. hospital-c is a real participant dir
 default policy refuses plaintext rounds. While the rounds go, `fedlora coordinator dashboard`
 runs as its own process; Debian's Chromium (driven by selenium through Debian's chromedriver)
 keeps one page open and must see the rounds advance without a reload, the refusal with its
-reason, epsilon and a verified version. /metrics is scraped mid-run and must agree with
-metrics.jsonl. Set FEDLORA_SCREENSHOTS=DIR to keep a screenshot of every page (docs/images/).
+reason, epsilon and a verified version. /metrics is scraped mid-run (the run is held before
+round 2's training, so the files stand still) and must agree with metrics.jsonl. Set FEDLORA_SCREENSHOTS=DIR to keep a screenshot of every page (docs/images/).
 """
 
 from __future__ import annotations
@@ -96,6 +96,22 @@ def agreement(values: dict[tuple[str, tuple], float], rows: list[dict]) -> None:
     assert values[("fedlora_coordinator_eval_accuracy", run)] == pytest.approx(evaluated[-1]["eval_accuracy"], rel=1e-12)
 
 
+class HeldGrid(LocalGrid):
+    """LocalGrid that holds the run before round 2's training until the test has looked: the run is
+    live (its thread waits inside a round), and the files stand still while they are compared."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.paused, self.go_on = threading.Event(), threading.Event()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+            self.paused.set()
+            self.go_on.wait(300)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
@@ -121,7 +137,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         driver.execute_script("window.openedOnce = true")  # a reload would lose it
         wait_for(lambda: "No run 'main'" in page_text(driver), 60, "the page before the run")
         cfg = load_config(None, RUN)
-        grid = LocalGrid(participant_app.app, configs)
+        grid = HeldGrid(participant_app.app, configs)
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -132,17 +148,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
         thread = threading.Thread(target=run)
         thread.start()
-        seen, comparisons = [], 0
+        assert grid.paused.wait(300), "the run never reached its second round"
+        out = directory / "runs" / "main"
+        wait_for(lambda: "round 1 of" in page_text(driver), 60, "round 1 on the open page")
+        seen = [next(line for line in page_text(driver).splitlines() if line.startswith("round "))]
+        mid_run = {"rows": read_metrics(out), "values": scraped(port)}  # while the run is held before round 2
+        grid.go_on.set()
         while thread.is_alive():
-            out = directory / "runs" / "main"
-            if (out / "metrics.jsonl").is_file() and comparisons < 2:
-                before = read_metrics(out)
-                values = scraped(port)
-                if read_metrics(out) == before and any(row["round"] > 0 for row in before) and thread.is_alive():
-                    agreement(values, before)  # a scrape while the run is going
-                    comparisons += 1
             progress = next((line for line in page_text(driver).splitlines() if line.startswith("round ")), "")
-            if progress and (not seen or seen[-1] != progress):
+            if progress and seen[-1] != progress:
                 seen.append(progress)
             time.sleep(0.3)
         thread.join()
@@ -168,7 +182,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         driver.quit()
         driver = None
         yield {
-            "directory": directory, "port": port, "seen": seen, "comparisons": comparisons, "still_open": reloaded, "final": final_text,
+            "directory": directory, "port": port, "seen": seen, "mid_run": mid_run, "still_open": reloaded, "final": final_text,
             "pages": pages, "digest": digest, "after": after_metrics, "exposition": exposition, "root": root,
         }  # fmt: skip
     finally:
@@ -195,7 +209,9 @@ def test_the_pages_show_the_refusal_its_reason_epsilon_and_a_verified_version(li
 
 
 def test_metrics_agree_with_the_metrics_file_during_and_after_the_run(live: dict) -> None:
-    assert live["comparisons"] >= 1, "no scrape landed while the run was going"
+    mid_run = live["mid_run"]
+    assert [row["round"] for row in mid_run["rows"]] == [0, 1]  # scraped during the run, after its first round
+    agreement(mid_run["values"], mid_run["rows"])
     agreement(live["after"], read_metrics(live["directory"] / "runs" / "main"))
     assert live["after"][("fedlora_coordinator_participant_skipped_total", (("participant", "hospital-c"), ("reason", "refused")))] == ROUNDS
     assert live["after"][("fedlora_coordinator_alerts", (("kind", "site_refusing"),))] == 1
