@@ -47,3 +47,30 @@ def registered_coordinator(root: Path, sites: dict[int, str]) -> Path:
         _, pub = create_node_key(root / name)
         book.add(name, node, public_key_fingerprint(pub))
     return directory
+
+
+TINY_BASE = "builtin:tiny-llama"
+
+
+def signed_version(root: Path, overrides: list[str], scale: float) -> Path:
+    """A signed adapter version ROOT/adapters/final of the tiny Llama with random LoRA weights (normal, `scale`),
+    its manifest stating the base and fingerprint, as the coordinator signs a round's version."""
+    import numpy as np
+
+    from fedlora.adapter import adapter_vector, save_peft_dir
+    from fedlora.model import load_model, model_fingerprint
+    from fedlora.registry import load_or_create_key, sign_adapter
+
+    cfg = load_config(None, [*SMALL, "model.quantization=none", *overrides])
+    model = load_model(cfg.model, cfg.lora, [], seed=0).model
+    _, layout = adapter_vector(model)
+    vector = np.random.default_rng(0).normal(0.0, scale, layout.size).astype(np.float32)
+    directory = save_peft_dir(root / "adapters" / "final", vector, layout, model.peft_config["default"])
+    facts = {"round": 1, "parent": "round-0000", "base_model": TINY_BASE, "base_model_sha256": model_fingerprint(TINY_BASE)}
+    sign_adapter(directory, load_or_create_key(root / "coordinator.key"), facts)
+    return directory
+
+
+def trusted(version: Path) -> bytes:
+    """The public key a signed_version verifies against."""
+    return (version.parents[1] / "coordinator.pub").read_bytes()

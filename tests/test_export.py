@@ -14,34 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.adapter import adapter_vector, save_peft_dir
 from fedlora.cli import main
-from fedlora.config import load_config
 from fedlora.export import GGUF_FILE, RECORD, export_version, gguf_tensor_name, llama_heads, rope_rows_for_gguf
-from fedlora.model import base_model_dir, load_model, model_fingerprint
-from fedlora.registry import load_or_create_key, sign_adapter, withdraw_version
-from tests.conftest import SMALL
+from fedlora.model import base_model_dir, model_fingerprint
+from fedlora.registry import load_or_create_key, withdraw_version
+from tests.conftest import TINY_BASE, signed_version, trusted
 from tests.test_light_commands import run_light
 
-BASE = "builtin:tiny-llama"
+BASE = TINY_BASE
 ALL_MODULES = "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    cfg = load_config(None, [*SMALL, "model.quantization=none", ALL_MODULES])
-    model = load_model(cfg.model, cfg.lora, [], seed=0).model
-    _, layout = adapter_vector(model)
-    vector = np.random.default_rng(0).normal(0.0, 0.05, layout.size).astype(np.float32)
-    directory = save_peft_dir(root / "adapters" / "final", vector, layout, model.peft_config["default"])
-    facts = {"round": 1, "parent": "round-0000", "base_model": BASE, "base_model_sha256": model_fingerprint(BASE)}
-    sign_adapter(directory, load_or_create_key(root / "coordinator.key"), facts)
-    return directory
-
-
-def trusted(version: Path) -> bytes:
-    return (version.parents[1] / "coordinator.pub").read_bytes()
+    return signed_version(tmp_path_factory.mktemp("export"), [ALL_MODULES], scale=0.05)
 
 
 def record(target: Path) -> dict:

@@ -21,27 +21,15 @@ from fedlora.data import instruction_prompt
 from fedlora.generate import answer, class_names, open_version, read_questions
 from fedlora.model import base_model_dir, load_model, model_fingerprint
 from fedlora.registry import load_or_create_key, sign_adapter
-from tests.conftest import SMALL
+from tests.conftest import SMALL, TINY_BASE, signed_version, trusted
 
-BASE = "builtin:tiny-llama"
+BASE = TINY_BASE
 QUESTION = "Is the patient diabetic?"
 
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("generate")
-    cfg = load_config(None, [*SMALL, "model.quantization=none"])
-    model = load_model(cfg.model, cfg.lora, [], seed=0).model
-    _, layout = adapter_vector(model)
-    vector = np.random.default_rng(0).normal(0.0, 0.2, layout.size).astype(np.float32)
-    directory = save_peft_dir(root / "adapters" / "final", vector, layout, model.peft_config["default"])
-    facts = {"round": 1, "parent": "round-0000", "base_model": BASE, "base_model_sha256": model_fingerprint(BASE)}
-    sign_adapter(directory, load_or_create_key(root / "coordinator.key"), facts)
-    return directory
-
-
-def trusted(version: Path) -> bytes:
-    return (version.parents[1] / "coordinator.pub").read_bytes()
+    return signed_version(tmp_path_factory.mktemp("generate"), [], scale=0.2)
 
 
 def stock_greedy(version: Path, prompt: str, max_new_tokens: int) -> str:
