@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,15 +115,23 @@ def _table_examples(frame: pd.DataFrame, task: ClinicalTask) -> list[Example]:
     return examples
 
 
-def _jsonl_examples(path: Path) -> list[Example]:
-    examples = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file; ValueError naming the line otherwise."""
+    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from err
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(item).__name__}")
+        yield line_number, item
+
+
+def _jsonl_examples(path: Path) -> list[Example]:
+    examples = []
+    for line_number, item in jsonl_objects(path):
         if "messages" in item:
             messages = item["messages"]
             if not messages or messages[-1].get("role") != "assistant":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.data import encode_prompt, instruction_prompt
+from fedlora.data import encode_prompt, instruction_prompt, jsonl_objects
 from fedlora.export import checked_base
 from fedlora.registry import MANIFEST, require_verified
 
@@ -54,15 +54,7 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"--input: {path} does not exist")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-        if not isinstance(item, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+    for number, item in jsonl_objects(path):
         question_prompt(item, f"{path}:{number}")
         items.append(item)
     if not items:
