@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,8 +331,9 @@ def status(directory: Path) -> dict[str, Any]:
     return report
 
 
-def run_status(out: Path, public_key: bytes) -> dict[str, Any]:
-    """One run's rounds done, epsilon spent, last adapter version, rejections and checks (`coordinator status`)."""
+def run_status(out: Path, public_key: bytes, verify: Callable[[Path, bytes], list[str]] = verify_adapter) -> dict[str, Any]:
+    """One run's rounds done, epsilon spent, last adapter version, rejections and checks (`coordinator status`);
+    `verify` checks the head version (the dashboard passes one that remembers its results)."""
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
     rounds = [row for row in rows if row.get("round", 0) > 0 and "stopped" not in row]
     versions = sorted((out / "adapters").glob("round-*")) if (out / "adapters").is_dir() else []
@@ -352,7 +354,7 @@ def run_status(out: Path, public_key: bytes) -> dict[str, Any]:
         "epsilon": next((row["epsilon"] for row in reversed(rows) if row.get("epsilon") is not None), None),
         "epsilon_coordinator": next((row["epsilon_coordinator"] for row in reversed(rows) if row.get("epsilon_coordinator") is not None), None),
         "last_version": head.name if head else None,  # the head of the current lineage
-        "last_version_verifies": not verify_adapter(head, public_key) if head else None,
+        "last_version_verifies": not verify(head, public_key) if head else None,
         "rejections": sum(len(row.get("skipped", [])) for row in rounds),
         "last_rejections": rounds[-1].get("skipped", []) if rounds else [],
         "stopped": next((row["stopped"] for row in rows if "stopped" in row), None),

@@ -82,6 +82,11 @@ def verified(directory: str, stamp: tuple[tuple[str, int, int], ...], public_key
     return tuple(verify_adapter(Path(directory), public_key))
 
 
+def verify_remembered(directory: Path, public_key: bytes) -> list[str]:
+    """`verify_adapter` through `verified`: what a snapshot calls for every version, the head included."""
+    return list(verified(str(directory), file_stamp(directory), public_key))
+
+
 def versions(run_dir: Path, public_key: bytes | None) -> list[dict[str, Any]]:
     """Every adapter version of a run: its lineage, parent, whether it verifies and whether it is withdrawn."""
     adapters = Path(run_dir) / "adapters"
@@ -91,7 +96,7 @@ def versions(run_dir: Path, public_key: bytes | None) -> list[dict[str, Any]]:
         if not manifest.is_file():
             continue  # being written
         facts = json.loads(manifest.read_text()).get("facts", {})
-        problems = list(verified(str(version), file_stamp(version), public_key)) if public_key else ["no coordinator.pub to verify against"]
+        problems = verify_remembered(version, public_key) if public_key else ["no coordinator.pub to verify against"]
         out.append({
             "version": version.name, "round": facts.get("round"), "parent": facts.get("parent"), "lineage": facts.get("lineage", 0),
             "verifies": not problems, "problems": problems, "withdrawn": (version / WITHDRAWAL).is_file(),
@@ -103,7 +108,7 @@ def run_view(run_dir: Path, public_key: bytes | None) -> dict[str, Any]:
     """One run: the status `coordinator status` prints, its rounds, budget, versions and totals."""
     rows = read_metrics(run_dir) if Path(run_dir, "metrics.jsonl").is_file() else []
     series = round_series(rows)
-    view = run_status(run_dir, public_key) if public_key else {}
+    view = run_status(run_dir, public_key, verify_remembered) if public_key else {}
     try:
         budget = load_config(Path(run_dir) / "config.toml").privacy.epsilon_budget
     except (ConfigError, FileNotFoundError):
