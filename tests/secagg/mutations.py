@@ -44,7 +44,7 @@ class Mutation:
 
     @property
     def group(self) -> str:
-        return "views" if self.tests and self.tests[0] in VIEW_TESTS else ("governance" if self.tests else "secagg")
+        return "views" if self.tests and self.tests[0] in (*VIEW_TESTS, *SERVING_TESTS) else ("governance" if self.tests else "secagg")
 
     def command(self) -> list[str]:
         return [*(self.tests or TESTS), "-k", self.keyword if self.tests else SIMULATIONS]
@@ -467,6 +467,7 @@ MUTATIONS += [
 
 
 VIEW_TESTS = ("tests/test_dashboard.py", "tests/test_participant_monitor.py")
+SERVING_TESTS = ("tests/test_export.py", "tests/test_generate.py")  # what a site runs or serves: grouped with the views
 MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach them and what they may do
     Mutation(
         "view-token-not-required",
@@ -497,6 +498,26 @@ MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach t
         "the dashboard serves a certificate the consortium CA did not issue",
         (("fedlora/web.py", "    if tls_cert and ca:\n        check_issued_by(tls_cert, ca)", "    if False:\n        check_issued_by(tls_cert, ca)"),),
         VIEW_TESTS, "refuses_to_start",
+    ),
+    Mutation(
+        "view-verification-never-refreshed",
+        "a version verified once is shown as verifying after its files change",
+        (("coordinator/observe.py", "    return list(verified(str(directory), file_stamp(directory), public_key))",
+          "    return list(verified(str(directory), (), public_key))"),),
+        VIEW_TESTS, "tampered",
+    ),
+    Mutation(
+        "served-version-unverified",
+        "export and generate use a version whose signature or hashes do not verify",
+        (("fedlora/registry.py", "    if problems:\n        raise ValueError(f\"{directory} does not verify, refusing to {purpose}",
+          "    if False:\n        raise ValueError(f\"{directory} does not verify, refusing to {purpose}"),),
+        SERVING_TESTS, "tampered or does_not_verify",
+    ),
+    Mutation(
+        "served-on-another-base",
+        "merged and gguf exports and generate run on a base with another fingerprint than the signed one",
+        (("fedlora/export.py", "    if actual != expected_sha256:", "    if False:"),),
+        SERVING_TESTS, "another",
     ),
 ]
 
