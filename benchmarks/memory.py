@@ -95,7 +95,7 @@ def run_worker(model: str, quantization: str, device: str, steps: int, max_lengt
     start = time.perf_counter()
     result = train_local(
         loaded.model, loaded.tokenizer, examples, TrainSection(local_steps=steps, batch_size=2),
-        "generation", [], max_length, seed=0,
+        "generation", [], max_length, seed=0, prompt_format=loaded.prompt_format,
     )
     seconds, train_peak = time.perf_counter() - start, rss_peak()
     adapter_params, all_params = loaded.model.get_nb_trainable_parameters()

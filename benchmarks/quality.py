@@ -117,7 +117,7 @@ def shards_for(cfg: Config) -> tuple[list[Shard], list[str]]:
 
 def score(loaded, cfg: Config, shards: list[Shard]) -> dict[str, Any]:
     """The loaded adapter on every participant's test split, and pooled (example-weighted)."""
-    per = [evaluate(loaded.model, loaded.tokenizer, s.test, cfg.model.task, loaded.label_names, cfg.data.max_length) for s in shards]
+    per = [evaluate(loaded.model, loaded.tokenizer, s.test, cfg.model.task, loaded.label_names, cfg.data.max_length, prompt_format=loaded.prompt_format) for s in shards]
     sizes = [r.examples for r in per]
     return {
         "accuracy": float(np.average([r.accuracy for r in per], weights=sizes)),

@@ -67,10 +67,12 @@ def timed_batches(cfg, tokenizer, examples, seed: int, steps: int) -> list[dict[
     import numpy as np
 
     from fedlora.data import make_batch
+    from fedlora.prompts import resolve_prompt_format
     from fedlora.train import batches
 
     stream = batches(examples, cfg.train.batch_size, np.random.default_rng(seed))
-    return [make_batch(next(stream), tokenizer, cfg.model.task, [], cfg.data.max_length) for _ in range(steps)]
+    prompt_format = resolve_prompt_format(cfg.model.prompt_format, cfg.model.system_prompt, tokenizer, cfg.model.name)
+    return [make_batch(next(stream), tokenizer, cfg.model.task, [], cfg.data.max_length, prompt_format) for _ in range(steps)]
 
 
 def sync(device: torch.device) -> None:

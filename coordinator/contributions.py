@@ -141,7 +141,7 @@ class Scorer:
         from fedlora.evaluate import evaluate
 
         load_adapter_vector(self.loaded.model, vector, self.layout)
-        result = evaluate(self.loaded.model, self.loaded.tokenizer, self.examples, self.cfg.model.task, self.labels, self.cfg.data.max_length, 64)
+        result = evaluate(self.loaded.model, self.loaded.tokenizer, self.examples, self.cfg.model.task, self.labels, self.cfg.data.max_length, 64, prompt_format=self.loaded.prompt_format)
         self.evaluations += 1
         return result.accuracy if self.metric == "accuracy" else -result.loss
 

@@ -44,6 +44,7 @@ from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resol
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
 from fedlora.model import load_model, model_fingerprint
+from fedlora.prompts import PromptFormat
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.secagg.plan import RunBinding
@@ -59,13 +60,14 @@ class GlobalAdapter:
     vector: np.ndarray
     layout: AdapterLayout
     peft_config: Any
+    prompt_format: PromptFormat  # what every version's manifest says the adapter was trained in
 
 
 def initial_adapter(cfg: Config) -> GlobalAdapter:
     """The round-0 adapter, drawn from the run seed exactly as every participant would."""
     loaded = load_model(cfg.model, cfg.lora, label_names_for(cfg), cfg.federation.seed)
     vector, layout = adapter_vector(loaded.model)
-    return GlobalAdapter(vector, layout, loaded.model.peft_config["default"])
+    return GlobalAdapter(vector, layout, loaded.model.peft_config["default"], loaded.prompt_format)
 
 
 def checked_base_fingerprint(model: ModelSection) -> str:
@@ -163,6 +165,8 @@ class Coordinator:
         self.base_sha256 = checked_base_fingerprint(cfg.model)
         self.out = RunDirectory(run_dir, cfg, self.deployment / "coordinator.key" if self.deployment else None, resume)
         self.adapter = initial_adapter(cfg)
+        self.label_names = label_names_for(cfg)
+        log.info("prompt format: %s%s", self.adapter.prompt_format.name, " with a system prompt" if cfg.model.system_prompt else "")
         self.names: dict[int, str] = {}
         self.completed = -1  # the last round whose adapter and checkpoint are written
         self.evaluated: list[int] = []  # the nodes of the last evaluation (federation.eval_participants)
@@ -511,7 +515,13 @@ class Coordinator:
     def version_facts(self, row: dict[str, Any]) -> dict[str, Any]:
         """What an adapter version's signed manifest states besides its round and config (the consortium's
         terms in full: a consumer holding one version must not need the run's configuration to learn them)."""
-        facts = {"base_model": self.cfg.model.name, "base_model_sha256": self.base_sha256, "terms": asdict(self.cfg.terms)}
+        facts = {
+            "base_model": self.cfg.model.name,
+            "base_model_sha256": self.base_sha256,
+            "terms": asdict(self.cfg.terms),
+            "prompt_format": asdict(self.adapter.prompt_format),  # how `fedlora generate` must ask
+            "label_names": self.label_names,  # the classes (or answer choices) it picks among
+        }
         if self.dp:  # who took part, how many, and un-noised losses are not released (docs/decisions.md)
             return facts | {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "adjacency": "add/remove one participant"}
         return facts | {

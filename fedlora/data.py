@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedlora.config import DataSection
+from fedlora.prompts import PromptFormat, Turn, encode_example
 
 if TYPE_CHECKING:  # pandas loads with a table, torch with a batch: `fedlora datasets` needs neither
     import pandas as pd
@@ -25,10 +26,14 @@ if TYPE_CHECKING:  # pandas loads with a table, torch with a batch: `fedlora dat
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    response: str
+    prompt: str  # the built-in format's prompt of the last question, up to its answer
+    response: str  # the answer trained on (and, for a classifier, the class)
     # Raw column values of the source record, for natural partitions (e.g. by age band).
     fields: dict[str, Any] = field(default_factory=dict)
+    # A conversation's earlier turns, up to its last assistant turn before `response` (every one trained on).
+    history: tuple[Turn, ...] = ()
+    # The last question as chat turns for a base's chat template; empty: one user turn holding `prompt`.
+    request: tuple[Turn, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,8 @@ def _table_examples(frame: pd.DataFrame, task: ClinicalTask) -> list[Example]:
         )
         raw_label = _format_value(row[task.label_column])
         answer = task.answers.get(raw_label, raw_label.lower())
-        examples.append(Example(format_prompt(record_text, task.question), answer, row))
+        request = (("user", f"{record_text}\n\n{task.question}"),)
+        examples.append(Example(format_prompt(record_text, task.question), answer, row, request=request))
     return examples
 
 
@@ -129,18 +135,44 @@ def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line_number, item
 
 
+def instruction_example(instruction: str, record_text: str = "", response: str = "", fields: dict[str, Any] | None = None) -> Example:
+    """A JSONL instruction (with its optional input) as an example: training and `fedlora generate` share it."""
+    content = f"{record_text}\n\n{instruction}" if record_text else instruction
+    return Example(instruction_prompt(instruction, record_text), response, fields or {}, request=(("user", content),))
+
+
+def chat_turns(messages: Any, where: str) -> list[Turn]:
+    """A chat JSONL 'messages' list as (role, content) turns, each checked."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    turns = []
+    for number, message in enumerate(messages, start=1):
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ValueError(f"{where}: message {number} needs a role (system, user or assistant) and a string content")
+        turns.append((role, content))
+    return turns
+
+
+def conversation_example(turns: list[Turn], response: str) -> Example:
+    """A conversation whose next assistant turn is `response`: earlier exchanges become its trained history."""
+    last_answer = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
+    history, request = tuple(turns[: last_answer + 1]), tuple(turns[last_answer + 1 :])
+    prompt = "".join(f"### {role}\n{content}\n" for role, content in request) + "### assistant\n"
+    return Example(prompt, response, {}, history=history, request=request)
+
+
 def _jsonl_examples(path: Path) -> list[Example]:
     examples = []
     for line_number, item in jsonl_objects(path):
         if "messages" in item:
-            messages = item["messages"]
-            if not messages or messages[-1].get("role") != "assistant":
+            turns = chat_turns(item["messages"], f"{path}:{line_number}")
+            if turns[-1][0] != "assistant":
                 raise ValueError(f"{path}:{line_number}: 'messages' must end with an assistant message")
-            prompt = "".join(f"### {m['role']}\n{m['content']}\n" for m in messages[:-1]) + "### assistant\n"
-            examples.append(Example(prompt, messages[-1]["content"], {}))
+            examples.append(conversation_example(turns[:-1], turns[-1][1]))
         elif "instruction" in item and "output" in item:
-            prompt = instruction_prompt(item["instruction"], item.get("input", ""))
-            examples.append(Example(prompt, str(item["output"]), {k: v for k, v in item.items() if k != "output"}))
+            fields = {k: v for k, v in item.items() if k != "output"}
+            examples.append(instruction_example(item["instruction"], item.get("input", ""), str(item["output"]), fields))
         else:
             raise ValueError(
                 f"{path}:{line_number}: expected keys instruction/input/output or messages, got {sorted(item)}"
@@ -206,41 +238,24 @@ def answer_choices(examples: list[Example], max_choices: int = 16) -> list[str]:
     return choices if len(choices) <= max_choices else []
 
 
-def encode_causal(example: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels with the prompt masked (-100), so the loss covers only the answer."""
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt_ids = encode_prompt(example.prompt, tokenizer, max_length - len(response_ids))  # the answer stays whole
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
-    return input_ids, labels
-
-
-def encode_prompt(prompt: str, tokenizer: Any, room: int) -> list[int]:
-    """BOS (if the tokenizer has one), then the prompt truncated from the left to fit `room` tokens in all
-    (one prompt token at least): how a sequence starts in training and in `fedlora generate`."""
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return prefix + prompt_ids[-max(room - len(prefix), 1) :]
-
-
-# Per tokenizer: (prompt, response, max_length) -> encode_causal's result. A participant trains on
+# Per tokenizer: (example, format, max_length) -> encode_example's result. A participant trains on
 # the same records every round; tokenising them once per process keeps a small model's steps
 # at the speed of a loop over ready batches (benchmarks/training.py).
 _ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def encode_causal_cached(example: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+def encode_cached(example: Example, tokenizer: Any, prompt_format: PromptFormat, max_length: int) -> tuple[list[int], list[int]]:
     known = _ENCODED.setdefault(tokenizer, {})
-    key = (example.prompt, example.response, max_length)
+    key = (example.prompt, example.response, example.history, example.request, prompt_format, max_length)
     if key not in known:
-        known[key] = encode_causal(example, tokenizer, max_length)
+        known[key] = encode_example(example, tokenizer, prompt_format, max_length)
     return known[key]
 
 
-def causal_batch(examples: list[Example], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+def causal_batch(examples: list[Example], tokenizer: Any, max_length: int, prompt_format: PromptFormat) -> dict[str, torch.Tensor]:
     import torch
 
-    encoded = [encode_causal_cached(example, tokenizer, max_length) for example in examples]
+    encoded = [encode_cached(example, tokenizer, prompt_format, max_length) for example in examples]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -262,7 +277,7 @@ def classification_batch(
     if unknown:
         raise ValueError(f"answers {sorted(unknown)} are not among the class labels {label_names}")
     batch = tokenizer(
-        [example.prompt for example in examples],
+        [builtin_text(example) for example in examples],
         truncation=True,
         max_length=max_length,
         padding=True,
@@ -272,9 +287,14 @@ def classification_batch(
     return dict(batch)
 
 
+def builtin_text(example: Example) -> str:
+    """The whole conversation in the built-in format, up to the answer: what a classifier reads."""
+    return "".join(f"### {role}\n{content}\n" for role, content in example.history) + example.prompt
+
+
 def make_batch(
-    examples: list[Example], tokenizer: Any, task: str, label_names: list[str], max_length: int
+    examples: list[Example], tokenizer: Any, task: str, label_names: list[str], max_length: int, prompt_format: PromptFormat
 ) -> dict[str, torch.Tensor]:
-    if task == "classification":
+    if task == "classification":  # a class head reads the text; chat templates are for generation
         return classification_batch(examples, tokenizer, label_names, max_length)
-    return causal_batch(examples, tokenizer, max_length)
+    return causal_batch(examples, tokenizer, max_length, prompt_format)

@@ -7,12 +7,13 @@ sampling. Free-form answers get a loss only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft import PeftModel
 
 from fedlora.data import Example, causal_batch, classification_batch
+from fedlora.prompts import PromptFormat
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,12 @@ class EvalResult:
     label_counts: list[int]  # held-out examples per class, in label order (empty when free-form): the majority reference
 
 
-def _answer_logprobs(model: PeftModel, tokenizer, examples: list[Example], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_logprobs(
+    model: PeftModel, tokenizer, examples: list[Example], max_length: int, prompt_format: PromptFormat
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed log-probability of the answer tokens, and the token count."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in causal_batch(examples, tokenizer, max_length).items()}
+    batch = {k: v.to(device) for k, v in causal_batch(examples, tokenizer, max_length, prompt_format).items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     mask = targets != -100
@@ -43,6 +46,8 @@ def evaluate(
     label_names: list[str],
     max_length: int,
     batch_size: int = 32,
+    *,
+    prompt_format: PromptFormat,
 ) -> EvalResult:
     if not examples:
         raise ValueError("no evaluation examples")
@@ -58,13 +63,13 @@ def evaluate(
             total_tokens += len(chunk)
             correct += int((out.logits.argmax(-1).cpu() == batch["labels"]).sum())
             continue
-        logprob, tokens = _answer_logprobs(model, tokenizer, chunk, max_length)
+        logprob, tokens = _answer_logprobs(model, tokenizer, chunk, max_length, prompt_format)
         total_loss -= logprob.sum().item()
         total_tokens += int(tokens.sum())
         if label_names:
             candidates = torch.stack(
                 [
-                    _answer_logprobs(model, tokenizer, [Example(e.prompt, name) for e in chunk], max_length)[0]
+                    _answer_logprobs(model, tokenizer, [replace(e, response=name) for e in chunk], max_length, prompt_format)[0]
                     for name in label_names
                 ],
                 dim=1,

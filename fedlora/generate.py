@@ -6,11 +6,11 @@ version was signed for (`export.checked_base`), so an answer always comes from t
 consortium published, on the base it was trained on. No coordinator is involved: a site needs only
 the version directory and `coordinator.pub`.
 
-Each question is formatted as training formats a JSONL instruction (`data.instruction_prompt`,
-`data.encode_prompt`) and answered greedily, not sampled, so a question asked again on the same
-base and hardware gets the same answer; a classification adapter answers with its predicted class name instead. The base's chat
-template, where its tokenizer has one, is not applied, since training does not apply it either;
-chat templates are future work of issue 26.
+Each question is formatted as training formatted a JSONL instruction or chat conversation, in the
+prompt format and with the system prompt the version's signed manifest records (the base's chat
+template, or the built-in format: `fedlora.prompts`), and answered greedily, not sampled, so a
+question asked again on the same base and hardware gets the same answer; a classification adapter
+answers with its predicted class name instead.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.data import encode_prompt, instruction_prompt, jsonl_objects
+from fedlora.data import Example, builtin_text, chat_turns, conversation_example, instruction_example, jsonl_objects
 from fedlora.export import checked_base
+from fedlora.prompts import CHAT_TEMPLATE, PromptFormat, encode_request, format_from_facts
 from fedlora.registry import MANIFEST, require_verified
 
 PROMPT_FIELDS = ("prompt", "question", "instruction")
@@ -31,22 +32,30 @@ QUANTIZATIONS = {"nf4": ("nf4", "auto"), "bf16": ("none", "bfloat16"), "none": (
 
 @dataclass
 class Answerer:
-    """A base with the version's adapter attached, its tokenizer, and its class names (empty: it generates)."""
+    """A base with the version's adapter attached, its tokenizer, its class names (empty: it generates) and the
+    prompt format it was trained in."""
 
     model: Any
     tokenizer: Any
     label_names: list[str]
+    prompt_format: PromptFormat
 
 
-def question_prompt(item: dict[str, Any], where: str) -> str:
-    """The training prompt of one question: its prompt (or question, or instruction) and optional input."""
+def question_example(item: dict[str, Any], where: str) -> Example:
+    """One question as training saw its kind: a prompt (or question, or instruction) with an optional input,
+    or a chat conversation ('messages') that ends with a user turn."""
+    if "messages" in item:
+        turns = chat_turns(item["messages"], where)
+        if turns[-1][0] != "user":
+            raise ValueError(f"{where}: 'messages' must end with a user message, the question to answer")
+        return conversation_example(turns, "")
     key = next((key for key in PROMPT_FIELDS if key in item), None)
     if key is None:
-        raise ValueError(f"{where}: expected a 'prompt', 'question' or 'instruction' field, got {sorted(item)}")
+        raise ValueError(f"{where}: expected a 'prompt', 'question', 'instruction' or 'messages' field, got {sorted(item)}")
     text = item[key]
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where}: the {key!r} field is empty")
-    return instruction_prompt(text, str(item.get("input") or ""))
+    return instruction_example(text, str(item.get("input") or ""))
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
@@ -55,7 +64,7 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"--input: {path} does not exist")
     items = []
     for number, item in jsonl_objects(path):
-        question_prompt(item, f"{path}:{number}")
+        question_example(item, f"{path}:{number}")
         items.append(item)
     if not items:
         raise ValueError(f"--input: {path} holds no questions")
@@ -96,18 +105,28 @@ def open_version(directory: Path, public_key_pem: bytes, base: str | None, quant
     name = base or facts.get("base_model") or ""
     checked_base(name, facts.get("base_model_sha256"))
     classifies = PeftConfig.from_pretrained(str(directory)).task_type == "SEQ_CLS"
+    prompt_format = format_from_facts(facts)
     label_names = class_names(directory, facts, run) if classifies else []
     weights, dtype = QUANTIZATIONS[quantization]
     cfg = ModelSection(name=name, task="classification" if classifies else "generation", quantization=weights, compute_dtype=dtype)
     tokenizer = load_tokenizer(cfg)
+    if prompt_format.name == CHAT_TEMPLATE and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{directory} was trained in its base's chat template, but the tokenizer of {name!r} has none")
     model = load_base_model(cfg, num_labels=len(label_names))
     if classifies and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # as training sets it (model.load_model)
-    return Answerer(PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer, label_names)
+    return Answerer(PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer, label_names, prompt_format)
 
 
-def answer(answerer: Answerer, prompt: str, max_new_tokens: int) -> str:
-    """The greedy answer to a formatted prompt, or the predicted class name of a classification adapter."""
+def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """Where an answer ends: the tokenizer's EOS and any end-of-turn token the model's generation config names."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
+
+
+def answer(answerer: Answerer, question: Example, max_new_tokens: int) -> str:
+    """The greedy answer to a question, or the predicted class name of a classification adapter."""
     import torch
 
     model, tokenizer = answerer.model, answerer.tokenizer
@@ -115,15 +134,16 @@ def answer(answerer: Answerer, prompt: str, max_new_tokens: int) -> str:
     context = int(getattr(model.config, "max_position_embeddings", 512))
     with torch.no_grad():
         if answerer.label_names:
-            batch = tokenizer([prompt], truncation=True, max_length=context, return_tensors="pt").to(device)
+            batch = tokenizer([builtin_text(question)], truncation=True, max_length=context, return_tensors="pt").to(device)
             return answerer.label_names[int(model(**batch).logits[0].argmax())]
-        ids = torch.tensor([encode_prompt(prompt, tokenizer, context - max_new_tokens)], device=device)
+        ids = torch.tensor([encode_request(question, tokenizer, answerer.prompt_format, context - max_new_tokens)], device=device)
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_tokens(model, tokenizer),
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def answer_all(answerer: Answerer, items: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
     """Each question object with its `answer` added."""
-    return [item | {"answer": answer(answerer, question_prompt(item, f"question {i}"), max_new_tokens)} for i, item in enumerate(items, 1)]
+    return [item | {"answer": answer(answerer, question_example(item, f"question {i}"), max_new_tokens)} for i, item in enumerate(items, 1)]

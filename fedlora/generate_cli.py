@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fedlora.generate import answer_all, open_version, question_prompt, read_questions, write_answers
+    from fedlora.generate import answer_all, open_version, question_example, read_questions, write_answers
     from fedlora.registry import find_public_key, version_directory
 
     if args.max_new_tokens < 1:
@@ -21,7 +21,7 @@ def _generate(args: argparse.Namespace) -> int:
     key = Path(args.public_key) if args.public_key else find_public_key(source)
     items = read_questions(Path(args.input)) if args.input else [{"prompt": args.prompt}]
     if args.prompt is not None:
-        question_prompt(items[0], "--prompt")
+        question_example(items[0], "--prompt")
     answerer = open_version(source, key.read_bytes(), args.base, args.quantization, args.force, Path(args.run))
     answered = answer_all(answerer, items, args.max_new_tokens)
     if args.output:

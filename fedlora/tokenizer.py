@@ -13,6 +13,12 @@ from transformers import PreTrainedTokenizerFast
 
 ASSET = Path(__file__).parent / "assets" / "tiny-llama-tokenizer.json"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+# `builtin:tiny-llama-chat`'s template, in the shape instruct models use: a header per role, an
+# end-of-turn token (here EOS) after every turn, and a generation prompt that opens the answer.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 VOCAB_SIZE = 1024
 
 

@@ -22,6 +22,7 @@ from peft import PeftModel
 
 from fedlora.config import PrivacySection, TrainSection
 from fedlora.data import Example, make_batch
+from fedlora.prompts import PromptFormat
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def train_local(
     seed: int,
     privacy: PrivacySection | None = None,
     accountant: RDPAccountant | None = None,
+    *,
+    prompt_format: PromptFormat,
 ) -> TrainResult:
     """Train the adapter in place; with local DP, `accountant` is stepped once per step."""
     if not examples:
@@ -87,7 +90,7 @@ def train_local(
         for _ in range(cfg.local_steps):
             picked = next(stream)
             if picked:
-                batch = {k: v.to(device) for k, v in make_batch(picked, tokenizer, task, label_names, max_length).items()}
+                batch = {k: v.to(device) for k, v in make_batch(picked, tokenizer, task, label_names, max_length, prompt_format).items()}
                 if dp:  # each record's own loss: the model's token mean would mix records
                     labels = batch.pop("labels")
                     loss = local_dp.example_losses(loaded_model(**batch).logits, labels, task).mean()

@@ -114,6 +114,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         cfg.model.task,
         runtime.loaded.label_names,
         cfg.data.max_length,
+        prompt_format=runtime.loaded.prompt_format,
     )
     evaluated(instruction.server_round, result.examples, result.loss, result.accuracy)
     record_activity(  # the adapter's hash: the version a round made, so the site can tell which hold its updates

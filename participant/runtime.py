@@ -185,6 +185,7 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
             seed=local_seed(cfg, server_round, runtime.partition_id),
             privacy=cfg.privacy,
             accountant=accountant,
+            prompt_format=runtime.loaded.prompt_format,
         )
     finally:  # steps taken count even if the round then fails
         if accountant is not None:

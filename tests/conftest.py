@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,22 +54,32 @@ def registered_coordinator(root: Path, sites: dict[int, str]) -> Path:
 TINY_BASE = "builtin:tiny-llama"
 
 
-def signed_version(root: Path, overrides: list[str], scale: float) -> Path:
-    """A signed adapter version ROOT/adapters/final of the tiny Llama with random LoRA weights (normal, `scale`),
-    its manifest stating the base and fingerprint, as the coordinator signs a round's version."""
+def chat_base(directory: Path, template: str) -> str:
+    """The tiny Llama as a local Hugging Face directory whose tokenizer carries chat template `template`."""
+    from fedlora.model import base_model_dir
+
+    shutil.copytree(base_model_dir(TINY_BASE), directory)
+    config_path = directory / "tokenizer_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"chat_template": template}, indent=2))
+    return str(directory)
+
+
+def signed_version(root: Path, overrides: list[str], scale: float, base: str = TINY_BASE, facts: dict | None = None) -> Path:
+    """A signed adapter version ROOT/adapters/final of the tiny Llama (or `base`) with random LoRA weights (normal,
+    `scale`), its manifest stating the base and fingerprint (and `facts`), as the coordinator signs a round's version."""
     import numpy as np
 
     from fedlora.adapter import adapter_vector, save_peft_dir
     from fedlora.model import load_model, model_fingerprint
     from fedlora.registry import load_or_create_key, sign_adapter
 
-    cfg = load_config(None, [*SMALL, "model.quantization=none", *overrides])
+    cfg = load_config(None, [*SMALL, "model.quantization=none", f"model.name={base}", *overrides])
     model = load_model(cfg.model, cfg.lora, [], seed=0).model
     _, layout = adapter_vector(model)
     vector = np.random.default_rng(0).normal(0.0, scale, layout.size).astype(np.float32)
     directory = save_peft_dir(root / "adapters" / "final", vector, layout, model.peft_config["default"])
-    facts = {"round": 1, "parent": "round-0000", "base_model": TINY_BASE, "base_model_sha256": model_fingerprint(TINY_BASE)}
-    sign_adapter(directory, load_or_create_key(root / "coordinator.key"), facts)
+    stated = {"round": 1, "parent": "round-0000", "base_model": base, "base_model_sha256": model_fingerprint(base)}
+    sign_adapter(directory, load_or_create_key(root / "coordinator.key"), stated | (facts or {}))
     return directory
 
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from fedlora.config import DataSection
-from fedlora.data import BUILTIN_TASKS, answer_choices, encode_causal, load_examples
+from fedlora.data import BUILTIN_TASKS, answer_choices, load_examples
+from fedlora.prompts import PromptFormat, encode_example
 from fedlora.partition import make_partitioner, shard_for
 from fedlora.tokenizer import builtin_tokenizer
 
@@ -42,7 +43,7 @@ def test_jsonl_instruction_and_chat_formats(tmp_path) -> None:
 def test_loss_covers_only_the_answer() -> None:
     tokenizer = builtin_tokenizer()
     example = load_examples(DIABETES)[0]
-    ids, labels = encode_causal(example, tokenizer, max_length=128)
+    ids, labels = encode_example(example, tokenizer, PromptFormat(), max_length=128)
     answer = [t for t in labels if t != -100]
     assert tokenizer.decode(answer[:-1]) == example.response and answer[-1] == tokenizer.eos_token_id
     assert len(ids) == len(labels)

@@ -17,7 +17,7 @@ import torch
 from fedlora.adapter import adapter_vector, save_peft_dir
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.data import instruction_prompt
+from fedlora.data import instruction_example
 from fedlora.generate import answer, class_names, open_version, read_questions
 from fedlora.model import base_model_dir, load_model, model_fingerprint
 from fedlora.registry import load_or_create_key, sign_adapter
@@ -48,11 +48,11 @@ def stock_greedy(version: Path, prompt: str, max_new_tokens: int) -> str:
 
 def test_an_answer_is_the_greedy_answer_of_stock_peft_on_the_training_prompt(version: Path) -> None:
     answerer = open_version(version, trusted(version), None, "none", False, version.parents[1])
-    prompt = instruction_prompt(QUESTION)
-    assert prompt == f"### Question\n{QUESTION}\n### Answer\n"
-    got = answer(answerer, prompt, 8)
-    assert got == stock_greedy(version, prompt, 8)
-    assert got == answer(answerer, prompt, 8)  # greedy: the same every time
+    question = instruction_example(QUESTION)
+    assert question.prompt == f"### Question\n{QUESTION}\n### Answer\n"
+    got = answer(answerer, question, 8)
+    assert got == stock_greedy(version, question.prompt, 8)
+    assert got == answer(answerer, question, 8)  # greedy: the same every time
 
 
 def test_the_cli_answers_a_prompt_on_the_default_nf4_base_without_a_coordinator(version: Path, capsys: pytest.CaptureFixture) -> None:
@@ -84,7 +84,7 @@ def test_jsonl_questions_come_back_with_their_answers(version: Path, tmp_path: P
     answered = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in item.items() if k != "answer"} for item in answered] == questions
     answerer = open_version(version, trusted(version), None, "none", False, version.parents[1])
-    assert answered[1]["answer"] == answer(answerer, instruction_prompt("Summarise the record", "Age: 50; BMI: 31"), 4)
+    assert answered[1]["answer"] == answer(answerer, instruction_example("Summarise the record", "Age: 50; BMI: 31"), 4)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,7 @@ def test_jsonl_questions_come_back_with_their_answers(version: Path, tmp_path: P
     [
         (['{"question": "ok"}', "{not json"], r"in\.jsonl:2: not valid JSON"),
         (['{"question": "ok"}', "", '{"prompt": "  "}'], r"in\.jsonl:3: the 'prompt' field is empty"),
-        (['{"output": "yes"}'], r"in\.jsonl:1: expected a 'prompt', 'question' or 'instruction' field"),
+        (['{"output": "yes"}'], r"in\.jsonl:1: expected a 'prompt', 'question', 'instruction' or 'messages' field"),
         (['["a list"]'], r"in\.jsonl:1: expected a JSON object"),
     ],
 )
@@ -121,13 +121,13 @@ def test_a_classification_version_answers_with_the_class_stock_peft_predicts(tmp
     facts = {"base_model": BASE, "base_model_sha256": model_fingerprint(BASE), "label_names": ["no", "yes"]}
     sign_adapter(directory, load_or_create_key(tmp_path / "coordinator.key"), facts)
     answerer = open_version(directory, (tmp_path / "coordinator.pub").read_bytes(), None, "none", False, tmp_path)
-    prompt = instruction_prompt(QUESTION)
+    question = instruction_example(QUESTION)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir(BASE))
     base = AutoModelForSequenceClassification.from_pretrained(base_model_dir(BASE), num_labels=2, pad_token_id=tokenizer.eos_token_id)
     stock = PeftModel.from_pretrained(base, str(directory)).eval()
     with torch.no_grad():
-        predicted = int(stock(**tokenizer([prompt], return_tensors="pt")).logits[0].argmax())
-    assert answer(answerer, prompt, 4) == ["no", "yes"][predicted]
+        predicted = int(stock(**tokenizer([question.prompt], return_tensors="pt")).logits[0].argmax())
+    assert answer(answerer, question, 4) == ["no", "yes"][predicted]
 
 
 def test_class_names_come_from_the_manifest_else_the_run_config_else_an_error_says_where(tmp_path: Path) -> None:

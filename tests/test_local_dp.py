@@ -60,7 +60,7 @@ def test_opacus_per_example_gradients_on_the_nf4_lora_model_are_each_records_own
     lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
     assert lora_layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora_layers)
     records = runtime.training_examples(dp_config(), rt)[:3]
-    batch = make_batch(records, rt.loaded.tokenizer, "generation", [], 64)
+    batch = make_batch(records, rt.loaded.tokenizer, "generation", [], 64, rt.loaded.prompt_format)
     labels = batch.pop("labels")
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -128,7 +128,7 @@ def test_an_empty_poisson_draw_is_a_step_of_noise_alone(participant, monkeypatch
     model = rt.loaded.model
     before = adapter_vector(model)[0]
     accountant = RDPAccountant()
-    result = train_local(model, rt.loaded.tokenizer, rt.shard.train, cfg.train, "generation", [], 64, 0, cfg.privacy, accountant)
+    result = train_local(model, rt.loaded.tokenizer, rt.shard.train, cfg.train, "generation", [], 64, 0, cfg.privacy, accountant, prompt_format=rt.loaded.prompt_format)
     assert result.examples_seen == 0 and np.isnan(result.mean_loss)
     assert accountant.history[0][2] == cfg.train.local_steps and result.local_epsilon > 0
     assert not np.array_equal(adapter_vector(model)[0], before)

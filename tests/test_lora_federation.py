@@ -37,7 +37,7 @@ def test_frozen_a_trains_only_b_and_fedprox_pulls_towards_the_start() -> None:
     for mu in (0.0, 50.0):
         load_adapter_vector(model, start, layout)
         cfg = TrainSection(local_steps=4, batch_size=4, lr=1e-2, fedprox_mu=mu)
-        result = train_local(model, loaded.tokenizer, examples, cfg, "generation", [], 64, seed=0)
+        result = train_local(model, loaded.tokenizer, examples, cfg, "generation", [], 64, seed=0, prompt_format=loaded.prompt_format)
         trained, _ = adapter_vector(model)
         assert np.array_equal(trained[a_mask], start[a_mask])  # A never moves
         assert np.isfinite(result.mean_loss)

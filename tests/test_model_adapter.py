@@ -14,6 +14,7 @@ from fedlora.config import LoraSection, ModelSection, TrainSection
 from fedlora.data import answer_choices, load_examples
 from fedlora.config import DataSection
 from fedlora.model import load_base_model, load_model
+from fedlora.prompts import PromptFormat
 from fedlora.train import train_local
 
 
@@ -34,7 +35,7 @@ def test_nf4_base_is_really_4bit_and_only_lora_trains(nf4_model) -> None:
     base_before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     lora_before, layout = adapter_vector(model)
     examples = load_examples(DataSection(max_examples=32))
-    train_local(model, nf4_model.tokenizer, examples, TrainSection(local_steps=2, batch_size=4), "generation", [], 128, seed=0)
+    train_local(model, nf4_model.tokenizer, examples, TrainSection(local_steps=2, batch_size=4), "generation", [], 128, seed=0, prompt_format=PromptFormat())
     lora_after, _ = adapter_vector(model)
     b_offsets = [s for s in layout.specs if "lora_B" in s.name]
     assert all(np.abs(lora_after[s.offset : s.offset + s.size]).sum() > 0 for s in b_offsets)  # B left zero-init
@@ -112,7 +113,7 @@ def test_bfloat16_compute_keeps_no_float32_base_copies_but_trains_adapters_in_fl
     if task == "classification":
         assert any("classifier" in name for name in trainable)  # the fresh head trains in float32
     before, _ = adapter_vector(loaded.model)
-    result = train_local(loaded.model, loaded.tokenizer, examples, TrainSection(local_steps=2, batch_size=4), task, labels, 128, seed=0)
+    result = train_local(loaded.model, loaded.tokenizer, examples, TrainSection(local_steps=2, batch_size=4), task, labels, 128, seed=0, prompt_format=loaded.prompt_format)
     after, _ = adapter_vector(loaded.model)
     assert np.isfinite(result.mean_loss) and not np.array_equal(before, after)
 
@@ -127,9 +128,17 @@ def test_gradient_checkpointing_recomputes_but_trains_the_same_adapter() -> None
         train_cfg = TrainSection(local_steps=3, batch_size=4, gradient_checkpointing=checkpointing)
         layers = loaded.model.base_model.model.model.layers
         start, layout = adapter_vector(loaded.model)
-        train_local(loaded.model, loaded.tokenizer, examples, train_cfg, "generation", [], 128, seed=0)
+        train_local(loaded.model, loaded.tokenizer, examples, train_cfg, "generation", [], 128, seed=0, prompt_format=PromptFormat())
         assert all(layer.gradient_checkpointing is checkpointing for layer in layers)
         trained[checkpointing] = adapter_vector(loaded.model)[0]
         load_adapter_vector(loaded.model, start, layout)
         trained["model"] = loaded
     np.testing.assert_allclose(trained[True], trained[False], rtol=1e-5, atol=1e-7)
+
+
+def test_target_modules_that_the_checkpoint_lacks_are_named_with_the_ones_it_has() -> None:
+    with pytest.raises(ValueError, match=r"\['query'\] are not linear layers of 'builtin:tiny-llama'.*'q_proj'"):
+        load_model(ModelSection(task="generation", quantization="nf4"), LoraSection(target_modules=["q_proj", "query"]), [], seed=0)
+    chosen = load_model(ModelSection(task="generation", quantization="nf4"), LoraSection(target_modules=["q_proj", "down_proj"]), [], seed=0)
+    adapted = {name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in chosen.model.named_parameters() if ".lora_A." in name}
+    assert adapted == {"q_proj", "down_proj"}
