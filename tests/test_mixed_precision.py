@@ -27,6 +27,7 @@ from participant.local_config import (
 )
 from participant.runtime import get_runtime, train_round
 from participant.site import EVENTS
+from participant.status import run_summaries
 from tests.conftest import SMALL
 from tests.test_participant_policy import run_config, site
 
@@ -115,4 +116,5 @@ def test_a_deployed_sites_events_record_the_format_it_trained_in(tmp_path: Path)
     assert rows[1]["applied"]
     logged = [json.loads(line) for line in (directory / EVENTS).read_text().splitlines()]
     assert {e["event"]: e["base_weights"] for e in logged if "base_weights" in e} == {"trained": "none bfloat16 cpu", "evaluated": "none bfloat16 cpu"}
+    assert [run["base_weights"] for run in run_summaries(logged)] == [["none bfloat16 cpu"]]
     assert cfg.model.quantization == "nf4"  # the run (and its coordinator) said NF4; the site chose otherwise
