@@ -39,6 +39,11 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+QUANTIZATIONS = ("nf4", "int8", "none")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class ModelSection:
     name: str = _help(
@@ -81,9 +86,9 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         _require_choice(self.task, "model.task", ("generation", "classification"))
-        _require_choice(self.quantization, "model.quantization", ("nf4", "int8", "none"))
-        _require_choice(self.device, "model.device", ("auto", "cpu", "cuda"))
-        _require_choice(self.compute_dtype, "model.compute_dtype", ("auto", "bfloat16", "float32"))
+        _require_choice(self.quantization, "model.quantization", QUANTIZATIONS)
+        _require_choice(self.device, "model.device", DEVICES)
+        _require_choice(self.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
         _require_choice(self.prompt_format, "model.prompt_format", ("auto", "chat-template", "builtin"))
         _require(bool(self.name), "model.name", "must name a built-in model or a local directory")
 
@@ -472,14 +477,24 @@ class SimulationSection:
         "a deployed site never changes its own records on the run configuration's word.",
         [],
     )
+    site_precision: list[str] = _help(
+        "Simulated sites that hold the base in their own weight format, as '<partition id>=<format>': 'nf4' "
+        "(4-bit NormalFloat, the run's compute dtype), 'bf16' (unquantised bfloat16) or 'float32', e.g. "
+        "['0=bf16', '1=bf16'] for two GPU sites among NF4 CPU sites. Unnamed partitions follow [model]. The adapter "
+        "is the same in every format; only the base's rounding differs. Simulation only: a deployed site picks its "
+        "own format in its participant.toml.",
+        [],
+    )
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.adversaries < 1.0, "simulation.adversaries", f"must be in [0, 1), got {self.adversaries}")
         _require(self.cpus_per_participant > 0, "simulation.cpus_per_participant", "must be > 0")
         from fedlora.attacks import parse_bad_data
+        from fedlora.precision import parse_site_precision
 
         try:
             parse_bad_data(self.bad_data)
+            parse_site_precision(self.site_precision)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -526,9 +541,12 @@ class Config:
             f"{fed.min_participants} exceeds federation.participants={fed.participants}",
         )
         from fedlora.attacks import parse_bad_data
+        from fedlora.precision import parse_site_precision
 
-        outside = sorted(p for p in parse_bad_data(self.simulation.bad_data) if p >= fed.participants)
-        _require(not outside, "simulation.bad_data", f"partitions {outside} are not among the {fed.participants} participants (0..{fed.participants - 1})")
+        sim = self.simulation
+        for key, named in (("bad_data", parse_bad_data(sim.bad_data)), ("site_precision", parse_site_precision(sim.site_precision))):
+            outside = sorted(p for p in named if p >= fed.participants)
+            _require(not outside, f"simulation.{key}", f"partitions {outside} are not among the {fed.participants} participants (0..{fed.participants - 1})")
         self._resolve_lora_mode()
         self._check_secagg()
         self._check_robust()

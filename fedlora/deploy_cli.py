@@ -251,6 +251,8 @@ def activity_text(report: dict) -> str:
             f"    trained rounds {rounds_text(run['rounds_trained'])}; sent {run['contributions']} updates ({run['bytes_sent']:,} bytes) "
             f"for rounds {rounds_text(run['rounds_contributed'])}" + (f", the last at {run['last_contribution']}" if run["last_contribution"] else ""),
         ]
+        if run["base_weights"]:
+            lines.append(f"    base model held as: {', '.join(run['base_weights'])}")
         if made:  # the coordinator's audit log names the version each hash is (participant/status.py)
             lines.append("    adapters made from those rounds (sha256): " + "; ".join(made))
     refusals, blamed = report["refusals"], report["coordinator_blamed"]

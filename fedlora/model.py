@@ -59,6 +59,12 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def weight_format(cfg: ModelSection) -> str:
+    """How `cfg` holds the base on this machine, resolved: e.g. 'nf4 float32 cpu', 'none bfloat16 cuda'."""
+    device = resolve_device(cfg.device)
+    return f"{cfg.quantization} {str(resolve_compute_dtype(cfg.compute_dtype, device)).removeprefix('torch.')} {device.type}"
+
+
 def tiny_llama_config(vocab_size: int) -> dict[str, Any]:
     """The built-in model's config.json, written by hand so no library version stamps or reorders it.
 

@@ -61,6 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.secagg.enabled:  # a replayed round is refused before any training
         secure.refuse_replay(context, instruction.config_sha256, instruction.server_round, "a train request")
     refuse_stale(context, instruction.server_round)
+    from fedlora.model import weight_format
     from participant.runtime import get_runtime, train_round
 
     site = site_of(dict(context.node_config))
@@ -71,9 +72,9 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
-    record_activity(
+    record_activity(  # with how this site held the base (its own choice; the coordinator is not told)
         site, TRAINED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
-        trained_from=instruction.adapter_sha256, examples=int(metrics["num-examples"]),
+        trained_from=instruction.adapter_sha256, examples=int(metrics["num-examples"]), base_weights=weight_format(cfg.model),
     )
     if cfg.privacy.noise_multiplier > 0:  # an un-noised statistic of the records: kept here under DP
         metrics.pop("train_loss", None)
@@ -102,6 +103,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     instruction, cfg = checked_instruction(msg, context, "an evaluation request")
     from fedlora.adapter import check_vector, load_adapter_vector
     from fedlora.evaluate import evaluate
+    from fedlora.model import weight_format
     from participant.runtime import get_runtime
 
     runtime = get_runtime(cfg, dict(context.node_config))
@@ -119,7 +121,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     evaluated(instruction.server_round, result.examples, result.loss, result.accuracy)
     record_activity(  # the adapter's hash: the version a round made, so the site can tell which hold its updates
         site_of(dict(context.node_config)), EVALUATED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
-        adapter_sha256=instruction.adapter_sha256, examples=result.examples,
+        adapter_sha256=instruction.adapter_sha256, examples=result.examples, base_weights=weight_format(cfg.model),
     )
     metrics = {
         "num-examples": result.examples,

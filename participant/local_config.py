@@ -21,7 +21,16 @@ from typing import Any
 
 import tomli_w
 
-from fedlora.config import Config, ConfigError, _help, _require, build_sections
+from fedlora.config import (
+    COMPUTE_DTYPES,
+    DEVICES,
+    QUANTIZATIONS,
+    Config,
+    ConfigError,
+    _help,
+    _require,
+    build_sections,
+)
 
 LOCAL_CONFIG = "participant.toml"
 SHA256_HEX = re.compile("[0-9a-f]{64}")  # a run configuration's hash as `fedlora.config.config_sha256` writes it
@@ -51,6 +60,26 @@ class LocalModelSection:
     sha256: str = _help(
         "Its expected fingerprint (`fedlora model hash <path>`); the daemon refuses to start if the files differ.", ""
     )
+    # How this machine holds the base is its own hardware choice: the adapter is the same in every format.
+    quantization: str = _help(
+        "How this site holds the base: 'nf4' (4-bit, for a CPU or a small GPU), 'int8' or 'none' (unquantised, "
+        "in compute_dtype); empty = the run's model.quantization. The adapter's layout is the same in every format.",
+        "",
+    )
+    compute_dtype: str = _help(
+        "'auto', 'bfloat16' (e.g. with quantization 'none' on a GPU) or 'float32'; empty = the run's model.compute_dtype.",
+        "",
+    )
+    device: str = _help("'auto', 'cpu' or 'cuda'; empty = the run's model.device.", "")
+
+    def __post_init__(self) -> None:
+        for key, choices in (("quantization", QUANTIZATIONS), ("compute_dtype", COMPUTE_DTYPES), ("device", DEVICES)):
+            value = getattr(self, key)
+            _require(value in ("", *choices), f"model.{key}", f"{value!r} is not one of {', '.join(choices)} (or empty: the run's)")
+
+    def own_choices(self) -> dict[str, str]:
+        """The weight-format settings this site sets itself (the run's apply to the others)."""
+        return {key: value for key in ("quantization", "compute_dtype", "device") if (value := getattr(self, key))}
 
 
 @dataclass
@@ -228,7 +257,7 @@ def _stated(term: str) -> str:
 
 
 def effective_config(run: Config, local: LocalConfig) -> Config:
-    """The run's configuration with this site's data, base model and privacy budget put in."""
+    """The run's configuration with this site's data, base model (and how it holds it) and privacy budget put in."""
     data = dataclasses.replace(
         run.data,
         dataset=local.data.path,
@@ -240,5 +269,5 @@ def effective_config(run: Config, local: LocalConfig) -> Config:
     )
     budgets = [b for b in (run.privacy.local_epsilon_budget, local.privacy.epsilon_budget) if b > 0]
     privacy = dataclasses.replace(run.privacy, local_epsilon_budget=min(budgets) if budgets else 0.0)
-    model = dataclasses.replace(run.model, name=local.model.path, sha256=local.model.sha256)
+    model = dataclasses.replace(run.model, name=local.model.path, sha256=local.model.sha256, **local.model.own_choices())
     return dataclasses.replace(run, data=data, privacy=privacy, model=model)

@@ -26,10 +26,11 @@ from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_ad
 from fedlora.aggregate import make_aggregator
 from fedlora.atomic import read_json, write_json_atomic
 from fedlora.attacks import DATA_ATTACKS, BadData, choose_adversaries, parse_bad_data
-from fedlora.config import Config
+from fedlora.config import Config, ModelSection
 from fedlora.data import Example, answer_choices, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
+from fedlora.precision import in_format, parse_site_precision
 from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
 from participant.site import refuse, site_of
@@ -77,22 +78,38 @@ def local_shard(cfg: Config, node_config: dict[str, Any]) -> tuple[Shard, int]:
     return split_holdout(examples, cfg.data.test_fraction, cfg.federation.seed), int(node_config.get("participant-id", -1))
 
 
+def site_model(cfg: Config, partition_id: int, site: Path | None) -> ModelSection:
+    """How this participant holds the base: a simulated one as simulation.site_precision names its partition.
+
+    A deployed site's own format is already in `cfg` (participant/local_config.py `effective_config`).
+    """
+    if site is not None:
+        return cfg.model
+    return in_format(cfg.model, parse_site_precision(cfg.simulation.site_precision).get(partition_id))
+
+
 def get_runtime(cfg: Config, node_config: dict[str, Any], own_rank: bool = False) -> ParticipantRuntime:
-    """The participant's model and shard; `own_rank` picks its training rank instead of lora.r."""
+    """The participant's model and shard; `own_rank` picks its training rank instead of lora.r.
+
+    A process keeps one model per weight format and rank it serves (simulated sites in several formats).
+    """
     shard_key = (repr(cfg.data), cfg.federation.seed, cfg.federation.participants, tuple(sorted(node_config.items())))
     if shard_key not in _SHARDS:
         _SHARDS[shard_key] = local_shard(cfg, node_config)
     shard, partition_id = _SHARDS[shard_key]
+    site = site_of(node_config)
     rank = cfg.lora.rank_for(partition_id) if own_rank else cfg.lora.r
     lora = dataclasses.replace(cfg.lora, r=rank, participant_ranks=[])
-    base_key = (repr(cfg.model), repr(cfg.lora), repr(cfg.data), cfg.federation.seed)
-    if any(key[:-1] != base_key for key in _MODEL):
-        _MODEL.clear()  # one base model per process: a new config replaces the old one
-    if base_key + (rank,) not in _MODEL:
-        loaded = load_model(cfg.model, lora, label_names_for(cfg), cfg.federation.seed)
-        _MODEL[base_key + (rank,)] = (loaded, adapter_vector(loaded.model)[1])
-    loaded, layout = _MODEL[base_key + (rank,)]
-    return ParticipantRuntime(loaded, layout, shard, partition_id, rank, site_of(node_config))
+    model = site_model(cfg, partition_id, site)
+    run_key = (repr(cfg.model), repr(cfg.lora), repr(cfg.data), cfg.federation.seed)
+    if any(key[0] != run_key for key in _MODEL):
+        _MODEL.clear()  # one run's base models per process: a new config replaces the old ones
+    key = (run_key, repr(model), rank)
+    if key not in _MODEL:
+        loaded = load_model(model, lora, label_names_for(cfg), cfg.federation.seed)
+        _MODEL[key] = (loaded, adapter_vector(loaded.model)[1])
+    loaded, layout = _MODEL[key]
+    return ParticipantRuntime(loaded, layout, shard, partition_id, rank, site)
 
 
 def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:

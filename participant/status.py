@@ -70,7 +70,8 @@ def run_summaries(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_summary(config_sha256: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One run's rounds trained and contributed to, bytes sent, and the adapter each contributed round made."""
+    """One run's rounds trained and contributed to, the formats the site held the base in, bytes sent, and
+    the adapter each contributed round made."""
     sent = [e for e in records if e["event"] == CONTRIBUTED_EVENT]
     contributions = {e["contribution"]: e for e in sent}  # a retried message records the same contribution again
     made: dict[int, str] = {}  # round -> hash of the adapter the coordinator made from it, as last seen
@@ -84,6 +85,7 @@ def run_summary(config_sha256: str, records: list[dict[str, Any]]) -> dict[str, 
         "config_sha256": config_sha256,
         "flower_runs": sorted({e["run"] for e in records}),
         "rounds_trained": sorted({e["round"] for e in records if e["event"] == TRAINED_EVENT}),
+        "base_weights": sorted({e["base_weights"] for e in records if "base_weights" in e}),  # this site's own format(s)
         "rounds_contributed": contributed,
         "contributions": len(contributions),
         "bytes_sent": sum(e["bytes"] for e in contributions.values()),
