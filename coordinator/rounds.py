@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from coordinator.checkpoint import CHECKPOINT, VERSION_CHECKPOINTS, load_checkpoint, save_checkpoint
 from coordinator.gather import Gathered, Member, Rejection, as_sent, error_reason, gather_plaintext, read_train_replies
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
-from coordinator.outputs import Lineage, RunDirectory, majority_note
+from coordinator.outputs import GENERATION_LABELS, Lineage, RunDirectory, generation_note, majority_note
 from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag, seen_noise
 from coordinator.withdrawal import honour_request, withdraw_from_run
@@ -52,6 +52,8 @@ from fedlora.withdrawal_request import MARK, request_in
 from participant.runtime import label_names_for
 
 log = logging.getLogger("fedlora.coordinator")
+
+GENERATION_SCORES = tuple(GENERATION_LABELS.values())  # sent by participant/app.py for free-form answers only
 
 
 @dataclass
@@ -163,6 +165,8 @@ class Coordinator:
         self.base_sha256 = checked_base_fingerprint(cfg.model)
         self.out = RunDirectory(run_dir, cfg, self.deployment / "coordinator.key" if self.deployment else None, resume)
         self.adapter = initial_adapter(cfg)
+        # What an evaluation scores: accuracy over classes or few answers, generation quality over free-form ones.
+        self.free_form = cfg.model.task == "generation" and not label_names_for(cfg)
         self.names: dict[int, str] = {}
         self.completed = -1  # the last round whose adapter and checkpoint are written
         self.evaluated: list[int] = []  # the nodes of the last evaluation (federation.eval_participants)
@@ -285,7 +289,7 @@ class Coordinator:
         eligible = [node for node in nodes if not self.excluded(self.name(node))]
         nodes = self.evaluated = evaluation_nodes(eligible, self.evaluated, self.cfg.federation.eval_participants, self.cfg.federation.seed)
         replies = exchange(grid=self.grid, nodes=nodes, content=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
-        rows = []
+        reports = []  # (participant, metrics)
         for node, reply in replies.items():
             if reply is None or reply.has_error():
                 log.warning("evaluation by %s: %s", self.name(node), "no reply (timeout)" if reply is None else error_reason(reply.error.reason))
@@ -294,16 +298,41 @@ class Coordinator:
             count = metrics.get("num-examples", 0)
             # A revoked participant's scores are refused too; one that evaluated nothing adds nothing.
             if not self.excluded(self.name(node, metrics)) and math.isfinite(count) and count > 0:
-                rows.append(metrics)
-        rows.sort(key=lambda m: m["partition_id"])
+                reports.append((self.name(node), metrics))
+        reports.sort(key=lambda report: report[1]["partition_id"])
+        rows = [metrics for _, metrics in reports]
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
         claims = [m["num-examples"] for m in rows]  # weighed as updates are: a count is a claim
         result = {
             "eval_loss": self.average([m["eval_loss"] for m in rows], claims),
-            "eval_accuracy": self.average([m["eval_accuracy"] for m in rows], claims),
+            "eval_accuracy": math.nan if self.free_form else self.average_scores(reports, "eval_accuracy", "num-examples", server_round),
         }
+        for key in GENERATION_SCORES if self.free_form else ():  # present when some site decoded any answers
+            score = self.average_scores(reports, key, "eval_generated", server_round)
+            if math.isfinite(score):
+                result[key] = score
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
+
+    def average_scores(self, reports: list[tuple[str, dict[str, Any]]], key: str, count_key: str, server_round: int) -> float:
+        """The (participant, metrics) reports' `key` scores averaged as claims weighted by their `count_key` counts;
+        NaN when none is one.
+
+        A site controls what it reports: a NaN (not computed) is left out, and a score outside [0, 1] or a count that
+        is no positive number is refused with a warning, so neither can corrupt the average.
+        """
+        kept = []
+        for participant, metrics in reports:
+            value, count = metrics.get(key, math.nan), metrics.get(count_key, 0)
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                continue
+            if 0.0 <= value <= 1.0 and isinstance(count, (int, float)) and math.isfinite(count) and count > 0:
+                kept.append((value, count))
+            else:
+                log.warning("round %d: refused %s=%r over %s=%r from %s: not a score in [0, 1] over a positive count", server_round, key, value, count_key, count, participant)
+        if not kept:
+            return math.nan
+        return self.average(*map(list, zip(*kept)))
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -516,7 +545,7 @@ class Coordinator:
             return facts | {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "adjacency": "add/remove one participant"}
         return facts | {
             "participants": self.round_record["answered"] if row["round"] > 0 else [],
-            "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", "train_loss") if key in row},
+            "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", *GENERATION_SCORES, "train_loss") if key in row},
         }
 
     def stop_reason(self) -> tuple[str, str]:
@@ -544,7 +573,7 @@ class Coordinator:
             baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, **self.evaluate(nodes, 0)}
             baseline["seconds"] = round(time.monotonic() - started, 3)  # evaluating the untrained adapter
             self.out.append_metrics(baseline)
-            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f%s", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"], majority_note(baseline))
+            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f%s%s", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"], majority_note(baseline), generation_note(baseline))
             self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
             self.checkpoint(0)
         latest = self.out.version_dir(self.completed)
@@ -564,10 +593,10 @@ class Coordinator:
             latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(row))
             self.checkpoint(server_round)
             log.info(
-                "round %d/%d: %s, %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f s",
+                "round %d/%d: %s, %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s%s, %.1f s",
                 server_round, fed.rounds, "applied" if row.get("applied") else "NOT applied", row["participants"], row["sampled"], *(
                     f"{row[key]:.4f}" if key in row else "-" for key in ("train_loss", "eval_loss", "eval_accuracy")
-                ), row["seconds"],
+                ), generation_note(row), row["seconds"],
             )
         outcome = read_outcome(self.out.read_metrics(), fed.rounds)
         final = self.out.publish_final(latest) if outcome.rounds_applied else None

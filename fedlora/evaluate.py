@@ -1,18 +1,24 @@
-"""Held-out evaluation: mean answer loss and answer accuracy.
+"""Held-out evaluation: mean answer loss, and answer accuracy or generation quality.
 
 For generation tasks with a few possible answers, the prediction is the answer the model
 finds most likely (sum of token log-probabilities), which measures the task without
-sampling. Free-form answers get a loss only.
+sampling. Free-form answers are decoded greedily on a bounded number of held-out records
+(`[evaluation]`) and scored against the reference (`fedlora.text_metrics`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 
-from fedlora.data import Example, causal_batch, classification_batch
+from fedlora.config import EvaluationSection
+from fedlora.data import Example, causal_batch, classification_batch, encode_prompt
+from fedlora.text_metrics import mean_scores
+
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,11 @@ class EvalResult:
     accuracy: float  # NaN when answers are free-form
     examples: int
     label_counts: list[int]  # held-out examples per class, in label order (empty when free-form): the majority reference
+    # Generation quality on free-form answers, over the `generated` records decoded; NaN when none were.
+    exact_match: float = NAN
+    token_f1: float = NAN
+    rouge_l: float = NAN
+    generated: int = 0
 
 
 def _answer_logprobs(model: PeftModel, tokenizer, examples: list[Example], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +46,28 @@ def _answer_logprobs(model: PeftModel, tokenizer, examples: list[Example], max_l
 
 
 @torch.no_grad()
+def greedy_answers(model: PeftModel, tokenizer, prompts: list[str], room: int, max_new_tokens: int, time_s: float = 0.0, batch_size: int = 8) -> list[str]:
+    """Greedy answers to formatted prompts, each encoded as training encodes a prompt in `room` tokens.
+
+    Batches are left-padded so every answer starts right after its prompt. With `time_s` > 0, decoding
+    stops after the batch that passes it: the answers to a prefix of `prompts` come back.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    started, answers = time.monotonic(), []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(prompt, tokenizer, room) for prompt in prompts[start : start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        answers += [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        if time_s and time.monotonic() - started > time_s:
+            break
+    return answers
+
+
+@torch.no_grad()
 def evaluate(
     model: PeftModel,
     tokenizer,
@@ -43,7 +76,9 @@ def evaluate(
     label_names: list[str],
     max_length: int,
     batch_size: int = 32,
+    generation: EvaluationSection | None = None,
 ) -> EvalResult:
+    """Loss on `examples`; accuracy over few answers, or with `generation`, greedy-decoding scores on free-form ones."""
     if not examples:
         raise ValueError("no evaluation examples")
     model.eval()
@@ -74,4 +109,10 @@ def evaluate(
     accuracy = correct / len(examples) if (label_names or task == "classification") else float("nan")
     answers = [example.response for example in examples]
     counts = [answers.count(name) for name in label_names]
-    return EvalResult(total_loss / max(total_tokens, 1), accuracy, len(examples), counts)
+    scores = {}
+    if task == "generation" and not label_names and generation and generation.generate_examples:
+        decoded = examples[: generation.generate_examples]
+        room = max_length - generation.max_new_tokens  # the answer's budget, as training keeps the answer whole
+        predictions = greedy_answers(model, tokenizer, [e.prompt for e in decoded], room, generation.max_new_tokens, generation.generate_time_s)
+        scores = mean_scores(predictions, [e.response for e in decoded[: len(predictions)]]) | {"generated": len(predictions)}
+    return EvalResult(total_loss / max(total_tokens, 1), accuracy, len(examples), counts, **scores)
