@@ -106,7 +106,7 @@ def evaluate(
             )
             truth = torch.tensor([label_names.index(e.response) for e in chunk], device=candidates.device)
             correct += int((candidates.argmax(1) == truth).sum())
-    accuracy = correct / len(examples) if (label_names or task == "classification") else float("nan")
+    accuracy = correct / len(examples) if (label_names or task == "classification") else NAN
     answers = [example.response for example in examples]
     counts = [answers.count(name) for name in label_names]
     scores = {}
