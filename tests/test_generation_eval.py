@@ -34,7 +34,7 @@ def test_a_free_form_task_is_scored_by_generation_in_the_unit_interval(free_form
 
 
 def test_batched_left_padded_answers_equal_answers_decoded_one_by_one(free_form) -> None:
-    cfg, loaded, examples = free_form
+    _, loaded, examples = free_form
     prompts = [e.prompt for e in examples[:6]]  # records of different lengths: padded in one batch
     batched = greedy_answers(loaded.model, loaded.tokenizer, prompts, 96, 8)
     assert batched == [greedy_answers(loaded.model, loaded.tokenizer, [p], 96, 8)[0] for p in prompts]
@@ -73,6 +73,7 @@ def test_each_round_reports_the_scores_and_a_liar_cannot_corrupt_them(tmp_path) 
     from coordinator.local_grid import LocalGrid
     from coordinator.rounds import Coordinator
     from fedlora.aggregate.weights import claimed_average
+    from fedlora.cli import simulation_summary
     from fedlora.wire import read_reply, reply_content
     from participant import app as participant_app
 
@@ -101,3 +102,5 @@ def test_each_round_reports_the_scores_and_a_liar_cannot_corrupt_them(tmp_path) 
         assert 0.0 <= rows[-1][key] <= 1.0
         assert rows[-1][key] == pytest.approx(honest_average(key), rel=1e-9), key
     assert math.isnan(rows[-1]["eval_accuracy"]) and np.isfinite(rows[-1]["eval_loss"])
+    summary = simulation_summary(rows, 1, tmp_path)  # `fedlora simulate`'s last line: the scores, not a NaN accuracy
+    assert f"ROUGE-L {rows[0]['eval_rouge_l']:.3f} -> {rows[-1]['eval_rouge_l']:.3f}" in summary and "accuracy" not in summary
