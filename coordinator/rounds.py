@@ -39,7 +39,7 @@ from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
-from fedlora.aggregate.weights import claimed_average, unit_weights
+from fedlora.aggregate.weights import claimed_average, score_average, unit_weights
 from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
@@ -315,24 +315,16 @@ class Coordinator:
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
 
     def average_scores(self, reports: list[tuple[str, dict[str, Any]]], key: str, count_key: str, server_round: int) -> float:
-        """The (participant, metrics) reports' `key` scores averaged as claims weighted by their `count_key` counts;
-        NaN when none is one.
-
-        A site controls what it reports: a NaN (not computed) is left out, and a score outside [0, 1] or a count that
-        is no positive number is refused with a warning, so neither can corrupt the average.
-        """
-        kept = []
-        for participant, metrics in reports:
-            value, count = metrics.get(key, math.nan), metrics.get(count_key, 0)
-            if not isinstance(value, (int, float)) or math.isnan(value):
-                continue
-            if 0.0 <= value <= 1.0 and isinstance(count, (int, float)) and math.isfinite(count) and count > 0:
-                kept.append((value, count))
-            else:
-                log.warning("round %d: refused %s=%r over %s=%r from %s: not a score in [0, 1] over a positive count", server_round, key, value, count_key, count, participant)
-        if not kept:
-            return math.nan
-        return self.average(*map(list, zip(*kept)))
+        """The (participant, metrics) reports' `key` scores weighted by their `count_key` counts (`score_average`:
+        NaN when none is kept); a refused claim is logged."""
+        scores, counts = [m.get(key, math.nan) for _, m in reports], [m.get(count_key, 0) for _, m in reports]
+        average, refused = score_average(scores, counts, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
+        for index in refused:
+            log.warning(
+                "round %d: refused %s=%r over %s=%r from %s: not a score in [0, 1] over a positive count",
+                server_round, key, scores[index], count_key, counts[index], reports[index][0],
+            )
+        return average
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
