@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from coordinator.observe import observe
+from coordinator.outputs import GENERATION_LABELS
 
 CALLBACK_PATH = "/_dash-update-component"  # Dash's render callback: the dashboard's one POST
 PAGES = (("/", "Overview"), ("/participants", "Participants"), ("/versions", "Versions and audit"))
@@ -124,8 +125,10 @@ def series(rounds: list[dict[str, Any]], key: str) -> dict[str, list[Any]]:
 
 def run_figures(run: dict[str, Any]) -> list[dcc.Graph]:
     rounds = run["rounds"]
-    accuracy = figure("Held-out accuracy", "accuracy")
-    accuracy.add_scatter(**series(rounds, "eval_accuracy"), name="global adapter", mode="lines+markers")
+    generated = {label: key for label, key in GENERATION_LABELS.items() if any(key in entry for entry in rounds)}
+    accuracy = figure("Held-out generation quality" if generated else "Held-out accuracy", "score" if generated else "accuracy")
+    for name, key in generated.items() or [("global adapter", "eval_accuracy")]:  # free-form answers: scores, not accuracy
+        accuracy.add_scatter(**series(rounds, key), name=name, mode="lines+markers")
     majority = [entry["majority_accuracy"] for entry in rounds if "majority_accuracy" in entry]
     if majority:
         accuracy.add_hline(majority[-1], line_dash="dash", line_color="firebrick", annotation_text=f"majority class {majority[-1]:.3f}")

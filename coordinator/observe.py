@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.deploy import SETTINGS, run_status, status
-from coordinator.outputs import Lineage, read_metrics
+from coordinator.outputs import GENERATION_LABELS, Lineage, read_metrics
 from fedlora.config import ConfigError, load_config
 from fedlora.registry import WITHDRAWAL, verify_adapter
 
@@ -53,7 +53,7 @@ def round_series(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per round (0 = untrained), what the charts and tables show, in metrics.jsonl's own numbers."""
     keys = (
         "round", "applied", "sampled", "participants", "eval_accuracy", "eval_loss", "majority_accuracy", "train_loss",
-        "epsilon", "epsilon_coordinator", "seconds", "bytes_up", "bytes_down", "aborted", "robust_fallback",
+        "epsilon", "epsilon_coordinator", "seconds", "bytes_up", "bytes_down", "aborted", "robust_fallback", *GENERATION_LABELS.values(),
     )  # fmt: skip
     series = []
     for row in rows:

@@ -78,6 +78,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip() and line.endswith("\n")]
 
 
+# The generation-quality keys of a metrics row (free-form answers only), by the name a reader knows them by.
+GENERATION_LABELS = {"exact match": "eval_exact_match", "token F1": "eval_token_f1", "ROUGE-L": "eval_rouge_l"}
+
+
+def generation_note(row: dict[str, Any]) -> str:
+    """', exact match 0.412, token F1 0.700, ROUGE-L 0.731' for a row with free-form scores, else ''."""
+    return "".join(f", {label} {row[key]:.3f}" for label, key in GENERATION_LABELS.items() if key in row)
+
+
 def majority_note(row: dict[str, Any]) -> str:
     """' (majority class 0.641: +8.2 points)' for a row that has both numbers, else ''."""
     accuracy, majority = row.get("eval_accuracy"), row.get("majority_accuracy")
@@ -192,7 +201,8 @@ class RunDirectory:
         return read_metrics(self.path)
 
     def plot(self) -> Path:
-        """metrics.png: losses and held-out accuracy per round, against the majority class and round 0."""
+        """metrics.png: losses and held-out accuracy (or, for free-form answers, generation quality) per round,
+        against the majority class and round 0."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -215,8 +225,16 @@ class RunDirectory:
         majority = finite_points(rows, "majority_accuracy")
         if majority:
             accuracy_axis.axhline(majority[-1][1], color="tab:red", linestyle="--", label=f"majority class ({majority[-1][1]:.3f})")
-        accuracy_axis.set(xlabel="round", ylabel="held-out accuracy", title="accuracy per round", ylim=(0, 1))
-        if points:
+        generated = [(label, finite_points(rows, key)) for label, key in GENERATION_LABELS.items()]
+        for label, scored in generated:  # free-form answers: generation quality where accuracy would be
+            if scored:
+                accuracy_axis.plot(*zip(*scored), marker="o", label=label)
+        if any(scored for _, scored in generated):
+            accuracy_axis.set(ylabel="held-out score of greedy answers", title="generation quality per round")
+        else:
+            accuracy_axis.set(ylabel="held-out accuracy", title="accuracy per round")
+        accuracy_axis.set(xlabel="round", ylim=(0, 1))
+        if accuracy_axis.lines:
             accuracy_axis.legend(loc="lower right")
         for axis in (loss_axis, accuracy_axis):
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from coordinator.checkpoint import CHECKPOINT, VERSION_CHECKPOINTS, load_checkpoint, save_checkpoint
 from coordinator.gather import Gathered, Member, Rejection, as_sent, error_reason, gather_plaintext, read_train_replies
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
-from coordinator.outputs import Lineage, RunDirectory, majority_note
+from coordinator.outputs import GENERATION_LABELS, Lineage, RunDirectory, generation_note, majority_note
 from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag, seen_noise
 from coordinator.withdrawal import honour_request, withdraw_from_run
@@ -39,7 +39,7 @@ from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
-from fedlora.aggregate.weights import claimed_average, unit_weights
+from fedlora.aggregate.weights import claimed_average, score_average, unit_weights
 from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
@@ -53,6 +53,8 @@ from fedlora.withdrawal_request import MARK, request_in
 from participant.runtime import label_names_for
 
 log = logging.getLogger("fedlora.coordinator")
+
+GENERATION_SCORES = tuple(GENERATION_LABELS.values())  # sent by participant/app.py for free-form answers only
 
 
 @dataclass
@@ -167,6 +169,8 @@ class Coordinator:
         self.adapter = initial_adapter(cfg)
         self.label_names = label_names_for(cfg)
         log.info("prompt format: %s%s", self.adapter.prompt_format.name, " with a system prompt" if cfg.model.system_prompt else "")
+        # What an evaluation scores: accuracy over classes or few answers, generation quality over free-form ones.
+        self.free_form = cfg.model.task == "generation" and not self.label_names
         self.names: dict[int, str] = {}
         self.completed = -1  # the last round whose adapter and checkpoint are written
         self.evaluated: list[int] = []  # the nodes of the last evaluation (federation.eval_participants)
@@ -289,7 +293,7 @@ class Coordinator:
         eligible = [node for node in nodes if not self.excluded(self.name(node))]
         nodes = self.evaluated = evaluation_nodes(eligible, self.evaluated, self.cfg.federation.eval_participants, self.cfg.federation.seed)
         replies = exchange(grid=self.grid, nodes=nodes, content=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
-        rows = []
+        reports = []  # (participant, metrics)
         for node, reply in replies.items():
             if reply is None or reply.has_error():
                 log.warning("evaluation by %s: %s", self.name(node), "no reply (timeout)" if reply is None else error_reason(reply.error.reason))
@@ -298,16 +302,33 @@ class Coordinator:
             count = metrics.get("num-examples", 0)
             # A revoked participant's scores are refused too; one that evaluated nothing adds nothing.
             if not self.excluded(self.name(node, metrics)) and math.isfinite(count) and count > 0:
-                rows.append(metrics)
-        rows.sort(key=lambda m: m["partition_id"])
+                reports.append((self.name(node), metrics))
+        reports.sort(key=lambda report: report[1]["partition_id"])
+        rows = [metrics for _, metrics in reports]
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
         claims = [m["num-examples"] for m in rows]  # weighed as updates are: a count is a claim
         result = {
             "eval_loss": self.average([m["eval_loss"] for m in rows], claims),
-            "eval_accuracy": self.average([m["eval_accuracy"] for m in rows], claims),
+            "eval_accuracy": math.nan if self.free_form else self.average_scores(reports, "eval_accuracy", "num-examples", server_round),
         }
+        for key in GENERATION_SCORES if self.free_form else ():  # present when some site decoded any answers
+            score = self.average_scores(reports, key, "eval_generated", server_round)
+            if math.isfinite(score):
+                result[key] = score
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
+
+    def average_scores(self, reports: list[tuple[str, dict[str, Any]]], key: str, count_key: str, server_round: int) -> float:
+        """The (participant, metrics) reports' `key` scores weighted by their `count_key` counts (`score_average`:
+        NaN when none is kept); a refused claim is logged."""
+        scores, counts = [m.get(key, math.nan) for _, m in reports], [m.get(count_key, 0) for _, m in reports]
+        average, refused = score_average(scores, counts, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
+        for index in refused:
+            log.warning(
+                "round %d: refused %s=%r over %s=%r from %s: not a score in [0, 1] over a positive count",
+                server_round, key, scores[index], count_key, counts[index], reports[index][0],
+            )
+        return average
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -526,7 +547,7 @@ class Coordinator:
             return facts | {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "adjacency": "add/remove one participant"}
         return facts | {
             "participants": self.round_record["answered"] if row["round"] > 0 else [],
-            "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", "train_loss") if key in row},
+            "metrics": {key: row[key] for key in ("eval_loss", "eval_accuracy", *GENERATION_SCORES, "train_loss") if key in row},
         }
 
     def stop_reason(self) -> tuple[str, str]:
@@ -554,7 +575,7 @@ class Coordinator:
             baseline = {"round": 0, "participants": 0, "bytes_up": 0, "bytes_down": 0, **self.evaluate(nodes, 0)}
             baseline["seconds"] = round(time.monotonic() - started, 3)  # evaluating the untrained adapter
             self.out.append_metrics(baseline)
-            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f%s", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"], majority_note(baseline))
+            log.info("round 0/%d: eval_loss %.4f eval_accuracy %.3f%s%s", fed.rounds, baseline["eval_loss"], baseline["eval_accuracy"], majority_note(baseline), generation_note(baseline))
             self.out.save_adapter(0, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(baseline))
             self.checkpoint(0)
         latest = self.out.version_dir(self.completed)
@@ -574,10 +595,10 @@ class Coordinator:
             latest = self.out.save_adapter(server_round, self.adapter.vector, self.adapter.layout, self.adapter.peft_config, self.version_facts(row))
             self.checkpoint(server_round)
             log.info(
-                "round %d/%d: %s, %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f s",
+                "round %d/%d: %s, %d/%d participants, train_loss %s, eval_loss %s, eval_accuracy %s%s, %.1f s",
                 server_round, fed.rounds, "applied" if row.get("applied") else "NOT applied", row["participants"], row["sampled"], *(
                     f"{row[key]:.4f}" if key in row else "-" for key in ("train_loss", "eval_loss", "eval_accuracy")
-                ), row["seconds"],
+                ), generation_note(row), row["seconds"],
             )
         outcome = read_outcome(self.out.read_metrics(), fed.rounds)
         final = self.out.publish_final(latest) if outcome.rounds_applied else None

@@ -24,16 +24,22 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path) -> str:
-    """The last line of a simulation: rounds applied, and how far held-out accuracy rose above the majority class."""
+    """The last line of a simulation: rounds applied, and how far held-out accuracy rose above the majority class
+    (for free-form answers: how exact match and ROUGE-L rose)."""
     from coordinator.outcome import read_outcome
     from coordinator.outputs import majority_note
 
     first = rows[0]
     last = next(row for row in reversed(rows) if "eval_loss" in row)
+    if "eval_rouge_l" in last:
+        scored = ", ".join(
+            f"{label} {first.get(key, float('nan')):.3f} -> {last[key]:.3f}" for label, key in (("exact match", "eval_exact_match"), ("ROUGE-L", "eval_rouge_l"))
+        )
+    else:
+        scored = f"held-out accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}{majority_note(last)}"
     return (
         f"done: {read_outcome(rows, rounds_planned).summary()}; eval_loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}, "
-        f"held-out accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}{majority_note(last)}; "
-        f"final adapter in {run_dir / 'adapters' / 'final'}"
+        f"{scored}; final adapter in {run_dir / 'adapters' / 'final'}"
     )
 
 

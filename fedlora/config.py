@@ -247,6 +247,32 @@ class FederationSection:
 
 
 @dataclass
+class EvaluationSection:
+    """Generation quality on free-form answers (model.task='generation' without answer choices): each evaluated
+    participant decodes its first held-out records greedily and scores them against their answers (exact match,
+    token F1, ROUGE-L), beside the loss. Bounded in records, tokens and seconds so evaluation stays cheap."""
+
+    generate_examples: int = _help(
+        "Held-out records each participant decodes per evaluation, the same ones every round (0 = loss only).", 32
+    )
+    max_new_tokens: int = _help("Tokens generated per answer at most; below data.max_length, which bounds prompt and answer together.", 32)
+    generate_time_s: float = _help(
+        "Seconds a participant spends decoding per evaluation at most: it scores the records decoded by then "
+        "(at least one batch) and reports how many (0 = no time bound).",
+        120.0,
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.generate_examples >= 0, "evaluation.generate_examples", f"must be >= 0 (0 = off), got {self.generate_examples}")
+        _require(self.max_new_tokens >= 1, "evaluation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(
+            math.isfinite(self.generate_time_s) and self.generate_time_s >= 0,
+            "evaluation.generate_time_s",
+            f"must be >= 0 (0 = no bound), got {self.generate_time_s}",
+        )
+
+
+@dataclass
 class SecaggSection:
     enabled: bool = _help(
         "Secure aggregation (SecAgg+ over Flower messages): the coordinator only sees sums of masked "
@@ -519,6 +545,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     secagg: SecaggSection = field(default_factory=SecaggSection)
     robust: RobustSection = field(default_factory=RobustSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
@@ -539,6 +566,11 @@ class Config:
             fed.min_participants <= fed.participants,
             "federation.min_participants",
             f"{fed.min_participants} exceeds federation.participants={fed.participants}",
+        )
+        _require(
+            self.evaluation.max_new_tokens < self.data.max_length,
+            "evaluation.max_new_tokens",
+            f"{self.evaluation.max_new_tokens} leaves no room for the prompt within data.max_length={self.data.max_length}",
         )
         from fedlora.attacks import parse_bad_data
         from fedlora.precision import parse_site_precision

@@ -22,7 +22,7 @@ from typing import Any
 
 from fedlora.data import Example, builtin_text, chat_turns, conversation_example, instruction_example, jsonl_objects
 from fedlora.export import checked_base
-from fedlora.prompts import CHAT_TEMPLATE, PromptFormat, encode_request, format_from_facts
+from fedlora.prompts import CHAT_TEMPLATE, PromptFormat, format_from_facts
 from fedlora.registry import MANIFEST, require_verified
 
 PROMPT_FIELDS = ("prompt", "question", "instruction")
@@ -118,30 +118,19 @@ def open_version(directory: Path, public_key_pem: bytes, base: str | None, quant
     return Answerer(PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer, label_names, prompt_format)
 
 
-def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
-    """Where an answer ends: the tokenizer's EOS and any end-of-turn token the model's generation config names."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
-
-
 def answer(answerer: Answerer, question: Example, max_new_tokens: int) -> str:
     """The greedy answer to a question, or the predicted class name of a classification adapter."""
     import torch
 
+    from fedlora.evaluate import greedy_answers
+
     model, tokenizer = answerer.model, answerer.tokenizer
-    device = next(model.parameters()).device
     context = int(getattr(model.config, "max_position_embeddings", 512))
+    if not answerer.label_names:
+        return greedy_answers(model, tokenizer, [question], answerer.prompt_format, context - max_new_tokens, max_new_tokens)[0]
     with torch.no_grad():
-        if answerer.label_names:
-            batch = tokenizer([builtin_text(question)], truncation=True, max_length=context, return_tensors="pt").to(device)
-            return answerer.label_names[int(model(**batch).logits[0].argmax())]
-        ids = torch.tensor([encode_request(question, tokenizer, answerer.prompt_format, context - max_new_tokens)], device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_tokens(model, tokenizer),
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        batch = tokenizer([builtin_text(question)], truncation=True, max_length=context, return_tensors="pt").to(next(model.parameters()).device)
+        return answerer.label_names[int(model(**batch).logits[0].argmax())]
 
 
 def answer_all(answerer: Answerer, items: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:

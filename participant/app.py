@@ -117,8 +117,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         runtime.loaded.label_names,
         cfg.data.max_length,
         prompt_format=runtime.loaded.prompt_format,
+        generation=cfg.evaluation,
     )
-    evaluated(instruction.server_round, result.examples, result.loss, result.accuracy)
+    evaluated(instruction.server_round, result)
     record_activity(  # the adapter's hash: the version a round made, so the site can tell which hold its updates
         site_of(dict(context.node_config)), EVALUATED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
         adapter_sha256=instruction.adapter_sha256, examples=result.examples, base_weights=weight_format(cfg.model),
@@ -131,4 +132,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     }
     if result.label_counts:  # per-class counts of the held-out split: the majority-class reference line
         metrics["eval_label_counts"] = result.label_counts
+    if result.generated:  # free-form answers: greedy-decoding scores, and how many records they cover
+        metrics |= {"eval_exact_match": result.exact_match, "eval_token_f1": result.token_f1, "eval_rouge_l": result.rouge_l, "eval_generated": result.generated}
     return Message(reply_content(metrics), reply_to=msg)

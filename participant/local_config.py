@@ -218,7 +218,7 @@ def policy_violations(run: Config, local: LocalConfig, evaluating: bool = False)
     if policy.require_secagg and not run.secagg.enabled:
         violations.append(
             "policy.require_secagg: the run has secure aggregation off; this site takes no part in such a run, "
-            "not even to evaluate (an evaluation sends held-out loss, accuracy and record counts)"
+            "not even to evaluate (an evaluation sends held-out loss, accuracy or generation scores, and record counts)"
             if evaluating
             else "policy.require_secagg: the round has secure aggregation off, so the update would be sent in the clear"
         )

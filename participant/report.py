@@ -16,13 +16,16 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from fedlora.logs import show_progress
 from participant.site import Refusal
+
+if TYPE_CHECKING:  # torch loads with the model stack, only in the handlers that evaluate
+    from fedlora.evaluate import EvalResult
 
 log = logging.getLogger("fedlora.participant")
 
@@ -58,7 +61,9 @@ def trained(server_round: int, metrics: dict[str, Any], seconds: float) -> None:
     log.info("round %d: trained on %d records, loss %s, %.1f s%s", server_round, metrics["num-examples"], shown, seconds, spent)
 
 
-def evaluated(server_round: int, examples: int, loss: float, accuracy: float) -> None:
+def evaluated(server_round: int, result: EvalResult) -> None:
     """The line of an evaluation of the global adapter on this participant's held-out records."""
-    scored = "" if math.isnan(accuracy) else f", accuracy {accuracy:.3f}"  # NaN: free-form answers
-    log.info("round %d: evaluated on %d records: loss %.3f%s", server_round, examples, loss, scored)
+    scored = "" if math.isnan(result.accuracy) else f", accuracy {result.accuracy:.3f}"  # NaN: free-form answers
+    if result.generated:
+        scored += f", {result.generated} answers generated: exact match {result.exact_match:.3f}, ROUGE-L {result.rouge_l:.3f}"
+    log.info("round %d: evaluated on %d records: loss %.3f%s", server_round, result.examples, result.loss, scored)

@@ -61,6 +61,7 @@ def test_a_run_evaluates_a_sample_every_k_rounds_and_always_the_last(tmp_path: P
     coordinator = Coordinator(cfg, tmp_path)
     rows = coordinator.run(CountingGrid(app, {p + 1: {"partition-id": p, "num-partitions": 4} for p in range(4)}))
     assert [("eval_accuracy" in row) for row in rows] == [True, False, True, True]  # rounds 0, 2 and the last
+    assert not any("eval_rouge_l" in row for row in rows)  # yes/no answers: accuracy, no generation scores
     evaluated = [node for node, kind in asked if kind == "evaluate"]
     assert len(set(evaluated)) == 2 and len(evaluated) == 2 * 3  # the same two participants, three times
     assert len([node for node, kind in asked if kind == "train"]) == 4 * 3  # training still samples everyone

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from fedlora.aggregate import combine_units
 from fedlora.aggregate.robust import make_rule
 from fedlora.aggregate.units import single_units
-from fedlora.aggregate.weights import claimed_average, secure_weight_reference, unit_weights
+from fedlora.aggregate.weights import claimed_average, score_average, secure_weight_reference, unit_weights
 from fedlora.config import ConfigError, load_config
 
 RULES = ["mean", "geomedian", "centered-clip:1.0", "multi-krum:1", "median", "trimmed-mean:0.2"]
@@ -37,6 +39,17 @@ def test_a_secure_buckets_reference_gives_each_member_its_plaintext_weight(weigh
 def test_reported_metrics_are_averaged_with_the_weights_their_counts_give_updates() -> None:
     assert claimed_average([0.5, 0.5, 1.0], [60, 60, 10**6], "capped", 2.0) == pytest.approx((30 + 30 + 120) / 240)
     assert claimed_average([0.5, 0.5, 1.0], [60, 60, 10**6], "claimed", 2.0) > 0.9999
+
+
+def test_a_reported_score_that_cannot_be_one_is_refused_and_a_nan_is_not_computed() -> None:
+    nan, inf = float("nan"), float("inf")
+    scores = [0.5, 5.0, nan, inf, 0.7, -0.1, 0.9, [1.0]]
+    average, refused = score_average(scores, [60, 60, 60, 60, 60, 60, 0, 60], "capped", 2.0)
+    assert refused == [1, 3, 5, 6, 7]  # out of [0, 1], infinite, below 0, over no records, not a number
+    assert average == pytest.approx(0.6)  # the two honest scores; the NaN (not computed) is simply left out
+    assert score_average([0.2, 1.0], [60, 10**6], "capped", 2.0)[0] == claimed_average([0.2, 1.0], [60, 10**6], "capped", 2.0)
+    average, refused = score_average([nan, nan], [60, 60], "capped", 2.0)
+    assert math.isnan(average) and refused == []
 
 
 @pytest.mark.parametrize("claims", [[60, 0], [60, -5], [60, float("nan")], [60, float("inf")]])

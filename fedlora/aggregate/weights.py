@@ -12,12 +12,15 @@ construction (docs/decisions.md, "Aggregation weights"):
 - `claimed`: the claims as they are, for consortia that verify them some other way.
 
 Reported losses and accuracies are claims as well: averaged across participants, they get the
-weights their counts give updates (`claimed_average`), so a count buys a number no more weight.
+weights their counts give updates (`claimed_average`), so a count buys a number no more weight,
+and a score that cannot be one (outside [0, 1]) is refused (`score_average`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,3 +67,24 @@ def _checked(claims: Sequence[float], weighting: str) -> np.ndarray:
 def claimed_average(values: Sequence[float], claims: Sequence[float], weighting: str, cap: float) -> float:
     """The average of reported values (losses, accuracies), weighted as `unit_weights` weighs updates."""
     return float(np.average(values, weights=unit_weights(claims, weighting, cap)))
+
+
+def score_average(scores: Sequence[Any], counts: Sequence[Any], weighting: str, cap: float) -> tuple[float, list[int]]:
+    """Reported scores (accuracies, ROUGE-L...) averaged as `claimed_average` weighs them, and the indices refused.
+
+    A NaN score means 'not computed' and is left out; a score that is no number in [0, 1], or one over a count
+    that is no positive number, is refused, so a site's lie cannot corrupt the average. NaN when no score is kept.
+    """
+    kept, refused = [], []
+    for index, (score, count) in enumerate(zip(scores, counts, strict=True)):
+        if isinstance(score, float) and math.isnan(score):
+            continue
+        number = isinstance(score, (int, float)) and isinstance(count, (int, float))
+        if number and 0.0 <= score <= 1.0 and math.isfinite(count) and count > 0:
+            kept.append((score, count))
+        else:
+            refused.append(index)
+    if not kept:
+        return math.nan, refused
+    values, claims = zip(*kept)
+    return claimed_average(values, claims, weighting, cap), refused
