@@ -147,7 +147,7 @@ def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: di
     """R rounds of: every participant trains from the global adapter, then one aggregation step."""
     loaded, vector, layout = fresh_model(cfg, labels)
     fed = cfg.federation
-    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed)
+    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed, cfg.lora.frozen_a_gain)
     optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
     runtimes = [ParticipantRuntime(loaded, layout, shard, p, cfg.lora.r) for p, shard in enumerate(shards)]
     curve = [{"round": 0, **start}]  # the seeded initial adapter: the same for every method

@@ -130,7 +130,7 @@ class Scorer:
         self.cfg, self.examples, self.labels = cfg, examples, labels
         self.loaded = load_model(cfg.model, cfg.lora, labels, cfg.federation.seed)
         _, self.layout = adapter_vector(self.loaded.model)
-        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed)
+        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
         fed = cfg.federation
         self.step = make_server_optimizer("fedavg", fed.server_lr if fed.server_optimizer == "fedavg" else 0.0)
         self.metric = metric if metric != "auto" else ("accuracy" if labels or cfg.model.task == "classification" else "loss")

@@ -179,7 +179,7 @@ class Coordinator:
         self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
         self.attack = resolve_attack(sim.attack) if self.adversaries else None
         fed = cfg.federation
-        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed)
+        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed, cfg.lora.frozen_a_gain)
         # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
         self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.rule = make_rule(cfg.robust.rule)

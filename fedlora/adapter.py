@@ -20,6 +20,8 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
 
+from fedlora.lora_names import is_lora_a, is_lora_b
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -146,14 +148,6 @@ class AdapterLayout:
         if len(ranks) > 1:
             raise ValueError(f"layout mixes LoRA ranks {sorted(ranks)}")
         return ranks.pop() if ranks else 0
-
-
-def is_lora_a(name: str) -> bool:
-    return ".lora_A." in name
-
-
-def is_lora_b(name: str) -> bool:
-    return ".lora_B." in name
 
 
 def check_vector(vector: np.ndarray, size: int, what: str = "adapter vector") -> None:

@@ -108,7 +108,9 @@ class LoraSection:
         "How adapters are aggregated: 'frozen-a' (FFA-LoRA: A fixed from the seed, only B trains and "
         "travels; exact and linear), 'fedavg' (average A and B separately, the common baseline), "
         "'exact' (mean of the products B*A per layer, re-factorised to lora.r by truncated SVD; "
-        "allows lora.participant_ranks; needs plaintext updates) or 'auto' (frozen-a when secagg.enabled "
+        "allows lora.participant_ranks; needs plaintext updates), 'sb' (Fed-SB: A and B fixed from the seed, each "
+        "site trains and sends only an r x r matrix R between them; exact and linear like frozen-a, r^2 values per "
+        "layer) or 'auto' (frozen-a when secagg.enabled "
         "or privacy.noise_multiplier > 0, else exact when lora.participant_ranks is set, else fedavg). "
         "The resolved mode is what config.toml records.",
         "auto",
@@ -720,6 +722,12 @@ class Config:
             "train.fedprox_mu",
             "FedProx's proximal term is not part of DP-SGD's per-example gradients; set train.fedprox_mu=0 "
             "or privacy.local_noise_multiplier=0",
+        )
+        _require(
+            not (p.local_noise_multiplier > 0 and self.lora.mode == "sb"),
+            "lora.mode",
+            "'sb' trains R through a parametrisation of lora_B, which Opacus's per-example gradient hooks do not see; "
+            "use lora.mode='frozen-a' with privacy.local_noise_multiplier, or user-level DP (privacy.noise_multiplier) with 'sb'",
         )
         _require(
             not (p.local_noise_multiplier > 0 and self.train.gradient_checkpointing),

@@ -337,7 +337,8 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection, task: str, seed: int) -
 
     In lora.mode='frozen-a' (FFA-LoRA) every lora_A keeps that seeded value, rescaled to
     lora.frozen_a_gain (`frozen_a_factor`), for the whole run: it is frozen here, so only lora_B
-    (and any fully trained head) reaches the optimiser.
+    (and any fully trained head) reaches the optimiser. In lora.mode='sb' both factors are fixed
+    (`fix_sb_factors`).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -355,7 +356,23 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection, task: str, seed: int) -
             for name, parameter in model.named_parameters():
                 if ".lora_A." in name:
                     parameter.mul_(frozen_a_factor(parameter, cfg.frozen_a_gain)).requires_grad_(False)
+    if cfg.mode == "sb":
+        fix_sb_factors(model, cfg, seed)
     return model
+
+
+def fix_sb_factors(model: PeftModel, cfg: LoraSection, seed: int) -> None:
+    """lora.mode='sb': every lora_A is the run's fixed A0 and every lora_B starts at zero (R = 0), both frozen;
+    R trains only inside `SBAggregator.training`."""
+    from fedlora.aggregate.sb import fixed_a, module_path
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_A." in name:
+                a0 = fixed_a(module_path(name), parameter.shape[0], parameter.shape[1], seed, cfg.frozen_a_gain)
+                parameter.copy_(torch.from_numpy(a0)).requires_grad_(False)
+            elif ".lora_B." in name:
+                parameter.zero_().requires_grad_(False)
 
 
 def frozen_a_factor(a: torch.Tensor, gain: float) -> float:

@@ -180,7 +180,7 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
     rank; the upload is the delta of what the mode sends (in frozen-a: lora_B and heads only),
     clipped to robust.clip_norm when the configuration relies on bounded updates.
     """
-    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed)
+    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
     check_vector(global_vector, global_layout.size, "global adapter")
     start = aggregator.start(global_vector, global_layout, runtime.rank)
@@ -191,24 +191,25 @@ def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndar
         accountant = load_local_accountant(cfg, runtime)
         refuse_past_budget(cfg, accountant, len(examples), runtime, server_round)
     try:
-        result = train_local(
-            runtime.loaded.model,
-            runtime.loaded.tokenizer,
-            examples,
-            cfg.train,
-            cfg.model.task,
-            runtime.loaded.label_names,
-            cfg.data.max_length,
-            seed=local_seed(cfg, server_round, runtime.partition_id),
-            privacy=cfg.privacy,
-            accountant=accountant,
-            prompt_format=runtime.loaded.prompt_format,
-        )
+        with aggregator.training(runtime.loaded.model):  # in sb mode: only R between the fixed factors trains
+            result = train_local(
+                runtime.loaded.model,
+                runtime.loaded.tokenizer,
+                examples,
+                cfg.train,
+                cfg.model.task,
+                runtime.loaded.label_names,
+                cfg.data.max_length,
+                seed=local_seed(cfg, server_round, runtime.partition_id),
+                privacy=cfg.privacy,
+                accountant=accountant,
+                prompt_format=runtime.loaded.prompt_format,
+            )
     finally:  # steps taken count even if the round then fails
         if accountant is not None:
             save_local_accountant(cfg, runtime, accountant)
     trained, _ = adapter_vector(runtime.loaded.model)
-    upload = runtime.layout.take(trained - start, aggregator.upload_layout(global_layout, runtime.rank))
+    upload = aggregator.encode_upload(trained - start, runtime.layout, global_layout, runtime.rank)
     if cfg.clips_updates:  # bounded before it leaves: the rule, the secure encoding and DP rely on it
         upload = clip(upload, cfg.robust.clip_norm).astype(np.float32)
     metrics = {

@@ -94,7 +94,7 @@ def test_an_evaluation_refusal_names_what_an_evaluation_sends(secure_only_site: 
     (reply,) = grid.send_and_receive([_plaintext_message("evaluate", 2)])
     reason = error_reason(reply.error.reason)
     assert reason.startswith("refused: hospital-a refuses an evaluation request for round 2: policy.require_secagg")
-    assert "not even to evaluate" in reason and "loss, accuracy and record counts" in reason
+    assert "not even to evaluate" in reason and "loss, accuracy or generation scores, and record counts" in reason
     assert "update" not in reason  # an evaluation sends no update
     (line,) = participant_lines(caplog)
     assert line.getMessage().startswith("round 2: refused: ") and "update" not in line.getMessage()

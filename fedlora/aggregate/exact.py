@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedlora.aggregate.lora import fit_rank, lora_layers, non_lora_specs, product_layout, refactor, to_products
+from fedlora.aggregate.uploads import SubVectorUploads
 
 if TYPE_CHECKING:
     from fedlora.adapter import AdapterLayout
 
 
-class ExactAggregator:
+class ExactAggregator(SubVectorUploads):
     mode = "exact"
 
     def __init__(self, alpha: float, seed: int) -> None:

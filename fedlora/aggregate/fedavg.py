@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedlora.aggregate.uploads import SubVectorUploads
+
 if TYPE_CHECKING:
     from fedlora.adapter import AdapterLayout
 
 
-class FedAvgAggregator:
+class FedAvgAggregator(SubVectorUploads):
     """Server space = the uploaded sub-vector of the global adapter (here: all of it)."""
 
     mode = "fedavg"
