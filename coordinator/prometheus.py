@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from coordinator.observe import observe
+from coordinator.outputs import GENERATION_LABELS
 
 PREFIX = "fedlora_coordinator_"
 
@@ -43,6 +44,7 @@ def run_metrics(snapshot: dict) -> list[Metric]:
     accuracy = gauge("eval_accuracy", "held-out accuracy of the last evaluated round", ("run",))
     majority = gauge("majority_accuracy", "held-out accuracy of always answering the majority class", ("run",))
     loss = gauge("eval_loss", "held-out loss of the last evaluated round", ("run",))
+    generation = gauge("eval_generation", "greedy-decoding score of the last evaluated round on free-form answers", ("run", "score"))
     audit = gauge("audit_intact", "1 if the run's audit chain verifies", ("run",))
     head = gauge("head_verifies", "1 if the head adapter version's signature and hashes verify", ("run",))
     for name, run in snapshot["runs"].items():
@@ -70,17 +72,21 @@ def run_metrics(snapshot: dict) -> list[Metric]:
         transferred.add_metric([name, "down"], run["bytes_down_total"])
         for stage, seconds in sorted(run["stage_seconds_total"].items()):
             stages.add_metric([name, stage], seconds)
-        evaluated = [entry for entry in run["rounds"] if "eval_accuracy" in entry]
+        evaluated = [entry for entry in run["rounds"] if "eval_loss" in entry]  # free-form tasks have no accuracy
         if evaluated:
-            accuracy.add_metric([name], evaluated[-1]["eval_accuracy"])
-            loss.add_metric([name], evaluated[-1].get("eval_loss", float("nan")))
+            loss.add_metric([name], evaluated[-1]["eval_loss"])
+            if "eval_accuracy" in evaluated[-1]:
+                accuracy.add_metric([name], evaluated[-1]["eval_accuracy"])
             if "majority_accuracy" in evaluated[-1]:
                 majority.add_metric([name], evaluated[-1]["majority_accuracy"])
+            for key in GENERATION_LABELS.values():
+                if key in evaluated[-1]:
+                    generation.add_metric([name, key.removeprefix("eval_")], evaluated[-1][key])
         if "audit" in run:
             audit.add_metric([name], float(run["audit"] == "intact"))
         if run.get("last_version_verifies") is not None:
             head.add_metric([name], float(run["last_version_verifies"]))
-    return [rounds, planned, last, answered, sampled, skipped, epsilon, budget, transferred, stages, accuracy, majority, loss, audit, head]
+    return [rounds, planned, last, answered, sampled, skipped, epsilon, budget, transferred, stages, accuracy, majority, loss, generation, audit, head]
 
 
 def participant_metrics(snapshot: dict) -> list[Metric]:

@@ -19,6 +19,7 @@ import pytest
 from coordinator.prometheus import CoordinatorCollector
 from participant.metrics import SiteCollector
 from fedlora.cli import main
+from fedlora.config import load_config
 
 MONITORING = Path(__file__).resolve().parents[1] / "examples" / "monitoring"
 METRIC = re.compile(r"\b(fedlora_[a-z_]+)")
@@ -54,3 +55,19 @@ def test_every_metric_the_rules_and_the_dashboard_query_is_exported(tmp_path: Pa
     queried = {expr for panel in dashboard["panels"] for target in panel["targets"] for expr in METRIC.findall(target["expr"])}
     queried |= set(METRIC.findall((MONITORING / "alerts.yml").read_text()))
     assert queried and not queried - exported, f"queried but never exported: {sorted(queried - exported)}"
+
+
+def test_a_free_form_run_exports_its_loss_and_generation_scores_without_an_accuracy(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(load_config(None, ["model.task=generation"]).to_toml())
+    rows = [
+        {"round": 0, "participants": 0, "eval_loss": 3.0},
+        {"round": 1, "applied": True, "participants": 2, "eval_loss": 1.0, "eval_exact_match": 0.25, "eval_token_f1": 0.4, "eval_rouge_l": 0.5},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in CoordinatorCollector(run).collect() for s in m.samples}
+    assert samples[("fedlora_coordinator_eval_loss", (("run", "run"),))] == 1.0
+    scores = {dict(labels)["score"]: value for (name, labels), value in samples.items() if name == "fedlora_coordinator_eval_generation"}
+    assert scores == {"exact_match": 0.25, "token_f1": 0.4, "rouge_l": 0.5}
+    assert not any(name == "fedlora_coordinator_eval_accuracy" for name, _ in samples)

@@ -467,7 +467,8 @@ MUTATIONS += [
 
 
 VIEW_TESTS = ("tests/test_dashboard.py", "tests/test_participant_monitor.py")
-SERVING_TESTS = ("tests/test_export.py", "tests/test_generate.py")  # what a site runs or serves: grouped with the views
+# What a site runs or serves, and what it checks of what it is sent: grouped with the views.
+SERVING_TESTS = ("tests/test_export.py", "tests/test_generate.py", "tests/test_prompts.py", "tests/test_sb_mode.py")
 MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach them and what they may do
     Mutation(
         "view-token-not-required",
@@ -518,6 +519,24 @@ MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach t
         "merged and gguf exports and generate run on a base with another fingerprint than the signed one",
         (("fedlora/export.py", "    if actual != expected_sha256:", "    if False:"),),
         SERVING_TESTS, "another",
+    ),
+    Mutation(
+        "answers-in-another-format",
+        "fedlora generate asks in the built-in format whatever prompt format the signed manifest records",
+        (("fedlora/generate.py", "    prompt_format = format_from_facts(facts)", "    prompt_format = PromptFormat()"),),
+        ("tests/test_prompts.py",), "manifest_records or records_its_format",
+    ),
+    Mutation(
+        "loss-on-the-whole-conversation",
+        "the loss covers the system prompt, the questions and the template's headers, not only assistant turns",
+        (("fedlora/prompts.py", "        labels += piece if trained else [-100] * len(piece)", "        labels += piece"),),
+        ("tests/test_prompts.py",), "only_assistant or every_assistant_turn",
+    ),
+    Mutation(
+        "sb-basis-unchecked",
+        "a site in lora.mode='sb' trains from a global adapter whose A or B is not on its own fixed basis",
+        (("fedlora/aggregate/sb.py", "        self.check_global(global_vector, layout)\n", "        pass\n"),),
+        ("tests/test_sb_mode.py",), "another_basis",
     ),
 ]
 
