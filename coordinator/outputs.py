@@ -83,8 +83,13 @@ GENERATION_LABELS = {"exact match": "eval_exact_match", "token F1": "eval_token_
 
 
 def generation_note(row: dict[str, Any]) -> str:
-    """', exact match 0.412, token F1 0.700, ROUGE-L 0.731' for a row with free-form scores, else ''."""
-    return "".join(f", {label} {row[key]:.3f}" for label, key in GENERATION_LABELS.items() if key in row)
+    """', exact match 0.412, token F1 0.700, ROUGE-L 0.731' for a row with free-form scores, else '';
+    then the personalised adapters' accuracy or ROUGE-L where sites fine-tuned it (federation.personalization)."""
+    note = "".join(f", {label} {row[key]:.3f}" for label, key in GENERATION_LABELS.items() if key in row)
+    for label, key in (("personalised accuracy", "eval_personal_accuracy"), ("personalised ROUGE-L", "eval_personal_rouge_l")):
+        if isinstance(row.get(key), float) and math.isfinite(row[key]):
+            note += f", {label} {row[key]:.3f}"
+    return note
 
 
 def majority_note(row: dict[str, Any]) -> str:

@@ -307,16 +307,24 @@ class Coordinator:
         rows = [metrics for _, metrics in reports]
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
+        result = self.averaged(reports, "eval_", server_round)
+        if self.cfg.federation.personalization_steps:  # each site's own fine-tune of the same global adapter
+            result |= self.averaged(reports, "eval_personal_", server_round)
+        return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
+
+    def averaged(self, reports: list[tuple[str, dict[str, Any]]], prefix: str, server_round: int) -> dict[str, float]:
+        """The reports' `<prefix>loss`, `<prefix>accuracy` and, for free-form answers, generation scores, averaged."""
+        rows = [metrics for _, metrics in reports]
         claims = [m["num-examples"] for m in rows]  # weighed as updates are: a count is a claim
         result = {
-            "eval_loss": self.average([m["eval_loss"] for m in rows], claims),
-            "eval_accuracy": math.nan if self.free_form else self.average_scores(reports, "eval_accuracy", "num-examples", server_round),
+            f"{prefix}loss": self.average([m.get(f"{prefix}loss", math.nan) for m in rows], claims),
+            f"{prefix}accuracy": math.nan if self.free_form else self.average_scores(reports, f"{prefix}accuracy", "num-examples", server_round),
         }
         for key in GENERATION_SCORES if self.free_form else ():  # present when some site decoded any answers
-            score = self.average_scores(reports, key, "eval_generated", server_round)
+            score = self.average_scores(reports, key.replace("eval_", prefix, 1), f"{prefix}generated", server_round)
             if math.isfinite(score):
-                result[key] = score
-        return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
+                result[key.replace("eval_", prefix, 1)] = score
+        return result
 
     def average_scores(self, reports: list[tuple[str, dict[str, Any]]], key: str, count_key: str, server_round: int) -> float:
         """The (participant, metrics) reports' `key` scores weighted by their `count_key` counts (`score_average`:

@@ -231,9 +231,29 @@ class FederationSection:
         50,
     )
     eval_every: int = _help("Evaluate every this many rounds (round 0 and the last round always).", 1)
+    personalization: str = _help(
+        "'none', or 'finetune:<steps>': each evaluated participant also fine-tunes the global adapter for <steps> "
+        "local steps on its own training records and evaluates that personalised adapter on its held-out split "
+        "(eval_personal_* beside eval_*). Only the global adapter is ever aggregated, so it composes with secure "
+        "aggregation and DP; the personalised adapter stays at the site (a deployed site keeps the latest under "
+        "personal/<run>/ in its directory).",
+        "none",
+    )
+
+    @property
+    def personalization_steps(self) -> int:
+        """Local fine-tuning steps of `personalization` (0 = none)."""
+        return 0 if self.personalization == "none" else int(self.personalization.split(":", 1)[1])
 
     def __post_init__(self) -> None:
         from fedlora.aggregate.server import make_server_optimizer
+
+        kind, _, steps = self.personalization.partition(":")
+        _require(
+            self.personalization == "none" or (kind == "finetune" and steps.isdigit() and int(steps) >= 1),
+            "federation.personalization",
+            f"must be 'none' or 'finetune:<steps>' with steps >= 1, got {self.personalization!r}",
+        )
 
         try:
             make_server_optimizer(self.server_optimizer, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
@@ -722,6 +742,12 @@ class Config:
             "train.fedprox_mu",
             "FedProx's proximal term is not part of DP-SGD's per-example gradients; set train.fedprox_mu=0 "
             "or privacy.local_noise_multiplier=0",
+        )
+        _require(
+            not (p.local_noise_multiplier > 0 and self.federation.personalization != "none"),
+            "federation.personalization",
+            "its fine-tuning steps would spend sample-level epsilon that privacy.local_epsilon_budget does not account; "
+            "set federation.personalization='none' or privacy.local_noise_multiplier=0",
         )
         _require(
             not (p.local_noise_multiplier > 0 and self.lora.mode == "sb"),

@@ -11,6 +11,7 @@ evaluate; the secure-aggregation stages run on numpy and `cryptography` alone.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
@@ -22,6 +23,9 @@ from fedlora.wire import Instruction, read_instruction, reply_content
 from participant import ledger, secure
 from participant.report import answered, evaluated, trained
 from participant.site import EVALUATED_EVENT, MALFORMED, REPLAY, TRAINED_EVENT, record_activity, refuse, site_config, site_of
+
+if TYPE_CHECKING:
+    from fedlora.evaluate import EvalResult
 
 TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
 
@@ -124,14 +128,22 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         site_of(dict(context.node_config)), EVALUATED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
         adapter_sha256=instruction.adapter_sha256, examples=result.examples, base_weights=weight_format(cfg.model),
     )
-    metrics = {
-        "num-examples": result.examples,
-        "eval_loss": result.loss,
-        "eval_accuracy": result.accuracy,
-        "partition_id": runtime.partition_id,
-    }
+    metrics = {"num-examples": result.examples, "partition_id": runtime.partition_id, **scores(result, "eval_")}
     if result.label_counts:  # per-class counts of the held-out split: the majority-class reference line
         metrics["eval_label_counts"] = result.label_counts
-    if result.generated:  # free-form answers: greedy-decoding scores, and how many records they cover
-        metrics |= {"eval_exact_match": result.exact_match, "eval_token_f1": result.token_f1, "eval_rouge_l": result.rouge_l, "eval_generated": result.generated}
+    if cfg.federation.personalization_steps:  # the site's own fine-tune of the global adapter, scored the same way
+        from participant.personal import keep_latest, personalise
+
+        personal, personal_result = personalise(runtime, cfg, instruction.vector, instruction.server_round)
+        metrics |= scores(personal_result, "eval_personal_")
+        if runtime.site is not None:
+            keep_latest(runtime.site, msg.metadata.run_id, instruction.server_round, personal, runtime)
     return Message(reply_content(metrics), reply_to=msg)
+
+
+def scores(result: EvalResult, prefix: str) -> dict[str, float]:
+    """An evaluation's loss and accuracy, and its greedy-decoding scores when it decoded free-form answers."""
+    out = {f"{prefix}loss": result.loss, f"{prefix}accuracy": result.accuracy}
+    if result.generated:  # with how many records they cover
+        out |= {f"{prefix}exact_match": result.exact_match, f"{prefix}token_f1": result.token_f1, f"{prefix}rouge_l": result.rouge_l, f"{prefix}generated": result.generated}
+    return out
