@@ -158,6 +158,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             axis.axhline(mean(groups[lora, "no DP", math.inf], "accuracy"), color=colour, linestyle=":", label=f"{label}no DP")
     axis.set(xscale="log", xlabel=f"user-level epsilon (delta={DELTA:g}, {ROUNDS} rounds, q={SAMPLE_RATE})",
              ylabel="held-out accuracy", title=f"{PARTICIPANTS} participants, stress_level", ylim=(0, 1))
+    axis.set_xticks(EPSILONS[:-1], [f"{e:g}" for e in EPSILONS[:-1]], minor=False)
+    axis.minorticks_off()
     axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
