@@ -16,7 +16,7 @@ averaged over the last 2 rounds.
 uploads per round.
 
     python benchmarks/privacy.py            # frozen-a, ~4 min on 2 cores
-    python benchmarks/privacy.py --modes frozen-a,sb,fedavg --out benchmarks/results/privacy-sb.json  # ~26 min
+    python benchmarks/privacy.py --modes frozen-a,sb,fedavg --out benchmarks/results/privacy-sb.json  # ~40 min
     python benchmarks/privacy.py --report   # table and plot from the JSON
 """
 
@@ -39,8 +39,8 @@ SAMPLE_RATE = 0.5
 ROUNDS = 8
 DELTA = 1e-5
 # robust.clip_norm per lora.mode: about 0.55 times the mode's median honest update norm and below its smallest
-# (no-DP runs of this task, rounds 1-8: frozen-a 0.73-1.26, median 0.9; sb 0.27-0.54, median 0.37; fedavg 0.99-2.16,
-# median 1.44), so that every update is clipped, the noise is in those units and each mode's step is alike.
+# (no-DP runs of this task, rounds 1-8: frozen-a 0.73-1.26, median 0.94; sb 0.27-0.54, median 0.37; fedavg 0.99-2.16,
+# median 1.43), so that every update is clipped, the noise is in those units and each mode's step is alike.
 CLIP_NORMS = {"frozen-a": 0.5, "sb": 0.2, "fedavg": 0.8}
 EPSILONS = [1.0, 3.0, 8.0, math.inf]
 SETTLED_ROUNDS = 2
