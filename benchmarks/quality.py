@@ -9,7 +9,10 @@ Llama (generation), at equal local compute:
 - local-only: each participant trains alone, `local_steps` per round, scored on its own split
   (reported as the mean over participants);
 - federated: every `lora.mode` (fedavg, frozen-a, exact) with the FedAvg and FedAdam server
-  optimisers, `local_steps` per participant per round, the global adapter scored on every split.
+  optimisers, `local_steps` per participant per round, the global adapter scored on every split;
+- personalised (`federation.personalization = "finetune:<local_steps>"`): each round, every
+  participant fine-tunes the fedavg global adapter for `local_steps` on its own records
+  (`participant.personal.personalise`) and scores it on its own split, reported like local-only.
 
 Everything runs in this one process, without Ray, through the same functions the Flower apps
 call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
@@ -52,6 +55,7 @@ from fedlora.data import answer_choices, load_examples  # noqa: E402
 from fedlora.evaluate import evaluate  # noqa: E402
 from fedlora.model import load_model  # noqa: E402
 from fedlora.partition import Shard, shard_for  # noqa: E402
+from participant.personal import personalise  # noqa: E402
 from participant.runtime import ParticipantRuntime, train_round  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,6 +66,7 @@ MODELS = {
 SPLITS = ["dirichlet:0.3", "natural:Age"]
 FEDERATED = [(mode, opt) for mode in ("fedavg", "frozen-a", "exact") for opt in ("fedavg", "fedadam")]
 TARGET_SHARE = 0.95
+PERSONALISED = "fedavg + fedavg, personalised"  # each participant's fine-tune, on its own split
 SETTLED_ROUNDS = 3  # verdicts use the mean of the last rounds: a single round's accuracy swings by up to 0.2
 
 
@@ -85,7 +90,9 @@ FULL = {"minilm": Scale(rounds=10, local_steps=15), "tiny-llama": Scale(rounds=1
 QUICK = Scale(participants=3, rounds=2, local_steps=2, batch_size=4, max_examples=150)
 
 
-def scenario_config(model: str, split: str, scale: Scale, mode: str = "fedavg", server: str = "fedavg", local_steps: int = 0) -> Config:
+def scenario_config(
+    model: str, split: str, scale: Scale, mode: str = "fedavg", server: str = "fedavg", local_steps: int = 0, personalization: str = "none"
+) -> Config:
     return load_config(
         None,
         MODELS[model]
@@ -103,6 +110,7 @@ def scenario_config(model: str, split: str, scale: Scale, mode: str = "fedavg", 
             f"train.local_steps={local_steps or scale.local_steps}",
             f"train.batch_size={scale.batch_size}",
             f"train.lr={scale.lr}",
+            f"federation.personalization={personalization}",
         ],
     )
 
@@ -144,7 +152,8 @@ def fresh_model(cfg: Config, labels: list[str]):
 
 
 def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: dict[str, Any]) -> list[dict[str, Any]]:
-    """R rounds of: every participant trains from the global adapter, then one aggregation step."""
+    """R rounds of: every participant trains from the global adapter, then one aggregation step; with
+    federation.personalization, each participant's fine-tune of the new global adapter on its own split too."""
     loaded, vector, layout = fresh_model(cfg, labels)
     fed = cfg.federation
     aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed, cfg.lora.frozen_a_gain)
@@ -161,10 +170,23 @@ def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: di
         load_adapter_vector(loaded.model, vector, layout)
         row = {"round": server_round, **score(loaded, cfg, shards)}
         row["mean_cosine_to_aggregate"] = float(np.mean([u["cosine_to_aggregate"] for u in step.metrics["participant_updates"]]))
+        if fed.personalization_steps:
+            row["personal"] = own_split_row([personalise(runtime, cfg, vector, server_round)[1] for runtime in runtimes])
+            load_adapter_vector(loaded.model, vector, layout)
         if "svd_truncation_error" in step.metrics:
             row["svd_truncation_error"] = step.metrics["svd_truncation_error"]
         curve.append(row)
     return curve
+
+
+def own_split_row(results: list[Any]) -> dict[str, Any]:
+    """Per-participant results, each on its own split, as a row: the mean over participants."""
+    return {
+        "accuracy": float(np.mean([r.accuracy for r in results])),
+        "loss": float(np.mean([r.loss for r in results])),
+        "per_participant_accuracy": [r.accuracy for r in results],
+        "per_participant_loss": [r.loss for r in results],
+    }
 
 
 def run_alone(cfg: Config, shard: Shard, partition_id: int, labels: list[str], eval_shards: list[Shard], start: dict[str, Any]) -> list[dict[str, Any]]:
@@ -209,6 +231,8 @@ def run_scenario(model: str, split: str, scale: Scale) -> dict[str, Any]:
     for mode, server in FEDERATED:
         methods[f"{mode} + {server}"] = run_federated(scenario_config(model, split, scale, mode, server), shards, labels, start)
         print(f"  {model} {split} {mode} + {server}: accuracy {methods[f'{mode} + {server}'][-1]['accuracy']:.3f}", flush=True)
+    curve = run_federated(scenario_config(model, split, scale, personalization=f"finetune:{scale.local_steps}"), shards, labels, start)
+    methods[PERSONALISED] = [{"round": 0, **methods["local-only"][0]}] + [{"round": row["round"], **row["personal"]} for row in curve[1:]]
 
     return {
         "model": model,
@@ -245,7 +269,7 @@ def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Best federated method against centralised and local-only training, on settled accuracy."""
     final = {name: settled(rows) for name, rows in methods.items()}
-    federated = {name: row for name, row in final.items() if name not in ("centralised", "local-only")}
+    federated = {name: row for name, row in final.items() if name not in ("centralised", "local-only", PERSONALISED)}
     best = max(federated, key=lambda name: federated[name]["accuracy"])
     central = final["centralised"]["accuracy"]
     local = final["local-only"]["per_participant_accuracy"]
@@ -262,6 +286,19 @@ def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "participants_tied_with_local_only": int(sum(o == l for o, l in zip(ours, local))),
         "participants": len(local),
         "beats_local_only_on_every_split": all(o > l for o, l in zip(ours, local)),
+        **personalised_verdict(final, local),
+    }
+
+
+def personalised_verdict(final: dict[str, dict[str, Any]], local: list[float]) -> dict[str, Any]:
+    """On how many participants' own splits their fine-tune of the global adapter beats training alone."""
+    if PERSONALISED not in final:  # runs from before personalisation
+        return {}
+    personal = final[PERSONALISED]["per_participant_accuracy"]
+    return {
+        "personalised_accuracy": final[PERSONALISED]["accuracy"],
+        "personalised_better_than_local_only": int(sum(p > l for p, l in zip(personal, local))),
+        "personalised_beats_local_only_on_every_split": all(p > l for p, l in zip(personal, local)),
     }
 
 
@@ -314,6 +351,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"({'meets' if v['reaches_95_percent_of_centralised'] else 'misses'} the 95% target); better than local-only "
             f"on {v['participants_better_than_local_only']} of {v['participants']} participants' splits"
             f" ({v['participants_tied_with_local_only']} tied).",
+            *(
+                [f"Personalised (each participant's fine-tune of the fedavg adapter): better than local-only on "
+                 f"{v['personalised_better_than_local_only']} of {v['participants']} participants' own splits."]
+                if "personalised_better_than_local_only" in v else []
+            ),
             "",
         ]
     return "\n".join(lines)
