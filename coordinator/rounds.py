@@ -39,7 +39,7 @@ from fedlora.adapter import AdapterLayout, adapter_vector
 from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
-from fedlora.aggregate.weights import claimed_average, score_average, unit_weights
+from fedlora.aggregate.weights import score_average, unit_weights
 from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
@@ -276,10 +276,6 @@ class Coordinator:
         """Aggregation weights from claimed example counts, bounded per robust.weighting."""
         return unit_weights(claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
 
-    def average(self, values: list[float], claims: list[int]) -> float:
-        """Reported values averaged with the weights their claimed example counts give updates."""
-        return claimed_average(values, claims, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
-
     def simulate_attacks(self, members: list[Member], server_round: int) -> list[Member]:
         """Replace malicious participants' updates and claims (simulation only); they see the honest
         updates and know the defence as configured."""
@@ -314,10 +310,8 @@ class Coordinator:
 
     def averaged(self, reports: list[tuple[str, dict[str, Any]]], prefix: str, server_round: int) -> dict[str, float]:
         """The reports' `<prefix>loss`, `<prefix>accuracy` and, for free-form answers, generation scores, averaged."""
-        rows = [metrics for _, metrics in reports]
-        claims = [m["num-examples"] for m in rows]  # weighed as updates are: a count is a claim
-        result = {
-            f"{prefix}loss": self.average([m.get(f"{prefix}loss", math.nan) for m in rows], claims),
+        result = {  # weighed by claimed counts, as updates are, and each claim checked for range
+            f"{prefix}loss": self.average_scores(reports, f"{prefix}loss", "num-examples", server_round, upper=math.inf),
             f"{prefix}accuracy": math.nan if self.free_form else self.average_scores(reports, f"{prefix}accuracy", "num-examples", server_round),
         }
         for key in GENERATION_SCORES if self.free_form else ():  # present when some site decoded any answers
@@ -326,15 +320,17 @@ class Coordinator:
                 result[key.replace("eval_", prefix, 1)] = score
         return result
 
-    def average_scores(self, reports: list[tuple[str, dict[str, Any]]], key: str, count_key: str, server_round: int) -> float:
-        """The (participant, metrics) reports' `key` scores weighted by their `count_key` counts (`score_average`:
-        NaN when none is kept); a refused claim is logged."""
+    def average_scores(
+        self, reports: list[tuple[str, dict[str, Any]]], key: str, count_key: str, server_round: int, upper: float = 1.0
+    ) -> float:
+        """The (participant, metrics) reports' `key` values in [0, upper] weighted by their `count_key` counts
+        (`score_average`: NaN when none is kept); a refused claim is logged."""
         scores, counts = [m.get(key, math.nan) for _, m in reports], [m.get(count_key, 0) for _, m in reports]
-        average, refused = score_average(scores, counts, self.cfg.robust.weighting, self.cfg.robust.weight_cap)
+        average, refused = score_average(scores, counts, self.cfg.robust.weighting, self.cfg.robust.weight_cap, upper)
         for index in refused:
             log.warning(
-                "round %d: refused %s=%r over %s=%r from %s: not a score in [0, 1] over a positive count",
-                server_round, key, scores[index], count_key, counts[index], reports[index][0],
+                "round %d: refused %s=%r over %s=%r from %s: not a number in [0, %g] over a positive count",
+                server_round, key, scores[index], count_key, counts[index], reports[index][0], upper,
             )
         return average
 
@@ -534,8 +530,9 @@ class Coordinator:
         row["applied"] = True
         kept = gathered.included
         losses = [m for m in kept if "train_loss" in m.metrics]  # under DP the sites keep their losses to themselves
-        if losses:  # claims, weighed as the updates are
-            row["train_loss"] = self.average([m.metrics["train_loss"] for m in losses], [m.num_examples for m in losses])
+        if losses:  # claims, weighed as the updates are and refused when no loss could be that number
+            reports = [(m.name, {"train_loss": m.metrics["train_loss"], "num-examples": m.num_examples}) for m in losses]
+            row["train_loss"] = self.average_scores(reports, "train_loss", "num-examples", server_round, upper=math.inf)
         local = {m.name: m.metrics["local_epsilon"] for m in kept if "local_epsilon" in m.metrics}
         if local:  # each participant's own sample-level epsilon (DP-SGD), as it reported it
             row["local_epsilon"] = local

@@ -35,7 +35,7 @@ def train_r_only(model: torch.nn.Module, basis: Callable[[str, int, int], np.nda
         if not name.endswith(".lora_B.default") or not isinstance(module, torch.nn.Linear):
             continue
         out, rank = module.weight.shape
-        b0 = torch.from_numpy(basis(name, out, rank)).to(module.weight.device)
+        b0 = torch.tensor(basis(name, out, rank)).to(module.weight.device)
         parametrize.register_parametrization(module, "weight", BTimesR(b0, module.weight.detach()), unsafe=True)
         module.parametrizations.weight.original.requires_grad_(False)
         wrapped.append(module)

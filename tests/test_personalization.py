@@ -55,3 +55,36 @@ def test_a_bad_personalization_or_one_with_sample_level_dp_is_refused(spec: str)
         load_config(None, [f"federation.personalization={spec}"])
     with pytest.raises(ConfigError, match="federation.personalization"):
         load_config(None, ["federation.personalization=finetune:3", "privacy.local_noise_multiplier=1.0"])
+
+
+def test_a_site_lying_about_its_personal_scores_or_losses_cannot_corrupt_the_averages(tmp_path: Path) -> None:
+    """Personal scores and every loss are claims checked like the global accuracy: participant 0 claims a
+    personal accuracy of 7, participant 1 a negative personal loss and an infinite global loss. Each lie is
+    refused alone and the row averages the honest reports with the weights their counts give them."""
+    import math
+
+    from flwr.clientapp import ClientApp
+
+    from fedlora.aggregate.weights import claimed_average
+    from fedlora.wire import read_reply, reply_content
+    from participant import app as participant_app
+
+    lies = {0: {"eval_personal_accuracy": 7.0}, 1: {"eval_personal_loss": -3.0, "eval_loss": math.inf}}
+    reported: dict[int, dict] = {}
+    lying_app = ClientApp()
+    lying_app.train()(participant_app.train)
+
+    @lying_app.evaluate()
+    def evaluate_lying(msg, context):
+        reply = participant_app.evaluate_global(msg, context)
+        _, metrics = read_reply(reply.content)
+        reported[metrics["partition_id"]] = dict(metrics)
+        return type(reply)(reply_content(metrics | lies.get(metrics["partition_id"], {})), reply_to=msg)
+
+    cfg = load_config(None, [*FINETUNE, "federation.rounds=1", "train.local_steps=1", "federation.personalization=finetune:2"])
+    rows = Coordinator(cfg, tmp_path).run(LocalGrid(lying_app, nodes(cfg.federation.participants)))
+    for key in ("eval_personal_accuracy", "eval_personal_loss", "eval_loss"):
+        kept = [reported[p] for p in sorted(reported) if key not in lies.get(p, {})]
+        honest = claimed_average([m[key] for m in kept], [m["num-examples"] for m in kept], "capped", 2.0)
+        assert rows[-1][key] == pytest.approx(honest, rel=1e-9), key
+    assert 0.0 <= rows[-1]["eval_personal_accuracy"] <= 1.0 and rows[-1]["eval_personal_loss"] >= 0.0

@@ -126,3 +126,13 @@ def test_a_secure_sb_federation_applies_its_rounds_and_publishes_an_adapter_on_i
     aggregator = make_aggregator("sb", cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
     for vector in published:
         aggregator.check_global(vector, layout)  # A0 as drawn, every B in the span of B0: what a site accepts
+
+
+def test_the_fixed_basis_is_drawn_once_and_cannot_be_changed_in_place() -> None:
+    """B0 is memoised per (seed, layer, shape); a caller writing into it would move every later R."""
+    b0 = fixed_b("model.layers.0.self_attn.q_proj", 4, 32, SEED)
+    assert fixed_b("model.layers.0.self_attn.q_proj", 4, 32, SEED) is b0
+    np.testing.assert_allclose(b0.T @ b0, np.eye(4), atol=1e-5)
+    with pytest.raises(ValueError, match="read-only"):
+        b0[0, 0] = 1.0
+    assert not np.array_equal(fixed_b("model.layers.0.self_attn.q_proj", 4, 32, SEED + 1), b0)

@@ -52,6 +52,12 @@ def test_a_reported_score_that_cannot_be_one_is_refused_and_a_nan_is_not_compute
     assert math.isnan(average) and refused == []
 
 
+def test_a_reported_loss_may_exceed_one_but_not_be_negative_or_infinite() -> None:
+    inf = float("inf")
+    average, refused = score_average([0.3, -1.0, inf, 2.5, -inf], [60] * 5, "capped", 2.0, upper=inf)
+    assert refused == [1, 2, 4] and average == pytest.approx(1.4)
+
+
 @pytest.mark.parametrize("claims", [[60, 0], [60, -5], [60, float("nan")], [60, float("inf")]])
 def test_claims_that_are_no_example_counts_are_refused(claims) -> None:
     with pytest.raises(ValueError, match="positive and finite"):

@@ -17,6 +17,7 @@ approximated first update is not implemented: the basis is random, as in frozen-
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -39,11 +40,17 @@ def module_path(name: str) -> str:
     return name.split(".lora_A")[0].split(".lora_B")[0]
 
 
+@functools.lru_cache(maxsize=4096)
 def _orthonormal(seed: int, path: str, role: int, rows: int, cols: int) -> np.ndarray:
-    """A (rows x cols) matrix with orthonormal columns (rows >= cols), drawn from the run seed and the layer's name."""
+    """A (rows x cols) matrix with orthonormal columns (rows >= cols), drawn from the run seed and the layer's name.
+
+    Memoised (a QR per layer would otherwise run at every start, server step and global check: about
+    224 per call on an 8B base) and returned read-only, so no caller can change the shared basis."""
     draw = np.random.default_rng([seed, zlib.crc32(path.encode()), role]).standard_normal((rows, cols))
     q, r = np.linalg.qr(draw)
-    return (q * np.sign(np.diag(r))).astype(np.float32)  # the sign fix makes the factorisation unique
+    basis = (q * np.sign(np.diag(r))).astype(np.float32)  # the sign fix makes the factorisation unique
+    basis.flags.writeable = False
+    return basis
 
 
 def fixed_a(path: str, rank: int, fan_in: int, seed: int, gain: float) -> np.ndarray:

@@ -13,7 +13,8 @@ construction (docs/decisions.md, "Aggregation weights"):
 
 Reported losses and accuracies are claims as well: averaged across participants, they get the
 weights their counts give updates (`claimed_average`), so a count buys a number no more weight,
-and a score that cannot be one (outside [0, 1]) is refused (`score_average`).
+and a number that cannot be one (a score outside [0, 1], a negative or infinite loss) is refused
+(`score_average`).
 """
 
 from __future__ import annotations
@@ -69,18 +70,21 @@ def claimed_average(values: Sequence[float], claims: Sequence[float], weighting:
     return float(np.average(values, weights=unit_weights(claims, weighting, cap)))
 
 
-def score_average(scores: Sequence[Any], counts: Sequence[Any], weighting: str, cap: float) -> tuple[float, list[int]]:
+def score_average(
+    scores: Sequence[Any], counts: Sequence[Any], weighting: str, cap: float, upper: float = 1.0
+) -> tuple[float, list[int]]:
     """Reported scores (accuracies, ROUGE-L...) averaged as `claimed_average` weighs them, and the indices refused.
 
-    A NaN score means 'not computed' and is left out; a score that is no number in [0, 1], or one over a count
-    that is no positive number, is refused, so a site's lie cannot corrupt the average. NaN when no score is kept.
+    A NaN score means 'not computed' and is left out; a score that is no finite number in [0, upper] (1 for
+    accuracies and overlaps, infinity for losses), or one over a count that is no positive number, is refused,
+    so a site's lie cannot corrupt the average. NaN when no score is kept.
     """
     kept, refused = [], []
     for index, (score, count) in enumerate(zip(scores, counts, strict=True)):
         if isinstance(score, float) and math.isnan(score):
             continue
         number = isinstance(score, (int, float)) and isinstance(count, (int, float))
-        if number and 0.0 <= score <= 1.0 and math.isfinite(count) and count > 0:
+        if number and math.isfinite(score) and 0.0 <= score <= upper and math.isfinite(count) and count > 0:
             kept.append((score, count))
         else:
             refused.append(index)
