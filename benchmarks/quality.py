@@ -49,7 +49,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.adapter import adapter_vector, load_adapter_vector  # noqa: E402
-from fedlora.aggregate import Contribution, aggregate_round, make_aggregator, make_server_optimizer  # noqa: E402
+from fedlora.aggregate import Contribution, aggregate_round, aggregator_for, make_server_optimizer  # noqa: E402
 from fedlora.config import Config, load_config  # noqa: E402
 from fedlora.data import answer_choices, load_examples  # noqa: E402
 from fedlora.evaluate import evaluate  # noqa: E402
@@ -156,7 +156,7 @@ def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: di
     federation.personalization, each participant's fine-tune of the new global adapter on its own split too."""
     loaded, vector, layout = fresh_model(cfg, labels)
     fed = cfg.federation
-    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed, cfg.lora.frozen_a_gain)
+    aggregator = aggregator_for(cfg)
     optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
     runtimes = [ParticipantRuntime(loaded, layout, shard, p, cfg.lora.r) for p, shard in enumerate(shards)]
     curve = [{"round": 0, **start}]  # the seeded initial adapter: the same for every method

@@ -124,13 +124,13 @@ class Scorer:
 
     def __init__(self, cfg: Config, examples: list[Example], labels: list[str], metric: str) -> None:
         from fedlora.adapter import adapter_vector
-        from fedlora.aggregate import make_aggregator, make_server_optimizer
+        from fedlora.aggregate import aggregator_for, make_server_optimizer
         from fedlora.model import load_model
 
         self.cfg, self.examples, self.labels = cfg, examples, labels
         self.loaded = load_model(cfg.model, cfg.lora, labels, cfg.federation.seed)
         _, self.layout = adapter_vector(self.loaded.model)
-        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
+        self.aggregator = aggregator_for(cfg)
         fed = cfg.federation
         self.step = make_server_optimizer("fedavg", fed.server_lr if fed.server_optimizer == "fedavg" else 0.0)
         self.metric = metric if metric != "auto" else ("accuracy" if labels or cfg.model.task == "classification" else "loss")

@@ -36,7 +36,7 @@ from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag, seen_noise
 from coordinator.withdrawal import honour_request, withdraw_from_run
 from fedlora.adapter import AdapterLayout, adapter_vector
-from fedlora.aggregate import apply_mean, combine_units, make_aggregator, make_server_optimizer
+from fedlora.aggregate import aggregator_for, apply_mean, combine_units, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
 from fedlora.aggregate.weights import score_average, unit_weights
@@ -179,7 +179,7 @@ class Coordinator:
         self.adversaries = choose_adversaries(cfg.federation.participants, sim.adversaries, cfg.federation.seed) if sim.adversaries > 0 else []
         self.attack = resolve_attack(sim.attack) if self.adversaries else None
         fed = cfg.federation
-        self.aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, fed.seed, cfg.lora.frozen_a_gain)
+        self.aggregator = aggregator_for(cfg)
         # The optimiser's state (plain arrays, `state_dict`) is what a checkpoint must keep.
         self.server_optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.rule = make_rule(cfg.robust.rule)
@@ -304,7 +304,7 @@ class Coordinator:
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
         result = self.averaged(reports, "eval_", server_round)
-        if self.cfg.federation.personalization_steps:  # each site's own fine-tune of the same global adapter
+        if self.cfg.federation.personalization != "none":  # each site's personalisation of the same global adapter
             result |= self.averaged(reports, "eval_personal_", server_round)
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
 

@@ -25,7 +25,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path) -> str:
     """The last line of a simulation: rounds applied, and how far held-out accuracy rose above the majority class
-    (for free-form answers: how exact match and ROUGE-L rose)."""
+    and, with personalisation, how far the sites' personalised adapters rose (for free-form answers: how exact
+    match and ROUGE-L rose)."""
     from coordinator.outcome import read_outcome
     from coordinator.outputs import majority_note
 
@@ -37,6 +38,8 @@ def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path) -> 
         )
     else:
         scored = f"held-out accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}{majority_note(last)}"
+        if "eval_personal_accuracy" in last:  # what the sites would serve their own patients
+            scored += f", personalised {first.get('eval_personal_accuracy', float('nan')):.3f} -> {last['eval_personal_accuracy']:.3f}"
     return (
         f"done: {read_outcome(rows, rounds_planned).summary()}; eval_loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}, "
         f"{scored}; final adapter in {run_dir / 'adapters' / 'final'}"

@@ -42,6 +42,8 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 QUANTIZATIONS = ("nf4", "int8", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+# federation.personalization's split adapters and the modes each can wrap (fedlora/aggregate/split.py says why).
+PERSONAL_SPLITS = {"local-head": ("fedavg", "frozen-a", "sb"), "local-b": ("fedavg",)}
 
 
 @dataclass
@@ -232,27 +234,30 @@ class FederationSection:
     )
     eval_every: int = _help("Evaluate every this many rounds (round 0 and the last round always).", 1)
     personalization: str = _help(
-        "'none', or 'finetune:<steps>': each evaluated participant also fine-tunes the global adapter for <steps> "
-        "local steps on its own training records and evaluates that personalised adapter on its held-out split "
-        "(eval_personal_* beside eval_*). Only the global adapter is ever aggregated, so it composes with secure "
-        "aggregation and DP; the personalised adapter stays at the site (a deployed site keeps the latest under "
-        "personal/<run>/ in its directory).",
+        "'none'; 'finetune:<steps>': each evaluated participant also fine-tunes the global adapter for <steps> "
+        "local steps on its own training records; 'local-head': the classification head is each site's own and "
+        "only the LoRA factors are shared; 'local-b': FedSA-LoRA, lora_A shared and lora_B each site's own "
+        "(lora.mode='fedavg' only). Each evaluated site scores its personalised adapter on its held-out split "
+        "(eval_personal_* beside eval_*). Only the shared part is ever aggregated, so every option composes with "
+        "secure aggregation and DP; the site's own part stays at the site (a deployed site keeps its latest "
+        "personalised adapter under personal/<run>/ in its directory).",
         "none",
     )
 
     @property
     def personalization_steps(self) -> int:
-        """Local fine-tuning steps of `personalization` (0 = none)."""
-        return 0 if self.personalization == "none" else int(self.personalization.split(":", 1)[1])
+        """Local fine-tuning steps of `personalization` (0 = no fine-tuning)."""
+        kind, _, steps = self.personalization.partition(":")
+        return int(steps) if kind == "finetune" else 0
 
     def __post_init__(self) -> None:
         from fedlora.aggregate.server import make_server_optimizer
 
         kind, _, steps = self.personalization.partition(":")
         _require(
-            self.personalization == "none" or (kind == "finetune" and steps.isdigit() and int(steps) >= 1),
+            self.personalization in ("none", *PERSONAL_SPLITS) or (kind == "finetune" and steps.isdigit() and int(steps) >= 1),
             "federation.personalization",
-            f"must be 'none' or 'finetune:<steps>' with steps >= 1, got {self.personalization!r}",
+            f"must be 'none', 'finetune:<steps>' with steps >= 1, 'local-head' or 'local-b', got {self.personalization!r}",
         )
 
         try:
@@ -638,6 +643,14 @@ class Config:
             f"participants with different ranks need lora.mode='exact', but the mode is {lora.mode!r}"
             + (" (chosen because secure aggregation or DP is on)" if secure or private else ""),
         )
+        split = self.federation.personalization
+        _require(
+            split not in PERSONAL_SPLITS or lora.mode in PERSONAL_SPLITS[split],
+            "federation.personalization",
+            f"{split!r} needs lora.mode in {PERSONAL_SPLITS.get(split)}, but the mode is {lora.mode!r}"
+            + (" (chosen because secure aggregation or DP is on; set lora.mode='fedavg', which is linear too)" if secure or private else "")
+            + (": lora_B is the only LoRA factor that trains in frozen-a and sb, so nothing would be shared" if split == "local-b" and lora.mode in ("frozen-a", "sb") else ""),
+        )
         _require(
             not lora.participant_ranks or len(lora.participant_ranks) == self.federation.participants,
             "lora.participant_ranks",
@@ -744,7 +757,7 @@ class Config:
             "or privacy.local_noise_multiplier=0",
         )
         _require(
-            not (p.local_noise_multiplier > 0 and self.federation.personalization != "none"),
+            not (p.local_noise_multiplier > 0 and self.federation.personalization_steps),
             "federation.personalization",
             "its fine-tuning steps would spend sample-level epsilon that privacy.local_epsilon_budget does not account; "
             "set federation.personalization='none' or privacy.local_noise_multiplier=0",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedlora.config import Config
+from fedlora.config import PERSONAL_SPLITS, Config
 from fedlora.privacy.ledger import Charge
 from fedlora.secure_wire import content_bytes
 from fedlora.wire import Instruction, read_instruction, reply_content
@@ -66,6 +66,7 @@ def train(msg: Message, context: Context) -> Message:
         secure.refuse_replay(context, instruction.config_sha256, instruction.server_round, "a train request")
     refuse_stale(context, instruction.server_round)
     from fedlora.model import weight_format
+    from participant import personal
     from participant.runtime import get_runtime, train_round
 
     site = site_of(dict(context.node_config))
@@ -74,7 +75,11 @@ def train(msg: Message, context: Context) -> Message:
         ledger.check_charge(site, planned, f"round {instruction.server_round}", round=instruction.server_round)
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
     started = time.perf_counter()
-    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round)
+    split = cfg.federation.personalization in PERSONAL_SPLITS  # the site's own tensors train on from where it left them
+    own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if split else None
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, own_part=own)
+    if split:
+        personal.keep_own_part(context, runtime, cfg, msg.metadata.run_id, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
     record_activity(  # with how this site held the base (its own choice; the coordinator is not told)
         site, TRAINED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
@@ -108,6 +113,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from fedlora.adapter import check_vector, load_adapter_vector
     from fedlora.evaluate import evaluate
     from fedlora.model import weight_format
+    from participant import personal
     from participant.runtime import get_runtime
 
     runtime = get_runtime(cfg, dict(context.node_config))
@@ -131,13 +137,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.examples, "partition_id": runtime.partition_id, **scores(result, "eval_")}
     if result.label_counts:  # per-class counts of the held-out split: the majority-class reference line
         metrics["eval_label_counts"] = result.label_counts
-    if cfg.federation.personalization_steps:  # the site's own fine-tune of the global adapter, scored the same way
-        from participant.personal import keep_latest, personalise
-
-        personal, personal_result = personalise(runtime, cfg, instruction.vector, instruction.server_round)
-        metrics |= scores(personal_result, "eval_personal_")
-        if runtime.site is not None:
-            keep_latest(runtime.site, msg.metadata.run_id, instruction.server_round, personal, runtime)
+    if cfg.federation.personalization != "none":  # the site's personalised adapter, scored the same way
+        own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if cfg.federation.personalization in PERSONAL_SPLITS else None
+        personalised = personal.personalise(runtime, cfg, instruction.vector, instruction.server_round, own)
+        metrics |= scores(personalised[1] if personalised else result, "eval_personal_")  # none yet: it is the global one
+        if personalised and runtime.site is not None:
+            personal.keep_latest(runtime.site, msg.metadata.run_id, instruction.server_round, personalised[0], runtime)
     return Message(reply_content(metrics), reply_to=msg)
 
 

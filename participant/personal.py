@@ -1,10 +1,16 @@
-"""Personalisation by local fine-tuning (`federation.personalization = 'finetune:<steps>'`).
+"""Personalised adapters (`federation.personalization`): what each site serves its own patients.
 
-A site evaluates the global adapter as it is and, beside it, the global adapter fine-tuned for a
-few steps on its own training records: what it would actually serve its own patients. Nothing of
-the personalised adapter leaves the site (only its held-out scores, like the global adapter's),
-and the next round starts from the global adapter again, so the aggregate never sees it; a
-deployed site keeps the latest under `personal/<run>/` in its directory, a plain PEFT adapter.
+- `finetune:<steps>`: the global adapter fine-tuned for a few steps on the site's own training
+  records at evaluation time; the next round starts from the global adapter again.
+- `local-head` / `local-b`: a split adapter (fedlora/aggregate/split.py). The site's own tensors
+  (the head, or lora_B) train in every round and never leave: they are kept in `context.state`
+  between the messages of a run and, at a deployed site, in its latest personalised adapter,
+  from which a restarted node picks them up. The personalised adapter is the global (shared)
+  adapter with the site's own tensors put in.
+
+Either way each evaluated site scores its personalised adapter beside the global one (only the
+held-out scores leave), and a deployed site keeps the latest under `personal/<run>/` in its
+directory, a plain PEFT adapter.
 """
 
 from __future__ import annotations
@@ -15,33 +21,67 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.adapter import adapter_vector, load_adapter_vector, save_peft_dir
-from fedlora.aggregate import make_aggregator
+from flwr.app import Array, ArrayRecord, Context
+
+from fedlora.adapter import adapter_vector, check_vector, load_adapter_vector, load_peft_dir, save_peft_dir
+from fedlora.aggregate import aggregator_for
+from fedlora.aggregate.split import SPLITS, local_layout
 from fedlora.config import Config
 from fedlora.evaluate import EvalResult, evaluate
 from fedlora.train import train_local
 from participant.runtime import ParticipantRuntime, local_seed, training_examples
 
 PERSONAL = "personal"
+OWN_PART = "fedlora.own_part"  # context.state ArrayRecord: this site's own tensors of a split adapter
 
 
-def personalise(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int) -> tuple[np.ndarray, EvalResult]:
-    """The global adapter fine-tuned on this site's records for the configured steps, and its held-out result."""
-    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
-    load_adapter_vector(runtime.loaded.model, global_vector, runtime.layout)
-    steps = dataclasses.replace(cfg.train, local_steps=cfg.federation.personalization_steps)
-    with aggregator.training(runtime.loaded.model):  # the mode's trainable part, as in a round (sb: R only)
-        train_local(
-            runtime.loaded.model, runtime.loaded.tokenizer, training_examples(cfg, runtime), steps, cfg.model.task,
-            runtime.loaded.label_names, cfg.data.max_length, seed=local_seed(cfg, server_round, runtime.partition_id) + 1,
-            prompt_format=runtime.loaded.prompt_format,
-        )
-    personal, _ = adapter_vector(runtime.loaded.model)
+def personalise(
+    runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int, own: np.ndarray | None = None
+) -> tuple[np.ndarray, EvalResult] | None:
+    """This site's personalised adapter for `global_vector` and its held-out result: the global adapter
+    fine-tuned (finetune:<steps>) or with the site's own tensors `own` put in (a split adapter); None for
+    a split adapter before the site first trained (its personalised adapter is the global one)."""
+    if cfg.federation.personalization in SPLITS:
+        if own is None:
+            return None
+        personal = runtime.layout.put(global_vector, local_layout(runtime.layout, cfg.federation.personalization), own)
+        load_adapter_vector(runtime.loaded.model, personal, runtime.layout)
+    else:
+        load_adapter_vector(runtime.loaded.model, global_vector, runtime.layout)
+        steps = dataclasses.replace(cfg.train, local_steps=cfg.federation.personalization_steps)
+        with aggregator_for(cfg).training(runtime.loaded.model):  # the mode's trainable part, as in a round (sb: R only)
+            train_local(
+                runtime.loaded.model, runtime.loaded.tokenizer, training_examples(cfg, runtime), steps, cfg.model.task,
+                runtime.loaded.label_names, cfg.data.max_length, seed=local_seed(cfg, server_round, runtime.partition_id) + 1,
+                prompt_format=runtime.loaded.prompt_format,
+            )
+        personal, _ = adapter_vector(runtime.loaded.model)
     result = evaluate(
         runtime.loaded.model, runtime.loaded.tokenizer, runtime.shard.test, cfg.model.task, runtime.loaded.label_names,
         cfg.data.max_length, generation=cfg.evaluation, prompt_format=runtime.loaded.prompt_format,
     )
     return personal, result
+
+
+def own_part(context: Context, runtime: ParticipantRuntime, cfg: Config, run_id: int) -> np.ndarray | None:
+    """This site's own tensors of the run's split adapter: from `context.state`, else (a node restarted
+    within the run) from its latest kept personalised adapter; None before it first trained."""
+    local = local_layout(runtime.layout, cfg.federation.personalization)
+    if OWN_PART in context.state:
+        part = context.state[OWN_PART]["part"].numpy()
+        check_vector(part, local.size, "the site's own part of the adapter")
+        return part
+    latest = sorted((runtime.site / PERSONAL / str(run_id)).glob("round-*")) if runtime.site is not None else []
+    return runtime.layout.take(load_peft_dir(latest[-1], runtime.layout), local) if latest else None
+
+
+def keep_own_part(context: Context, runtime: ParticipantRuntime, cfg: Config, run_id: int, server_round: int) -> None:
+    """After `train_round`: keep the site's own tensors as they trained, in `context.state` and, at a
+    deployed site, with the adapter it trained (its personalised adapter until the next evaluation)."""
+    trained, _ = adapter_vector(runtime.loaded.model)
+    context.state[OWN_PART] = ArrayRecord({"part": Array(runtime.layout.take(trained, local_layout(runtime.layout, cfg.federation.personalization)))})
+    if runtime.site is not None:
+        keep_latest(runtime.site, run_id, server_round, trained, runtime)
 
 
 def keep_latest(site: Path, run_id: int, server_round: int, vector: np.ndarray, runtime: ParticipantRuntime) -> Path:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
-from fedlora.aggregate import make_aggregator
+from fedlora.aggregate import aggregator_for
+from fedlora.aggregate.split import local_layout
 from fedlora.atomic import read_json, write_json_atomic
 from fedlora.attacks import DATA_ATTACKS, BadData, choose_adversaries, parse_bad_data
 from fedlora.config import Config, ModelSection
@@ -173,17 +174,22 @@ def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, run
         )
 
 
-def train_round(runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int) -> tuple[np.ndarray, dict[str, float]]:
+def train_round(
+    runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int, own_part: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
     """One round on this participant: start from the global adapter, train, return (upload, metrics).
 
     The start is the global adapter as the aggregation mode defines it at this participant's
-    rank; the upload is the delta of what the mode sends (in frozen-a: lora_B and heads only),
-    clipped to robust.clip_norm when the configuration relies on bounded updates.
+    rank, with the site's `own_part` of a split adapter put in (participant/personal.py); the
+    upload is the delta of what the mode shares (in frozen-a: lora_B and heads only), clipped to
+    robust.clip_norm when the configuration relies on bounded updates.
     """
-    aggregator = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
+    aggregator = aggregator_for(cfg)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
     check_vector(global_vector, global_layout.size, "global adapter")
     start = aggregator.start(global_vector, global_layout, runtime.rank)
+    if own_part is not None:
+        start = runtime.layout.put(start, local_layout(runtime.layout, cfg.federation.personalization), own_part)
     load_adapter_vector(runtime.loaded.model, start, runtime.layout)
     examples = training_examples(cfg, runtime)
     accountant = None

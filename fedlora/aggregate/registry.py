@@ -20,9 +20,11 @@ from fedlora.aggregate.exact import ExactAggregator
 from fedlora.aggregate.fedavg import FedAvgAggregator
 from fedlora.aggregate.frozen_a import FrozenAAggregator
 from fedlora.aggregate.sb import SBAggregator
+from fedlora.aggregate.split import SPLITS, SplitAggregator
 
 if TYPE_CHECKING:
     from fedlora.adapter import AdapterLayout
+    from fedlora.config import Config
 
 MODES = ("fedavg", "frozen-a", "exact", "sb")
 
@@ -59,3 +61,11 @@ def make_aggregator(mode: str, alpha: float = 16.0, seed: int = 0, a_gain: float
     if mode == "sb":
         return SBAggregator(seed, a_gain)
     raise ValueError(f"aggregation mode {mode!r} is not one of {', '.join(MODES)}")
+
+
+def aggregator_for(cfg: Config) -> Aggregator:
+    """The run's aggregator: its `lora.mode`, restricted to the shared tensors when
+    `federation.personalization` splits the adapter (fedlora.aggregate.split)."""
+    mode = make_aggregator(cfg.lora.mode, cfg.lora.alpha, cfg.federation.seed, cfg.lora.frozen_a_gain)
+    split = cfg.federation.personalization
+    return SplitAggregator(mode, split) if split in SPLITS else mode
