@@ -10,9 +10,11 @@ Llama (generation), at equal local compute:
   (reported as the mean over participants);
 - federated: every `lora.mode` (fedavg, frozen-a, exact) with the FedAvg and FedAdam server
   optimisers, `local_steps` per participant per round, the global adapter scored on every split;
-- personalised (`federation.personalization = "finetune:<local_steps>"`): each round, every
-  participant fine-tunes the fedavg global adapter for `local_steps` on its own records
-  (`participant.personal.personalise`) and scores it on its own split, reported like local-only.
+- personalised (`federation.personalization`), each scored by every participant on its own split
+  and reported like local-only: `finetune:<local_steps>` (each round, every participant fine-tunes
+  the fedavg global adapter on its own records, `participant.personal.personalise`), `local-head`
+  (each participant keeps its own classification head; MiniLM only) and `local-b` (FedSA-LoRA:
+  lora_A shared, each participant's lora_B its own), all over fedavg.
 
 Everything runs in this one process, without Ray, through the same functions the Flower apps
 call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
@@ -26,6 +28,7 @@ lr 3e-3 and 1e-2, so no method separates from another there.
     python benchmarks/quality.py                        # hypertension, both models, both splits (~1 h on 2 cores)
     python benchmarks/quality.py --dataset breast-cancer --models minilm --rounds 6
     python benchmarks/quality.py --quick                # smoke run of every code path (about 1 min)
+    python benchmarks/quality.py --models minilm --splits dirichlet:0.3 --federated fedavg+fedavg --seeds 0 1 2
 
 Scenarios run in parallel processes (`--jobs`, default 2) with one torch thread each.
 """
@@ -50,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.adapter import adapter_vector, load_adapter_vector  # noqa: E402
 from fedlora.aggregate import Contribution, aggregate_round, aggregator_for, make_server_optimizer  # noqa: E402
+from fedlora.aggregate.split import SPLITS as ADAPTER_SPLITS, local_layout  # noqa: E402
 from fedlora.config import Config, load_config  # noqa: E402
 from fedlora.data import answer_choices, load_examples  # noqa: E402
 from fedlora.evaluate import evaluate  # noqa: E402
@@ -67,6 +71,11 @@ SPLITS = ["dirichlet:0.3", "natural:Age"]
 FEDERATED = [(mode, opt) for mode in ("fedavg", "frozen-a", "exact") for opt in ("fedavg", "fedadam")]
 TARGET_SHARE = 0.95
 PERSONALISED = "fedavg + fedavg, personalised"  # each participant's fine-tune, on its own split
+PERSONAL_METHODS = {  # federation.personalization -> method name; each scored on the participants' own splits
+    "finetune": PERSONALISED,
+    "local-head": "fedavg + fedavg, local head",
+    "local-b": "fedavg + fedavg, local B",
+}
 SETTLED_ROUNDS = 3  # verdicts use the mean of the last rounds: a single round's accuracy swings by up to 0.2
 
 
@@ -159,19 +168,23 @@ def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: di
     aggregator = aggregator_for(cfg)
     optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
     runtimes = [ParticipantRuntime(loaded, layout, shard, p, cfg.lora.r) for p, shard in enumerate(shards)]
+    split = local_layout(layout, fed.personalization) if fed.personalization in ADAPTER_SPLITS else None
+    own: list[np.ndarray | None] = [None] * len(runtimes)  # each participant's part of a split adapter
     curve = [{"round": 0, **start}]  # the seeded initial adapter: the same for every method
     for server_round in range(1, fed.rounds + 1):
         contributions = []
         for runtime in runtimes:
-            upload, metrics = train_round(runtime, cfg, vector, server_round)
+            upload, metrics = train_round(runtime, cfg, vector, server_round, own_part=own[runtime.partition_id])
+            if split is not None:
+                own[runtime.partition_id] = layout.take(adapter_vector(loaded.model)[0], split)
             contributions.append(Contribution(f"participant-{runtime.partition_id}", upload, metrics["num-examples"], runtime.rank))
         step = aggregate_round(aggregator, optimizer, vector, layout, contributions)
         vector = step.vector
         load_adapter_vector(loaded.model, vector, layout)
         row = {"round": server_round, **score(loaded, cfg, shards)}
         row["mean_cosine_to_aggregate"] = float(np.mean([u["cosine_to_aggregate"] for u in step.metrics["participant_updates"]]))
-        if fed.personalization_steps:
-            row["personal"] = own_split_row([personalise(runtime, cfg, vector, server_round)[1] for runtime in runtimes])
+        if fed.personalization != "none":
+            row["personal"] = own_split_row([personalise(r, cfg, vector, server_round, own[r.partition_id])[1] for r in runtimes])
             load_adapter_vector(loaded.model, vector, layout)
         if "svd_truncation_error" in step.metrics:
             row["svd_truncation_error"] = step.metrics["svd_truncation_error"]
@@ -202,7 +215,7 @@ def run_alone(cfg: Config, shard: Shard, partition_id: int, labels: list[str], e
     return curve
 
 
-def run_scenario(model: str, split: str, scale: Scale) -> dict[str, Any]:
+def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str, str]]) -> dict[str, Any]:
     started = time.monotonic()
     base = scenario_config(model, split, scale)
     shards, labels = shards_for(base)
@@ -228,11 +241,16 @@ def run_scenario(model: str, split: str, scale: Scale) -> dict[str, Any]:
         }
         for rows in zip(*local_curves)
     ]
-    for mode, server in FEDERATED:
+    for mode, server in federated:
         methods[f"{mode} + {server}"] = run_federated(scenario_config(model, split, scale, mode, server), shards, labels, start)
         print(f"  {model} {split} {mode} + {server}: accuracy {methods[f'{mode} + {server}'][-1]['accuracy']:.3f}", flush=True)
-    curve = run_federated(scenario_config(model, split, scale, personalization=f"finetune:{scale.local_steps}"), shards, labels, start)
-    methods[PERSONALISED] = [{"round": 0, **methods["local-only"][0]}] + [{"round": row["round"], **row["personal"]} for row in curve[1:]]
+    for kind, name in PERSONAL_METHODS.items():
+        if kind == "local-head" and MODELS[model][1] != "model.task=classification":
+            continue  # a generation model has no head of its own
+        personalization = f"finetune:{scale.local_steps}" if kind == "finetune" else kind
+        curve = run_federated(scenario_config(model, split, scale, personalization=personalization), shards, labels, start)
+        methods[name] = [{"round": 0, **methods["local-only"][0]}] + [{"round": row["round"], **row["personal"]} for row in curve[1:]]
+        print(f"  {model} {split} {name}: accuracy {methods[name][-1]['accuracy']:.3f}", flush=True)
 
     return {
         "model": model,
@@ -249,14 +267,14 @@ def run_scenario(model: str, split: str, scale: Scale) -> dict[str, Any]:
     }
 
 
-def scenario_job(job: tuple[str, str, Scale, int]) -> dict[str, Any]:
+def scenario_job(job: tuple[str, str, Scale, int, list[tuple[str, str]]]) -> dict[str, Any]:
     """One scenario in a worker process with its own torch thread count."""
     import torch
 
-    model, split, scale, threads = job
+    model, split, scale, threads, federated = job
     torch.set_num_threads(threads)
-    print(f"{model} / {split} ...", flush=True)
-    return run_scenario(model, split, scale)
+    print(f"{model} / {split} / seed {scale.seed} ...", flush=True)
+    return run_scenario(model, split, scale, federated)
 
 
 def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -269,7 +287,7 @@ def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Best federated method against centralised and local-only training, on settled accuracy."""
     final = {name: settled(rows) for name, rows in methods.items()}
-    federated = {name: row for name, row in final.items() if name not in ("centralised", "local-only", PERSONALISED)}
+    federated = {name: row for name, row in final.items() if name not in ("centralised", "local-only", *PERSONAL_METHODS.values())}
     best = max(federated, key=lambda name: federated[name]["accuracy"])
     central = final["centralised"]["accuracy"]
     local = final["local-only"]["per_participant_accuracy"]
@@ -291,15 +309,18 @@ def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def personalised_verdict(final: dict[str, dict[str, Any]], local: list[float]) -> dict[str, Any]:
-    """On how many participants' own splits their fine-tune of the global adapter beats training alone."""
-    if PERSONALISED not in final:  # runs from before personalisation
-        return {}
-    personal = final[PERSONALISED]["per_participant_accuracy"]
-    return {
-        "personalised_accuracy": final[PERSONALISED]["accuracy"],
-        "personalised_better_than_local_only": int(sum(p > l for p, l in zip(personal, local))),
-        "personalised_beats_local_only_on_every_split": all(p > l for p, l in zip(personal, local)),
-    }
+    """For each personalised method run: its accuracy, and on how many participants' own splits it beats training alone."""
+    out: dict[str, Any] = {}
+    for name in PERSONAL_METHODS.values():
+        if name in final:  # runs from before a method existed lack it
+            personal = final[name]["per_participant_accuracy"]
+            out[name] = {
+                "accuracy": final[name]["accuracy"],
+                "better_than_local_only": int(sum(p > l for p, l in zip(personal, local))),
+                "tied_with_local_only": int(sum(p == l for p, l in zip(personal, local))),
+                "beats_local_only_on_every_split": all(p > l for p, l in zip(personal, local)),
+            }
+    return {"personalised": out} if out else {}
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -329,7 +350,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for scenario in results:
         v = scenario["verdict"]
         lines += [
-            f"**{scenario['model']}, {scenario['dataset']}, {scenario['split']}**: {scenario['scale']['rounds']} rounds x "
+            f"**{scenario['model']}, {scenario['dataset']}, {scenario['split']}, seed {scenario['scale']['seed']}**: "
+            f"{scenario['scale']['rounds']} rounds x "
             f"{scenario['scale']['local_steps']} local steps ({scenario['seconds']:.0f} s)",
             f"Accuracy, loss and per-participant accuracy: mean of the last {SETTLED_ROUNDS} rounds.",
             "",
@@ -352,9 +374,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"on {v['participants_better_than_local_only']} of {v['participants']} participants' splits"
             f" ({v['participants_tied_with_local_only']} tied).",
             *(
-                [f"Personalised (each participant's fine-tune of the fedavg adapter): better than local-only on "
-                 f"{v['personalised_better_than_local_only']} of {v['participants']} participants' own splits."]
-                if "personalised_better_than_local_only" in v else []
+                f"{name}: better than local-only on {p['better_than_local_only']} of {v['participants']} participants' own "
+                f"splits ({p['tied_with_local_only']} tied)."
+                for name, p in v.get("personalised", {}).items()
             ),
             "",
         ]
@@ -370,6 +392,9 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: none)")
     parser.add_argument("--rounds", type=int, help="federated rounds (default 10)")
     parser.add_argument("--local-steps", type=int, help="steps per participant per round (default minilm 15, tiny-llama 40)")
+    parser.add_argument("--federated", nargs="+", default=[f"{m}+{o}" for m, o in FEDERATED], metavar="MODE+SERVER",
+                        help="global-adapter methods to run (default: every mode with fedavg and fedadam)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="federation seeds: one scenario each (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel processes (default 2, one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: with several "
                         "processes, or other load, 2+ threads spin-wait and each step gets 3x slower)")
@@ -389,7 +414,11 @@ def main() -> None:
     out = args.out or RESULTS / f"{name}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    jobs = [(model, split, scales[model], args.threads) for model in args.models for split in args.splits]
+    federated = [tuple(pair.split("+", 1)) for pair in args.federated]
+    jobs = [
+        (model, split, replace(scales[model], seed=seed), args.threads, federated)
+        for seed in args.seeds for model in args.models for split in args.splits
+    ]
     results: list[dict[str, Any]] = []  # each scenario records its own scale
     payload = {"processes": max(1, args.jobs), "torch_threads_per_process": args.threads, "cpu_count": os.cpu_count()}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
