@@ -16,17 +16,22 @@ from fedlora.logs import configure
 def _simulate(args: argparse.Namespace) -> int:
     from fedlora.simulation import simulate
 
+    from fedlora.baseline import announce_baseline, keep_baseline
+
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or time.strftime("sim-%Y%m%d-%H%M%S"))
+    baseline = announce_baseline(cfg)
     rows = simulate(cfg, run_dir)
-    print(simulation_summary(rows, cfg.federation.rounds, run_dir))
+    if baseline is not None:
+        keep_baseline(baseline, run_dir)
+    print(simulation_summary(rows, cfg.federation.rounds, run_dir, baseline.accuracy if baseline else None))
     return 0
 
 
-def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path) -> str:
+def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path, baseline: float | None = None) -> str:
     """The last line of a simulation: rounds applied, and how far held-out accuracy rose above the majority class
     and, with personalisation, how far the sites' personalised adapters rose (for free-form answers: how exact
-    match and ROUGE-L rose)."""
+    match and ROUGE-L rose); with a table, how far it is from the linear `baseline` on the pooled raw columns."""
     from coordinator.outcome import read_outcome
     from coordinator.outputs import majority_note
 
@@ -40,6 +45,8 @@ def simulation_summary(rows: list[dict], rounds_planned: int, run_dir: Path) -> 
         scored = f"held-out accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}{majority_note(last)}"
         if "eval_personal_accuracy" in last:  # what the sites would serve their own patients
             scored += f", personalised {first.get('eval_personal_accuracy', float('nan')):.3f} -> {last['eval_personal_accuracy']:.3f}"
+        if baseline is not None:  # the yardstick: a linear model on the pooled raw columns (simulation only)
+            scored += f" against a linear baseline of {baseline:.3f}"
     return (
         f"done: {read_outcome(rows, rounds_planned).summary()}; eval_loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}, "
         f"{scored}; final adapter in {run_dir / 'adapters' / 'final'}"

@@ -215,6 +215,12 @@ def _resolve_task(cfg: DataSection) -> tuple[pd.DataFrame, ClinicalTask] | None:
     )
 
 
+def label_column(cfg: DataSection) -> str | None:
+    """The column a table task predicts (its records keep every other column in `Example.fields`); None for JSONL."""
+    resolved = _resolve_task(cfg)
+    return None if resolved is None else resolved[1].label_column
+
+
 def load_examples(cfg: DataSection, seed: int = 0) -> list[Example]:
     """All examples of the configured dataset, shuffled deterministically and capped by max_examples."""
     resolved = _resolve_task(cfg)

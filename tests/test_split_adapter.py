@@ -89,6 +89,7 @@ def test_each_site_keeps_its_own_head_and_only_the_shared_part_travels(tmp_path:
 
     personal = f"personalised {rows[0]['eval_personal_accuracy']:.3f} -> {last['eval_personal_accuracy']:.3f}"
     assert personal in simulation_summary(rows, 2, tmp_path)  # the last line says what the sites would serve
+    assert f"{personal} against a linear baseline of 0.900" in simulation_summary(rows, 2, tmp_path, baseline=0.9)
 
 
 def test_a_restarted_node_takes_its_own_part_back_from_its_kept_adapter(tmp_path: Path) -> None:
