@@ -324,7 +324,8 @@ def _adapter_export(args: argparse.Namespace) -> int:
 
     source = version_directory(args.version, Path(args.run))
     key = Path(args.public_key) if args.public_key else find_public_key(source)
-    target = export_version(source, Path(args.target), key.read_bytes(), args.format, args.base, args.force)
+    personal = Path(args.personal) if args.personal else None
+    target = export_version(source, Path(args.target), key.read_bytes(), args.format, args.base, args.force, personal)
     what = {"peft": "a plain PEFT adapter", "merged": "the base with the adapter merged in", "gguf": "a GGUF LoRA adapter for llama.cpp"}
     print(f"{source} verified against {key} and exported to {target} ({what[args.format]}; EXPORT.json says what it was made from)")
     return 0
@@ -490,6 +491,10 @@ def add_adapter_export(adapter: argparse._SubParsersAction) -> None:
         help="peft: the PEFT directory (vLLM, TGI, transformers); merged: a full model with the adapter merged in; gguf: a LoRA for llama.cpp (Llama bases)",
     )
     export.add_argument("--base", help="base model for merged/gguf (default: the manifest's facts.base_model); its fingerprint must match")
+    export.add_argument(
+        "--personal", metavar="DIR", help="export this site's personalised adapter of the version's run (personal/<run>/round-NNNN) "
+        "instead of the version; the version still must verify, and EXPORT.json names both"
+    )
     export.set_defaults(handler=_adapter_export)
 
 

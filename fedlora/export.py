@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.registry import MANIFEST, export_adapter, trusted_key, withdrawal_of
+from fedlora.personal_adapter import check_personal, copy_personal, personal_record
+from fedlora.registry import MANIFEST, export_adapter, require_verified, trusted_key, withdrawal_of
 
 FORMATS = ("peft", "merged", "gguf")
 RECORD = "EXPORT.json"
@@ -40,10 +41,15 @@ GGUF_MODULES = {
 PEFT_LORA_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 
-def export_version(source: Path, target: Path, public_key_pem: bytes, fmt: str = "peft", base: str | None = None, force: bool = False) -> Path:
+def export_version(
+    source: Path, target: Path, public_key_pem: bytes, fmt: str = "peft", base: str | None = None, force: bool = False,
+    personal: Path | None = None,
+) -> Path:
     """Verify version `source`, write it to `target` in format `fmt`, check the result; returns `target`.
 
-    `base` (merged, gguf) defaults to the manifest's `facts.base_model`.
+    `base` (merged, gguf) defaults to the manifest's `facts.base_model`. With `personal` (a site's
+    personalised adapter of `source`'s run, fedlora/personal_adapter.py) that adapter is written instead,
+    once `source` verifies and the two have the same shape.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -54,13 +60,21 @@ def export_version(source: Path, target: Path, public_key_pem: bytes, fmt: str =
     facts = manifest.get("facts") or {}
     base = base or facts.get("base_model")
     existed = target.exists()
+
+    def adapter_copy(destination: Path) -> Path:
+        if personal is None:
+            return export_adapter(source, destination, public_key_pem, force)
+        require_verified(source, public_key_pem, force, "export a personalisation of it")
+        check_personal(source, Path(personal))
+        return copy_personal(Path(personal), destination)
+
     try:
         if fmt == "peft":
-            export_adapter(source, target, public_key_pem, force)
+            adapter_copy(target)
             check_peft(target)
-            return write_record(target, fmt, source, manifest, public_key_pem, base)
+            return write_record(target, fmt, source, manifest, public_key_pem, base, personal)
         with tempfile.TemporaryDirectory(prefix="fedlora-export-") as staging:
-            adapter = export_adapter(source, Path(staging) / "peft", public_key_pem, force)
+            adapter = adapter_copy(Path(staging) / "peft")
             base_dir = checked_base(base or "", facts.get("base_model_sha256"))
             target.mkdir(parents=True, exist_ok=True)
             if fmt == "merged":
@@ -69,7 +83,7 @@ def export_version(source: Path, target: Path, public_key_pem: bytes, fmt: str =
             else:
                 write_gguf(adapter, base_dir, target / GGUF_FILE)
                 check_gguf(target / GGUF_FILE)
-        return write_record(target, fmt, source, manifest, public_key_pem, base)
+        return write_record(target, fmt, source, manifest, public_key_pem, base, personal)
     except BaseException:
         if not existed:  # a failed export leaves nothing a consumer could take for a good one
             shutil.rmtree(target, ignore_errors=True)
@@ -91,8 +105,11 @@ def checked_base(name: str, expected_sha256: str | None) -> Path:
     return base_model_dir(name)
 
 
-def write_record(target: Path, fmt: str, source: Path, manifest: dict[str, Any], public_key_pem: bytes, base: str | None) -> Path:
-    """EXPORT.json: what a served file was made from, so it can be traced back to a signed version."""
+def write_record(
+    target: Path, fmt: str, source: Path, manifest: dict[str, Any], public_key_pem: bytes, base: str | None, personal: Path | None = None
+) -> Path:
+    """EXPORT.json: what a served file was made from, so it can be traced back to a signed version (and, for a
+    personalised adapter, to the site's own weights)."""
     facts = manifest.get("facts") or {}
     withdrawal, _ = withdrawal_of(source, trusted_key(public_key_pem))
     record = {
@@ -104,6 +121,8 @@ def write_record(target: Path, fmt: str, source: Path, manifest: dict[str, Any],
         "base_model_sha256": facts.get("base_model_sha256"),
         "withdrawn": withdrawal is not None,  # only with --force
     }
+    if personal is not None:  # the site's own weights, personalising the signed version named above
+        record["personalised"] = personal_record(Path(personal))
     (target / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return target
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from fedlora.data import Example, builtin_text, chat_turns, conversation_example, instruction_example, jsonl_objects
 from fedlora.export import checked_base
+from fedlora.personal_adapter import check_personal
 from fedlora.prompts import CHAT_TEMPLATE, PromptFormat, format_from_facts
 from fedlora.registry import MANIFEST, require_verified
 
@@ -91,8 +92,11 @@ def class_names(directory: Path, facts: dict[str, Any], run: Path) -> list[str]:
     )
 
 
-def open_version(directory: Path, public_key_pem: bytes, base: str | None, quantization: str, force: bool, run: Path) -> Answerer:
-    """Verify the version and its base, then load the base with the adapter attached by stock PEFT."""
+def open_version(
+    directory: Path, public_key_pem: bytes, base: str | None, quantization: str, force: bool, run: Path, personal: Path | None = None
+) -> Answerer:
+    """Verify the version and its base, then load the base with the adapter attached by stock PEFT: the version's,
+    or a site's `personal` adapter of the same shape (fedlora/personal_adapter.py), asked as the version is."""
     from peft import PeftConfig, PeftModel
 
     from fedlora.config import ModelSection
@@ -101,6 +105,8 @@ def open_version(directory: Path, public_key_pem: bytes, base: str | None, quant
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization: {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     require_verified(directory, public_key_pem, force, "answer with it")
+    if personal is not None:
+        check_personal(directory, personal)
     facts = json.loads((directory / MANIFEST).read_text()).get("facts") or {}
     name = base or facts.get("base_model") or ""
     checked_base(name, facts.get("base_model_sha256"))
@@ -115,7 +121,7 @@ def open_version(directory: Path, public_key_pem: bytes, base: str | None, quant
     model = load_base_model(cfg, num_labels=len(label_names))
     if classifies and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # as training sets it (model.load_model)
-    return Answerer(PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer, label_names, prompt_format)
+    return Answerer(PeftModel.from_pretrained(model, str(personal or directory)).eval(), tokenizer, label_names, prompt_format)
 
 
 def answer(answerer: Answerer, question: Example, max_new_tokens: int) -> str:

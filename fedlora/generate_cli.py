@@ -22,7 +22,8 @@ def _generate(args: argparse.Namespace) -> int:
     items = read_questions(Path(args.input)) if args.input else [{"prompt": args.prompt}]
     if args.prompt is not None:
         question_example(items[0], "--prompt")
-    answerer = open_version(source, key.read_bytes(), args.base, args.quantization, args.force, Path(args.run))
+    personal = Path(args.personal) if args.personal else None
+    answerer = open_version(source, key.read_bytes(), args.base, args.quantization, args.force, Path(args.run), personal)
     answered = answer_all(answerer, items, args.max_new_tokens)
     if args.output:
         write_answers(Path(args.output), answered)
@@ -52,6 +53,10 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--public-key", help="the coordinator's coordinator.pub (default: found above the version)")
     generate.add_argument("--force", action="store_true", help="answer with a withdrawn version anyway (it still must verify)")
     generate.add_argument("--base", help="base model (default: the manifest's facts.base_model); its fingerprint must match")
+    generate.add_argument(
+        "--personal", metavar="DIR", help="answer with this site's personalised adapter of the version's run "
+        "(personal/<run>/round-NNNN); the version still must verify and gives the prompt format, classes and base"
+    )
     generate.add_argument(
         "--quantization", choices=tuple(QUANTIZATIONS), default="nf4", help="how the base loads: nf4 (default, as training), bf16 or none (float32)"
     )
