@@ -223,7 +223,11 @@ class FederationSection:
         "'fedadam' or 'fedyogi' (adaptive, with server moments).",
         "fedavg",
     )
-    server_lr: float = _help("Server learning rate; 0 = the optimiser's default (fedavg 1.0, fedadam/fedyogi 0.01).", 0.0)
+    server_lr: float = _help(
+        "Server learning rate; 0 = the optimiser's default: fedavg 1.0; fedadam/fedyogi the rate that makes their "
+        "first step exactly as long as FedAvg's (set from the first applied round; fedlora/aggregate/server.py says why).",
+        0.0,
+    )
     server_beta1: float = _help("First-moment decay of fedadam/fedyogi.", 0.9)
     server_beta2: float = _help("Second-moment decay of fedadam/fedyogi.", 0.99)
     server_tau: float = _help("Adaptivity floor of fedadam/fedyogi (added to sqrt(v)).", 1e-3)

@@ -231,7 +231,24 @@ def test_fedadam_and_fedyogi_match_a_hand_computed_step() -> None:
 
     plain = make_server_optimizer("fedavg", 0.5)
     np.testing.assert_allclose(plain.step(x, d1), x + 0.5 * d1, rtol=1e-6)
-    assert make_server_optimizer("fedavg").lr == 1.0 and make_server_optimizer("fedadam").lr == 1e-2
+    assert make_server_optimizer("fedavg").lr == 1.0 and make_server_optimizer("fedadam").lr == 0.0  # 0: set by the rule
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_the_adaptive_server_rate_rule_makes_the_first_step_as_long_as_fedavgs(name: str) -> None:
+    """Without federation.server_lr the first round's update sets lr: that step moves exactly as far (RMS) as
+    FedAvg's, at any scale of update, tau-dominated ones included (a fixed 0.01 is wrong at one scale or another)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=400).astype(np.float32)
+    for scale in (1e-4, 1e-2, 1e-1):
+        delta = (rng.normal(size=400) * scale).astype(np.float32)
+        adaptive = make_server_optimizer(name)
+        moved = adaptive.step(x, delta).astype(np.float64) - x
+        fedavg_rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2)))
+        assert float(np.sqrt(np.mean(moved**2))) == pytest.approx(fedavg_rms, rel=1e-3 if scale > 1e-4 else 0.05)  # float32 x
+        assert adaptive.state_dict()["lr"] == adaptive.lr  # a resumed run keeps the rate the rule set
+    still = make_server_optimizer(name)
+    assert np.array_equal(still.step(x, np.zeros_like(x)), x) and still.lr == 0.0  # an empty round sets nothing
 
 
 def test_server_optimizer_state_is_plain_data_that_resumes_exactly() -> None:

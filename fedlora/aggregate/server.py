@@ -11,6 +11,17 @@ participants' updates is a pseudo-gradient Delta; the server keeps moments
 with m = 0 and v = tau^2 before the first round and no bias correction, as in the paper
 (Flower's FedAdam adds Kingma & Ba's bias correction; we do not). `fedavg` is x <- x + lr Delta.
 Every optimiser's state is plain numbers and arrays (`state_dict`) that a checkpoint can store.
+
+The adaptive optimisers' server learning rate is set by a rule unless given: the rate at which the
+first applied round's step is exactly as long (RMS) as FedAvg's, i.e. the RMS of that round's mean
+update over the RMS of lr = 1's step. Where updates are far above tau that is about the RMS of the
+update itself (each coordinate moves by about lr (1 - beta1) / sqrt(1 - beta2) = lr at the default
+betas); where tau dominates, as for small LoRA updates, the rule makes up for it. Later steps
+lengthen where the updates agree and shorten where they do not. A fixed default cannot do that:
+Reddi et al. tune lr over a grid per task, and an update's per-coordinate scale moves with
+train.lr, local steps and the LoRA mode by orders of magnitude (a fixed 0.01 trailed FedAvg in
+every scenario of docs/benchmarks.md, "Quality"). Under DP the rule sees the noised update only:
+post-processing.
 """
 
 from __future__ import annotations
@@ -20,8 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# Server learning rate when federation.server_lr is 0 ("the optimiser's default").
-DEFAULT_LR = {"fedavg": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
+# Server learning rate when federation.server_lr is 0; 0 for the adaptive ones: the first round's update sets it.
+DEFAULT_LR = {"fedavg": 1.0, "fedadam": 0.0, "fedyogi": 0.0}
 
 
 class ServerOptimizer(Protocol):
@@ -54,7 +65,7 @@ class FedAvgServer:
 
 @dataclass
 class FedAdam:
-    lr: float = 1e-2
+    lr: float = 0.0  # 0: set by the first non-zero mean update (module docstring)
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -74,8 +85,12 @@ class FedAdam:
             self.v = np.full_like(delta, self.tau**2)
         if self.m.shape != delta.shape:
             raise ValueError(f"{self.name}: update has {delta.size} entries but the optimiser state has {self.m.size}")
-        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
-        self.v = self.second_moment(self.v, delta**2)
+        m = self.beta1 * self.m + (1 - self.beta1) * delta
+        v = self.second_moment(self.v, delta**2)
+        if self.lr == 0.0:  # the rule: this first step exactly as long (RMS) as FedAvg's
+            unit_step = rms(m / (np.sqrt(v) + self.tau))
+            self.lr = rms(delta) / unit_step if unit_step > 0 else 0.0
+        self.m, self.v = m, v
         self.steps += 1
         return (point.astype(np.float64) + self.lr * self.m / (np.sqrt(self.v) + self.tau)).astype(np.float32)
 
@@ -110,7 +125,8 @@ SERVER_OPTIMIZERS = {"fedavg": FedAvgServer, "fedadam": FedAdam, "fedyogi": FedY
 def make_server_optimizer(
     spec: str, lr: float = 0.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
 ) -> ServerOptimizer:
-    """Turn a name ('fedavg', 'fedadam', 'fedyogi') and hyper-parameters into an optimiser; lr 0 = default."""
+    """Turn a name ('fedavg', 'fedadam', 'fedyogi') and hyper-parameters into an optimiser; lr 0 = default (for
+    the adaptive ones: set from the first round's update)."""
     if spec not in SERVER_OPTIMIZERS:
         raise ValueError(f"server optimiser {spec!r} is not one of {', '.join(SERVER_OPTIMIZERS)}")
     if lr < 0:
@@ -123,6 +139,10 @@ def make_server_optimizer(
     if tau <= 0:
         raise ValueError(f"server tau must be > 0, got {tau}")
     return SERVER_OPTIMIZERS[spec](lr=lr, beta1=beta1, beta2=beta2, tau=tau)
+
+
+def rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
 
 
 def _check(point: np.ndarray, delta: np.ndarray) -> None:
