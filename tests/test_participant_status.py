@@ -91,7 +91,8 @@ def test_a_secure_contribution_is_recorded_with_its_instance_before_it_leaves(tm
     for directory in dirs:
         (sent,) = events(directory)
         assert sent["event"] == CONTRIBUTED_EVENT and sent["round"] == 4 and sent["config_sha256"] == config_sha256("run-s")
-        assert sent["contribution"] == "run-s/round-4/bucket-0" and list(json.loads((directory / LEDGER).read_text())["entries"]) == [sent["contribution"]]
+        assert sent["contribution"] == f"config-{config_sha256('run-s')}/round-4" and sent["instance"] == "run-s/round-4/bucket-0"
+        assert list(json.loads((directory / LEDGER).read_text())["entries"]) == [sent["contribution"]]
         assert sent["bytes"] > 4 * 2_000  # the masked input: a 32-bit word per coordinate, and more
 
 

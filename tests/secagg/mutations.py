@@ -367,8 +367,8 @@ MUTATIONS = [
         "site-ledger-not-charged-at-mask",
         "a site charges its ledger only if it hears of unmask (a masked input that left is not charged)",
         (("participant/secure.py",
-          '        ledger.record_charge(site, state.round_id, site_charge(held, int(held["members"]), int(held["threshold"])))',
-          "        pass"),),
+          "        ledger.record_contribution(\n            site, contribution_key(held), charge,",
+          "        (lambda *_, **__: None)(\n            site, contribution_key(held), charge,"),),
     ),
     Mutation(
         "site-ledger-limits-ignored",
@@ -384,6 +384,13 @@ MUTATIONS = [
         "site-ledger-lowered-at-unmask",
         "a site's charge replaced by whatever unmask implies, even if that is less noise than assumed",
         (("participant/secure.py", "raise_only=True)", "raise_only=False)"),),
+    ),
+    Mutation(
+        "site-ledger-keyed-by-instance-id",
+        "a site's ledger keys a secure contribution by the instance id the coordinator names (one id reused in every run is charged once)",
+        (("participant/secure.py",
+          "    return f\"config-{held['config_sha256']}/round-{int(held['server_round'])}\"",
+          "    return str(held[\"instance\"])"),),
     ),
 ]
 
