@@ -247,7 +247,10 @@ def mask_input(msg: Message, context: Context) -> Message:
     widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping and caps
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, widest)
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
-    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    try:
+        state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, state) from None
     content = protocol_content(masked)
     site = site_of(dict(context.node_config))
     if site is not None:  # on disk before the masked input leaves; keyed by the run round, a retry is free

@@ -386,6 +386,25 @@ MUTATIONS = [
         (("participant/secure.py", "raise_only=True)", "raise_only=False)"),),
     ),
     Mutation(
+        "unsigned-bundles-accused",
+        "a participant accuses the dealer of any bundle that does not open, signed or not (a relay that garbles a target's bundles collects t shares of both its secrets)",
+        (("fedlora/secagg/participant.py", "    _check_signed_bundles(state, relay)  # before", "    pass  # before"),),
+    ),
+    Mutation(
+        "server-relays-unsigned-bundles",
+        "the server relays share bundles without checking their dealer's signature (honest receivers then blame it)",
+        (("fedlora/secagg/server.py",
+          "                verify(self.cards[i], signature, bundle_statement(self.params, i, j, self.s_publics[i], self.receiving[(j, i)], blob, b_c, s_c))",
+          "                pass"),),
+    ),
+    Mutation(
+        "bundle-signature-ignores-keys",
+        "the bundle signature binds neither the dealer's masking key nor the receiving key (a bundle of another setup of the instance verifies)",
+        (("fedlora/secagg/identity.py",
+          "struct.pack(\">QQ\", sender, receiver) + s_public + c_public\n            + hashlib",
+          "struct.pack(\">QQ\", sender, receiver)\n            + hashlib"),),
+    ),
+    Mutation(
         "site-ledger-keyed-by-instance-id",
         "a site's ledger keys a secure contribution by the instance id the coordinator names (one id reused in every run is charged once)",
         (("participant/secure.py",

@@ -7,22 +7,26 @@ test; where it did not, the fix is named in the test's comment (and in docs/seca
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from coordinator.gather import Member
 from coordinator.local_grid import LocalGrid
 from coordinator.secure import secure_sum
 from flwr.clientapp import ClientApp
 from fedlora.config import PrivacySection, SecaggSection
+from fedlora.secagg import shamir
+from fedlora.secagg.participant import open_bundle, x_coord
 from fedlora.secagg.plan import RunBinding
 from fedlora.wire import config_sha256
 from participant import ledger as site_ledger
 from participant import secure as participant_secure
 from participant.terms import Terms
+from tests.secagg.deviating import Federation, events
 from tests.test_privacy_views import DELTA, _sites, gaussian, rdp, sampled
 
 D = 2_000
@@ -64,3 +68,105 @@ def test_an_instance_id_reused_across_runs_does_not_make_the_ledger_forget_contr
         assert report["contributions"] == 3
         assert report["epsilon"] >= expected_consumers * (1 - 1e-9)
         assert report["epsilon_coordinator"] >= expected_coordinator * (1 - 1e-9)
+
+
+# --- accusations provoked by the relay ---------------------------------------------------------
+
+TARGET = 0
+
+
+def _garble(relay, what: str):
+    """The target's bundle in `relay` as the coordinator edits it: garbled ciphertext, or another commitment."""
+    at = relay.senders.index(TARGET)
+    field = "ciphertexts" if what == "ciphertext" else "b_share_commitments"
+    values = list(getattr(relay, field))
+    values[at] = bytes(len(values[at]))
+    return dataclasses.replace(relay, **{field: values})
+
+
+@pytest.mark.parametrize("what", ["ciphertext", "commitment"])
+def test_bundles_garbled_by_the_relay_do_not_hand_the_coordinator_the_targets_secrets(tmp_path: Path, what: str) -> None:
+    # An accuser reveals its receiving key for the accused so that the coordinator can judge the
+    # accusation: "one share of each of the accused's secrets, below the threshold". But the
+    # coordinator itself could garble the target's bundle (or its commitment) to *every* neighbour:
+    # each accused the target and revealed its key, and the coordinator opened the genuine bundles
+    # it kept: t shares of the target's self-mask seed and of its masking key, so its masked input
+    # was an open book (both secrets recovered exactly, nobody blaming the coordinator). Fixed: each
+    # bundle and its commitments are signed by their dealer (`identity.bundle_statement`); a
+    # receiver accuses only a signed bundle, and blames the coordinator for an unsigned one.
+    fed = Federation(tmp_path, n=5)
+    relays = fed.server.collect_keys(fed.answers("setup", fed.send("setup", fed.server.setup())))
+    uploads = fed.answers("share_keys", fed.send("share_keys", relays))
+    (upload,) = [u for u in uploads if u.sender == TARGET]
+    genuine = dict(zip(upload.receivers, zip(upload.ciphertexts, upload.b_share_commitments, upload.s_share_commitments)))
+    shares = fed.server.collect_shares(uploads)
+    replies = fed.send("mask_input", [_garble(r, what) if TARGET in r.senders else r for r in shares])
+    masked = fed.answers("mask_input", replies)
+    b_shares, s_shares = {}, {}
+    for y in masked:  # what the coordinator can open with the receiving keys revealed to it
+        if TARGET in y.accused:
+            blob, b_commit, s_commit = genuine[y.sender]
+            key = y.revealed_keys[y.accused.index(TARGET)]
+            b_shares[x_coord(y.sender)], s_shares[x_coord(y.sender)] = open_bundle(
+                fed.server.params, key, blob, TARGET, y.sender, fed.server.s_publics[TARGET], b_commit, s_commit)
+    assert not b_shares and not s_shares  # not one share of the target's secrets
+    for i in upload.receivers:  # each neighbour refused, blaming the coordinator with the relayed bundle as evidence
+        assert replies[i].has_error() and "did not sign" in replies[i].error.reason
+        (blame,) = events(fed.sites[i])
+        assert blame["evidence"]["owner"] == TARGET and fed.state(i)["stage"] == "aborted"
+    assert not events(fed.sites[TARGET])  # the target is blamed by nobody
+
+
+def test_a_dealer_that_does_not_sign_its_bundles_is_blamed_by_the_checking_server_not_the_relay(tmp_path: Path) -> None:
+    # A malicious member that leaves its bundles unsigned would make its honest neighbours blame the
+    # coordinator; the honest server checks every bundle signature first, blames the dealer and
+    # relays nothing of it. The rest of the bucket completes, with nobody blaming anyone.
+    fed = Federation(tmp_path, n=5)
+    relays = fed.server.collect_keys(fed.answers("setup", fed.send("setup", fed.server.setup())))
+    uploads = fed.answers("share_keys", fed.send("share_keys", relays))
+    uploads = [dataclasses.replace(u, signatures=[bytes(64)] * len(u.signatures)) if u.sender == 2 else u for u in uploads]
+    shares = fed.server.collect_shares(uploads)
+    assert list(fed.server.blamed) == [2] and "not signed by its identity" in fed.server.blamed[2]
+    assert all(2 not in r.senders for r in shares)
+    masked = fed.answers("mask_input", fed.send("mask_input", shares))
+    assert sorted(y.sender for y in masked) == [0, 1, 3, 4] and not any(y.accused for y in masked)
+    assert not any(events(site) for site in fed.sites.values())
+
+
+def test_an_honest_run_with_signed_bundles_completes_with_dropouts(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, n=5)
+    result = fed.honest_sum({(2, "mask_input"), (4, "unmask")})
+    (unit,) = result.buckets
+    assert sorted(unit.members) == ["participant-0", "participant-1", "participant-3", "participant-4"]
+    assert not any(events(site) for site in fed.sites.values())
+
+
+def test_a_target_set_up_twice_in_one_instance_cannot_be_made_to_deal_into_an_accusation(tmp_path: Path) -> None:
+    # A setup request sent again for the same instance is answered with fresh keys under the same
+    # parameter digest, so every signature of the first setup still verifies. The coordinator
+    # relays the target's first keys to its neighbours, sets the target up again, has it deal its
+    # new secrets to the same neighbour keys, and hands each neighbour the new bundle: sealed under
+    # another masking key, it cannot open, and an accusation would reveal the receiving key that
+    # opens it. The bundle signature binds both keys: each neighbour blames the coordinator instead.
+    fed = Federation(tmp_path, n=5)
+    setups = fed.server.setup()
+    relays = fed.server.collect_keys(fed.answers("setup", fed.send("setup", setups)))
+    uploads = fed.answers("share_keys", fed.send("share_keys", relays))
+    shares = fed.server.collect_shares(uploads)
+    fed.send("setup", [s for s in setups if s.receiver == TARGET])  # the target's second set of keys
+    (again,) = fed.answers("share_keys", fed.send("share_keys", [r for r in relays if r.receiver == TARGET]))
+    second = {j: (c, b, s, sig) for j, c, b, s, sig in zip(
+        again.receivers, again.ciphertexts, again.b_share_commitments, again.s_share_commitments, again.signatures)}
+
+    def second_bundle(relay):
+        at = relay.senders.index(TARGET)
+        c, b, s, sig = second[relay.receiver]
+        swap = lambda field, value: [*getattr(relay, field)[:at], value, *getattr(relay, field)[at + 1:]]  # noqa: E731
+        return dataclasses.replace(relay, ciphertexts=swap("ciphertexts", c), b_share_commitments=swap("b_share_commitments", b),
+                                   s_share_commitments=swap("s_share_commitments", s), signatures=swap("signatures", sig))
+
+    replies = fed.send("mask_input", [second_bundle(r) for r in shares if r.receiver != TARGET])
+    for i in again.receivers:
+        assert replies[i].has_error() and "did not sign" in replies[i].error.reason  # no accusation, no key revealed
+        (blame,) = events(fed.sites[i])
+        assert blame["evidence"]["owner"] == TARGET
