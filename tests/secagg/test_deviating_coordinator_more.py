@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 
 from coordinator.gather import Member
+from flwr.app import Message
 from coordinator.local_grid import LocalGrid
 from coordinator.secure import secure_sum
 from flwr.clientapp import ClientApp
 from fedlora.config import PrivacySection, SecaggSection
 from fedlora.secagg import shamir
 from fedlora.secagg.participant import open_bundle, x_coord
-from fedlora.secagg.plan import RunBinding
+from fedlora.secagg.messages import UnmaskRequest
+from fedlora.secagg.plan import RunBinding, input_clip_norm, round_context
+from fedlora.secagg.server import SecAggServer
+from fedlora.secure_wire import STAGE, protocol_content
 from fedlora.wire import config_sha256
 from participant import ledger as site_ledger
 from participant import secure as participant_secure
@@ -170,3 +174,59 @@ def test_a_target_set_up_twice_in_one_instance_cannot_be_made_to_deal_into_an_ac
         assert replies[i].has_error() and "did not sign" in replies[i].error.reason  # no accusation, no key revealed
         (blame,) = events(fed.sites[i])
         assert blame["evidence"]["owner"] == TARGET
+
+
+# --- replays and malformed setups that held ----------------------------------------------------
+
+
+def test_a_setup_naming_a_member_twice_is_refused(tmp_path: Path) -> None:
+    # The recipient listed twice (so that it counts twice toward the member count and the majority),
+    # or a name given to two ids: refused before any key is made.
+    fed = Federation(tmp_path, n=4)
+    setups = fed.server.setup()
+    twice = dataclasses.replace(setups[0], members=[*setups[0].members, 0], member_names=[*setups[0].member_names, "participant-0"])
+    renamed = dataclasses.replace(setups[1], member_names=["participant-1", *setups[1].member_names[1:]])
+    replies = fed.send("setup", [twice, renamed])
+    assert replies[0].has_error() and replies[1].has_error()
+    assert all(participant_secure.STATE not in fed.grid.contexts[fed.nodes[i]].state for i in (0, 1))
+
+
+def _send(fed: Federation, stage: str, requests: list, server_round: int) -> dict:
+    messages = [
+        Message(protocol_content(r, {"server_round": server_round}), dst_node_id=fed.nodes[r.receiver],
+                message_type=STAGE[stage].message_type, group_id=str(server_round))
+        for r in requests
+    ]
+    ids = {node: i for i, node in fed.nodes.items()}
+    return {ids[reply.metadata.src_node_id]: reply for reply in fed.grid.send_and_receive(messages)}
+
+
+def test_survivor_signatures_of_an_earlier_round_do_not_count_in_a_later_instance_of_the_same_id(tmp_path: Path) -> None:
+    # The coordinator names round 4's instance as round 3's and relays round 3's survivor-set
+    # signatures (on the set without the target) to the target's neighbours: the round is in the
+    # bound context, so the digest differs and none verifies; the coordinator is blamed.
+    fed = Federation(tmp_path, n=5)
+    old = fed.server
+    relays = old.collect_keys(fed.answers("setup", fed.send("setup", old.setup())))
+    shares = old.collect_shares(fed.answers("share_keys", fed.send("share_keys", relays)))
+    asks = old.collect_masked(fed.answers("mask_input", fed.send("mask_input", shares)))
+    without_target = [dataclasses.replace(a, survivors=[j for j in a.survivors if j != TARGET]) for a in asks if a.receiver != TARGET]
+    stale = {s.sender: s.signature for s in fed.answers("consistency", fed.send("consistency", without_target))}
+    for i, node in fed.nodes.items():  # round 4: every site holds a new update
+        participant_secure.keep_update(fed.grid.contexts[node], fed.updates[i], 100, 4, os.urandom(32), fed.terms)
+    new = SecAggServer(old.round_id, list(range(fed.n)), fed.d + 1, input_clip_norm(1.0), context=round_context(4, fed.weight_ref),
+                       names=[f"participant-{i}" for i in range(fed.n)], roster=fed.roster)
+    relays = new.collect_keys(fed.answers("setup", _send(fed, "setup", new.setup(), 4)))
+    shares = new.collect_shares(fed.answers("share_keys", _send(fed, "share_keys", relays, 4)))
+    asks = new.collect_masked(fed.answers("mask_input", _send(fed, "mask_input", shares, 4)))
+    everyone = sorted(asks[0].survivors)
+    fed.answers("consistency", _send(fed, "consistency", [dataclasses.replace(a, survivors=[j for j in everyone if j != TARGET]) for a in asks if a.receiver != TARGET], 4))
+    requests = []
+    for i in range(1, fed.n):
+        others = [j for j in stale if j != i]
+        requests.append(UnmaskRequest(new.round_id, i, [j for j in new.relayed[i] if j != TARGET], [TARGET], others,
+                                      [stale[j] for j in others], [new.identities[j] for j in others]))
+    replies = _send(fed, "unmask", requests, 4)
+    for i in range(1, fed.n):
+        assert replies[i].has_error() and "did not sign the survivor set" in replies[i].error.reason
+        assert events(fed.sites[i])[-1]["evidence"]["signer"] in stale
