@@ -3,7 +3,7 @@
 DIR/ledger.json (`fedlora.privacy.ledger.Ledger`, replaced atomically) holds one entry per
 contribution, keyed so that a retried message charges nothing twice:
 
-- plaintext round: `run-<run id>/round-<r>`, charged once trained, before the update is sent;
+- plaintext round: `run-<run id>/config-<configuration sha256>/round-<r>`, charged once trained, before the update is sent;
   against the coordinator the update is seen in the clear (noise multiplier 0);
 - secure round: `config-<configuration sha256>/round-<r>`, the run round the site masks at most one
   input for, ever (participant/masked.py), charged at mask_input before the masked input leaves.

@@ -65,7 +65,7 @@ def test_a_deployed_site_records_each_round_it_trained_sent_and_evaluated(deploy
     assert {e["config_sha256"] for e in logged} == {deployed_run["sha"]} and len({e["run"] for e in logged}) == 1
     sent = [e for e in logged if e["event"] == CONTRIBUTED_EVENT]
     ledger_keys = json.loads((deployed_run["site"] / LEDGER).read_text())["entries"]
-    assert [e["contribution"] for e in sent] == sorted(ledger_keys) == [f"run-{sent[0]['run']}/round-{r}" for r in (1, 2)]
+    assert [e["contribution"] for e in sent] == sorted(ledger_keys) == [f"run-{sent[0]['run']}/config-{deployed_run['sha']}/round-{r}" for r in (1, 2)]
     assert all(e["bytes"] > 0 for e in sent) and sent[0]["bytes"] == sent[1]["bytes"]  # the same layout each round
 
 

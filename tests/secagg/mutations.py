@@ -405,6 +405,12 @@ MUTATIONS = [
           "struct.pack(\">QQ\", sender, receiver)\n            + hashlib"),),
     ),
     Mutation(
+        "plaintext-ledger-keyed-by-run-id",
+        "a site's ledger keys a plaintext round by the Flower run id and round only (one run id reused for another configuration is charged once)",
+        (("participant/app.py", 'key = f"run-{msg.metadata.run_id}/config-{instruction.config_sha256}/round-{instruction.server_round}"',
+          'key = f"run-{msg.metadata.run_id}/round-{instruction.server_round}"'),),
+    ),
+    Mutation(
         "site-ledger-keyed-by-instance-id",
         "a site's ledger keys a secure contribution by the instance id the coordinator names (one id reused in every run is charged once)",
         (("participant/secure.py",

@@ -32,6 +32,7 @@ from fedlora.wire import adapter_sha256, config_sha256
 from participant import app as participant_app
 from participant import ledger as site_ledger
 from participant import secure as participant_secure
+from participant.local_config import LOCAL_CONFIG, LocalConfig, LocalDataSection, LocalModelSection, PolicySection, SiteSection
 from participant.terms import Terms
 from tests.secagg import test_deviating_coordinator_setup as setup_tests
 from tests.secagg.deviating import Federation, events
@@ -234,6 +235,28 @@ def test_survivor_signatures_of_an_earlier_round_do_not_count_in_a_later_instanc
     for i in range(1, fed.n):
         assert replies[i].has_error() and "did not sign the survivor set" in replies[i].error.reason
         assert events(fed.sites[i])[-1]["evidence"]["signer"] in stale
+
+
+@pytest.mark.usefixtures("deterministic_training")
+def test_a_flower_run_id_reused_for_another_configuration_does_not_make_the_ledger_forget_a_plaintext_round(tmp_path: Path) -> None:
+    # Plaintext rounds were keyed by the Flower run id and the round; the run id is the SuperLink's,
+    # which the coordinator runs: two configurations under one run id charged the site once. Fixed:
+    # the key names the configuration's sha256 too.
+    directory = setup_tests.make_site(tmp_path / "site", 1)
+    local = LocalConfig(
+        site=SiteSection(name="site"), model=LocalModelSection(path="builtin:tiny-llama", sha256=setup_tests.SHA),
+        data=LocalDataSection(path="diabetes", label_names=["no", "yes"]),
+        policy=PolicySection(require_secagg=False, require_approval=False),  # plaintext under central DP, approved
+    )
+    (directory / LOCAL_CONFIG).write_text(local.to_toml())
+    node = setup_tests.NODES[0]
+    configs = {node: {"fake-node": node, "participant-dir": str(directory)}}
+    for lr in ("1e-3", "2e-3"):  # two runs, one Flower run id
+        cfg = setup_tests.run_config("federation.participants=1", "secagg.enabled=false", "privacy.noise_multiplier=1.0", f"train.lr={lr}")
+        grid = LocalGrid(participant_app.app, configs, run_id=7)
+        (reply,) = setup_tests.train(grid, {node: cfg.to_toml()}, {node: setup_tests.ADAPTER}).values()
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert site_ledger.site_status(directory)["contributions"] == 2
 
 
 # --- not defended: the same update retrained under a second configuration ------------------------
