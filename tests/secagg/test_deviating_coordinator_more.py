@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message
+from flwr.clientapp import ClientApp
 
 from coordinator.gather import Member
-from flwr.app import Message
 from coordinator.local_grid import LocalGrid
 from coordinator.secure import secure_sum
-from flwr.clientapp import ClientApp
 from fedlora.config import PrivacySection, SecaggSection
-from fedlora.secagg import shamir
-from fedlora.secagg.participant import open_bundle, x_coord
 from fedlora.secagg.messages import UnmaskRequest
+from fedlora.secagg.participant import open_bundle, x_coord
 from fedlora.secagg.plan import RunBinding, input_clip_norm, round_context
 from fedlora.secagg.server import SecAggServer
 from fedlora.secure_wire import STAGE, protocol_content
@@ -32,11 +31,18 @@ from fedlora.wire import adapter_sha256, config_sha256
 from participant import app as participant_app
 from participant import ledger as site_ledger
 from participant import secure as participant_secure
-from participant.local_config import LOCAL_CONFIG, LocalConfig, LocalDataSection, LocalModelSection, PolicySection, SiteSection
+from participant.local_config import (
+    LOCAL_CONFIG,
+    LocalConfig,
+    LocalDataSection,
+    LocalModelSection,
+    PolicySection,
+    SiteSection,
+)
 from participant.terms import Terms
 from tests.secagg import test_deviating_coordinator_setup as setup_tests
 from tests.secagg.deviating import Federation, events
-from tests.test_privacy_views import DELTA, _sites, gaussian, rdp, sampled
+from tests.test_privacy_views import _sites, gaussian, rdp, sampled
 
 D = 2_000
 
@@ -170,7 +176,7 @@ def test_a_target_set_up_twice_in_one_instance_cannot_be_made_to_deal_into_an_ac
     def second_bundle(relay):
         at = relay.senders.index(TARGET)
         c, b, s, sig = second[relay.receiver]
-        swap = lambda field, value: [*getattr(relay, field)[:at], value, *getattr(relay, field)[at + 1:]]  # noqa: E731
+        swap = lambda field, value: [*getattr(relay, field)[:at], value, *getattr(relay, field)[at + 1:]]
         return dataclasses.replace(relay, ciphertexts=swap("ciphertexts", c), b_share_commitments=swap("b_share_commitments", b),
                                    s_share_commitments=swap("s_share_commitments", s), signatures=swap("signatures", sig))
 
