@@ -309,3 +309,29 @@ def test_a_second_configuration_that_trains_alike_cannot_difference_out_a_target
     difference = (a.mean * a.weight - b.mean * b.weight) / (a.weight - b.weight)
     target = np.random.default_rng(setup_tests.TARGET).normal(size=setup_tests.D).astype(np.float32) * 0.05
     assert not np.allclose(difference, target, atol=1e-3), "the target's update, recovered by differencing two runs"
+
+
+@pytest.mark.usefixtures("deterministic_training")
+@pytest.mark.parametrize(("change", "words"), [
+    ({"noise_multiplier": 0.25}, "it binds noise_multiplier=0.25"),
+    ({"dropout_margin": 0.0}, "dropout_margin=0"),
+    ({"weight_ref": 1e-6}, "not 1"),
+], ids=["smaller-z", "no-margin", "weight-ref"])
+def test_a_bucket_bound_to_less_noise_or_another_weight_than_the_run_states_is_refused(tmp_path: Path, change: dict, words: str) -> None:
+    # Under distributed DP the coordinator binds, for the whole bucket alike (so that the masks
+    # cancel), a smaller noise multiplier, no dropout margin, or a tiny weight reference: each member
+    # would then add less noise than the run it trained for states, or weigh its update up. The
+    # target compares the bound context with its train instruction's configuration and refuses.
+    cfg = setup_tests.run_config("federation.participants=3", "privacy.noise_multiplier=1.0")
+    configs = setup_tests.sites(tmp_path, {node: 2 for node in setup_tests.NODES})
+    grid = LocalGrid(participant_app.app, configs)
+    binding = RunBinding(config_sha256(cfg.to_toml()), adapter_sha256(setup_tests.ADAPTER))
+    replies = setup_tests.train(grid, {node: cfg.to_toml() for node in setup_tests.NODES}, {node: setup_tests.ADAPTER for node in setup_tests.NODES})
+    bound = {"noise_multiplier": cfg.privacy.noise_multiplier, "dropout_margin": cfg.privacy.dropout_margin, "weight_ref": 1.0} | change
+    setup_tests._tamper_setup(grid, setup_tests.TARGET, lambda r: dataclasses.replace(
+        r, context=round_context(setup_tests.ROUND, bound["weight_ref"], bound["noise_multiplier"], bound["dropout_margin"], binding)))
+    result = setup_tests.secure_round(grid, setup_tests.members_of(replies), cfg, binding)
+    assert f"node-{setup_tests.TARGET}" not in setup_tests.summed(result)
+    (reason,) = setup_tests.refusals(configs[setup_tests.TARGET])
+    assert "contradicts this site's terms" in reason and words in reason, reason
+    assert site_ledger.site_status(Path(configs[setup_tests.TARGET]["participant-dir"]))["contributions"] == 0
