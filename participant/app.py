@@ -91,7 +91,8 @@ def train(msg: Message, context: Context) -> Message:
         return secure.hold_update(msg, context, cfg, instruction, upload, metrics)
     content = reply_content(metrics, upload)
     if site is not None:  # charged and recorded before the update leaves; a retried message is charged once
-        key = f"run-{msg.metadata.run_id}/round-{instruction.server_round}"
+        # the configuration too: the Flower run id is the SuperLink's, which a deviating coordinator could reuse
+        key = f"run-{msg.metadata.run_id}/config-{instruction.config_sha256}/round-{instruction.server_round}"
         ledger.record_contribution(
             site, key, planned, msg.metadata.run_id, instruction.config_sha256, instruction.server_round, instruction.adapter_sha256,
             content_bytes(content),

@@ -3,12 +3,14 @@
 DIR/ledger.json (`fedlora.privacy.ledger.Ledger`, replaced atomically) holds one entry per
 contribution, keyed so that a retried message charges nothing twice:
 
-- plaintext round: `run-<run id>/round-<r>`, charged once trained, before the update is sent;
+- plaintext round: `run-<run id>/config-<configuration sha256>/round-<r>`, charged once trained, before the update is sent;
   against the coordinator the update is seen in the clear (noise multiplier 0);
-- secure round: the instance id (unique per run, round and bucket), charged at mask_input before
-  the masked input leaves. Against the coordinator the site assumes the fewest masked inputs the
-  protocol can unmask, the threshold t: z sqrt(t / (k (1 - m))); at unmask, told which neighbours'
-  inputs arrived, it raises that to what they imply (never lowers it).
+- secure round: `config-<configuration sha256>/round-<r>`, the run round the site masks at most one
+  input for, ever (participant/masked.py), charged at mask_input before the masked input leaves.
+  Never the instance id: the coordinator names it, and could reuse one id in every run. Against
+  the coordinator the site assumes the fewest masked inputs the protocol can unmask, the threshold
+  t: z sqrt(t / (k (1 - m))); at unmask, told which neighbours' inputs arrived, it raises that to
+  what they imply (never lowers it).
 
 Against consumers every contribution is charged at the run's (q, z): amplification and the
 discarding of under-noised sums are the coordinator's to keep, as its sampling is. A site cannot
@@ -71,12 +73,13 @@ def record_charge(site: Path, key: str, charge: Charge, raise_only: bool = False
 
 
 def record_contribution(
-    site: Path, key: str, charge: Charge, run_id: int, config_sha256: str, server_round: int, trained_from: str, sent_bytes: int
+    site: Path, key: str, charge: Charge, run_id: int, config_sha256: str, server_round: int, trained_from: str, sent_bytes: int,
+    **details: Any,
 ) -> None:
     """Charge a contribution and record it in events.jsonl (CONTRIBUTED_EVENT), both before it leaves: which run
     and round it went to, the global adapter it was trained from, and how many payload bytes it sends."""
     record_charge(site, key, charge)
-    record_activity(site, CONTRIBUTED_EVENT, run_id, config_sha256, server_round, contribution=key, trained_from=trained_from, bytes=sent_bytes)
+    record_activity(site, CONTRIBUTED_EVENT, run_id, config_sha256, server_round, contribution=key, trained_from=trained_from, bytes=sent_bytes, **details)
 
 
 def site_status(site: Path) -> dict[str, Any]:

@@ -39,7 +39,8 @@ or count slot), calibrated from the instance's scale and member count
 A deployed site (participant/ledger.py) refuses a setup whose fewest unmaskable noise shares
 would pass its ledger's limits, charges its ledger and records the contribution in events.jsonl at
 mask_input before the masked input leaves, and raises that charge at unmask to what the surviving
-neighbours imply.
+neighbours imply. The charge is keyed by the run round (`contribution_key`), never by the instance
+id the coordinator names.
 """
 
 from __future__ import annotations
@@ -246,13 +247,17 @@ def mask_input(msg: Message, context: Context) -> Message:
     widest = widest_clip(state.scale) if held["adversary"] else None  # an attacker ignores clipping and caps
     vector = weighted_input(update, int(held["num_examples"]), float(held["weight_ref"]), clip_norm, widest)
     noise = None if held["adversary"] else dp_noise(held, state.scale, clip_norm, state.vector_length)  # an attacker sends what it wants
-    state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    try:
+        state, masked = protocol.mask_input(state, relay, vector, bytes(held["rounding_key"]), widest, noise)
+    except SecAggCoordinatorFault as fault:
+        raise blame_coordinator(context, fault, state) from None
     content = protocol_content(masked)
     site = site_of(dict(context.node_config))
-    if site is not None:  # on disk before the masked input leaves; the instance id makes a retry free
+    if site is not None:  # on disk before the masked input leaves; keyed by the run round, a retry is free
         charge = site_charge(held, int(held["members"]), int(held["threshold"]))
         ledger.record_contribution(
-            site, state.round_id, charge, context.run_id, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]), content_bytes(content)
+            site, contribution_key(held), charge, context.run_id, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]),
+            content_bytes(content), instance=state.round_id,
         )
     del context.state[UPDATE]  # masked at most once ...
     remember_masked(site, context.state, str(held["config_sha256"]), server_round)  # ... ever, before it leaves
@@ -270,6 +275,14 @@ def dp_noise(held: ConfigRecord, scale: float, clip_norm: float, vector_length: 
     noise = np.zeros(vector_length, dtype=np.int64)
     noise[:d] = skellam(mu, d, secret_rng())
     return noise
+
+
+def contribution_key(held: ConfigRecord) -> str:
+    """The ledger key of the masked input of the held update: its run round (configuration sha256, round),
+    which this site computes itself and masks at most one input for, ever (participant/masked.py). Not
+    the instance id: the coordinator names that, and one id reused across runs or rounds would make
+    the ledger take every contribution after the first for a retry of it (charged nothing)."""
+    return f"config-{held['config_sha256']}/round-{int(held['server_round'])}"
 
 
 def site_charge(held: ConfigRecord, members: int, masked: int) -> Charge:
@@ -304,7 +317,7 @@ def unmask(msg: Message, context: Context) -> Message:
     remember_cards(site, me)
     if site is not None and held is not None and held.get("instance") == state.round_id:  # told whose inputs arrived
         members = int(held["members"])
-        ledger.record_charge(site, state.round_id, site_charge(held, members, min(members, len(request.survived) + 1)), raise_only=True)
+        ledger.record_charge(site, contribution_key(held), site_charge(held, members, min(members, len(request.survived) + 1)), raise_only=True)
     _save(context, state)
     return Message(protocol_content(response), reply_to=msg)
 

@@ -65,7 +65,7 @@ def test_a_deployed_site_records_each_round_it_trained_sent_and_evaluated(deploy
     assert {e["config_sha256"] for e in logged} == {deployed_run["sha"]} and len({e["run"] for e in logged}) == 1
     sent = [e for e in logged if e["event"] == CONTRIBUTED_EVENT]
     ledger_keys = json.loads((deployed_run["site"] / LEDGER).read_text())["entries"]
-    assert [e["contribution"] for e in sent] == sorted(ledger_keys) == [f"run-{sent[0]['run']}/round-{r}" for r in (1, 2)]
+    assert [e["contribution"] for e in sent] == sorted(ledger_keys) == [f"run-{sent[0]['run']}/config-{deployed_run['sha']}/round-{r}" for r in (1, 2)]
     assert all(e["bytes"] > 0 for e in sent) and sent[0]["bytes"] == sent[1]["bytes"]  # the same layout each round
 
 
@@ -91,7 +91,8 @@ def test_a_secure_contribution_is_recorded_with_its_instance_before_it_leaves(tm
     for directory in dirs:
         (sent,) = events(directory)
         assert sent["event"] == CONTRIBUTED_EVENT and sent["round"] == 4 and sent["config_sha256"] == config_sha256("run-s")
-        assert sent["contribution"] == "run-s/round-4/bucket-0" and list(json.loads((directory / LEDGER).read_text())["entries"]) == [sent["contribution"]]
+        assert sent["contribution"] == f"config-{config_sha256('run-s')}/round-4" and sent["instance"] == "run-s/round-4/bucket-0"
+        assert list(json.loads((directory / LEDGER).read_text())["entries"]) == [sent["contribution"]]
         assert sent["bytes"] > 4 * 2_000  # the masked input: a 32-bit word per coordinate, and more
 
 

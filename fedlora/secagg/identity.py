@@ -202,6 +202,19 @@ def key_statement(params: bytes, sender: int, receiver: int, s_public: bytes, c_
     return DOMAIN + b"|keys|" + params + struct.pack(">QQ", sender, receiver) + s_public + c_public
 
 
+def bundle_statement(
+    params: bytes, sender: int, receiver: int, s_public: bytes, c_public: bytes, ciphertext: bytes, b_commitment: bytes,
+    s_commitment: bytes,
+) -> bytes:
+    """What `sender` signs for each share bundle it seals to `receiver`: its masking key, the receiving
+    key it sealed to, the ciphertext and the commitments to its two shares. Without it a relay that
+    garbles a bundle, or its commitments, makes the receiver accuse an honest sender and reveal the
+    receiving key that opens the genuine bundle the relay kept: garbled to every neighbour, t shares
+    of both secrets. The keys bound, a bundle of another setup of the instance does not verify either."""
+    return (DOMAIN + b"|bundle|" + params + struct.pack(">QQ", sender, receiver) + s_public + c_public
+            + hashlib.sha256(ciphertext).digest() + b_commitment + s_commitment)
+
+
 def survivor_statement(params: bytes, survivors: list[int]) -> bytes:
     """What a survivor signs before revealing any share: the survivor set it was told (ConsistencyCheck)."""
     return DOMAIN + b"|survivors|" + params + struct.pack(f">{len(survivors)}Q", *sorted(survivors))

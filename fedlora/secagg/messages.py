@@ -116,6 +116,7 @@ class SharesUpload(Message):
     b_commitment: bytes  # SHA-256 commitment to the self-mask seed, checked on recovery
     b_share_commitments: list[bytes]  # per receiver: commitment to the b-share dealt to it
     s_share_commitments: list[bytes]  # per receiver: commitment to the s-share dealt to it
+    signatures: list[bytes]  # per receiver: `identity.bundle_statement` of its ciphertext and commitments, signed
 
 
 # Stage 4 request: server -> participant, the ciphertexts addressed to it.
@@ -127,6 +128,7 @@ class SharesRelay(Message):
     ciphertexts: list[bytes]
     b_share_commitments: list[bytes]  # what each sender committed to for this receiver
     s_share_commitments: list[bytes]
+    signatures: list[bytes]  # each sender's signature of its bundle for this receiver (`identity.bundle_statement`)
 
 
 # Stage 4 reply: participant -> server.
@@ -202,6 +204,7 @@ class ParticipantState(Message):
     c_privates: list[bytes]  # receiving key per neighbour (same order as `neighbours`)
     key_ids: list[int]  # neighbours whose keys were relayed to us (stage 3)
     key_s_publics: list[bytes]
+    key_cards: list[bytes]  # their cards, checked against the roster at stage 3: what their bundles are signed with
     b_seed: bytes
     own_b_share: bytes
     share_owners: list[int]  # neighbours whose valid shares we hold (stage 4)

@@ -7,9 +7,11 @@ s_sk among neighbours with a commitment to every share, upload
 y = [encode(x), 1] + PRG(b) + sum_j ±PRG(s_ij) mod 2^32 (on the 16-bit wire only the low 16
 bits of the update's words, `narrow`), then reveal for each
 neighbour either its b-share (it survived) or its s-share (it dropped), never
-both. A share bundle that does not open is not fatal: the participant masks anyway
-and accuses the sender, revealing the one receiving key that lets the server check
-the accusation (see `crypto`). State is a plain `ParticipantState` so a stateless
+both. Each bundle and its commitments are signed by the dealer (`identity.bundle_statement`);
+an unsigned one was garbled in relay, and the coordinator is blamed (revealing a key for it
+would open the genuine bundle the relay kept). A signed bundle that does not open is not fatal:
+the participant masks anyway and accuses the sender, revealing the one receiving key that lets
+the server check the accusation (see `crypto`). State is a plain `ParticipantState` so a stateless
 Flower ClientApp can keep it in `context.state` between messages; its secrets are
 erased once unmask is answered.
 """
@@ -24,7 +26,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import crypto, shamir
 from .errors import SecAggAbort, SecAggCoordinatorFault, SecAggProtocolError
-from .identity import Identity, check_signed, key_statement
+from .identity import Identity, bundle_statement, check_signed, checked_before, key_statement, verify
 from .fixedpoint import encode
 from .guards import check_ids, expect
 from .messages import (
@@ -167,6 +169,7 @@ def setup(request: SetupRequest, identity: Identity) -> tuple[ParticipantState, 
         c_privates=[c for c, _ in receiving],
         key_ids=[],
         key_s_publics=[],
+        key_cards=[],
         b_seed=b"",
         own_b_share=b"",
         share_owners=[],
@@ -223,6 +226,32 @@ def _check_relayed_keys(state: ParticipantState, relay: KeysRelay) -> None:
             seen.add(key)
 
 
+def _check_signed_bundles(state: ParticipantState, relay: SharesRelay) -> None:
+    """Each relayed bundle and its commitments signed by its sender's card (checked against the roster at
+    stage 3) under the masking key relayed then. Anything else was put there by the relay, which must
+    not make this participant accuse the sender: the receiving key it would reveal opens the genuine
+    bundle the relay kept. The coordinator is blamed, with the relayed bundle as evidence."""
+    me = state.participant_id
+    cards = checked_before(state.key_cards)
+    for j, blob, b_commit, s_commit, signature in zip(
+        relay.senders, relay.ciphertexts, relay.b_share_commitments, relay.s_share_commitments, relay.signatures, strict=True
+    ):
+        at, receiving = state.key_ids.index(j), crypto.public_from_private(state.c_privates[state.neighbours.index(j)])
+        statement = bundle_statement(state.params, j, me, state.key_s_publics[at], receiving, blob, b_commit, s_commit)
+        try:
+            verify(cards[state.key_cards[at]], signature, statement)
+        except ValueError as err:
+            name = state.neighbour_names[state.neighbours.index(j)]
+            raise SecAggCoordinatorFault(
+                f"relayed a share bundle of participant {j} ({name!r}) to {me} that {name!r} did not sign: {err}",
+                {
+                    "round_id": state.round_id, "params": state.params.hex(), "owner": j, "owner_name": name,
+                    "ciphertext": blob.hex(), "b_share_commitment": b_commit.hex(), "s_share_commitment": s_commit.hex(),
+                    "signature": signature.hex(), "card": state.key_cards[at].hex(),
+                },
+            ) from None
+
+
 def share_keys(state: ParticipantState, relay: KeysRelay, identity: Identity) -> tuple[ParticipantState, SharesUpload]:
     """Stage 3: check the neighbours' signed keys, draw b, Shamir-share b and s_sk over self +
     neighbours, seal per neighbour."""
@@ -243,7 +272,7 @@ def share_keys(state: ParticipantState, relay: KeysRelay, identity: Identity) ->
     holders = [x_coord(h) for h in [me, *ids]]
     b_shares = shamir.split(b_seed, t, holders)
     s_shares = shamir.split(state.s_private, t, holders)
-    ciphertexts, b_commits, s_commits = [], [], []
+    ciphertexts, b_commits, s_commits, signatures = [], [], [], []
     for j, c_pub in zip(ids, relay.c_publics, strict=True):
         b_share, s_share = b_shares[x_coord(j)], s_shares[x_coord(j)]
         try:
@@ -252,16 +281,18 @@ def share_keys(state: ParticipantState, relay: KeysRelay, identity: Identity) ->
             raise SecAggProtocolError(j, f"receiving key refused by {me}: {err}") from None
         b_commits.append(crypto.commit_share(state.params, me, j, b"b", b_share))
         s_commits.append(crypto.commit_share(state.params, me, j, b"s", s_share))
+        signatures.append(identity.sign(bundle_statement(state.params, me, j, state.s_public, c_pub, ciphertexts[-1], b_commits[-1], s_commits[-1])))
     new = dataclasses.replace(
         state,
         stage="shared",
         key_ids=list(ids),
         key_s_publics=list(relay.s_publics),
+        key_cards=list(relay.identities),
         b_seed=b_seed,
         own_b_share=b_shares[x_coord(me)],
     )
     commitment = crypto.commit_seed(state.params, me, b_seed)
-    return new, SharesUpload(state.round_id, me, list(ids), ciphertexts, commitment, b_commits, s_commits)
+    return new, SharesUpload(state.round_id, me, list(ids), ciphertexts, commitment, b_commits, s_commits, signatures)
 
 
 def mask_input(
@@ -285,7 +316,7 @@ def mask_input(
     """
     expect(state, "shared", relay.round_id, relay.receiver)
     me, senders = state.participant_id, relay.senders
-    if not len(senders) == len(relay.ciphertexts) == len(relay.b_share_commitments) == len(relay.s_share_commitments):
+    if not len(senders) == len(relay.ciphertexts) == len(relay.b_share_commitments) == len(relay.s_share_commitments) == len(relay.signatures):
         raise SecAggProtocolError(None, "share relay lists have different lengths")
     check_ids(senders, "share senders")
     unknown = sorted(set(senders) - set(state.key_ids))
@@ -308,6 +339,7 @@ def mask_input(
     narrow = narrowing(state.wire_bits, state.vector_length, len(state.members), state.params)
     if noise is not None and narrow is not None:
         raise ValueError("distributed DP noise does not fit the 16-bit wire; use secagg.wire_bits=32")
+    _check_signed_bundles(state, relay)  # before a bundle that does not open can make it accuse anyone
     owners, held_b, held_s, accused, revealed = [], [], [], [], []
     for j, blob, b_commit, s_commit in zip(
         senders, relay.ciphertexts, relay.b_share_commitments, relay.s_share_commitments, strict=True

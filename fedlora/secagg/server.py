@@ -45,7 +45,7 @@ from . import crypto, shamir
 from .errors import SecAggAbort
 from .fixedpoint import check_no_overflow, choose_scale, decode, error_bound
 from .graph import check_ids, communication_graph, default_degree, default_threshold
-from .identity import Card, Roster, key_statement, open_card, survivor_statement, verify
+from .identity import Card, Roster, bundle_statement, key_statement, open_card, survivor_statement, verify
 from .messages import (
     KeysAdvert,
     KeysRelay,
@@ -156,6 +156,7 @@ class SecAggServer:
         self.receiving: dict[tuple[int, int], bytes] = {}  # (holder, sender) -> holder's key
         self.identities: dict[int, bytes] = {}  # id -> its card
         self.cards: dict[int, Card] = {}  # id -> its card, opened
+        self.bundle_signatures: dict[tuple[int, int], bytes] = {}  # (sender, receiver) -> its signature of that bundle
         self.key_signatures: dict[tuple[int, int], bytes] = {}  # (owner, receiver) -> owner's signature
         self.key_relay: dict[int, list[int]] = {}  # id -> neighbours whose keys it got (U1)
         self.relayed: dict[int, list[int]] = {}  # id -> neighbours whose shares it got (U2)
@@ -298,6 +299,15 @@ class SecAggServer:
             return f"share ciphertexts must be {CIPHERTEXT_BYTES} bytes"
         if any(len(c) != _DIGEST_BYTES for c in msg.b_share_commitments + msg.s_share_commitments):
             return "share commitments must be 32 bytes"
+        if len(msg.signatures) != len(msg.receivers):
+            return f"sent {len(msg.signatures)} bundle signatures for {len(msg.receivers)} bundles"
+        for j, blob, b_c, s_c, signature in zip(
+            msg.receivers, msg.ciphertexts, msg.b_share_commitments, msg.s_share_commitments, msg.signatures, strict=True
+        ):
+            try:  # an honest server relays nothing the receiver would refuse and blame on it
+                verify(self.cards[i], signature, bundle_statement(self.params, i, j, self.s_publics[i], self.receiving[(j, i)], blob, b_c, s_c))
+            except ValueError as err:
+                return f"share bundle for {j} not signed by its identity: {err}"
         return None
 
     def collect_shares(self, uploads: list[SharesUpload]) -> list[SharesRelay]:
@@ -311,11 +321,12 @@ class SecAggServer:
                 continue
             valid.add(i)
             self.commitments[i] = msg.b_commitment
-            for j, blob, b_c, s_c in zip(
-                msg.receivers, msg.ciphertexts, msg.b_share_commitments, msg.s_share_commitments,
+            for j, blob, b_c, s_c, signature in zip(
+                msg.receivers, msg.ciphertexts, msg.b_share_commitments, msg.s_share_commitments, msg.signatures,
                 strict=True,
             ):
                 self.boxes[(i, j)] = (blob, b_c, s_c)
+                self.bundle_signatures[(i, j)] = signature
         alive = self._prune(valid, "share exchange")
         relays = []
         for i in sorted(alive):
@@ -326,6 +337,7 @@ class SecAggServer:
                 SharesRelay(
                     self.round_id, i, senders,
                     [b[0] for b in boxes], [b[1] for b in boxes], [b[2] for b in boxes],
+                    [self.bundle_signatures[(j, i)] for j in senders],
                 )
             )
         return relays

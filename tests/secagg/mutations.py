@@ -367,8 +367,8 @@ MUTATIONS = [
         "site-ledger-not-charged-at-mask",
         "a site charges its ledger only if it hears of unmask (a masked input that left is not charged)",
         (("participant/secure.py",
-          '        ledger.record_charge(site, state.round_id, site_charge(held, int(held["members"]), int(held["threshold"])))',
-          "        pass"),),
+          "        ledger.record_contribution(\n            site, contribution_key(held), charge,",
+          "        (lambda *_, **__: None)(\n            site, contribution_key(held), charge,"),),
     ),
     Mutation(
         "site-ledger-limits-ignored",
@@ -384,6 +384,38 @@ MUTATIONS = [
         "site-ledger-lowered-at-unmask",
         "a site's charge replaced by whatever unmask implies, even if that is less noise than assumed",
         (("participant/secure.py", "raise_only=True)", "raise_only=False)"),),
+    ),
+    Mutation(
+        "unsigned-bundles-accused",
+        "a participant accuses the dealer of any bundle that does not open, signed or not (a relay that garbles a target's bundles collects t shares of both its secrets)",
+        (("fedlora/secagg/participant.py", "    _check_signed_bundles(state, relay)  # before", "    pass  # before"),),
+    ),
+    Mutation(
+        "server-relays-unsigned-bundles",
+        "the server relays share bundles without checking their dealer's signature (honest receivers then blame it)",
+        (("fedlora/secagg/server.py",
+          "                verify(self.cards[i], signature, bundle_statement(self.params, i, j, self.s_publics[i], self.receiving[(j, i)], blob, b_c, s_c))",
+          "                pass"),),
+    ),
+    Mutation(
+        "bundle-signature-ignores-keys",
+        "the bundle signature binds neither the dealer's masking key nor the receiving key (a bundle of another setup of the instance verifies)",
+        (("fedlora/secagg/identity.py",
+          "struct.pack(\">QQ\", sender, receiver) + s_public + c_public\n            + hashlib",
+          "struct.pack(\">QQ\", sender, receiver)\n            + hashlib"),),
+    ),
+    Mutation(
+        "plaintext-ledger-keyed-by-run-id",
+        "a site's ledger keys a plaintext round by the Flower run id and round only (one run id reused for another configuration is charged once)",
+        (("participant/app.py", 'key = f"run-{msg.metadata.run_id}/config-{instruction.config_sha256}/round-{instruction.server_round}"',
+          'key = f"run-{msg.metadata.run_id}/round-{instruction.server_round}"'),),
+    ),
+    Mutation(
+        "site-ledger-keyed-by-instance-id",
+        "a site's ledger keys a secure contribution by the instance id the coordinator names (one id reused in every run is charged once)",
+        (("participant/secure.py",
+          "    return f\"config-{held['config_sha256']}/round-{int(held['server_round'])}\"",
+          "    return str(held[\"instance\"])"),),
     ),
 ]
 

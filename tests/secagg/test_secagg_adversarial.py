@@ -14,7 +14,7 @@ import pytest
 from fedlora.secagg import SecAggAbort, SecAggProtocolError, crypto, shamir
 from fedlora.secagg import participant as part
 from fedlora.secagg.errors import SecAggCoordinatorFault
-from fedlora.secagg.identity import key_statement, simulated_identity
+from fedlora.secagg.identity import bundle_statement, key_statement, simulated_identity
 from fedlora.secagg.messages import KeysRelay, SetupRequest, SharesRelay
 from fedlora.secagg.prg import apply_mask
 from fedlora.secagg.server import CIPHERTEXT_BYTES
@@ -29,6 +29,17 @@ def _by(msgs, who, attr="receiver"):
 def _replace(msgs, who, attr="sender", **changes):
     old = _by(msgs, who, attr)
     msgs[msgs.index(old)] = dataclasses.replace(old, **changes)
+
+
+def _signed_by_sender(rnd, upload):
+    """A malicious sender signs the bundles it sends, bad ones included (the relay cannot)."""
+    state = rnd.states[upload.sender]
+    signatures = [
+        rnd.identities[upload.sender].sign(bundle_statement(
+            state.params, upload.sender, j, state.s_public, rnd.server.receiving[(j, upload.sender)], blob, b_c, s_c))
+        for j, blob, b_c, s_c in zip(upload.receivers, upload.ciphertexts, upload.b_share_commitments, upload.s_share_commitments)
+    ]
+    return dataclasses.replace(upload, signatures=signatures)
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -121,6 +132,7 @@ def test_a_bad_bundle_to_one_neighbour_is_blamed_on_its_sender(make_round, fault
         cts = list(up.ciphertexts)
         cts[pos] = os.urandom(CIPHERTEXT_BYTES) if fault == "garbage ciphertext" else up.ciphertexts[up.receivers.index(1)]
         _replace(uploads, 2, ciphertexts=cts)
+    _replace(uploads, 2, signatures=_signed_by_sender(rnd, _by(uploads, 2, "sender")).signatures)
     masked = rnd.masked(rnd.server.collect_shares(uploads))
     assert _by(masked, 0, "sender").accused == [2]
     asks = rnd.asks(masked)
@@ -150,7 +162,11 @@ def test_a_bundle_that_does_not_open_is_left_out_and_its_sender_accused(make_rou
     blob[60] ^= 1
     cts = list(to0.ciphertexts)
     cts[pos] = bytes(blob)
-    state, y = part.mask_input(rnd.states[0], dataclasses.replace(to0, ciphertexts=cts), rnd.vectors[0])
+    sigs = list(to0.signatures)  # its sender signed it: the bundle is the sender's fault
+    s2 = rnd.states[2]
+    receiving = crypto.public_from_private(rnd.states[0].c_privates[rnd.states[0].neighbours.index(2)])
+    sigs[pos] = rnd.identities[2].sign(bundle_statement(s2.params, 2, 0, s2.s_public, receiving, bytes(blob), to0.b_share_commitments[pos], to0.s_share_commitments[pos]))
+    state, y = part.mask_input(rnd.states[0], dataclasses.replace(to0, ciphertexts=cts, signatures=sigs), rnd.vectors[0])
     assert y.accused == [2] and 2 not in state.share_owners
     assert crypto.public_from_private(y.revealed_keys[0]) != state.s_public  # a receiving key, not the masking key
 
@@ -188,6 +204,7 @@ def test_shares_dealt_inconsistently_are_blamed_on_their_dealer(make_round):
     cts[pos] = crypto.seal_bundle(receiving, wrong + s_share, owner.params, 3, 1, owner.s_public)
     commits[pos] = crypto.commit_share(owner.params, 3, 1, b"b", wrong)
     _replace(uploads, 3, ciphertexts=cts, b_share_commitments=commits)
+    _replace(uploads, 3, signatures=_signed_by_sender(rnd, _by(uploads, 3, "sender")).signatures)  # the dealer signs what it deals
     asks = rnd.asks(rnd.masked(rnd.server.collect_shares(uploads)))
     result = rnd.server.collect_unmask(rnd.responses(asks))
     assert list(result.blamed) == [3] and "inconsistent" in result.blamed[3]
@@ -320,7 +337,7 @@ def _relay_without_checks(rnd, adverts):
     return [
         SharesRelay(
             rnd.server.round_id, i, nbrs := rnd.server.graph[i],
-            *[[getattr(uploads[j], f)[uploads[j].receivers.index(i)] for j in nbrs] for f in ("ciphertexts", "b_share_commitments", "s_share_commitments")],
+            *[[getattr(uploads[j], f)[uploads[j].receivers.index(i)] for j in nbrs] for f in ("ciphertexts", "b_share_commitments", "s_share_commitments", "signatures")],
         )
         for i in sorted(by)
     ]
@@ -348,6 +365,7 @@ def test_members_given_different_parameters_derive_masks_that_do_not_cancel(make
     # is noise, and the count slot (each member adds 1) shows it. Defence in depth: this holds
     # even without the signature check that already stops it (test above), so that check is off here.
     monkeypatch.setattr(part, "_check_signed_keys", lambda *_: None)
+    monkeypatch.setattr(part, "_check_signed_bundles", lambda *_: None)  # nor the bundles' signatures
     rnd = make_round(n=4, d=20_000)
     setups = rnd.server.setup()
     if tampered:
