@@ -49,7 +49,7 @@ from fedlora.prompts import PromptFormat
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.secagg.plan import RunBinding
-from fedlora.wire import adapter_sha256, instruction_content, read_reply
+from fedlora.wire import adapter_sha256, instruction_content, read_reply, targets_sha256
 from fedlora.withdrawal_request import MARK, request_in
 from participant.runtime import label_names_for
 
@@ -389,7 +389,7 @@ class Coordinator:
             with self.timed("secure_sum"):  # the SecAgg+ stages: keys, shares, masked inputs, unmasking
                 gathered = gather_secure(
                     self.grid, members, sec, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
-                    binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector)),  # what the train instructions carried
+                    binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector), targets_sha256(self.soft_targets)),  # what the train instructions carried
                     roster=self.book.roster() if self.book else None, weighting=(self.cfg.robust.weighting, self.cfg.robust.weight_cap),
                 )
         else:
@@ -549,7 +549,7 @@ class Coordinator:
             row["distillation"] = {
                 "variant": self.cfg.distillation.variant, "soft_targets_sent": trained_towards, "prompts": self.block.prompts, "classes": self.block.classes,
                 "block_size": self.block.size, "adapter_size": int(adapter_delta.size),
-                "soft_targets_sha256": hashlib.sha256(self.soft_targets.tobytes()).hexdigest(),
+                "soft_targets_sha256": targets_sha256(self.soft_targets),
             }
         if self.block and self.block.prediction_only:  # no parameters were sent: the global adapter stays as it is
             step = StepResult(self.adapter.vector)

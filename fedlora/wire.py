@@ -29,10 +29,20 @@ class Instruction:
     adapter_sha256: str  # of the global adapter as received (`adapter_sha256`)
     soft_targets: np.ndarray | None = None  # [distillation]: the last round's mean predictions, P x C (none in round 1)
 
+    @property
+    def targets_sha256(self) -> str:
+        """What secure aggregation binds of the soft targets (`RunBinding.targets_sha256`)."""
+        return targets_sha256(self.soft_targets)
+
 
 def adapter_sha256(vector: np.ndarray) -> str:
     """The global adapter's hash, over its float32 bytes as they travel."""
     return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+
+
+def targets_sha256(targets: np.ndarray | None) -> str:
+    """Distillation's soft targets' hash, over their float32 bytes as they travel ('' when there are none)."""
+    return "" if targets is None else hashlib.sha256(np.ascontiguousarray(targets, dtype=np.float32).tobytes()).hexdigest()
 
 
 def instruction_content(vector: np.ndarray, server_round: int, config_toml: str, soft_targets: np.ndarray | None = None) -> RecordDict:

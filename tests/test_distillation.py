@@ -52,16 +52,26 @@ def test_the_block_is_bounded_and_its_mean_gives_back_the_mean_predictions() -> 
     np.testing.assert_allclose(noisy, 1 / 3)
 
 
-@pytest.mark.slow  # two federations of one round
+def round_targets(run_dir: Path, server_round: int) -> np.ndarray:
+    """The soft targets a round produced, from its checkpoint (what the next round's instruction carries)."""
+    from coordinator.checkpoint import VERSION_CHECKPOINTS, load_checkpoint
+
+    return np.asarray(load_checkpoint(run_dir / VERSION_CHECKPOINTS / f"round-{server_round:04d}.npz")["soft_targets"])
+
+
+@pytest.mark.slow  # two federations of two rounds
 def test_the_secure_sum_of_prediction_blocks_is_their_plaintext_sum(tmp_path: Path) -> None:
-    plain, rows = run(tmp_path / "plain", "federation.rounds=1")
-    secure, secure_rows = run(tmp_path / "secure", "federation.rounds=1", "secagg.enabled=true")
+    plain, rows = run(tmp_path / "plain")
+    secure, secure_rows = run(tmp_path / "secure", "secagg.enabled=true")
     assert "secagg" in secure_rows[-1] and "secagg" not in rows[-1]
-    assert secure_rows[-1]["distillation"]["block_size"] == PROMPTS * 2
+    assert secure_rows[1]["distillation"]["block_size"] == PROMPTS * 2
     # Both coordinators turn their aggregate's block into targets; the secure one only ever held bucket sums.
-    np.testing.assert_allclose(secure.soft_targets, plain.soft_targets, atol=1e-5)
-    # ... and those are the mean of what each site predicted, recomputed here in the clear.
-    cfg = load_config(None, [*DISTIL, "federation.rounds=1"])
+    np.testing.assert_allclose(round_targets(tmp_path / "secure", 1), round_targets(tmp_path / "plain", 1), atol=1e-5)
+    # Round 2 trained towards them, under a binding that includes their hash (every member was sent the same).
+    assert secure_rows[-1]["applied"] and secure_rows[-1]["distillation"]["soft_targets_sent"] and secure_rows[-1]["distill_loss"] > 0
+    np.testing.assert_allclose(secure.soft_targets, plain.soft_targets, atol=1e-4)
+    # ... and round 1's are the mean of what each site predicted, recomputed here in the clear.
+    cfg = load_config(None, DISTIL)
     blocks, weights = [], []
     for node in nodes(3).values():
         runtime = get_runtime(cfg, node, own_rank=True)
@@ -69,7 +79,8 @@ def test_the_secure_sum_of_prediction_blocks_is_their_plaintext_sum(tmp_path: Pa
         blocks.append(split_upload(upload, PROMPTS * 2)[1])
         weights.append(metrics["num-examples"])
     mean = np.average(blocks, axis=0, weights=weights)
-    np.testing.assert_allclose(plain.soft_targets, soft_targets(mean, PROMPTS, 2, cfg.distillation.prediction_clip), atol=1e-5)
+    expected = soft_targets(mean, PROMPTS, 2, cfg.distillation.prediction_clip)
+    np.testing.assert_allclose(round_targets(tmp_path / "plain", 1), expected, atol=1e-5)
 
 
 def test_a_site_whose_public_prompts_differ_refuses(tmp_path: Path) -> None:
@@ -136,3 +147,18 @@ def test_prediction_only_sends_predictions_alone_and_sites_keep_their_adapters(t
 def test_a_bad_distillation_setting_is_refused_naming_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_config(None, ["model.task=classification", *overrides])
+
+
+def test_a_secure_instance_binding_other_soft_targets_is_refused() -> None:
+    from fedlora.config import PrivacySection, SecaggSection
+    from fedlora.secagg.plan import RunBinding, round_context
+    from participant.terms import Terms, context_contradictions, parse_context
+
+    held = Terms.of(SecaggSection(enabled=True), PrivacySection(), 1.0, RunBinding("c" * 64, "a" * 64, "t" * 64))
+    assert Terms.from_dict(held.to_dict()) == held
+    told = round_context(2, 1.0, binding=RunBinding("c" * 64, "a" * 64, "u" * 64))
+    problems = context_contradictions(parse_context(told)[0], held, 2, told)
+    assert len(problems) == 1 and "soft targets" in problems[0]
+    same = round_context(2, 1.0, binding=held.binding)
+    assert context_contradictions(parse_context(same)[0], held, 2, same) == []
+    assert "targets_sha256" not in round_context(2, 1.0, binding=RunBinding("c" * 64, "a" * 64))  # other runs' contexts unchanged
