@@ -75,8 +75,9 @@ def train(msg: Message, context: Context) -> Message:
         ledger.check_charge(site, planned, f"round {instruction.server_round}", round=instruction.server_round)
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
     started = time.perf_counter()
-    kept = own_adapter(context) if prediction_only(cfg) else None
-    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, instruction.soft_targets, kept)
+    # [distillation]: the soft targets the instruction carried, and in prediction-only the site's own adapter
+    distilling = {"soft_targets": instruction.soft_targets, "kept": own_adapter(context) if prediction_only(cfg) else None} if cfg.distillation.enabled else {}
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, **distilling)
     if prediction_only(cfg):  # the site's adapter stays here and is trained on next round (fedlora/distill.py)
         from fedlora.adapter import adapter_vector
 
