@@ -162,3 +162,14 @@ def test_a_secure_instance_binding_other_soft_targets_is_refused() -> None:
     same = round_context(2, 1.0, binding=held.binding)
     assert context_contradictions(parse_context(same)[0], held, 2, same) == []
     assert "targets_sha256" not in round_context(2, 1.0, binding=RunBinding("c" * 64, "a" * 64))  # other runs' contexts unchanged
+
+
+def test_a_deployed_site_reads_the_public_prompts_from_its_own_copy() -> None:
+    from participant.local_config import LocalConfig, LocalDataSection, LocalModelSection, effective_config
+
+    run_cfg = load_config(None, [*DISTIL, "distillation.public_data=/coordinator/public.csv"])
+    model = LocalModelSection(sha256="f" * 64)
+    own = effective_config(run_cfg, LocalConfig(model=model, data=LocalDataSection(path="diabetes", public_data=str(PUBLIC))))
+    assert own.distillation.public_data == str(PUBLIC) and own.distillation.public_sha256 == SHA  # the hash stays the run's
+    named = effective_config(run_cfg, LocalConfig(model=model, data=LocalDataSection(path="diabetes")))
+    assert named.distillation.public_data == "/coordinator/public.csv"
