@@ -425,6 +425,8 @@ class Coordinator:
             "epsilon": row.get("epsilon"),
             "epsilon_coordinator": row.get("epsilon_coordinator"),
             "seen_noise": seen,  # who the coordinator saw in which sum: a resumption re-charges it
+            # [distillation]: the soft targets this round produced, sent (and, under secure aggregation, bound) with the next
+            **({"soft_targets_sha256": row["distillation"]["soft_targets_sha256"]} if "distillation" in row else {}),
             "adapter_sha256": hashlib.sha256(self.adapter.vector.tobytes()).hexdigest(),
             "version": self.out.lineage.version(server_round),  # whose lineage the answered contributed to
         })

@@ -173,3 +173,13 @@ def test_a_deployed_site_reads_the_public_prompts_from_its_own_copy() -> None:
     assert own.distillation.public_data == str(PUBLIC) and own.distillation.public_sha256 == SHA  # the hash stays the run's
     named = effective_config(run_cfg, LocalConfig(model=model, data=LocalDataSection(path="diabetes")))
     assert named.distillation.public_data == "/coordinator/public.csv"
+
+
+def test_the_adapter_part_gives_way_so_the_whole_upload_keeps_clip_norm() -> None:
+    cfg = load_config(None, [*DISTIL, "robust.rule=median", "robust.clip_norm=1.2", "train.lr=5e-2"])  # a rule that clips
+    runtime = get_runtime(cfg, nodes(3)[1], own_rank=True)
+    start, _ = adapter_vector(runtime.loaded.model)
+    upload, _ = train_round(runtime, cfg, start, 1)
+    adapter, block = split_upload(upload, PROMPTS * 2)
+    assert np.linalg.norm(adapter) == pytest.approx(np.sqrt(1.2**2 - 1.0), rel=1e-4)  # clipped to what the block leaves
+    assert np.linalg.norm(block) <= 1.0 + 1e-6 and np.linalg.norm(upload) <= 1.2 + 1e-5
