@@ -36,19 +36,20 @@ from coordinator.participants import BOOK, ParticipantBook
 from coordinator.secure import gather_secure, run_tag, seen_noise
 from coordinator.withdrawal import honour_request, withdraw_from_run
 from fedlora.adapter import AdapterLayout, adapter_vector
-from fedlora.aggregate import aggregator_for, apply_mean, combine_units, make_server_optimizer
+from fedlora.aggregate import StepResult, aggregator_for, apply_mean, combine_units, make_server_optimizer
 from fedlora.aggregate.robust import make_rule, rule_after_screening
 from fedlora.aggregate.screen import screen_units
 from fedlora.aggregate.weights import score_average, unit_weights
 from fedlora.attacks import Knowledge, attack_updates, choose_adversaries, resolve_attack
 from fedlora.audit import read_records
 from fedlora.config import Config, ModelSection
+from fedlora.distill import PredictionBlock, split_upload
 from fedlora.model import load_model, model_fingerprint
 from fedlora.prompts import PromptFormat
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.secagg.plan import RunBinding
-from fedlora.wire import adapter_sha256, instruction_content, read_reply
+from fedlora.wire import adapter_sha256, instruction_content, read_reply, targets_sha256
 from fedlora.withdrawal_request import MARK, request_in
 from participant.runtime import label_names_for
 
@@ -185,8 +186,11 @@ class Coordinator:
         self.rule = make_rule(cfg.robust.rule)
         if warning := cfg.robustness_warning():
             log.warning("%s", warning)
-        # Length of an update in server coordinates (B·A products in exact mode): fixed by the layout.
-        self.server_length = self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size
+        # [distillation]: every upload ends with a prediction block, summed with the adapter part (fedlora/distill.py).
+        self.block = PredictionBlock.of(cfg, len(self.label_names)) if cfg.distillation.enabled else None
+        self.soft_targets: np.ndarray | None = None  # the last applied round's mean predictions, sent with the next instruction
+        # Length of an update in server coordinates (B·A products in exact mode): fixed by the layout, plus the block.
+        self.server_length = self.adapter_length(self.aggregator.server_point(self.adapter.vector, self.adapter.layout).size) + self.block_size
         self.reputation = Reputation(cfg.robust.quarantine_after, cfg.robust.quarantine_window)
         self.dp = UserLevelDP(cfg) if cfg.privacy.noise_multiplier > 0 else None
         self.stage_seconds: dict[str, float] = {}  # the current round's, by stage (`timed`)
@@ -209,6 +213,7 @@ class Coordinator:
             "reputation": self.reputation.state_dict(),
             "privacy": self.dp.state_dict() if self.dp else None,
             "audit_last": self.out.audit.last,
+            "soft_targets": self.soft_targets,
         }
         save_checkpoint(self.out.path / VERSION_CHECKPOINTS / f"{self.out.lineage.version(server_round)}.npz", state)
         save_checkpoint(self.out.path / CHECKPOINT, state)
@@ -228,6 +233,8 @@ class Coordinator:
         self.server_optimizer.load_state_dict(state["server_optimizer"])
         self.reputation.load_state_dict(state["reputation"])
         self.completed = int(state["round"])
+        targets = state.get("soft_targets")
+        self.soft_targets = None if targets is None else np.asarray(targets, dtype=np.float32)
         records = read_records(self.out.path / "audit.jsonl")
         hashes = [record["hash"] for record in records]
         if state["audit_last"] not in hashes:
@@ -253,7 +260,16 @@ class Coordinator:
         return self.names.get(node, f"node-{node}")
 
     def _content(self, server_round: int) -> RecordDict:
-        return instruction_content(self.adapter.vector, server_round, self.config_toml)
+        return instruction_content(self.adapter.vector, server_round, self.config_toml, self.soft_targets)
+
+    @property
+    def block_size(self) -> int:
+        """Values of the prediction block at the end of every upload (0 without distillation)."""
+        return self.block.size if self.block else 0
+
+    def adapter_length(self, length: int) -> int:
+        """The adapter part of an upload of the mode's `length`: none in prediction-only distillation."""
+        return 0 if self.block and self.block.prediction_only else length
 
     def rank_of(self, member: Member) -> int:
         """The LoRA rank this participant trains (lora.participant_ranks by partition id, else lora.r)."""
@@ -265,12 +281,16 @@ class Coordinator:
         reported = member.metrics.get("lora_r")
         if reported is not None and int(reported) != rank:
             raise ValueError(f"trained LoRA rank {int(reported)}, but the configuration gives it rank {rank}")
-        return self.aggregator.upload_layout(self.adapter.layout, rank).size
+        return self.adapter_length(self.aggregator.upload_layout(self.adapter.layout, rank).size) + self.block_size
 
     def server_deltas(self, members: list[Member]) -> list[np.ndarray]:
-        """Screened uploads in the aggregation mode's server coordinates (B·A products in exact mode)."""
-        uploads = [m.vector for m in members]
-        return self.aggregator.server_deltas(self.adapter.vector, self.adapter.layout, uploads, [self.rank_of(m) for m in members])
+        """Screened uploads in the aggregation mode's server coordinates (B·A products in exact mode), each
+        followed by its prediction block as it came (distillation)."""
+        parts = [split_upload(m.vector, self.block_size) for m in members]
+        if self.block and self.block.prediction_only:
+            return [np.asarray(block, dtype=np.float32) for _, block in parts]
+        deltas = self.aggregator.server_deltas(self.adapter.vector, self.adapter.layout, [a for a, _ in parts], [self.rank_of(m) for m in members])
+        return [np.concatenate([delta, block]).astype(np.float32) if self.block else delta for delta, (_, block) in zip(deltas, parts)]
 
     def weights(self, claims: list[int]) -> list[float]:
         """Aggregation weights from claimed example counts, bounded per robust.weighting."""
@@ -361,11 +381,11 @@ class Coordinator:
         rejected += [Rejection(m.name, f"reply refused: {self.excluded(m.name)}") for m in members if self.excluded(m.name)]
         members = [m for m in members if not self.excluded(m.name)]  # a name may be learnt only from its reply
         if sec.enabled:  # updates stay with the participants until masked: summed per bucket
-            length = self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size
+            length = self.adapter_length(self.aggregator.upload_layout(self.adapter.layout, self.cfg.lora.r).size) + self.block_size
             with self.timed("secure_sum"):  # the SecAgg+ stages: keys, shares, masked inputs, unmasking
                 gathered = gather_secure(
                     self.grid, members, sec, server_round, length, run_tag(self.grid), self.cfg.robust.clip_norm, privacy=self.cfg.privacy,
-                    binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector)),  # what the train instructions carried
+                    binding=RunBinding(self.out.config_sha256, adapter_sha256(self.adapter.vector), targets_sha256(self.soft_targets)),  # what the train instructions carried
                     roster=self.book.roster() if self.book else None, weighting=(self.cfg.robust.weighting, self.cfg.robust.weight_cap),
                 )
         else:
@@ -401,6 +421,8 @@ class Coordinator:
             "epsilon": row.get("epsilon"),
             "epsilon_coordinator": row.get("epsilon_coordinator"),
             "seen_noise": seen,  # who the coordinator saw in which sum: a resumption re-charges it
+            # [distillation]: the soft targets this round produced, sent (and, under secure aggregation, bound) with the next
+            **({"soft_targets_sha256": row["distillation"]["soft_targets_sha256"]} if "distillation" in row else {}),
             "adapter_sha256": hashlib.sha256(self.adapter.vector.tobytes()).hexdigest(),
             "version": self.out.lineage.version(server_round),  # whose lineage the answered contributed to
         })
@@ -518,8 +540,20 @@ class Coordinator:
                 self.out.save_units(server_round, gathered.units, self.adapter.vector)
         with self.timed("noise" if self.dp else "rule"):  # DP's noisy mean, or the robust rule over the units
             combined = combine_units(gathered.units, rule, *((self.dp.noisy, self.dp.rng) if self.dp else ()))
-        with self.timed("server_step"):
-            step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, combined.delta)
+        adapter_delta, block = split_upload(combined.delta, self.block_size)
+        if self.block:  # the prediction part of the one aggregate: next round's soft targets
+            trained_towards = self.soft_targets is not None  # this round's instruction carried targets (not round 1)
+            self.soft_targets = self.block.targets_from(block)
+            row["distillation"] = {
+                "variant": self.cfg.distillation.variant, "soft_targets_sent": trained_towards, "prompts": self.block.prompts, "classes": self.block.classes,
+                "block_size": self.block.size, "adapter_size": int(adapter_delta.size),
+                "soft_targets_sha256": targets_sha256(self.soft_targets),
+            }
+        if self.block and self.block.prediction_only:  # no parameters were sent: the global adapter stays as it is
+            step = StepResult(self.adapter.vector)
+        else:
+            with self.timed("server_step"):
+                step = apply_mean(self.aggregator, self.server_optimizer, self.adapter.vector, self.adapter.layout, adapter_delta)
         row["update_norm"] = float(np.linalg.norm(step.vector - self.adapter.vector))
         self.adapter.vector = step.vector
         claims = {m.name: m.num_examples for m in gathered.included}
@@ -533,6 +567,10 @@ class Coordinator:
         if losses:  # claims, weighed as the updates are and refused when no loss could be that number
             reports = [(m.name, {"train_loss": m.metrics["train_loss"], "num-examples": m.num_examples}) for m in losses]
             row["train_loss"] = self.average_scores(reports, "train_loss", "num-examples", server_round, upper=math.inf)
+        distilled = [m for m in kept if "distill_loss" in m.metrics]
+        if distilled:  # the distillation term each site reported (none in round 1, none under DP)
+            reports = [(m.name, {"distill_loss": m.metrics["distill_loss"], "num-examples": m.num_examples}) for m in distilled]
+            row["distill_loss"] = self.average_scores(reports, "distill_loss", "num-examples", server_round, upper=math.inf)
         local = {m.name: m.metrics["local_epsilon"] for m in kept if "local_epsilon" in m.metrics}
         if local:  # each participant's own sample-level epsilon (DP-SGD), as it reported it
             row["local_epsilon"] = local

@@ -303,6 +303,75 @@ class EvaluationSection:
         )
 
 
+DISTILLATION_VARIANTS = ("with-averaging", "prediction-only")
+
+
+@dataclass
+class DistillationSection:
+    """Federated distillation on a public prompt set (classification): each round every participant also sends
+    its predicted label distributions on the public prompts, appended to its update and summed with it (clipping,
+    secure aggregation, noise and rules act on the whole vector: one release per round); the coordinator's
+    mean of them comes back with the next round's instruction as soft targets, and local training adds
+    weight * T^2 * KL(soft targets || student at temperature T) on the public prompts (Hinton et al. 2015)."""
+
+    public_data: str = _help(
+        "Unlabelled public prompts (a .jsonl of instruction/input or messages objects, or a .csv of records whose "
+        "columns are verbalised as data.dataset's are; any answer or data.label_column is ignored). Every party reads "
+        "its own copy at this path. Empty = no distillation.",
+        "",
+    )
+    public_sha256: str = _help(
+        "sha256 of the public_data file (`sha256sum FILE`); required with public_data. The coordinator and every "
+        "site hash their own copy and refuse to take part when it differs.",
+        "",
+    )
+    weight: float = _help("Weight (lambda) of the distillation term beside the supervised loss.", 1.0)
+    temperature: float = _help(
+        "Softmax temperature T of the predictions sent and of the student; the term is scaled by T^2 so its "
+        "gradients keep their size as T changes (Hinton et al. 2015).",
+        2.0,
+    )
+    max_prompts: int = _help("Public prompts used: the file's first max_prompts records (P).", 64)
+    prediction_clip: float = _help(
+        "L2 bound of the prediction block (P x classes, scaled by prediction_clip / sqrt(P), which bounds any "
+        "block of probability rows). It is taken out of robust.clip_norm: the adapter part is clipped to "
+        "sqrt(clip_norm^2 - prediction_clip^2), so the whole upload keeps clip_norm as its bound and sensitivity.",
+        1.0,
+    )
+    variant: str = _help(
+        "'with-averaging' (adapter update and predictions, in one vector) or 'prediction-only' (predictions only: "
+        "each site keeps its own adapter across rounds and the coordinator never receives parameters).",
+        "with-averaging",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.public_data)
+
+    def __post_init__(self) -> None:
+        _require_choice(self.variant, "distillation.variant", DISTILLATION_VARIANTS)
+        _require(math.isfinite(self.weight) and self.weight >= 0, "distillation.weight", f"must be >= 0, got {self.weight}")
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0, "distillation.temperature", f"must be > 0, got {self.temperature}"
+        )
+        _require(self.max_prompts >= 1, "distillation.max_prompts", f"must be >= 1, got {self.max_prompts}")
+        _require(
+            math.isfinite(self.prediction_clip) and self.prediction_clip > 0,
+            "distillation.prediction_clip",
+            f"must be a positive number, got {self.prediction_clip}",
+        )
+        if not self.public_data:
+            return
+        digest = self.public_sha256.lower()
+        _require(
+            len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+            "distillation.public_sha256",
+            f"distillation.public_data is set, so its sha256 must be stated (64 hex digits, `sha256sum {self.public_data}`), "
+            f"got {self.public_sha256!r}",
+        )
+        self.public_sha256 = digest
+
+
 @dataclass
 class SecaggSection:
     enabled: bool = _help(
@@ -583,6 +652,7 @@ class Config:
     terms: TermsSection = field(default_factory=TermsSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    distillation: DistillationSection = field(default_factory=DistillationSection)
 
     def __post_init__(self) -> None:
         fed = self.federation
@@ -614,6 +684,7 @@ class Config:
         self._check_secagg()
         self._check_robust()
         self._check_privacy()
+        self._check_distillation()
         # Validate the attack spec now rather than in the first round.
         if self.simulation.adversaries > 0:
             from fedlora.attacks import OMNISCIENT, resolve_attack
@@ -660,6 +731,44 @@ class Config:
             "lora.participant_ranks",
             f"gives {len(lora.participant_ranks)} ranks for federation.participants={self.federation.participants}; "
             "give one rank per partition id",
+        )
+
+    def _check_distillation(self) -> None:
+        """Distillation needs class predictions, room under robust.clip_norm, and no DP-SGD on its public batches."""
+        d = self.distillation
+        if not d.enabled:
+            return
+        _require(
+            self.model.task == "classification",
+            "distillation.public_data",
+            f"distillation sends label distributions of a class head, which model.task={self.model.task!r} has not; "
+            "set model.task='classification' (answer-token distributions for generation are not implemented)",
+        )
+        clip_norm = self.robust.clip_norm
+        if d.variant == "with-averaging":
+            _require(
+                d.prediction_clip < clip_norm,
+                "distillation.prediction_clip",
+                f"{d.prediction_clip:g} leaves nothing of robust.clip_norm={clip_norm:g} for the adapter update (the adapter "
+                "part is clipped to sqrt(clip_norm^2 - prediction_clip^2)); lower it or raise robust.clip_norm",
+            )
+        else:
+            _require(
+                d.prediction_clip <= clip_norm,
+                "distillation.prediction_clip",
+                f"{d.prediction_clip:g} exceeds robust.clip_norm={clip_norm:g}, the bound of the whole upload",
+            )
+            _require(
+                self.federation.personalization == "none",
+                "federation.personalization",
+                "with distillation.variant='prediction-only' there is no global adapter to fine-tune (each site keeps its own); "
+                "set federation.personalization='none' or distillation.variant='with-averaging'",
+            )
+        _require(
+            self.privacy.local_noise_multiplier == 0,
+            "distillation.public_data",
+            "the distillation term's public batches are not part of DP-SGD's per-example accounting; "
+            "set privacy.local_noise_multiplier=0 (user-level DP, privacy.noise_multiplier, covers the predictions sent)",
         )
 
     def _check_secagg(self) -> None:

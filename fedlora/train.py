@@ -7,6 +7,8 @@ With privacy.local_noise_multiplier > 0 the step is DP-SGD (fedlora/privacy/loca
 Poisson batches, one loss per record, and Opacus's per-example clip-and-noise optimizer step.
 With train.gradient_checkpointing the decoder layers recompute their activations in backward
 (non-reentrant checkpointing: it needs no gradient on the frozen embedding's output).
+With `distill` (federated distillation, fedlora/distill.py) each step also takes a batch of the public
+prompts and adds weight * T^2 * KL(soft targets || student) to the objective.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from peft import PeftModel
 
 from fedlora.config import PrivacySection, TrainSection
 from fedlora.data import Example, make_batch
+from fedlora.distill import PublicTargets, distillation_loss, public_logits
 from fedlora.prompts import PromptFormat
 
 
@@ -31,6 +34,7 @@ class TrainResult:
     steps: int
     examples_seen: int
     local_epsilon: float | None = None  # sample-level epsilon spent so far (DP-SGD only)
+    distill_loss: float | None = None  # mean distillation term (before its weight), when distilling
 
 
 if TYPE_CHECKING:  # opacus (3 s to import) is loaded only when DP-SGD is on
@@ -58,6 +62,7 @@ def train_local(
     accountant: RDPAccountant | None = None,
     *,
     prompt_format: PromptFormat,
+    distill: PublicTargets | None = None,
 ) -> TrainResult:
     """Train the adapter in place; with local DP, `accountant` is stepped once per step."""
     if not examples:
@@ -80,6 +85,9 @@ def train_local(
         accountant = accountant if accountant is not None else RDPAccountant()
     else:
         stream = batches(examples, cfg.batch_size, np.random.default_rng(seed))
+    # The public prompts' batches, index by index so each comes with its soft-target row (the config refuses DP-SGD here).
+    public = batches(list(range(len(distill.prompts))), cfg.batch_size, np.random.default_rng([seed, 1])) if distill else None
+    distill_losses = []
     if cfg.gradient_checkpointing:
         loaded_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif loaded_model.is_activation_checkpointing:  # a process reuses its model across configurations
@@ -101,6 +109,12 @@ def train_local(
                 objective = loss
                 if cfg.fedprox_mu > 0:
                     objective = loss + cfg.fedprox_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
+                if distill is not None:  # learn from the federation's predictions on the public prompts
+                    rows = next(public)
+                    logits = public_logits(loaded_model, tokenizer, [distill.prompts[i] for i in rows], max_length)
+                    term = distillation_loss(logits, torch.from_numpy(distill.targets[rows]), distill.temperature)
+                    objective = objective + distill.weight * term
+                    distill_losses.append(term.item())
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 losses.append(loss.item())  # the task loss, comparable with and without the proximal term
@@ -113,4 +127,5 @@ def train_local(
                 accountant.step(noise_multiplier=privacy.local_noise_multiplier, sample_rate=rate)
     loaded_model.eval()
     epsilon = accountant.get_epsilon(delta=privacy.local_delta) if dp else None
-    return TrainResult(float(np.mean(losses)) if losses else float("nan"), cfg.local_steps, seen, epsilon)
+    distilled = float(np.mean(distill_losses)) if distill_losses else None
+    return TrainResult(float(np.mean(losses)) if losses else float("nan"), cfg.local_steps, seen, epsilon, distilled)

@@ -27,6 +27,12 @@ class Instruction:
     config: Config
     config_sha256: str  # of the TOML text as received: the run's identity (coordinator/outputs.py hashes the same text)
     adapter_sha256: str  # of the global adapter as received (`adapter_sha256`)
+    soft_targets: np.ndarray | None = None  # [distillation]: the last round's mean predictions, P x C (none in round 1)
+
+    @property
+    def targets_sha256(self) -> str:
+        """What secure aggregation binds of the soft targets (`RunBinding.targets_sha256`)."""
+        return targets_sha256(self.soft_targets)
 
 
 def adapter_sha256(vector: np.ndarray) -> str:
@@ -34,13 +40,16 @@ def adapter_sha256(vector: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
 
 
-def instruction_content(vector: np.ndarray, server_round: int, config_toml: str) -> RecordDict:
-    return RecordDict(
-        {
-            "global": ArrayRecord({"adapter": Array(np.ascontiguousarray(vector, dtype=np.float32))}),
-            "round": ConfigRecord({"round": server_round, "config_toml": config_toml}),
-        }
-    )
+def targets_sha256(targets: np.ndarray | None) -> str:
+    """Distillation's soft targets' hash, over their float32 bytes as they travel ('' when there are none)."""
+    return "" if targets is None else hashlib.sha256(np.ascontiguousarray(targets, dtype=np.float32).tobytes()).hexdigest()
+
+
+def instruction_content(vector: np.ndarray, server_round: int, config_toml: str, soft_targets: np.ndarray | None = None) -> RecordDict:
+    arrays = {"adapter": Array(np.ascontiguousarray(vector, dtype=np.float32))}
+    if soft_targets is not None:  # federated distillation's targets for the public prompts
+        arrays["soft_targets"] = Array(np.ascontiguousarray(soft_targets, dtype=np.float32))
+    return RecordDict({"global": ArrayRecord(arrays), "round": ConfigRecord({"round": server_round, "config_toml": config_toml})})
 
 
 MAX_CONFIG_BYTES = 64 * 1024  # a resolved config is ~2 KiB; anything far larger is not one
@@ -54,7 +63,8 @@ def read_instruction(content: RecordDict) -> Instruction:
         raise ValueError(f"the run configuration is {len(text.encode())} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
     config = build_config(tomllib.loads(text))
     vector = content["global"]["adapter"].numpy()
-    return Instruction(vector, int(record["round"]), config, config_sha256(text), adapter_sha256(vector))
+    targets = content["global"]["soft_targets"].numpy() if "soft_targets" in content["global"] else None
+    return Instruction(vector, int(record["round"]), config, config_sha256(text), adapter_sha256(vector), targets)
 
 
 def reply_content(metrics: dict[str, float], vector: np.ndarray | None = None) -> RecordDict:

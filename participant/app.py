@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Context, Message, MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedlora.config import PERSONAL_SPLITS, Config
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fedlora.evaluate import EvalResult
 
 TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
+OWN_ADAPTER = "fedlora.own_adapter"  # context.state ArrayRecord: a prediction-only distiller's own adapter
 
 app = ClientApp()
 secure.register(app)  # query.secagg_<stage>: the secure-aggregation stages
@@ -77,9 +78,15 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     split = cfg.federation.personalization in PERSONAL_SPLITS  # the site's own tensors train on from where it left them
     own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if split else None
-    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, own_part=own)
+    # [distillation]: the soft targets the instruction carried, and in prediction-only the site's own adapter
+    distilling = {"soft_targets": instruction.soft_targets, "kept": own_adapter(context) if prediction_only(cfg) else None} if cfg.distillation.enabled else {}
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, own_part=own, **distilling)
     if split:
         personal.keep_own_part(context, runtime, cfg, msg.metadata.run_id, instruction.server_round)
+    if prediction_only(cfg):  # the site's adapter stays here and is trained on next round (fedlora/distill.py)
+        from fedlora.adapter import adapter_vector
+
+        context.state[OWN_ADAPTER] = ArrayRecord({"adapter": Array(adapter_vector(runtime.loaded.model)[0])})
     trained(instruction.server_round, metrics, time.perf_counter() - started)
     record_activity(  # with how this site held the base (its own choice; the coordinator is not told)
         site, TRAINED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
@@ -87,6 +94,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if cfg.privacy.noise_multiplier > 0:  # an un-noised statistic of the records: kept here under DP
         metrics.pop("train_loss", None)
+        metrics.pop("distill_loss", None)
     if cfg.secagg.enabled:  # kept in context.state until masked (participant/secure.py)
         return secure.hold_update(msg, context, cfg, instruction, upload, metrics)
     content = reply_content(metrics, upload)
@@ -98,6 +106,15 @@ def train(msg: Message, context: Context) -> Message:
             content_bytes(content),
         )
     return Message(content, reply_to=msg)
+
+
+def prediction_only(cfg: Config) -> bool:
+    return cfg.distillation.enabled and cfg.distillation.variant == "prediction-only"
+
+
+def own_adapter(context: Context):
+    """This node's own adapter from an earlier round of a prediction-only distillation run (None before its first)."""
+    return context.state[OWN_ADAPTER]["adapter"].numpy() if OWN_ADAPTER in context.state else None
 
 
 def ledger_charge(cfg: Config) -> Charge:
@@ -117,9 +134,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from participant import personal
     from participant.runtime import get_runtime
 
-    runtime = get_runtime(cfg, dict(context.node_config))
-    check_vector(instruction.vector, runtime.layout.size, "global adapter")
-    load_adapter_vector(runtime.loaded.model, instruction.vector, runtime.layout)
+    kept = own_adapter(context) if prediction_only(cfg) else None  # a prediction-only distiller serves its own adapter
+    runtime = get_runtime(cfg, dict(context.node_config), own_rank=kept is not None)
+    if kept is None:
+        check_vector(instruction.vector, runtime.layout.size, "global adapter")
+    load_adapter_vector(runtime.loaded.model, instruction.vector if kept is None else kept, runtime.layout)
     result = evaluate(
         runtime.loaded.model,
         runtime.loaded.tokenizer,

@@ -96,6 +96,11 @@ class LocalDataSection:
     )
     test_fraction: float = _help("Share of the records held out for evaluating the global adapter.", 0.2)
     max_examples: int = _help("Use at most this many records (0 = all).", 0)
+    public_data: str = _help(
+        "Where this site keeps its copy of the consortium's public prompts for [distillation] (it must hash to the run's "
+        "distillation.public_sha256, or the site refuses). Empty = the path the run names.",
+        "",
+    )
 
     def __post_init__(self) -> None:
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
@@ -270,4 +275,5 @@ def effective_config(run: Config, local: LocalConfig) -> Config:
     budgets = [b for b in (run.privacy.local_epsilon_budget, local.privacy.epsilon_budget) if b > 0]
     privacy = dataclasses.replace(run.privacy, local_epsilon_budget=min(budgets) if budgets else 0.0)
     model = dataclasses.replace(run.model, name=local.model.path, sha256=local.model.sha256, **local.model.own_choices())
-    return dataclasses.replace(run, data=data, privacy=privacy, model=model)
+    distillation = dataclasses.replace(run.distillation, public_data=local.data.public_data or run.distillation.public_data)
+    return dataclasses.replace(run, data=data, privacy=privacy, model=model, distillation=distillation)

@@ -55,6 +55,7 @@ _MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout]] = {}
 _SHARDS: dict[tuple, tuple[Shard, int]] = {}
 # Opacus RDPAccountant state_dicts (plain data: a list of (z, q, steps)), one per participant's records.
 _ACCOUNTANTS: dict[tuple, dict] = {}
+_PUBLIC: dict[tuple, list[Example]] = {}  # public prompts (distillation), per file and run
 
 
 def label_names_for(cfg: Config) -> list[str]:
@@ -174,8 +175,34 @@ def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, run
         )
 
 
+def public_prompts_for(cfg: Config, runtime: ParticipantRuntime, server_round: int) -> list[Example]:
+    """The run's public prompts from this site's own copy, or a refusal when its hash is not the one the run names."""
+    from fedlora.distill import load_public_prompts, public_data_problem
+
+    problem = public_data_problem(cfg.distillation)
+    if problem:
+        raise refuse(
+            runtime.site, f"participant {runtime.partition_id} refuses round {server_round}: {problem}", ["distillation.public_sha256"]
+        )
+    key = (cfg.distillation.public_data, cfg.distillation.public_sha256, cfg.distillation.max_prompts, repr(cfg.data))
+    if key not in _PUBLIC:
+        _PUBLIC[key] = load_public_prompts(cfg)
+    return _PUBLIC[key]
+
+
+def checked_soft_targets(targets: np.ndarray | None, prompts: int, classes: int) -> np.ndarray | None:
+    """Soft targets as an instruction carried them: P x C rows of probabilities, or ValueError."""
+    if targets is None:
+        return None
+    targets = np.asarray(targets, dtype=np.float32)
+    if targets.shape != (prompts, classes) or not np.all(np.isfinite(targets)) or targets.min() < 0 or not np.allclose(targets.sum(1), 1, atol=1e-3):
+        raise ValueError(f"the instruction's soft targets are not {prompts} x {classes} rows of probabilities (shape {targets.shape})")
+    return targets
+
+
 def train_round(
-    runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int, own_part: np.ndarray | None = None
+    runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int,
+    own_part: np.ndarray | None = None, soft_targets: np.ndarray | None = None, kept: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """One round on this participant: start from the global adapter, train, return (upload, metrics).
 
@@ -183,11 +210,25 @@ def train_round(
     rank, with the site's `own_part` of a split adapter put in (participant/personal.py); the
     upload is the delta of what the mode shares (in frozen-a: lora_B and heads only), clipped to
     robust.clip_norm when the configuration relies on bounded updates.
+
+    With [distillation] the upload ends with the prediction block on the public prompts (fedlora/distill.py),
+    and training adds the distillation term towards `soft_targets` (none in round 1). In the prediction-only
+    variant the site starts from its own adapter `kept` (the global one the first time) and sends the block alone.
     """
+    from fedlora.distill import PublicTargets, adapter_clip, encode_block, predict
+
+    distill = cfg.distillation
+    prompts = public_prompts_for(cfg, runtime, server_round) if distill.enabled else []
+    targets = checked_soft_targets(soft_targets, len(prompts), len(runtime.loaded.label_names)) if distill.enabled else None
+    prediction_only = distill.enabled and distill.variant == "prediction-only"
     aggregator = aggregator_for(cfg)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
     check_vector(global_vector, global_layout.size, "global adapter")
-    start = aggregator.start(global_vector, global_layout, runtime.rank)
+    if prediction_only and kept is not None:  # this site's own adapter, trained on across rounds
+        check_vector(kept, runtime.layout.size, "kept adapter")
+        start = np.array(kept, dtype=np.float32, copy=True)
+    else:
+        start = aggregator.start(global_vector, global_layout, runtime.rank)
     if own_part is not None:
         start = runtime.layout.put(start, local_layout(runtime.layout, cfg.federation.personalization), own_part)
     load_adapter_vector(runtime.loaded.model, start, runtime.layout)
@@ -196,6 +237,7 @@ def train_round(
     if cfg.privacy.local_noise_multiplier > 0:
         accountant = load_local_accountant(cfg, runtime)
         refuse_past_budget(cfg, accountant, len(examples), runtime, server_round)
+    public = PublicTargets(prompts, targets, distill.weight, distill.temperature) if targets is not None and distill.weight > 0 else None
     try:
         with aggregator.training(runtime.loaded.model):  # in sb mode: only R between the fixed factors trains
             result = train_local(
@@ -210,20 +252,34 @@ def train_round(
                 privacy=cfg.privacy,
                 accountant=accountant,
                 prompt_format=runtime.loaded.prompt_format,
+                distill=public,
             )
     finally:  # steps taken count even if the round then fails
         if accountant is not None:
             save_local_accountant(cfg, runtime, accountant)
     trained, _ = adapter_vector(runtime.loaded.model)
-    upload = aggregator.encode_upload(trained - start, runtime.layout, global_layout, runtime.rank)
-    if cfg.clips_updates:  # bounded before it leaves: the rule, the secure encoding and DP rely on it
-        upload = clip(upload, cfg.robust.clip_norm).astype(np.float32)
+    if prediction_only:  # no parameters leave the site
+        upload = np.zeros(0, dtype=np.float32)
+    else:
+        upload = aggregator.encode_upload(trained - start, runtime.layout, global_layout, runtime.rank)
+        if cfg.clips_updates:  # bounded before it leaves: the rule, the secure encoding and DP rely on it
+            bound = adapter_clip(cfg.robust.clip_norm, distill.prediction_clip) if distill.enabled else cfg.robust.clip_norm
+            upload = clip(upload, bound).astype(np.float32)
     metrics = {
         "num-examples": len(runtime.shard.train),
         "train_loss": result.mean_loss,
         "partition_id": runtime.partition_id,
         "lora_r": runtime.rank,
     }
+    if distill.enabled:  # appended after the adapter part: one vector, clipped, masked and noised as one
+        probabilities = predict(runtime.loaded.model, runtime.loaded.tokenizer, prompts, cfg.data.max_length, distill.temperature)
+        block = encode_block(probabilities, distill.prediction_clip)
+        upload = np.concatenate([upload.astype(np.float32), block])
+        if cfg.clips_updates:  # a no-op by construction (the two parts' bounds add up to clip_norm), kept as the guard
+            upload = clip(upload, cfg.robust.clip_norm).astype(np.float32)
+        metrics |= {"distill_prompts": len(prompts), "distill_block": int(block.size)}
+        if result.distill_loss is not None:
+            metrics["distill_loss"] = result.distill_loss
     if accountant is not None:
         metrics.update({"local_epsilon": result.local_epsilon, "local_delta": cfg.privacy.local_delta})
     return upload, metrics

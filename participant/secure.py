@@ -125,7 +125,7 @@ def hold_update(msg: Message, context: Context, cfg: Config, instruction: Instru
     server_round, partition_id = instruction.server_round, int(metrics.get("partition_id", -1))
     sent = simulated_attack(cfg, update, server_round, partition_id)
     metrics = sent.claims(metrics)
-    binding = RunBinding(instruction.config_sha256, instruction.adapter_sha256)
+    binding = RunBinding(instruction.config_sha256, instruction.adapter_sha256, instruction.targets_sha256)
     terms = Terms.of(cfg.secagg, cfg.privacy, cfg.robust.clip_norm, binding, min_bucket_size(site_of(dict(context.node_config))))
     keep_update(
         context, sent.update, int(metrics["num-examples"]), server_round, rounding_key(cfg, server_round, partition_id), terms,

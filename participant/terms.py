@@ -57,6 +57,7 @@ class Terms:
     wire_bits: int
     noise_multiplier: float  # privacy.noise_multiplier (> 0: distributed DP)
     dropout_margin: float
+    targets_sha256: str = ""  # of the soft targets it carried ([distillation]; empty without)
 
     @classmethod
     def of(
@@ -67,18 +68,19 @@ class Terms:
             binding.config_sha256, binding.adapter_sha256, float(clip_norm), max(2, sec.bucket_size, min_bucket_size),
             sec.degree, float(sec.threshold), sec.wire_bits, float(privacy.noise_multiplier),
             float(privacy.dropout_margin) if privacy.noise_multiplier > 0 else 0.0,  # a margin only sizes DP noise shares
+            binding.targets_sha256,
         )
 
     @property
     def binding(self) -> RunBinding:
-        return RunBinding(self.config_sha256, self.adapter_sha256)
+        return RunBinding(self.config_sha256, self.adapter_sha256, self.targets_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Terms:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 def parse_context(context: str) -> tuple[dict[str, Any], list[str]]:
@@ -111,6 +113,7 @@ def context_contradictions(bound: dict[str, Any], terms: Terms, server_round: in
     for what, told, held in (
         ("run configuration", binding.config_sha256, terms.config_sha256),
         ("global adapter", binding.adapter_sha256, terms.adapter_sha256),
+        ("soft targets", binding.targets_sha256, terms.targets_sha256),
     ):
         if told != held:
             problems.append(

@@ -196,11 +196,14 @@ class RunBinding:
     Bound into the instance's context, so members given a different run configuration or global
     adapter derive different keys and cannot sum (Pasquini et al., CCS 2022: a server that hands
     one member a crafted model can otherwise read that member's update out of the sum).
-    Empty strings in tests and benchmarks that hold updates without a train instruction.
+    Empty strings in tests and benchmarks that hold updates without a train instruction. With
+    [distillation] the soft targets the instruction carried are bound too (`targets_sha256`; left out
+    of the context when there are none, so other runs' contexts are as they were).
     """
 
     config_sha256: str = ""
     adapter_sha256: str = ""
+    targets_sha256: str = ""
 
 
 def round_context(
@@ -215,6 +218,8 @@ def round_context(
     calibrate their noise shares alike or cannot unmask at all; the run binding always is.
     """
     bound: dict[str, object] = {"server_round": server_round, "weight_ref": float(weight_ref).hex(), **dataclasses.asdict(binding)}
+    if not binding.targets_sha256:
+        del bound["targets_sha256"]
     if noise_multiplier:
         bound |= {"noise_multiplier": float(noise_multiplier).hex(), "dropout_margin": float(dropout_margin).hex()}
     return json.dumps(bound, sort_keys=True)
@@ -229,7 +234,7 @@ def context_noise(context: dict) -> tuple[float, float]:
 
 def context_binding(context: dict) -> RunBinding:
     """The run binding in a parsed round context (KeyError if it has none)."""
-    return RunBinding(str(context["config_sha256"]), str(context["adapter_sha256"]))
+    return RunBinding(str(context["config_sha256"]), str(context["adapter_sha256"]), str(context.get("targets_sha256", "")))
 
 
 def weighted_input(
