@@ -64,10 +64,9 @@ def refuse_stale(context: Context, server_round: int) -> None:
 def train(msg: Message, context: Context) -> Message:
     instruction, cfg = checked_instruction(msg, context, "a train request")
     if cfg.secagg.enabled:  # a replayed round is refused before any training
-        secure.refuse_replay(context, instruction.config_sha256, instruction.server_round, "a train request")
+        secure.refuse_replay(context, instruction.config_sha256, instruction.server_round, instruction.adapter_sha256, "a train request")
     refuse_stale(context, instruction.server_round)
     from fedlora.model import weight_format
-    from participant import personal
     from participant.runtime import get_runtime, train_round
 
     site = site_of(dict(context.node_config))
@@ -77,10 +76,12 @@ def train(msg: Message, context: Context) -> Message:
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
     started = time.perf_counter()
     split = cfg.federation.personalization in PERSONAL_SPLITS  # the site's own tensors train on from where it left them
-    own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if split else None
-    # [distillation]: the soft targets the instruction carried, and in prediction-only the site's own adapter
-    distilling = {"soft_targets": instruction.soft_targets, "kept": own_adapter(context) if prediction_only(cfg) else None} if cfg.distillation.enabled else {}
-    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, own_part=own, **distilling)
+    if split:
+        from participant import personal
+    extra = {"own_part": personal.own_part(context, runtime, cfg, msg.metadata.run_id)} if split else {}
+    if cfg.distillation.enabled:  # the soft targets the instruction carried, and in prediction-only the site's own adapter
+        extra |= {"soft_targets": instruction.soft_targets, "kept": own_adapter(context) if prediction_only(cfg) else None}
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, **extra)
     if split:
         personal.keep_own_part(context, runtime, cfg, msg.metadata.run_id, instruction.server_round)
     if prediction_only(cfg):  # the site's adapter stays here and is trained on next round (fedlora/distill.py)
@@ -131,7 +132,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from fedlora.adapter import check_vector, load_adapter_vector
     from fedlora.evaluate import evaluate
     from fedlora.model import weight_format
-    from participant import personal
     from participant.runtime import get_runtime
 
     kept = own_adapter(context) if prediction_only(cfg) else None  # a prediction-only distiller serves its own adapter
@@ -158,6 +158,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if result.label_counts:  # per-class counts of the held-out split: the majority-class reference line
         metrics["eval_label_counts"] = result.label_counts
     if cfg.federation.personalization != "none":  # the site's personalised adapter, scored the same way
+        from participant import personal
+
         own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if cfg.federation.personalization in PERSONAL_SPLITS else None
         personalised = personal.personalise(runtime, cfg, instruction.vector, instruction.server_round, own)
         metrics |= scores(personalised[1] if personalised else result, "eval_personal_")  # none yet: it is the global one

@@ -66,7 +66,7 @@ from fedlora.secagg.plan import RunBinding, participant_skellam_mu, weighted_inp
 from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_meta, read_protocol
 from fedlora.wire import Instruction, array_view, reply_content
 from participant import ledger
-from participant.masked import already_masked, remember_masked
+from participant.masked import remember_masked, replay_reason
 from participant.report import answered
 from participant.site import REPLAY, SETUP_TERMS, Refusal, min_bucket_size, record_event, refuse, remember_cards, site_identity, site_of
 from participant.terms import Terms, setup_contradictions
@@ -88,14 +88,13 @@ def rounding_key(cfg: Config, server_round: int, partition_id: int) -> bytes:
     return hashlib.sha256(text).digest()
 
 
-def refuse_replay(context: Context, config_sha256: str, server_round: int, what: str) -> None:
-    """Refuse (logged, in a deployed participant's events.jsonl too) a request for a run round already masked."""
+def refuse_replay(context: Context, config_sha256: str, server_round: int, adapter_sha256: str, what: str) -> None:
+    """Refuse (logged, in a deployed participant's events.jsonl too) a request for a run round already masked, or for
+    an update trained from a global adapter an earlier masked update was trained from (participant/masked.py)."""
     site = site_of(dict(context.node_config))
-    if already_masked(site, context.state, config_sha256, server_round):
-        raise refuse(
-            site, f"refused {what} for round {server_round}: this participant already masked an input for it (replay) "
-            f"in the run of configuration sha256 {config_sha256[:12] or '(none)'}…", [REPLAY], round=server_round,
-        )
+    reason = replay_reason(site, context.state, config_sha256, server_round, adapter_sha256)
+    if reason is not None:
+        raise refuse(site, f"refused {what} for round {server_round} (replay): {reason}", [REPLAY], round=server_round)
 
 
 def is_adversary(cfg: Config, partition_id: int) -> bool:
@@ -145,7 +144,7 @@ def keep_update(
     `adversary` marks a simulated attacker: it will mask its update unclipped, its weight uncapped (and without noise).
     `sample_rate`: the run's q, for a deployed site's ledger (participant/ledger.py).
     """
-    refuse_replay(context, terms.config_sha256, server_round, "an update to hold")
+    refuse_replay(context, terms.config_sha256, server_round, terms.adapter_sha256, "an update to hold")
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
     context.state[HELD] = ConfigRecord({
         "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary,
@@ -157,7 +156,7 @@ def _held(context: Context, server_round: int, what: str) -> ConfigRecord:
     if HELD not in context.state:
         raise RuntimeError(f"holds no update for round {server_round} (not trained in this run)")
     held = context.state[HELD]
-    refuse_replay(context, str(held["config_sha256"]), server_round, what)
+    refuse_replay(context, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]), what)
     if UPDATE not in context.state:
         raise RuntimeError(f"holds no unmasked update for round {server_round} (already masked)")
     if held["server_round"] != server_round:
@@ -260,7 +259,7 @@ def mask_input(msg: Message, context: Context) -> Message:
             content_bytes(content), instance=state.round_id,
         )
     del context.state[UPDATE]  # masked at most once ...
-    remember_masked(site, context.state, str(held["config_sha256"]), server_round)  # ... ever, before it leaves
+    remember_masked(site, context.state, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]))  # ... ever, before it leaves
     _save(context, state)
     return Message(content, reply_to=msg)
 

@@ -162,9 +162,14 @@ MUTATIONS = [
     Mutation(
         "no-replay-refusal",
         "a participant masks again for a round it already masked",
-        (("participant/secure.py",
-          "    if already_masked(site, context.state, config_sha256, server_round):",
+        (("participant/masked.py",
+          "    if run_round(config_sha256, server_round) in rounds:",
           "    if False:"),),
+    ),
+    Mutation(
+        "trained-from-unchecked",
+        "a participant masks a second update trained from a global adapter it already contributed from (another configuration)",
+        (("participant/masked.py", "    if adapter_sha256 and adapter_sha256 in trained_from:", "    if False:"),),
     ),
     Mutation(
         "instance-unchecked",

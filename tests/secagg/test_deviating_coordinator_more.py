@@ -285,15 +285,13 @@ def deterministic_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("deterministic_training")
-@pytest.mark.xfail(strict=True, reason="not yet defended (docs/threat-model.md, 'Not yet defended'): masked.json keys a run "
-                   "round by the configuration's TOML hash, and local training is seeded by (federation.seed, round, partition), "
-                   "so a second approved configuration that trains alike recreates the same updates")
 def test_a_second_configuration_that_trains_alike_cannot_difference_out_a_target(tmp_path: Path) -> None:
     # Without DP. Run C sums round 1 over all three sites. The coordinator then runs C', the same
     # training under another hash (here federation.rounds differs), round 1 from the same global
-    # adapter: each site retrains the same update (its training is seeded by federation.seed, the
-    # round and its partition; the fake training below is as deterministic) and masks it, as a new
-    # run allows. Summed without the target, C' - C is the target's update.
+    # adapter: each site would retrain the same update (its training is seeded by federation.seed,
+    # the round and its partition; the fake training below is as deterministic), and a sum without
+    # the target would leave C - C' = the target's update. Each site remembers which adapters its
+    # masked updates were trained from and refuses to train from one again, in any configuration.
     cfg = setup_tests.run_config("federation.participants=3", "federation.rounds=3")
     again = setup_tests.run_config("federation.participants=3", "federation.rounds=4")
     configs = setup_tests.sites(tmp_path, {node: 2 for node in setup_tests.NODES})
@@ -301,14 +299,17 @@ def test_a_second_configuration_that_trains_alike_cannot_difference_out_a_target
     first = LocalGrid(participant_app.app, configs)
     replies = setup_tests.train(first, {node: cfg.to_toml() for node in setup_tests.NODES}, {node: adapter for node in setup_tests.NODES})
     everyone = setup_tests.secure_round(first, setup_tests.members_of(replies), cfg, RunBinding(config_sha256(cfg.to_toml()), adapter_sha256(adapter)))
+    assert setup_tests.summed(everyone) == {f"node-{node}" for node in setup_tests.NODES}
     second = LocalGrid(participant_app.app, configs, run_id=2)
     others = [node for node in setup_tests.NODES if node != setup_tests.TARGET]
     replies = setup_tests.train(second, {node: again.to_toml() for node in others}, {node: adapter for node in others})
-    without = setup_tests.secure_round(second, setup_tests.members_of(replies), again, RunBinding(config_sha256(again.to_toml()), adapter_sha256(adapter)))
-    (a,), (b,) = everyone.buckets, without.buckets
-    difference = (a.mean * a.weight - b.mean * b.weight) / (a.weight - b.weight)
-    target = np.random.default_rng(setup_tests.TARGET).normal(size=setup_tests.D).astype(np.float32) * 0.05
-    assert not np.allclose(difference, target, atol=1e-3), "the target's update, recovered by differencing two runs"
+    assert all(reply.has_error() for reply in replies.values())  # nothing trained, nothing to difference
+    for node in others:
+        assert any("trained from global adapter" in reason for reason in setup_tests.refusals(configs[node]))
+    fresh = adapter + 0.5  # a run from another adapter (another seed) trains and masks as usual
+    replies = setup_tests.train(second, {node: again.to_toml() for node in others}, {node: fresh for node in others})
+    later = setup_tests.secure_round(second, setup_tests.members_of(replies), again, RunBinding(config_sha256(again.to_toml()), adapter_sha256(fresh)))
+    assert setup_tests.summed(later) == {f"node-{node}" for node in others}
 
 
 @pytest.mark.usefixtures("deterministic_training")

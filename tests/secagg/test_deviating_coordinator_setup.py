@@ -247,6 +247,6 @@ def test_a_resumed_run_cannot_make_a_site_mask_a_round_again(tmp_path: Path) -> 
     assert all(reply.has_error() for reply in replies.values())  # refused before training
     for node in NODES[1:]:
         (reason,) = refusals(configs[node])
-        assert "refused a train request for round 1: this participant already masked an input for it (replay)" in reason
+        assert "refused a train request for round 1 (replay): this participant already masked an input for it" in reason
         assert UPDATE not in resumed.contexts[node].state
     assert not secure_round(resumed, [Member(node, f"node-{node}", 50) for node in NODES[1:]], cfg, binding, "t2").buckets
