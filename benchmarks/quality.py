@@ -55,7 +55,7 @@ from fedlora.adapter import adapter_vector, load_adapter_vector  # noqa: E402
 from fedlora.aggregate import Contribution, aggregate_round, aggregator_for, make_server_optimizer  # noqa: E402
 from fedlora.aggregate.split import SPLITS as ADAPTER_SPLITS, local_layout  # noqa: E402
 from fedlora.config import Config, load_config  # noqa: E402
-from fedlora.data import answer_choices, load_examples  # noqa: E402
+from fedlora.data import answer_choices, banded, load_examples  # noqa: E402
 from fedlora.evaluate import evaluate  # noqa: E402
 from fedlora.model import load_model  # noqa: E402
 from fedlora.partition import Shard, shard_for  # noqa: E402
@@ -125,11 +125,12 @@ def scenario_config(
 
 
 def shards_for(cfg: Config) -> tuple[list[Shard], list[str]]:
-    """Each participant's train/test records, exactly as `participant.runtime.local_shard` makes them."""
+    """Each participant's train/test records, exactly as `participant.runtime.local_shard` makes them (each with
+    its numbers' bands among its own training records)."""
     examples = load_examples(cfg.data, cfg.federation.seed)
     n = cfg.federation.participants
     shards = [shard_for(examples, cfg.data.partition, n, p, cfg.data.test_fraction, cfg.federation.seed) for p in range(n)]
-    return shards, answer_choices(examples)
+    return [Shard(*banded(s.train, s.test, cfg.data)) for s in shards], answer_choices(examples)
 
 
 def score(loaded, cfg: Config, shards: list[Shard]) -> dict[str, Any]:
@@ -222,9 +223,10 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
     methods: dict[str, list[dict[str, Any]]] = {}
 
     start = score(fresh_model(base, labels)[0], base, shards)
-    pooled = Shard([e for s in shards for e in s.train], [e for s in shards for e in s.test])
+    pooled = Shard(*banded([e for s in shards for e in s.train], [e for s in shards for e in s.test], base.data))  # pooled bands
     central_cfg = scenario_config(model, split, scale, local_steps=scale.participants * scale.local_steps)
-    methods["centralised"] = run_alone(central_cfg, pooled, -1, labels, shards, start)
+    central_view = [Shard(s.train, banded(pooled.train, s.test, base.data)[1]) for s in shards]  # each split in the pooled bands
+    methods["centralised"] = run_alone(central_cfg, pooled, -1, labels, central_view, start)
 
     own_start = [
         {"accuracy": a, "loss": l, "per_participant_accuracy": [a], "per_participant_loss": [l]}

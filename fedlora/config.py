@@ -169,6 +169,15 @@ class DataSection:
     test_fraction: float = _help("Share of each participant's records held out for evaluation, never trained on.", 0.2)
     max_length: int = _help("Tokens per example after truncation.", 128)
     max_examples: int = _help("Use at most this many records (0 = all), for quick runs.", 0)
+    numeric_bins: int = _help(
+        "Table records: 0 writes each number alone; 5 or 3 also writes the band it falls in among the "
+        "participant's own training records, e.g. 'Glucose: 148 (very high)' (very low .. very high, or low, mid, "
+        "high). A language model reads a band far more easily than a number, so bands help where sites' "
+        "populations are alike (iid, natural splits); under strong label skew each site's bands mean something "
+        "else and they cost accuracy (docs/benchmarks.md, 'Numbers as words'). The bands come from each site's "
+        "own records: nothing about them leaves it.",
+        0,
+    )
     label_names: list[str] = _help(
         "Class names (classification) or answer choices, in order. A deployed run must state them: the "
         "coordinator holds no data, and every participant checks them against its own. Empty = read from the "
@@ -180,6 +189,7 @@ class DataSection:
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
         _require(self.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
+        _require(self.numeric_bins in (0, 3, 5), "data.numeric_bins", f"must be 0, 3 or 5, got {self.numeric_bins}")
 
 
 @dataclass

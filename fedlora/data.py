@@ -96,9 +96,66 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _table_examples(frame: pd.DataFrame, task: ClinicalTask) -> list[Example]:
+BAND_WORDS = {3: ("low", "mid", "high"), 5: ("very low", "low", "mid", "high", "very high")}
+
+
+def record_text(row: dict[str, Any], columns: list[str], cuts: dict[str, np.ndarray] | None = None) -> str:
+    """A table row as 'name: value; ...' over `columns`, each number in `cuts` followed by its band word."""
     import pandas as pd
 
+    parts = []
+    for name in columns:
+        value = row.get(name)
+        if value is None or not pd.notna(value):
+            continue
+        text = f"{str(name).strip()}: {_format_value(value)}"
+        if cuts and name in cuts:
+            words = BAND_WORDS[len(cuts[name]) + 1]
+            text += f" ({words[int(np.searchsorted(cuts[name], value, side='right'))]})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) and np.isfinite(value)
+
+
+def band_cuts(examples: list[Example], columns: list[str], bins: int) -> dict[str, np.ndarray]:
+    """Quantile cut points of every numeric column with more than `bins` distinct values among `examples`."""
+    cuts = {}
+    for name in columns:
+        values = [e.fields.get(name) for e in examples]
+        numbers = np.array([v for v in values if _is_number(v)], dtype=np.float64)
+        if len(numbers) and len(numbers) >= sum(v is not None for v in values) and len(np.unique(numbers)) > bins:
+            cuts[name] = np.quantile(numbers, np.arange(1, bins) / bins)
+    return cuts
+
+
+def _table_example(row: dict[str, Any], task: ClinicalTask, columns: list[str], cuts: dict[str, np.ndarray] | None = None) -> Example:
+    text = record_text(row, columns, cuts)
+    raw_label = _format_value(row.get(task.label_column, ""))  # none in a public prompt (federated distillation)
+    answer = task.answers.get(raw_label, raw_label.lower())
+    return Example(format_prompt(text, task.question), answer, row, request=(("user", f"{text}\n\n{task.question}"),))
+
+
+def banded(train: list[Example], test: list[Example], cfg: DataSection) -> tuple[list[Example], list[Example]]:
+    """A participant's records rewritten with `data.numeric_bins` bands cut at its own training records' quantiles
+    (the same cuts for its held-out records, or for public prompts); JSONL records and numeric_bins = 0 are returned
+    as they are."""
+    resolved = _resolve_task(cfg) if cfg.numeric_bins else None
+    if resolved is None or not train:
+        return train, test
+    task = resolved[1]
+    columns = [name for name in train[0].fields if name != task.label_column]
+    cuts = band_cuts(train, columns, cfg.numeric_bins)
+
+    def rewritten(examples: list[Example]) -> list[Example]:  # records without raw columns (instructions) stay as they are
+        return [_table_example(e.fields, task, columns, cuts) if e.fields else e for e in examples]
+
+    return rewritten(train), rewritten(test)
+
+
+def _table_examples(frame: pd.DataFrame, task: ClinicalTask) -> list[Example]:
     if task.label_column not in frame.columns:
         raise ValueError(
             f"data.label_column: {task.label_column!r} is not a column of table {task.table!r}; "
@@ -109,16 +166,7 @@ def _table_examples(frame: pd.DataFrame, task: ClinicalTask) -> list[Example]:
         raise ValueError(f"data.drop_columns: {missing} are not columns of {task.table!r}")
     frame = frame.dropna(subset=[task.label_column]).drop(columns=list(task.drop_columns))
     feature_columns = [name for name in frame.columns if name != task.label_column]
-    examples = []
-    for row in frame.to_dict(orient="records"):
-        record_text = "; ".join(
-            f"{str(name).strip()}: {_format_value(row[name])}" for name in feature_columns if pd.notna(row[name])
-        )
-        raw_label = _format_value(row[task.label_column])
-        answer = task.answers.get(raw_label, raw_label.lower())
-        request = (("user", f"{record_text}\n\n{task.question}"),)
-        examples.append(Example(format_prompt(record_text, task.question), answer, row, request=request))
-    return examples
+    return [_table_example(row, task, feature_columns) for row in frame.to_dict(orient="records")]
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -56,7 +56,7 @@ def _csv_prompts(path: Path, data: DataSection) -> list[Example]:
     """Table records verbalised as data.dataset's are (its question), with the label column left out if present."""
     import pandas as pd
 
-    from fedlora.data import _format_value, format_prompt
+    from fedlora.data import format_prompt, record_text
 
     frame = pd.read_csv(path)
     task = BUILTIN_TASKS.get(data.dataset)
@@ -66,7 +66,7 @@ def _csv_prompts(path: Path, data: DataSection) -> list[Example]:
     columns = [name for name in frame.columns if name not in dropped]
     prompts = []
     for row in frame.to_dict(orient="records"):
-        text = "; ".join(f"{str(name).strip()}: {_format_value(row[name])}" for name in columns if pd.notna(row[name]))
+        text = record_text(row, columns)
         prompts.append(Example(format_prompt(text, question), "", row, request=(("user", f"{text}\n\n{question}"),)))
     return prompts
 

@@ -28,7 +28,7 @@ from fedlora.aggregate.split import local_layout
 from fedlora.atomic import read_json, write_json_atomic
 from fedlora.attacks import DATA_ATTACKS, BadData, choose_adversaries, parse_bad_data
 from fedlora.config import Config, ModelSection
-from fedlora.data import Example, answer_choices, load_examples
+from fedlora.data import Example, answer_choices, banded, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
 from fedlora.precision import in_format, parse_site_precision
@@ -70,14 +70,17 @@ def label_names_for(cfg: Config) -> list[str]:
 
 
 def local_shard(cfg: Config, node_config: dict[str, Any]) -> tuple[Shard, int]:
-    """A simulated participant's partition of the shared dataset, or a site's own whole dataset."""
+    """A simulated participant's partition of the shared dataset, or a site's own whole dataset; table
+    records written with their numbers' bands among its own training records (`data.numeric_bins`)."""
     examples = load_examples(cfg.data, cfg.federation.seed)
     if "partition-id" in node_config:
         partition_id = int(node_config["partition-id"])
         num_partitions = int(node_config.get("num-partitions", cfg.federation.participants))
         shard = shard_for(examples, cfg.data.partition, num_partitions, partition_id, cfg.data.test_fraction, cfg.federation.seed)
-        return shard, partition_id
-    return split_holdout(examples, cfg.data.test_fraction, cfg.federation.seed), int(node_config.get("participant-id", -1))
+    else:
+        shard = split_holdout(examples, cfg.data.test_fraction, cfg.federation.seed)
+        partition_id = int(node_config.get("participant-id", -1))
+    return Shard(*banded(shard.train, shard.test, cfg.data)), partition_id
 
 
 def site_model(cfg: Config, partition_id: int, site: Path | None) -> ModelSection:
@@ -184,9 +187,9 @@ def public_prompts_for(cfg: Config, runtime: ParticipantRuntime, server_round: i
         raise refuse(
             runtime.site, f"participant {runtime.partition_id} refuses round {server_round}: {problem}", ["distillation.public_sha256"]
         )
-    key = (cfg.distillation.public_data, cfg.distillation.public_sha256, cfg.distillation.max_prompts, repr(cfg.data))
-    if key not in _PUBLIC:
-        _PUBLIC[key] = load_public_prompts(cfg)
+    key = (cfg.distillation.public_data, cfg.distillation.public_sha256, cfg.distillation.max_prompts, repr(cfg.data), runtime.partition_id)
+    if key not in _PUBLIC:  # a table's numbers in this site's own bands, as its records are (data.numeric_bins)
+        _PUBLIC[key] = banded(runtime.shard.train, load_public_prompts(cfg), cfg.data)[1]
     return _PUBLIC[key]
 
 
