@@ -86,3 +86,24 @@ def signed_version(root: Path, overrides: list[str], scale: float, base: str = T
 def trusted(version: Path) -> bytes:
     """The public key a signed_version verifies against."""
     return (version.parents[1] / "coordinator.pub").read_bytes()
+
+
+def lying_evaluator(lies: dict[int, dict], reported: dict[int, dict]):
+    """The participant app whose evaluation replies claim `lies[partition id]` over its honest metrics, which it
+    keeps in `reported` (a site lying about its scores, counts or losses)."""
+    from flwr.clientapp import ClientApp
+
+    from fedlora.wire import read_reply, reply_content
+    from participant import app as participant_app
+
+    lying_app = ClientApp()
+    lying_app.train()(participant_app.train)
+
+    @lying_app.evaluate()
+    def evaluate_lying(msg, context):
+        reply = participant_app.evaluate_global(msg, context)
+        _, metrics = read_reply(reply.content)
+        reported[metrics["partition_id"]] = dict(metrics)
+        return type(reply)(reply_content(metrics | lies.get(metrics["partition_id"], {})), reply_to=msg)
+
+    return lying_app

@@ -12,7 +12,7 @@ from fedlora.config import ConfigError, load_config
 from fedlora.data import load_examples
 from fedlora.evaluate import evaluate, greedy_answers
 from fedlora.model import load_model
-from tests.conftest import SMALL
+from tests.conftest import SMALL, lying_evaluator
 
 FREE_FORM = Path(__file__).resolve().parents[1] / "examples" / "freeform.jsonl"
 FAST = [*SMALL, f"data.dataset={FREE_FORM}", "data.max_examples=0", "model.quantization=none", "evaluation.max_new_tokens=8"]
@@ -68,27 +68,14 @@ def test_bad_generation_budgets_are_refused_naming_the_key(override: str) -> Non
 def test_each_round_reports_the_scores_and_a_liar_cannot_corrupt_them(tmp_path) -> None:
     """Participant 0 claims ROUGE-L 5 and a NaN token F1, participant 1 an infinite exact match: each claim is
     refused alone, and the row averages the others' scores with the weights their counts give them."""
-    from flwr.clientapp import ClientApp
-
     from coordinator.local_grid import LocalGrid
     from coordinator.rounds import Coordinator
     from fedlora.aggregate.weights import claimed_average
     from fedlora.cli import simulation_summary
-    from fedlora.wire import read_reply, reply_content
-    from participant import app as participant_app
 
     lies = {0: {"eval_rouge_l": 5.0, "eval_token_f1": math.nan}, 1: {"eval_exact_match": math.inf}}
     reported: dict[int, dict] = {}  # the honest scores each participant computed (the last evaluation)
-    lying_app = ClientApp()
-    lying_app.train()(participant_app.train)
-
-    @lying_app.evaluate()
-    def evaluate_lying(msg, context):
-        reply = participant_app.evaluate_global(msg, context)
-        _, metrics = read_reply(reply.content)
-        reported[metrics["partition_id"]] = dict(metrics)
-        return type(reply)(reply_content(metrics | lies.get(metrics["partition_id"], {})), reply_to=msg)
-
+    lying_app = lying_evaluator(lies, reported)
     cfg = load_config(None, [*FAST, "federation.rounds=1", "train.local_steps=1", "evaluation.generate_examples=4"])
     grid = LocalGrid(lying_app, {p + 1: {"partition-id": p, "num-partitions": 3} for p in range(3)})
     rows = Coordinator(cfg, tmp_path).run(grid)

@@ -14,7 +14,7 @@ from fedlora.config import ConfigError, load_config
 from participant.app import app
 from participant.personal import keep_latest, personalise
 from participant.runtime import get_runtime
-from tests.conftest import SMALL
+from tests.conftest import SMALL, lying_evaluator
 
 FINETUNE = [*SMALL, "federation.personalization=finetune:6", "data.partition=dirichlet:0.3"]
 
@@ -63,24 +63,11 @@ def test_a_site_lying_about_its_personal_scores_or_losses_cannot_corrupt_the_ave
     refused alone and the row averages the honest reports with the weights their counts give them."""
     import math
 
-    from flwr.clientapp import ClientApp
-
     from fedlora.aggregate.weights import claimed_average
-    from fedlora.wire import read_reply, reply_content
-    from participant import app as participant_app
 
     lies = {0: {"eval_personal_accuracy": 7.0}, 1: {"eval_personal_loss": -3.0, "eval_loss": math.inf}}
     reported: dict[int, dict] = {}
-    lying_app = ClientApp()
-    lying_app.train()(participant_app.train)
-
-    @lying_app.evaluate()
-    def evaluate_lying(msg, context):
-        reply = participant_app.evaluate_global(msg, context)
-        _, metrics = read_reply(reply.content)
-        reported[metrics["partition_id"]] = dict(metrics)
-        return type(reply)(reply_content(metrics | lies.get(metrics["partition_id"], {})), reply_to=msg)
-
+    lying_app = lying_evaluator(lies, reported)
     cfg = load_config(None, [*FINETUNE, "federation.rounds=1", "train.local_steps=1", "federation.personalization=finetune:2"])
     rows = Coordinator(cfg, tmp_path).run(LocalGrid(lying_app, nodes(cfg.federation.participants)))
     for key in ("eval_personal_accuracy", "eval_personal_loss", "eval_loss"):
