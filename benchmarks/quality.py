@@ -100,7 +100,8 @@ QUICK = Scale(participants=3, rounds=2, local_steps=2, batch_size=4, max_example
 
 
 def scenario_config(
-    model: str, split: str, scale: Scale, mode: str = "fedavg", server: str = "fedavg", local_steps: int = 0, personalization: str = "none"
+    model: str, split: str, scale: Scale, mode: str = "fedavg", server: str = "fedavg", local_steps: int = 0, personalization: str = "none",
+    server_lr: float = 0.0,
 ) -> Config:
     return load_config(
         None,
@@ -116,6 +117,7 @@ def scenario_config(
             f"federation.rounds={scale.rounds}",
             f"federation.seed={scale.seed}",
             f"federation.server_optimizer={server}",
+            f"federation.server_lr={server_lr}",
             f"train.local_steps={local_steps or scale.local_steps}",
             f"train.batch_size={scale.batch_size}",
             f"train.lr={scale.lr}",
@@ -216,7 +218,7 @@ def run_alone(cfg: Config, shard: Shard, partition_id: int, labels: list[str], e
     return curve
 
 
-def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str, str]]) -> dict[str, Any]:
+def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str, str]], personal: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     base = scenario_config(model, split, scale)
     shards, labels = shards_for(base)
@@ -243,11 +245,13 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
         }
         for rows in zip(*local_curves)
     ]
-    for mode, server in federated:
-        methods[f"{mode} + {server}"] = run_federated(scenario_config(model, split, scale, mode, server), shards, labels, start)
+    for mode, server in federated:  # server: an optimiser, or optimiser@lr for a fixed server learning rate
+        optimiser, _, server_lr = server.partition("@")
+        cfg = scenario_config(model, split, scale, mode, optimiser, server_lr=float(server_lr or 0))
+        methods[f"{mode} + {server}"] = run_federated(cfg, shards, labels, start)
         print(f"  {model} {split} {mode} + {server}: accuracy {methods[f'{mode} + {server}'][-1]['accuracy']:.3f}", flush=True)
     for kind, name in PERSONAL_METHODS.items():
-        if kind == "local-head" and MODELS[model][1] != "model.task=classification":
+        if kind not in personal or (kind == "local-head" and MODELS[model][1] != "model.task=classification"):
             continue  # a generation model has no head of its own
         personalization = f"finetune:{scale.local_steps}" if kind == "finetune" else kind
         curve = run_federated(scenario_config(model, split, scale, personalization=personalization), shards, labels, start)
@@ -269,14 +273,14 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
     }
 
 
-def scenario_job(job: tuple[str, str, Scale, int, list[tuple[str, str]]]) -> dict[str, Any]:
+def scenario_job(job: tuple[str, str, Scale, int, list[tuple[str, str]], list[str]]) -> dict[str, Any]:
     """One scenario in a worker process with its own torch thread count."""
     import torch
 
-    model, split, scale, threads, federated = job
+    model, split, scale, threads, federated, personal = job
     torch.set_num_threads(threads)
     print(f"{model} / {split} / seed {scale.seed} ...", flush=True)
-    return run_scenario(model, split, scale, federated)
+    return run_scenario(model, split, scale, federated, personal)
 
 
 def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -394,8 +398,11 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: none)")
     parser.add_argument("--rounds", type=int, help="federated rounds (default 10)")
     parser.add_argument("--local-steps", type=int, help="steps per participant per round (default minilm 15, tiny-llama 40)")
-    parser.add_argument("--federated", nargs="+", default=[f"{m}+{o}" for m, o in FEDERATED], metavar="MODE+SERVER",
-                        help="global-adapter methods to run (default: every mode with fedavg and fedadam)")
+    parser.add_argument("--federated", nargs="+", default=[f"{m}+{o}" for m, o in FEDERATED], metavar="MODE+SERVER[@LR]",
+                        help="global-adapter methods to run, e.g. fedavg+fedadam@0.01 for a fixed server rate "
+                        "(default: every mode with fedavg and fedadam at their default rates)")
+    parser.add_argument("--personal", nargs="*", default=list(PERSONAL_METHODS), choices=list(PERSONAL_METHODS),
+                        help="personalised methods to run (default all; none: --personal with no value)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="federation seeds: one scenario each (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel processes (default 2, one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: with several "
@@ -418,7 +425,7 @@ def main() -> None:
     started = time.monotonic()
     federated = [tuple(pair.split("+", 1)) for pair in args.federated]
     jobs = [
-        (model, split, replace(scales[model], seed=seed), args.threads, federated)
+        (model, split, replace(scales[model], seed=seed), args.threads, federated, args.personal)
         for seed in args.seeds for model in args.models for split in args.splits
     ]
     results: list[dict[str, Any]] = []  # each scenario records its own scale
