@@ -16,16 +16,18 @@ without it. A coordinator that changes the configuration starts another run: the
 anew (fresh noise, charged again by its own privacy ledger), and never re-masks the old input.
 
 A coordinator can also run a second configuration that trains alike (one that differs only in
-`federation.rounds`, say) from the same global adapter: seeded local training recreates every
-site's update, and the two sums, with and without a target, difference out its update. So the
-record also keeps the sha256 of every global adapter a masked update was trained from, and a site
-masks at most one update trained from any one adapter, whatever the configuration. A new run
-starting from an adapter this site already contributed from (the same seeded round-0 adapter,
-a rolled-back head) is refused with a reason naming it; the operator starts it from another
-seed. What this cannot stop is an update trained from a *nearby* adapter, which is close to the
-old one: without DP, secure aggregation protects each sum, not a series of sums over updates
-the coordinator can make alike (docs/threat-model.md); distributed DP, charged per contribution
-by the site's own ledger, is the answer there.
+`federation.rounds`, say) from the same global adapter: local training is seeded by the round,
+so it recreates every site's update, and the two sums, with and without a target, difference out
+its update. So the record also keeps (sha256 of the global adapter, round) for every masked
+update, and a site masks at most one update per pair, whatever the configuration: a new run that
+would start round r from an adapter this site already trained round r from (the same seeded
+round-0 adapter, a rolled-back head) is refused with a reason naming it, and the operator starts
+it from another seed. Another round from the same adapter (a round that applied nothing, or
+prediction-only distillation, whose global adapter never moves) trains on other batches and is
+allowed. What this cannot stop is an update trained *near* an earlier one: without DP, secure
+aggregation protects each sum, not a series of sums over updates the coordinator can make alike
+(docs/threat-model.md); distributed DP, charged per contribution by the site's own ledger, is the
+answer there.
 
 Without a site directory (simulation) the record stays in `context.state`, as one configuration
 plays every part there and a run never resumes across processes.
@@ -39,7 +41,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.atomic import read_json, write_json_atomic
 
-MASKED_FILE = "masked.json"  # {"masked": ["<config sha256>/<round>", ...], "trained_from": ["<adapter sha256>", ...]}
+MASKED_FILE = "masked.json"  # {"masked": ["<config sha256>/<round>", ...], "trained_from": ["<adapter sha256>/<round>", ...]}
 MASKED = "secagg.masked"  # context.state ConfigRecord {"rounds": [...], "trained_from": [...]}: the same record without a site
 
 
@@ -48,7 +50,7 @@ def run_round(config_sha256: str, server_round: int) -> str:
 
 
 def masked_record(site: Path | None, state: RecordDict) -> tuple[list[str], list[str]]:
-    """Every run round this participant has masked an input for, and every global adapter those inputs were trained from."""
+    """Every run round this participant has masked an input for, and every (global adapter, round) those inputs were trained from."""
     if site is not None:
         record = read_json(site / MASKED_FILE, {"masked": []})
         return list(record["masked"]), list(record.get("trained_from", []))
@@ -63,20 +65,20 @@ def replay_reason(site: Path | None, state: RecordDict, config_sha256: str, serv
     rounds, trained_from = masked_record(site, state)
     if run_round(config_sha256, server_round) in rounds:
         return f"this participant already masked an input for it in the run of configuration sha256 {config_sha256[:12] or '(none)'}…"
-    if adapter_sha256 and adapter_sha256 in trained_from:
+    if adapter_sha256 and run_round(adapter_sha256, server_round) in trained_from:
         return (
-            f"this participant already masked an update trained from global adapter sha256 {adapter_sha256[:12]}… (in another "
-            "configuration or round): a second one would let two sums difference out its update; start the run from another "
-            "federation.seed"
+            f"this participant already masked an update of round {server_round} trained from global adapter sha256 "
+            f"{adapter_sha256[:12]}… (in another configuration): retrained alike, two sums would difference out its update; "
+            "start the run from another federation.seed"
         )
     return None
 
 
 def remember_masked(site: Path | None, state: RecordDict, config_sha256: str, server_round: int, adapter_sha256: str) -> None:
-    """Record a run round and the adapter it trained from before its masked input leaves (crash-safe in a site directory)."""
+    """Record a run round and the (adapter, round) it trained from before its masked input leaves (crash-safe in a site directory)."""
     rounds, trained_from = masked_record(site, state)
     rounds = sorted({*rounds, run_round(config_sha256, server_round)})
-    trained_from = sorted({*trained_from, adapter_sha256} - {""})
+    trained_from = sorted({*trained_from, run_round(adapter_sha256, server_round)} if adapter_sha256 else set(trained_from))
     if site is not None:
         write_json_atomic(site / MASKED_FILE, {"masked": rounds, "trained_from": trained_from})
     else:

@@ -130,6 +130,14 @@ def test_prediction_only_sends_predictions_alone_and_sites_keep_their_adapters(t
     assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]  # each site evaluates its own trained adapter
 
 
+@pytest.mark.slow  # a secure federation of three rounds
+def test_prediction_only_runs_every_round_under_secure_aggregation(tmp_path: Path) -> None:
+    """The global adapter never moves in prediction-only, so every round trains from the same adapter: a site's
+    replay record (participant/masked.py) must tell another round from a replayed one."""
+    _, rows = run(tmp_path, "distillation.variant=prediction-only", "secagg.enabled=true", "federation.rounds=3")
+    assert [row["applied"] for row in rows[1:]] == [True, True, True] and not any(row["skipped"] for row in rows[1:])
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [

@@ -168,8 +168,8 @@ MUTATIONS = [
     ),
     Mutation(
         "trained-from-unchecked",
-        "a participant masks a second update trained from a global adapter it already contributed from (another configuration)",
-        (("participant/masked.py", "    if adapter_sha256 and adapter_sha256 in trained_from:", "    if False:"),),
+        "a participant masks a second update of a round trained from a global adapter it already trained that round from (another configuration)",
+        (("participant/masked.py", "    if adapter_sha256 and run_round(adapter_sha256, server_round) in trained_from:", "    if False:"),),
     ),
     Mutation(
         "instance-unchecked",

@@ -305,7 +305,10 @@ def test_a_second_configuration_that_trains_alike_cannot_difference_out_a_target
     replies = setup_tests.train(second, {node: again.to_toml() for node in others}, {node: adapter for node in others})
     assert all(reply.has_error() for reply in replies.values())  # nothing trained, nothing to difference
     for node in others:
-        assert any("trained from global adapter" in reason for reason in setup_tests.refusals(configs[node]))
+        assert any("of round 1 trained from global adapter" in reason for reason in setup_tests.refusals(configs[node]))
+    # the next round from the same adapter (a round that applied nothing; prediction-only distillation) trains on
+    replies = setup_tests.train(first, {node: cfg.to_toml() for node in setup_tests.NODES}, {node: adapter for node in setup_tests.NODES}, server_round=2)
+    assert not any(reply.has_error() for reply in replies.values())
     fresh = adapter + 0.5  # a run from another adapter (another seed) trains and masks as usual
     replies = setup_tests.train(second, {node: again.to_toml() for node in others}, {node: fresh for node in others})
     later = setup_tests.secure_round(second, setup_tests.members_of(replies), again, RunBinding(config_sha256(again.to_toml()), adapter_sha256(fresh)))
