@@ -737,6 +737,12 @@ class Config:
             + (": lora_B is the only LoRA factor that trains in frozen-a and sb, so nothing would be shared" if split == "local-b" and lora.mode in ("frozen-a", "sb") else ""),
         )
         _require(
+            split != "local-head" or self.model.task == "classification",
+            "federation.personalization",
+            "'local-head' keeps the classification head at each site, but model.task='generation' trains no head; "
+            "use 'local-b' (with lora.mode='fedavg') or 'finetune:<steps>'",
+        )
+        _require(
             not lora.participant_ranks or len(lora.participant_ranks) == self.federation.participants,
             "lora.participant_ranks",
             f"gives {len(lora.participant_ranks)} ranks for federation.participants={self.federation.participants}; "

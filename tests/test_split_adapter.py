@@ -51,8 +51,10 @@ def test_splits_that_cannot_work_are_refused_with_the_reason() -> None:
         load_config(None, ["federation.personalization=local-b", "secagg.enabled=true"])
     with pytest.raises(ConfigError, match="federation.personalization"):
         load_config(None, ["federation.personalization=local-b", "lora.mode=frozen-a"])
-    with pytest.raises(ValueError, match="no fully trained head"):  # a generation task's adapter has no head
-        aggregator_for(load_config(None, ["federation.personalization=local-head"])).upload_layout(
+    with pytest.raises(ConfigError, match="model.task='generation' trains no head"):
+        load_config(None, ["federation.personalization=local-head", "model.task=generation"])
+    with pytest.raises(ValueError, match="no fully trained head"):  # a model of its own without one
+        aggregator_for(load_config(None, ["federation.personalization=local-head", "model.task=classification"])).upload_layout(
             layout_at(4).select(lambda name: is_lora_a(name) or is_lora_b(name)), 4
         )
     # a split adds no training steps, so sample-level DP (which refuses finetune:<steps>) accounts it as it is
