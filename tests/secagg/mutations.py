@@ -575,6 +575,30 @@ MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach t
         (("fedlora/aggregate/sb.py", "        self.check_global(global_vector, layout)\n", "        pass\n"),),
         ("tests/test_sb_mode.py",), "another_basis",
     ),
+    Mutation(
+        "split-uploads-the-local-part",
+        "a split adapter's site-kept tensors (head or lora_B) travel and move on the server with the shared ones",
+        (("fedlora/aggregate/split.py",
+          "        return self.inner.upload_layout(layout, rank).select(lambda name: not SPLITS[self.split](name))",
+          "        return self.inner.upload_layout(layout, rank)"),),
+        ("tests/test_split_adapter.py",), "shared_tensors or only_the_shared_part",
+    ),
+    Mutation(
+        "own-part-not-restored",
+        "a split adapter's site trains its own part from the global round-0 values every round",
+        (("participant/runtime.py",
+          "    if own_part is not None:\n        start = runtime.layout.put(",
+          "    if False:\n        start = runtime.layout.put("),),
+        ("tests/test_split_adapter.py",), "restarted",
+    ),
+    Mutation(
+        "claimed-losses-unchecked",
+        "a site's claimed losses (train, eval, personal) are averaged whatever number they are",
+        (("fedlora/aggregate/weights.py",
+          "        if number and math.isfinite(score) and 0.0 <= score <= upper and math.isfinite(count) and count > 0:",
+          "        if number and (upper == math.inf or (math.isfinite(score) and 0.0 <= score <= upper)) and count > 0:"),),
+        ("tests/test_weights.py", "tests/test_personalization.py"), "loss or lying",
+    ),
 ]
 
 def _copy_tree(target: Path) -> None:
