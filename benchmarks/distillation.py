@@ -5,11 +5,12 @@
 Coordinator over LocalGrid: parameter averaging alone, averaging with distillation,
 prediction-only distillation (each site keeps its adapter; only predictions are summed), and each
 site alone (prediction-only with the distillation term weighted 0: the same steps, nothing learnt
-from the others). Each
+from the others); and the last two again with sites 2 and 3 on MiniLM (`simulation.site_models`),
+where no parameter could be shared. Each
 site scores the adapter it would serve on its own held-out split (`eval_accuracy`, settled: the
 mean of the last two evaluations), beside the majority class.
 
-    python benchmarks/distillation.py                    # 3 seeds x 4 methods, ~12 min on 2 cores
+    python benchmarks/distillation.py                    # 3 seeds x 6 methods, ~30 min on 2 cores
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ import numpy as np  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "distillation.toml"
+TWO_BASES = 'simulation.site_models=["2=builtin:minilm","3=builtin:minilm"]'
 METHODS = {
     "averaging alone": ["distillation.public_data="],
     "averaging + distillation": [],
     "prediction-only distillation": ["distillation.variant=prediction-only"],
     # the same path with the distillation term weighted 0: each site trains alone (its predictions are summed, unused)
     "each site alone": ["distillation.variant=prediction-only", "distillation.weight=0"],
+    # sites 2 and 3 on MiniLM beside two on the tiny Llama: only predictions can cross between them
+    "two bases, prediction-only distillation": ["distillation.variant=prediction-only", TWO_BASES],
+    "two bases, each site alone": ["distillation.variant=prediction-only", "distillation.weight=0", TWO_BASES],
 }
 
 

@@ -621,16 +621,23 @@ class SimulationSection:
         "own format in its participant.toml.",
         [],
     )
+    site_models: list[str] = _help(
+        "Simulated sites on a base model of their own, as '<partition id>=<model name>' (e.g. ['2=builtin:minilm', "
+        "'3=builtin:minilm'] beside the run's tiny Llama). Only with distillation.variant = 'prediction-only', where "
+        "sites share predictions and no parameters; unnamed partitions use [model].",
+        [],
+    )
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.adversaries < 1.0, "simulation.adversaries", f"must be in [0, 1), got {self.adversaries}")
         _require(self.cpus_per_participant > 0, "simulation.cpus_per_participant", "must be > 0")
         from fedlora.attacks import parse_bad_data
-        from fedlora.precision import parse_site_precision
+        from fedlora.precision import parse_site_models, parse_site_precision
 
         try:
             parse_bad_data(self.bad_data)
             parse_site_precision(self.site_precision)
+            parse_site_models(self.site_models)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -684,10 +691,20 @@ class Config:
             f"{self.evaluation.max_new_tokens} leaves no room for the prompt within data.max_length={self.data.max_length}",
         )
         from fedlora.attacks import parse_bad_data
-        from fedlora.precision import parse_site_precision
+        from fedlora.precision import parse_site_models, parse_site_precision
 
         sim = self.simulation
-        for key, named in (("bad_data", parse_bad_data(sim.bad_data)), ("site_precision", parse_site_precision(sim.site_precision))):
+        named_partitions = (
+            ("bad_data", parse_bad_data(sim.bad_data)), ("site_precision", parse_site_precision(sim.site_precision)),
+            ("site_models", parse_site_models(sim.site_models)),
+        )
+        _require(
+            not sim.site_models or (self.distillation.enabled and self.distillation.variant == "prediction-only"),
+            "simulation.site_models",
+            "sites on different base models can share predictions but no parameters; use [distillation] with "
+            "variant = 'prediction-only'",
+        )
+        for key, named in named_partitions:
             outside = sorted(p for p in named if p >= fed.participants)
             _require(not outside, f"simulation.{key}", f"partitions {outside} are not among the {fed.participants} participants (0..{fed.participants - 1})")
         self._resolve_lora_mode()

@@ -22,21 +22,31 @@ WEIGHT_FORMATS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def parse_site_precision(entries: list[str]) -> dict[int, str]:
-    """`simulation.site_precision` ('<partition id>=<format>' entries) as partition id -> format."""
+def partition_map(entries: list[str], key: str, noun: str, allowed: tuple[str, ...] | None = None) -> dict[int, str]:
+    """'<partition id>=<noun>' entries of simulation.`key` as partition id -> value (one of `allowed`, if given)."""
     out: dict[int, str] = {}
     for entry in entries:
         where, equals, name = (part.strip() for part in entry.partition("="))
         problem = (
-            "is not '<partition id>=<format>'" if not (equals and where.isdigit())
+            f"is not '<partition id>=<{noun}>'" if not (equals and where.isdigit() and name)
             else f"names partition {where} twice" if int(where) in out
-            else f"has an unknown format {name!r}" if name not in WEIGHT_FORMATS
+            else f"has an unknown {noun} {name!r}" if allowed is not None and name not in allowed
             else None
         )
         if problem:
-            raise ValueError(f"simulation.site_precision: {entry!r} {problem}; formats are {', '.join(WEIGHT_FORMATS)}")
+            raise ValueError(f"simulation.{key}: {entry!r} {problem}" + (f"; {noun}s are {', '.join(allowed)}" if allowed else ""))
         out[int(where)] = name
     return out
+
+
+def parse_site_precision(entries: list[str]) -> dict[int, str]:
+    """`simulation.site_precision` ('<partition id>=<format>' entries) as partition id -> format."""
+    return partition_map(entries, "site_precision", "format", WEIGHT_FORMATS)
+
+
+def parse_site_models(entries: list[str]) -> dict[int, str]:
+    """`simulation.site_models` ('<partition id>=<model name>' entries) as partition id -> model.name."""
+    return partition_map(entries, "site_models", "model")
 
 
 def in_format(model: ModelSection, name: str | None) -> ModelSection:

@@ -134,11 +134,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from fedlora.model import weight_format
     from participant.runtime import get_runtime
 
-    kept = own_adapter(context) if prediction_only(cfg) else None  # a prediction-only distiller serves its own adapter
-    runtime = get_runtime(cfg, dict(context.node_config), own_rank=kept is not None)
-    if kept is None:
-        check_vector(instruction.vector, runtime.layout.size, "global adapter")
-    load_adapter_vector(runtime.loaded.model, instruction.vector if kept is None else kept, runtime.layout)
+    runtime = get_runtime(cfg, dict(context.node_config), own_rank=prediction_only(cfg))
+    # a prediction-only distiller serves its own adapter (as loaded, before its first round), maybe on its own base
+    served = (own_adapter(context) if own_adapter(context) is not None else runtime.initial) if prediction_only(cfg) else None
+    if served is None:
+        served = instruction.vector
+        check_vector(served, runtime.layout.size, "global adapter")
+    load_adapter_vector(runtime.loaded.model, served, runtime.layout)
     result = evaluate(
         runtime.loaded.model,
         runtime.loaded.tokenizer,

@@ -31,7 +31,7 @@ from fedlora.config import Config, ModelSection
 from fedlora.data import Example, answer_choices, banded, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
-from fedlora.precision import in_format, parse_site_precision
+from fedlora.precision import in_format, parse_site_models, parse_site_precision
 from fedlora.privacy.clipping import clip
 from fedlora.train import train_local
 from participant.site import refuse, site_of
@@ -49,9 +49,10 @@ class ParticipantRuntime:
     partition_id: int
     rank: int  # the LoRA rank of `loaded` (lora.r, or this participant's own in lora.participant_ranks)
     site: Path | None = None  # a deployed participant's directory (participant/site.py)
+    initial: np.ndarray | None = None  # the adapter as loaded, before any training: a prediction-only site's start
 
 
-_MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout]] = {}
+_MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout, np.ndarray]] = {}
 _SHARDS: dict[tuple, tuple[Shard, int]] = {}
 # Opacus RDPAccountant state_dicts (plain data: a list of (z, q, steps)), one per participant's records.
 _ACCOUNTANTS: dict[tuple, dict] = {}
@@ -84,13 +85,15 @@ def local_shard(cfg: Config, node_config: dict[str, Any]) -> tuple[Shard, int]:
 
 
 def site_model(cfg: Config, partition_id: int, site: Path | None) -> ModelSection:
-    """How this participant holds the base: a simulated one as simulation.site_precision names its partition.
+    """How this participant holds the base: a simulated one as simulation.site_precision (and site_models) name its partition.
 
     A deployed site's own format is already in `cfg` (participant/local_config.py `effective_config`).
     """
     if site is not None:
         return cfg.model
-    return in_format(cfg.model, parse_site_precision(cfg.simulation.site_precision).get(partition_id))
+    own_base = parse_site_models(cfg.simulation.site_models).get(partition_id)  # prediction-only distillation only
+    model = dataclasses.replace(cfg.model, name=own_base, sha256="") if own_base else cfg.model
+    return in_format(model, parse_site_precision(cfg.simulation.site_precision).get(partition_id))
 
 
 def get_runtime(cfg: Config, node_config: dict[str, Any], own_rank: bool = False) -> ParticipantRuntime:
@@ -112,9 +115,10 @@ def get_runtime(cfg: Config, node_config: dict[str, Any], own_rank: bool = False
     key = (run_key, repr(model), rank)
     if key not in _MODEL:
         loaded = load_model(model, lora, label_names_for(cfg), cfg.federation.seed)
-        _MODEL[key] = (loaded, adapter_vector(loaded.model)[1])
-    loaded, layout = _MODEL[key]
-    return ParticipantRuntime(loaded, layout, shard, partition_id, rank, site)
+        initial, layout = adapter_vector(loaded.model)
+        _MODEL[key] = (loaded, layout, initial)
+    loaded, layout, initial = _MODEL[key]
+    return ParticipantRuntime(loaded, layout, shard, partition_id, rank, site, initial)
 
 
 def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
@@ -226,11 +230,12 @@ def train_round(
     prediction_only = distill.enabled and distill.variant == "prediction-only"
     aggregator = aggregator_for(cfg)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
-    check_vector(global_vector, global_layout.size, "global adapter")
-    if prediction_only and kept is not None:  # this site's own adapter, trained on across rounds
-        check_vector(kept, runtime.layout.size, "kept adapter")
-        start = np.array(kept, dtype=np.float32, copy=True)
+    if prediction_only:  # this site's own adapter, trained on across rounds, on a base that may be its own
+        own = kept if kept is not None else runtime.initial if runtime.initial is not None else global_vector
+        check_vector(own, runtime.layout.size, "this site's own adapter")
+        start = np.array(own, dtype=np.float32, copy=True)
     else:
+        check_vector(global_vector, global_layout.size, "global adapter")
         start = aggregator.start(global_vector, global_layout, runtime.rank)
     if own_part is not None:
         start = runtime.layout.put(start, local_layout(runtime.layout, cfg.federation.personalization), own_part)

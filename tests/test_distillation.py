@@ -138,6 +138,21 @@ def test_prediction_only_runs_every_round_under_secure_aggregation(tmp_path: Pat
     assert [row["applied"] for row in rows[1:]] == [True, True, True] and not any(row["skipped"] for row in rows[1:])
 
 
+@pytest.mark.slow  # two base models in one federation
+def test_prediction_only_sites_on_two_different_base_models_learn_from_each_other(tmp_path: Path) -> None:
+    """Sites 1 and 2 hold MiniLM, site 0 the tiny Llama: no parameter is shared, only predictions, so the
+    bases may differ; each trains and serves its own adapter on its own base."""
+    two_bases = ['simulation.site_models=["1=builtin:minilm","2=builtin:minilm"]', "distillation.variant=prediction-only"]
+    coordinator, rows = run(tmp_path, *two_bases)
+    assert [row["applied"] for row in rows[1:]] == [True, True] and not any(row["skipped"] for row in rows[1:])
+    assert rows[-1]["distill_loss"] > 0 and rows[-1]["eval_loss"] != rows[0]["eval_loss"]
+    cfg = load_config(None, [*DISTIL, *two_bases])
+    minilm, llama = (get_runtime(cfg, nodes(3)[p], own_rank=True) for p in (2, 1))
+    assert minilm.layout.size != llama.layout.size  # two adapters that could never be averaged
+    with pytest.raises(ConfigError, match="simulation.site_models"):
+        load_config(None, [*DISTIL, two_bases[0]])  # parameter averaging needs one base
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
