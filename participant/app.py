@@ -136,7 +136,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=prediction_only(cfg))
     # a prediction-only distiller serves its own adapter (as loaded, before its first round), maybe on its own base
-    served = (own_adapter(context) if own_adapter(context) is not None else runtime.initial) if prediction_only(cfg) else None
+    served = own_adapter(context) if prediction_only(cfg) else None
+    if served is None and prediction_only(cfg):
+        served = runtime.initial
     if served is None:
         served = instruction.vector
         check_vector(served, runtime.layout.size, "global adapter")
