@@ -178,3 +178,12 @@ def test_pld_epsilon_beside_rdp():
     assert 0 < pld < math.inf
     assert rdp / 2 < pld <= rdp * 1.05
     assert RoundAccountant(1e-5).epsilon_pld() == 0.0
+
+
+def test_pld_epsilon_of_a_tiny_noise_multiplier_is_inf_instead_of_an_unbounded_grid():
+    """z = 1e-6 once asked dp_accounting for a 5e15-point grid (a MemoryError that ended the run)."""
+    tiny = _accountant(1e-5, (0.5, 1e-6, 8))
+    assert tiny.epsilon_pld() == math.inf
+    assert tiny.epsilon() > 1e6  # RDP still states it: no privacy to speak of
+    ordinary = _accountant(1e-5, (0.5, 0.3, 8))  # the smallest z a run is likely to set keeps its PLD epsilon
+    assert math.isfinite(ordinary.epsilon_pld()) and ordinary.epsilon_pld() <= ordinary.epsilon() * 1.05

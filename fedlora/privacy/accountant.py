@@ -45,6 +45,10 @@ def _check_budget(epsilon_budget: float) -> float:
     return float(epsilon_budget)
 
 
+PLD_INTERVAL = 1e-4  # dp_accounting's default discretisation of privacy losses
+PLD_GRID_POINTS = 1e8  # the most grid points a PLD epsilon may ask for (about 1 GB of float64)
+
+
 class RoundAccountant:
     """Epsilon spent by DP-FedAvg rounds so far; the whole state is `delta` and `history`."""
 
@@ -87,8 +91,16 @@ class RoundAccountant:
         return self._epsilon(dp_accounting.rdp.RdpAccountant())
 
     def epsilon_pld(self) -> float:
-        """Epsilon at `delta` by privacy loss distributions: tighter, reported beside RDP's."""
-        return self._epsilon(dp_accounting.pld.PLDAccountant())
+        """Epsilon at `delta` by privacy loss distributions: tighter, reported beside RDP's.
+
+        The PLD grid spans privacy losses up to about 1/(2 z^2) in steps of dp_accounting's
+        discretisation interval, so a tiny z (a smoke test's 1e-6) would ask for ~1e15 points and
+        end the run with a MemoryError; past `PLD_GRID_POINTS` the PLD epsilon is not computed and
+        reported as inf (RDP's, which has no grid, still says how little privacy is left)."""
+        smallest = min((z for _, z, _ in self.history if z > 0), default=math.inf)
+        if 1.0 / (2 * smallest**2 * PLD_INTERVAL) > PLD_GRID_POINTS:
+            return math.inf
+        return self._epsilon(dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_INTERVAL))
 
     def epsilon_after(self, sample_rate: float, noise_multiplier: float, rounds: int = 1) -> float:
         """RDP epsilon if `rounds` more rounds were composed; this accountant is left unchanged."""
