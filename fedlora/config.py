@@ -358,6 +358,11 @@ class DistillationSection:
     def enabled(self) -> bool:
         return bool(self.public_data)
 
+    @property
+    def prediction_only(self) -> bool:
+        """Sites keep their whole adapters and send predictions only."""
+        return self.enabled and self.variant == "prediction-only"
+
     def __post_init__(self) -> None:
         _require_choice(self.variant, "distillation.variant", DISTILLATION_VARIANTS)
         _require(math.isfinite(self.weight) and self.weight >= 0, "distillation.weight", f"must be >= 0, got {self.weight}")
@@ -699,7 +704,7 @@ class Config:
             ("site_models", parse_site_models(sim.site_models)),
         )
         _require(
-            not sim.site_models or (self.distillation.enabled and self.distillation.variant == "prediction-only"),
+            not sim.site_models or self.distillation.prediction_only,
             "simulation.site_models",
             "sites on different base models can share predictions but no parameters; use [distillation] with "
             "variant = 'prediction-only'",

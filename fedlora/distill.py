@@ -199,7 +199,7 @@ class PredictionBlock:
         if problem:
             raise ValueError(problem)
         prompts = len(load_public_prompts(cfg))
-        return cls(prompts, classes, cfg.distillation.prediction_clip, cfg.distillation.variant == "prediction-only")
+        return cls(prompts, classes, cfg.distillation.prediction_clip, cfg.distillation.prediction_only)
 
     def targets_from(self, mean_block: np.ndarray) -> np.ndarray:
         return soft_targets(mean_block, self.prompts, self.classes, self.prediction_clip)

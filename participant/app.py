@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedlora.config import PERSONAL_SPLITS, Config
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from fedlora.evaluate import EvalResult
 
 TRAINED = "fedlora.trained"  # context.state ConfigRecord: the last round this node trained in this run
-OWN_ADAPTER = "fedlora.own_adapter"  # context.state ArrayRecord: a prediction-only distiller's own adapter
 
 app = ClientApp()
 secure.register(app)  # query.secagg_<stage>: the secure-aggregation stages
@@ -75,19 +74,18 @@ def train(msg: Message, context: Context) -> Message:
         ledger.check_charge(site, planned, f"round {instruction.server_round}", round=instruction.server_round)
     runtime = get_runtime(cfg, dict(context.node_config), own_rank=True)
     started = time.perf_counter()
-    split = cfg.federation.personalization in PERSONAL_SPLITS  # the site's own tensors train on from where it left them
-    if split:
+    # the site's own tensors (a split's local part; in prediction-only its whole adapter) train on from where they were
+    split = cfg.federation.personalization in PERSONAL_SPLITS
+    keeps_own = split or cfg.distillation.prediction_only
+    if keeps_own:
         from participant import personal
-    extra = {"own_part": personal.own_part(context, runtime, cfg, msg.metadata.run_id)} if split else {}
+    own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if keeps_own else None
+    extra = {"own_part": own} if split else {}
     if cfg.distillation.enabled:  # the soft targets the instruction carried, and in prediction-only the site's own adapter
-        extra |= {"soft_targets": instruction.soft_targets, "kept": own_adapter(context) if prediction_only(cfg) else None}
+        extra |= {"soft_targets": instruction.soft_targets, "kept": own if cfg.distillation.prediction_only else None}
     upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, **extra)
-    if split:
+    if keeps_own:
         personal.keep_own_part(context, runtime, cfg, msg.metadata.run_id, instruction.server_round)
-    if prediction_only(cfg):  # the site's adapter stays here and is trained on next round (fedlora/distill.py)
-        from fedlora.adapter import adapter_vector
-
-        context.state[OWN_ADAPTER] = ArrayRecord({"adapter": Array(adapter_vector(runtime.loaded.model)[0])})
     trained(instruction.server_round, metrics, time.perf_counter() - started)
     record_activity(  # with how this site held the base (its own choice; the coordinator is not told)
         site, TRAINED_EVENT, msg.metadata.run_id, instruction.config_sha256, instruction.server_round,
@@ -109,15 +107,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def prediction_only(cfg: Config) -> bool:
-    return cfg.distillation.enabled and cfg.distillation.variant == "prediction-only"
-
-
-def own_adapter(context: Context):
-    """This node's own adapter from an earlier round of a prediction-only distillation run (None before its first)."""
-    return context.state[OWN_ADAPTER]["adapter"].numpy() if OWN_ADAPTER in context.state else None
-
-
 def ledger_charge(cfg: Config) -> Charge:
     """What one contribution costs as planned: against the coordinator, a plaintext update is seen as it is
     and a secure one (at best) with the full noise; participant/secure.py charges the noise it can vouch for."""
@@ -134,11 +123,14 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from fedlora.model import weight_format
     from participant.runtime import get_runtime
 
-    runtime = get_runtime(cfg, dict(context.node_config), own_rank=prediction_only(cfg))
-    # a prediction-only distiller serves its own adapter (as loaded, before its first round), maybe on its own base
-    served = own_adapter(context) if prediction_only(cfg) else None
-    if served is None and prediction_only(cfg):
-        served = runtime.initial
+    runtime = get_runtime(cfg, dict(context.node_config), own_rank=cfg.distillation.prediction_only)
+    served = None
+    if cfg.distillation.prediction_only:  # a distiller serves its own adapter (as loaded, before its first round), maybe on its own base
+        from participant import personal
+
+        served = personal.own_part(context, runtime, cfg, msg.metadata.run_id)
+        if served is None:
+            served = runtime.initial
     if served is None:
         served = instruction.vector
         check_vector(served, runtime.layout.size, "global adapter")

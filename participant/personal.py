@@ -7,6 +7,8 @@
   between the messages of a run and, at a deployed site, in its latest personalised adapter,
   from which a restarted node picks them up. The personalised adapter is the global (shared)
   adapter with the site's own tensors put in.
+- Prediction-only distillation (`[distillation]`, fedlora/distill.py) keeps the same way a site's
+  whole adapter, which only ever leaves as predictions (`kept_layout`).
 
 Either way each evaluated site scores its personalised adapter beside the global one (only the
 held-out scores leave), and a deployed site keeps the latest under `personal/<run>/` in its
@@ -23,7 +25,7 @@ import numpy as np
 
 from flwr.app import Array, ArrayRecord, Context
 
-from fedlora.adapter import adapter_vector, check_vector, load_adapter_vector, load_peft_dir, save_peft_dir
+from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector, load_peft_dir, save_peft_dir
 from fedlora.aggregate import aggregator_for
 from fedlora.aggregate.split import SPLITS, local_layout
 from fedlora.config import Config
@@ -32,7 +34,13 @@ from fedlora.train import train_local
 from participant.runtime import ParticipantRuntime, local_seed, training_examples
 
 PERSONAL = "personal"
-OWN_PART = "fedlora.own_part"  # context.state ArrayRecord: this site's own tensors of a split adapter
+OWN_PART = "fedlora.own_part"  # context.state ArrayRecord: this site's own tensors (a split's local part, a distiller's adapter)
+
+
+def kept_layout(layout: AdapterLayout, cfg: Config) -> AdapterLayout:
+    """What of the adapter this site keeps as its own: all of it in prediction-only distillation,
+    else the tensors its split adapter keeps (`federation.personalization`)."""
+    return layout if cfg.distillation.prediction_only else local_layout(layout, cfg.federation.personalization)
 
 
 def personalise(
@@ -64,9 +72,9 @@ def personalise(
 
 
 def own_part(context: Context, runtime: ParticipantRuntime, cfg: Config, run_id: int) -> np.ndarray | None:
-    """This site's own tensors of the run's split adapter: from `context.state`, else (a node restarted
-    within the run) from its latest kept personalised adapter; None before it first trained."""
-    local = local_layout(runtime.layout, cfg.federation.personalization)
+    """This site's own tensors (`kept_layout`): from `context.state`, else (a node restarted within the
+    run) from its latest kept personalised adapter; None before it first trained."""
+    local = kept_layout(runtime.layout, cfg)
     if OWN_PART in context.state:
         part = context.state[OWN_PART]["part"].numpy()
         check_vector(part, local.size, "the site's own part of the adapter")
@@ -79,7 +87,7 @@ def keep_own_part(context: Context, runtime: ParticipantRuntime, cfg: Config, ru
     """After `train_round`: keep the site's own tensors as they trained, in `context.state` and, at a
     deployed site, with the adapter it trained (its personalised adapter until the next evaluation)."""
     trained, _ = adapter_vector(runtime.loaded.model)
-    context.state[OWN_PART] = ArrayRecord({"part": Array(runtime.layout.take(trained, local_layout(runtime.layout, cfg.federation.personalization)))})
+    context.state[OWN_PART] = ArrayRecord({"part": Array(runtime.layout.take(trained, kept_layout(runtime.layout, cfg)))})
     if runtime.site is not None:
         keep_latest(runtime.site, run_id, server_round, trained, runtime)
 

@@ -227,7 +227,7 @@ def train_round(
     distill = cfg.distillation
     prompts = public_prompts_for(cfg, runtime, server_round) if distill.enabled else []
     targets = checked_soft_targets(soft_targets, len(prompts), len(runtime.loaded.label_names)) if distill.enabled else None
-    prediction_only = distill.enabled and distill.variant == "prediction-only"
+    prediction_only = distill.prediction_only
     aggregator = aggregator_for(cfg)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
     if prediction_only:  # this site's own adapter, trained on across rounds, on a base that may be its own
