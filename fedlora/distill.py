@@ -140,11 +140,11 @@ def adapter_clip(clip_norm: float, prediction_clip: float) -> float:
     return math.sqrt(max(clip_norm**2 - prediction_clip**2, 0.0))
 
 
-def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(student_scores: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(targets || softmax(student / T)), averaged over the batch (Hinton et al. 2015)."""
     import torch
 
-    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_student = torch.log_softmax(student_scores.float() / temperature, dim=-1)
     kl = torch.nn.functional.kl_div(log_student, targets.to(log_student.device, torch.float32), reduction="batchmean")
     return kl * temperature**2
 

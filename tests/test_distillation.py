@@ -234,10 +234,10 @@ def test_soft_targets_pull_a_generation_sites_answer_distribution_towards_them()
 
 
 def test_a_generation_federation_distils_over_its_answer_choices_and_may_send_predictions_alone(tmp_path: Path) -> None:
-    _, rows = run(tmp_path / "averaging", *GENERATION[len(DISTIL) :])
+    _, rows = run(tmp_path / "averaging", "model.task=generation")
     assert [row["distillation"]["classes"] for row in rows[1:]] == [2, 2] and rows[-1]["distillation"]["soft_targets_sent"]
     assert rows[-1]["applied"] and rows[-1]["distill_loss"] > 0
-    _, alone = run(tmp_path / "prediction-only", *GENERATION[len(DISTIL) :], "distillation.variant=prediction-only")
+    _, alone = run(tmp_path / "prediction-only", "model.task=generation", "distillation.variant=prediction-only")
     assert [row["distillation"]["adapter_size"] for row in alone[1:]] == [0, 0] and alone[-1]["distill_loss"] > 0
     assert alone[-1]["eval_loss"] != alone[0]["eval_loss"]  # each site trained and evaluates its own adapter
 
