@@ -178,6 +178,7 @@ def test_prediction_only_sites_on_two_different_base_models_learn_from_each_othe
         ([*DISTIL, "distillation.temperature=0"], "distillation.temperature"),
         ([*DISTIL, "distillation.max_prompts=0"], "distillation.max_prompts"),
         ([*DISTIL, "privacy.local_noise_multiplier=1"], "distillation.public_data: .*DP-SGD"),
+        ([*GENERATION, "privacy.local_noise_multiplier=1"], "distillation.public_data: .*DP-SGD"),
         ([*DISTIL, "distillation.variant=prediction-only", "federation.personalization=finetune:2"], "federation.personalization"),
     ],
 )
@@ -186,23 +187,36 @@ def test_a_bad_distillation_setting_is_refused_naming_the_key(overrides: list[st
         load_config(None, ["model.task=classification", *overrides])
 
 
-def test_a_generation_site_predicts_softmax_of_each_answer_choices_log_likelihood_given_the_prompt() -> None:
-    """Computed here one prompt and one answer at a time, from the tokens a request encodes to (the training
-    format up to the answer), the answer's tokens and the end of the answer: no batching, no padding."""
+def asked_and_said(prompt: Example, answer: str, tokenizer, chat: bool) -> tuple[list[int], list[int]]:
+    """The prompt's tokens and the answer's (to its end marker), written out here from each format's definition:
+    the built-in '### Answer' text after BOS, then the answer and EOS; or what the chat template renders."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if not chat:
+        return [tokenizer.bos_token_id, *ids(prompt.prompt)], [*ids(answer), tokenizer.eos_token_id]
+    messages = [{"role": role, "content": content} for role, content in prompt.request]
+    asked = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    said = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    assert said.startswith(asked)
+    return ids(asked), ids(said[len(asked) :])
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-llama", "builtin:tiny-llama-chat"])
+def test_a_generation_site_predicts_softmax_of_each_answer_choices_log_likelihood_given_the_prompt(base: str) -> None:
+    """Computed here one prompt and one answer at a time, in the format the run trains in (built-in, or the
+    base's chat template): no batching, no padding."""
     import torch
 
-    from fedlora.prompts import encode_request
-
-    cfg = load_config(None, GENERATION)
+    cfg = load_config(None, [*GENERATION, f"model.name={base}"])
     runtime = get_runtime(cfg, nodes(3)[1], own_rank=True)
     loaded, prompts = runtime.loaded, load_public_prompts(cfg)
-    assert loaded.label_names == ["no", "yes"]
+    assert loaded.label_names == ["no", "yes"] and (loaded.prompt_format.name == "chat-template") == base.endswith("chat")
     direct = np.zeros((PROMPTS, 2))
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
-            asked = encode_request(prompt, loaded.tokenizer, loaded.prompt_format, 10_000)
             for column, answer in enumerate(loaded.label_names):
-                said = loaded.tokenizer(answer, add_special_tokens=False)["input_ids"] + [loaded.tokenizer.eos_token_id]
+                asked, said = asked_and_said(prompt, answer, loaded.tokenizer, base.endswith("chat"))
                 assert len(asked) + len(said) <= cfg.data.max_length  # nothing truncated, so the two must agree exactly
                 logits = loaded.model(input_ids=torch.tensor([asked + said])).logits[0].float()
                 logprobs = torch.log_softmax(logits[len(asked) - 1 : -1], dim=-1)
