@@ -318,8 +318,9 @@ DISTILLATION_VARIANTS = ("with-averaging", "prediction-only")
 
 @dataclass
 class DistillationSection:
-    """Federated distillation on a public prompt set (classification): each round every participant also sends
-    its predicted label distributions on the public prompts, appended to its update and summed with it (clipping,
+    """Federated distillation on a public prompt set: each round every participant also sends its predicted label
+    distributions (classification) or distributions over the answer choices, data.label_names (generation: softmax
+    of each choice's log-likelihood) on the public prompts, appended to its update and summed with it (clipping,
     secure aggregation, noise and rules act on the whole vector: one release per round); the coordinator's
     mean of them comes back with the next round's instruction as soft targets, and local training adds
     weight * T^2 * KL(soft targets || student at temperature T) on the public prompts (Hinton et al. 2015)."""
@@ -772,15 +773,17 @@ class Config:
         )
 
     def _check_distillation(self) -> None:
-        """Distillation needs class predictions, room under robust.clip_norm, and no DP-SGD on its public batches."""
+        """Distillation needs a bounded set to predict over, room under robust.clip_norm, and no DP-SGD on its public batches."""
         d = self.distillation
         if not d.enabled:
             return
+        # A table's answers are its label column's few values; a JSONL's may be free-form, so it must name its choices.
         _require(
-            self.model.task == "classification",
-            "distillation.public_data",
-            f"distillation sends label distributions of a class head, which model.task={self.model.task!r} has not; "
-            "set model.task='classification' (answer-token distributions for generation are not implemented)",
+            self.model.task == "classification" or bool(self.data.label_names) or not self.data.dataset.endswith(".jsonl"),
+            "data.label_names",
+            f"distillation on a generation task sends each site's distribution over the answer choices, but "
+            f"data.dataset={self.data.dataset!r} may have free-form answers, which give no bounded candidate set; "
+            "list the answer choices in data.label_names (every answer must be one of them), or turn distillation off",
         )
         clip_norm = self.robust.clip_norm
         if d.variant == "with-averaging":

@@ -1,13 +1,14 @@
 """Federated distillation on public prompts (`[distillation]`), as pure functions over vectors and tensors.
 
 A participant's upload becomes `[adapter update (possibly empty) | prediction block]`: the block is its
-predicted label distributions on the first P public prompts (P x C, softmax at temperature T), scaled
+predicted distributions on the first P public prompts (P x C, softmax at temperature T of `public_scores`:
+a class head's logits, or for generation each of the C answer choices' log-likelihood), scaled
 by prediction_clip / sqrt(P). A row of probabilities has L2 norm at most 1, so the block's norm is at
 most prediction_clip whatever the predictions, and the scale is a fixed linear map: the mean of the
 blocks, divided by it, is exactly the mean of the predictions (before any noise). The coordinator
 splits the combined vector at the adapter's length (`split_upload`); `soft_targets` turns the mean
 block back into P rows of probabilities (noise post-processed: negatives cut, rows renormalised).
-Local training then adds weight * T^2 * KL(soft targets || softmax(student logits / T)) on batches of
+Local training then adds weight * T^2 * KL(soft targets || softmax(student scores / T)) on batches of
 the public prompts (`distillation_loss`; Hinton, Vinyals & Dean 2015).
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from fedlora.config import Config, DataSection, DistillationSection
 from fedlora.data import BUILTIN_TASKS, Example, builtin_text, chat_turns, conversation_example, instruction_example, jsonl_objects
+from fedlora.prompts import PromptFormat
 
 if TYPE_CHECKING:
     import torch
@@ -138,11 +140,11 @@ def adapter_clip(clip_norm: float, prediction_clip: float) -> float:
     return math.sqrt(max(clip_norm**2 - prediction_clip**2, 0.0))
 
 
-def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(student_scores: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(targets || softmax(student / T)), averaged over the batch (Hinton et al. 2015)."""
     import torch
 
-    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_student = torch.log_softmax(student_scores.float() / temperature, dim=-1)
     kl = torch.nn.functional.kl_div(log_student, targets.to(log_student.device, torch.float32), reduction="batchmean")
     return kl * temperature**2
 
@@ -157,15 +159,29 @@ class PublicTargets:
     temperature: float
 
 
-def public_logits(model, tokenizer, prompts: list[Example], max_length: int) -> torch.Tensor:
-    """The class head's logits on public prompts (with gradients when the model trains)."""
+def public_scores(
+    model, tokenizer, prompts: list[Example], task: str, candidates: list[str], max_length: int, prompt_format: PromptFormat
+) -> torch.Tensor:
+    """P x C scores whose softmax at T is a site's prediction (with gradients when the model trains).
+
+    Classification: the class head's logits. Generation: each answer choice's summed log-likelihood given the
+    prompt, as evaluation scores it, so softmax at T = 1 is the model's own distribution over the choices and its
+    argmax the answer accuracy counts (length-normalising would give neither).
+    """
+    if task == "generation":
+        from fedlora.evaluate import candidate_scores
+
+        return candidate_scores(model, tokenizer, prompts, candidates, max_length, prompt_format)
     device = next(model.parameters()).device
     batch = tokenizer([builtin_text(p) for p in prompts], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     return model(**{k: v.to(device) for k, v in batch.items()}).logits
 
 
-def predict(model, tokenizer, prompts: list[Example], max_length: int, temperature: float, batch_size: int = 32) -> np.ndarray:
-    """P x C: softmax(logits / T) of the model on each public prompt."""
+def predict(
+    model, tokenizer, prompts: list[Example], task: str, candidates: list[str], max_length: int, temperature: float,
+    *, prompt_format: PromptFormat, batch_size: int = 32,
+) -> np.ndarray:
+    """P x C: softmax(public_scores / T) of the model on each public prompt."""
     import torch
 
     was_training = model.training
@@ -173,8 +189,8 @@ def predict(model, tokenizer, prompts: list[Example], max_length: int, temperatu
     rows = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            logits = public_logits(model, tokenizer, prompts[start : start + batch_size], max_length)
-            rows.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
+            scores = public_scores(model, tokenizer, prompts[start : start + batch_size], task, candidates, max_length, prompt_format)
+            rows.append(torch.softmax(scores.float() / temperature, dim=-1).cpu().numpy())
     model.train(was_training)
     return np.concatenate(rows).astype(np.float64)
 
@@ -198,6 +214,11 @@ class PredictionBlock:
         problem = public_data_problem(cfg.distillation)
         if problem:
             raise ValueError(problem)
+        if classes < 1:  # a generation task whose answers turned out free-form (more than a few distinct ones)
+            raise ValueError(
+                f"distillation: data.dataset={cfg.data.dataset!r} has free-form answers, so there is no bounded candidate set "
+                "to predict over; list the answer choices in data.label_names, or turn distillation off"
+            )
         prompts = len(load_public_prompts(cfg))
         return cls(prompts, classes, cfg.distillation.prediction_clip, cfg.distillation.prediction_only)
 

@@ -48,6 +48,17 @@ def _answer_logprobs(
     return (logprobs * mask).sum(dim=1), mask.sum(dim=1)
 
 
+def candidate_scores(
+    model: PeftModel, tokenizer, examples: list[Example], candidates: list[str], max_length: int, prompt_format: PromptFormat
+) -> torch.Tensor:
+    """len(examples) x len(candidates): each candidate's summed answer log-probability given the example's prompt,
+    encoded as training encodes it (end-of-answer token included). Differentiable: distillation trains through it."""
+    return torch.stack(
+        [_answer_logprobs(model, tokenizer, [replace(e, response=c) for e in examples], max_length, prompt_format)[0] for c in candidates],
+        dim=1,
+    )
+
+
 def stop_tokens(model: PeftModel, tokenizer) -> list[int]:
     """Where an answer ends: the tokenizer's EOS and any end-of-turn token the model's generation config names."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -115,13 +126,7 @@ def evaluate(
         total_loss -= logprob.sum().item()
         total_tokens += int(tokens.sum())
         if label_names:
-            candidates = torch.stack(
-                [
-                    _answer_logprobs(model, tokenizer, [replace(e, response=name) for e in chunk], max_length, prompt_format)[0]
-                    for name in label_names
-                ],
-                dim=1,
-            )
+            candidates = candidate_scores(model, tokenizer, chunk, label_names, max_length, prompt_format)
             truth = torch.tensor([label_names.index(e.response) for e in chunk], device=candidates.device)
             correct += int((candidates.argmax(1) == truth).sum())
     accuracy = correct / len(examples) if (label_names or task == "classification") else NAN

@@ -8,7 +8,8 @@ Poisson batches, one loss per record, and Opacus's per-example clip-and-noise op
 With train.gradient_checkpointing the decoder layers recompute their activations in backward
 (non-reentrant checkpointing: it needs no gradient on the frozen embedding's output).
 With `distill` (federated distillation, fedlora/distill.py) each step also takes a batch of the public
-prompts and adds weight * T^2 * KL(soft targets || student) to the objective.
+prompts and adds weight * T^2 * KL(soft targets || student) to the objective; the student's scores are its
+class logits, or (generation) its answer choices' log-likelihoods, one forward pass per choice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from peft import PeftModel
 
 from fedlora.config import PrivacySection, TrainSection
 from fedlora.data import Example, make_batch
-from fedlora.distill import PublicTargets, distillation_loss, public_logits
+from fedlora.distill import PublicTargets, distillation_loss, public_scores
 from fedlora.prompts import PromptFormat
 
 
@@ -111,8 +112,9 @@ def train_local(
                     objective = loss + cfg.fedprox_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
                 if distill is not None:  # learn from the federation's predictions on the public prompts
                     rows = next(public)
-                    logits = public_logits(loaded_model, tokenizer, [distill.prompts[i] for i in rows], max_length)
-                    term = distillation_loss(logits, torch.from_numpy(distill.targets[rows]), distill.temperature)
+                    prompts = [distill.prompts[i] for i in rows]
+                    scores = public_scores(loaded_model, tokenizer, prompts, task, label_names, max_length, prompt_format)
+                    term = distillation_loss(scores, torch.from_numpy(distill.targets[rows]), distill.temperature)
                     objective = objective + distill.weight * term
                     distill_losses.append(term.item())
                 optimizer.zero_grad(set_to_none=True)

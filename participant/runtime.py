@@ -280,7 +280,11 @@ def train_round(
         "lora_r": runtime.rank,
     }
     if distill.enabled:  # appended after the adapter part: one vector, clipped, masked and noised as one
-        probabilities = predict(runtime.loaded.model, runtime.loaded.tokenizer, prompts, cfg.data.max_length, distill.temperature)
+        loaded = runtime.loaded
+        probabilities = predict(
+            loaded.model, loaded.tokenizer, prompts, cfg.model.task, loaded.label_names, cfg.data.max_length, distill.temperature,
+            prompt_format=loaded.prompt_format,
+        )
         block = encode_block(probabilities, distill.prediction_clip)
         upload = np.concatenate([upload.astype(np.float32), block])
         if cfg.clips_updates:  # a no-op by construction (the two parts' bounds add up to clip_norm), kept as the guard

@@ -11,11 +11,12 @@ import pytest
 
 from coordinator.local_grid import LocalGrid
 from coordinator.rounds import Coordinator, initial_adapter
-from fedlora.adapter import adapter_vector
-from fedlora.config import ConfigError, load_config
+from fedlora.adapter import adapter_vector, load_adapter_vector
+from fedlora.config import Config, ConfigError, load_config
+from fedlora.data import Example
 from fedlora.distill import encode_block, file_sha256, load_public_prompts, predict, soft_targets, split_upload
 from participant.app import app
-from participant.runtime import get_runtime, train_round
+from participant.runtime import ParticipantRuntime, get_runtime, train_round
 from participant.site import Refusal
 from tests.conftest import SMALL
 
@@ -27,6 +28,9 @@ DISTIL = [
     f"distillation.public_sha256={SHA}", f"distillation.max_prompts={PROMPTS}",
 ]
 
+GENERATION = [*DISTIL, "model.task=generation"]  # diabetes as a causal LM answering "no" or "yes"
+FREE_FORM = ["model.task=generation", f"data.dataset={PUBLIC.parent.parent / 'freeform.jsonl'}"]
+
 
 def nodes(participants: int) -> dict[int, dict]:
     return {p + 1: {"partition-id": p, "num-partitions": participants} for p in range(participants)}
@@ -36,6 +40,15 @@ def run(tmp_path: Path, *overrides: str) -> tuple[Coordinator, list[dict]]:
     cfg = load_config(None, [*DISTIL, *overrides])
     coordinator = Coordinator(cfg, tmp_path)
     return coordinator, coordinator.run(LocalGrid(app, nodes(cfg.federation.participants)))
+
+
+def predictions(runtime: ParticipantRuntime, cfg: Config, prompts: list[Example], temperature: float = 1.0) -> np.ndarray:
+    """What the site would send for `prompts` (unscaled): softmax of its scores at `temperature`."""
+    loaded = runtime.loaded
+    return predict(
+        loaded.model, loaded.tokenizer, prompts, cfg.model.task, loaded.label_names, cfg.data.max_length, temperature,
+        prompt_format=loaded.prompt_format,
+    )
 
 
 def kl(target: np.ndarray, predicted: np.ndarray) -> float:
@@ -59,10 +72,11 @@ def round_targets(run_dir: Path, server_round: int) -> np.ndarray:
     return np.asarray(load_checkpoint(run_dir / VERSION_CHECKPOINTS / f"round-{server_round:04d}.npz")["soft_targets"])
 
 
-@pytest.mark.slow  # two federations of two rounds
-def test_the_secure_sum_of_prediction_blocks_is_their_plaintext_sum(tmp_path: Path) -> None:
-    plain, rows = run(tmp_path / "plain")
-    secure, secure_rows = run(tmp_path / "secure", "secagg.enabled=true")
+@pytest.mark.slow  # two federations of two rounds per task
+@pytest.mark.parametrize("task", ["classification", "generation"])  # diabetes: two classes, or the answers "no" and "yes"
+def test_the_secure_sum_of_prediction_blocks_is_their_plaintext_sum(tmp_path: Path, task: str) -> None:
+    plain, rows = run(tmp_path / "plain", f"model.task={task}")
+    secure, secure_rows = run(tmp_path / "secure", f"model.task={task}", "secagg.enabled=true")
     assert "secagg" in secure_rows[-1] and "secagg" not in rows[-1]
     assert secure_rows[1]["distillation"]["block_size"] == PROMPTS * 2
     # Both coordinators turn their aggregate's block into targets; the secure one only ever held bucket sums.
@@ -71,7 +85,7 @@ def test_the_secure_sum_of_prediction_blocks_is_their_plaintext_sum(tmp_path: Pa
     assert secure_rows[-1]["applied"] and secure_rows[-1]["distillation"]["soft_targets_sent"] and secure_rows[-1]["distill_loss"] > 0
     np.testing.assert_allclose(secure.soft_targets, plain.soft_targets, atol=1e-4)
     # ... and round 1's are the mean of what each site predicted, recomputed here in the clear.
-    cfg = load_config(None, DISTIL)
+    cfg = load_config(None, [*DISTIL, f"model.task={task}"])
     blocks, weights = [], []
     for node in nodes(3).values():
         runtime = get_runtime(cfg, node, own_rank=True)
@@ -104,12 +118,12 @@ def test_soft_targets_pull_the_sites_predictions_towards_them() -> None:
     runtime = get_runtime(cfg, nodes(3)[1], own_rank=True)
     prompts = load_public_prompts(cfg)
     start, _ = adapter_vector(runtime.loaded.model)
-    before = predict(runtime.loaded.model, runtime.loaded.tokenizer, prompts, cfg.data.max_length, 1.0)
+    before = predictions(runtime, cfg, prompts)
     target = np.tile([[0.05, 0.95]], (PROMPTS, 1)).astype(np.float32)  # far from what the sites' data teach
     _, metrics = train_round(runtime, cfg, start, 2, soft_targets=target)
-    pulled = predict(runtime.loaded.model, runtime.loaded.tokenizer, prompts, cfg.data.max_length, 1.0)
+    pulled = predictions(runtime, cfg, prompts)
     _, plain_metrics = train_round(runtime, cfg, start, 2)  # the same round without targets (round 1 of a run)
-    alone = predict(runtime.loaded.model, runtime.loaded.tokenizer, prompts, cfg.data.max_length, 1.0)
+    alone = predictions(runtime, cfg, prompts)
     assert metrics["distill_loss"] > 0 and "distill_loss" not in plain_metrics
     assert kl(target, pulled) < 0.5 * min(kl(target, before), kl(target, alone))
     with pytest.raises(ValueError, match="soft targets"):
@@ -159,17 +173,96 @@ def test_prediction_only_sites_on_two_different_base_models_learn_from_each_othe
         ([f"distillation.public_data={PUBLIC}"], "distillation.public_sha256"),
         ([*DISTIL, "distillation.public_sha256=abc"], "distillation.public_sha256"),
         ([*DISTIL, "distillation.variant=teacher"], "distillation.variant"),
-        ([*DISTIL, "model.task=generation"], "distillation.public_data: .*model.task='generation'"),
+        ([*DISTIL, *FREE_FORM], "data.label_names: .*free-form answers, which give no bounded candidate set"),
         ([*DISTIL, "distillation.prediction_clip=10"], "distillation.prediction_clip: 10 leaves nothing"),
         ([*DISTIL, "distillation.temperature=0"], "distillation.temperature"),
         ([*DISTIL, "distillation.max_prompts=0"], "distillation.max_prompts"),
         ([*DISTIL, "privacy.local_noise_multiplier=1"], "distillation.public_data: .*DP-SGD"),
+        ([*GENERATION, "privacy.local_noise_multiplier=1"], "distillation.public_data: .*DP-SGD"),
         ([*DISTIL, "distillation.variant=prediction-only", "federation.personalization=finetune:2"], "federation.personalization"),
     ],
 )
 def test_a_bad_distillation_setting_is_refused_naming_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_config(None, ["model.task=classification", *overrides])
+
+
+def asked_and_said(prompt: Example, answer: str, tokenizer, chat: bool) -> tuple[list[int], list[int]]:
+    """The prompt's tokens and the answer's (to its end marker), written out here from each format's definition:
+    the built-in '### Answer' text after BOS, then the answer and EOS; or what the chat template renders."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if not chat:
+        return [tokenizer.bos_token_id, *ids(prompt.prompt)], [*ids(answer), tokenizer.eos_token_id]
+    messages = [{"role": role, "content": content} for role, content in prompt.request]
+    asked = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    said = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    assert said.startswith(asked)
+    return ids(asked), ids(said[len(asked) :])
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-llama", "builtin:tiny-llama-chat"])
+def test_a_generation_site_predicts_softmax_of_each_answer_choices_log_likelihood_given_the_prompt(base: str) -> None:
+    """Computed here one prompt and one answer at a time, in the format the run trains in (built-in, or the
+    base's chat template): no batching, no padding."""
+    import torch
+
+    cfg = load_config(None, [*GENERATION, f"model.name={base}"])
+    runtime = get_runtime(cfg, nodes(3)[1], own_rank=True)
+    loaded, prompts = runtime.loaded, load_public_prompts(cfg)
+    assert loaded.label_names == ["no", "yes"] and (loaded.prompt_format.name == "chat-template") == base.endswith("chat")
+    direct = np.zeros((PROMPTS, 2))
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            for column, answer in enumerate(loaded.label_names):
+                asked, said = asked_and_said(prompt, answer, loaded.tokenizer, base.endswith("chat"))
+                assert len(asked) + len(said) <= cfg.data.max_length  # nothing truncated, so the two must agree exactly
+                logits = loaded.model(input_ids=torch.tensor([asked + said])).logits[0].float()
+                logprobs = torch.log_softmax(logits[len(asked) - 1 : -1], dim=-1)
+                direct[row, column] = logprobs.gather(-1, torch.tensor(said).unsqueeze(-1)).sum().item()
+    for temperature in (1.0, 2.0):
+        predicted = predictions(runtime, cfg, prompts, temperature)
+        np.testing.assert_allclose(predicted.sum(axis=1), 1.0, atol=1e-6)
+        expected = np.exp(direct / temperature) / np.exp(direct / temperature).sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(predicted, expected, atol=1e-4)
+
+
+def test_soft_targets_pull_a_generation_sites_answer_distribution_towards_them() -> None:
+    """The untrained model answers "yes" (~0.99), its records teach "no" (~0.99 after these steps): targets
+    between the two are far from both. A small lr, as Adam's first steps flip a yes/no answer readily."""
+    overrides = ["distillation.weight=5", "train.local_steps=8", "train.lr=1e-3", "distillation.temperature=1"]
+    cfg = load_config(None, [*GENERATION, *overrides])
+    runtime = get_runtime(cfg, nodes(3)[1], own_rank=True)
+    prompts = load_public_prompts(cfg)
+    start = initial_adapter(cfg).vector
+    load_adapter_vector(runtime.loaded.model, start, runtime.layout)
+    before = predictions(runtime, cfg, prompts)
+    target = np.tile([[0.3, 0.7]], (PROMPTS, 1)).astype(np.float32)
+    _, metrics = train_round(runtime, cfg, start, 2, soft_targets=target)
+    pulled = predictions(runtime, cfg, prompts)
+    _, plain_metrics = train_round(runtime, cfg, start, 2)  # the same round without targets
+    alone = predictions(runtime, cfg, prompts)
+    assert metrics["distill_loss"] > 0 and "distill_loss" not in plain_metrics
+    assert kl(target, pulled) < 0.5 * min(kl(target, before), kl(target, alone))
+
+
+def test_a_generation_federation_distils_over_its_answer_choices_and_may_send_predictions_alone(tmp_path: Path) -> None:
+    _, rows = run(tmp_path / "averaging", "model.task=generation")
+    assert [row["distillation"]["classes"] for row in rows[1:]] == [2, 2] and rows[-1]["distillation"]["soft_targets_sent"]
+    assert rows[-1]["applied"] and rows[-1]["distill_loss"] > 0
+    _, alone = run(tmp_path / "prediction-only", "model.task=generation", "distillation.variant=prediction-only")
+    assert [row["distillation"]["adapter_size"] for row in alone[1:]] == [0, 0] and alone[-1]["distill_loss"] > 0
+    assert alone[-1]["eval_loss"] != alone[0]["eval_loss"]  # each site trained and evaluates its own adapter
+
+
+def test_a_generation_run_distils_over_the_answer_choices_it_states_or_refuses_free_form_answers() -> None:
+    from fedlora.distill import PredictionBlock
+
+    stated = load_config(None, [*DISTIL, *FREE_FORM, 'data.label_names=["no","yes"]'])  # the run names its choices
+    assert PredictionBlock.of(stated, len(stated.data.label_names)).size == PROMPTS * 2
+    with pytest.raises(ValueError, match="free-form answers, so there is no bounded candidate set"):
+        PredictionBlock.of(load_config(None, GENERATION), 0)  # a table whose answers turned out too many to be choices
 
 
 def test_a_secure_instance_binding_other_soft_targets_is_refused() -> None:
