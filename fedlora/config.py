@@ -43,6 +43,7 @@ QUANTIZATIONS = ("nf4", "int8", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 # federation.personalization's split adapters and the modes each can wrap (fedlora/aggregate/split.py says why).
+LR_SCHEDULES = ("constant", "cosine")
 PERSONAL_SPLITS = {"local-head": ("fedavg", "frozen-a", "sb"), "local-b": ("fedavg",)}
 
 
@@ -203,6 +204,18 @@ class TrainSection:
         "tensors to the local loss, pulling each participant towards the global adapter (0 = off).",
         0.0,
     )
+    lr_schedule: str = _help(
+        "Learning rate across the federated rounds: 'constant' (train.lr in every round) or 'cosine' (train.lr "
+        "in round 1, falling along a half cosine to train.lr * train.lr_floor in the last planned round), so "
+        "that late rounds, whose updates should agree, take shorter steps and the global adapter settles.",
+        "constant",
+    )
+    lr_floor: float = _help("With train.lr_schedule='cosine': the last round's rate as a share of train.lr.", 0.1)
+    warmup_steps: int = _help(
+        "Local steps at the start of every round over which the rate rises linearly to the round's rate (0 = none). "
+        "Each round starts a fresh AdamW, whose first steps are full-size whatever the gradient's scale.",
+        0,
+    )
     gradient_checkpointing: bool = _help(
         "Recompute each decoder layer's activations in the backward pass instead of keeping them: about a "
         "third more compute for activation memory that no longer grows with the layers (long sequences, big bases).",
@@ -214,6 +227,9 @@ class TrainSection:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.fedprox_mu >= 0, "train.fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
+        _require_choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+        _require(0 <= self.lr_floor <= 1, "train.lr_floor", f"must be in [0, 1], got {self.lr_floor}")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass

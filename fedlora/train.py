@@ -14,6 +14,7 @@ class logits, or (generation) its answer choices' log-likelihoods, one forward p
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from contextlib import nullcontext
@@ -40,6 +41,19 @@ class TrainResult:
 
 if TYPE_CHECKING:  # opacus (3 s to import) is loaded only when DP-SGD is on
     from opacus.accountants import RDPAccountant
+
+
+def round_lr(train: TrainSection, server_round: int, rounds: int) -> float:
+    """The learning rate of `server_round` (1-based) of `rounds` under train.lr_schedule."""
+    if train.lr_schedule == "constant" or rounds <= 1:
+        return train.lr
+    progress = min(max(server_round - 1, 0) / (rounds - 1), 1.0)
+    return train.lr * (train.lr_floor + (1 - train.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Share of the round's rate at local step `step` (0-based): rising linearly over the first warmup_steps."""
+    return 1.0 if step >= warmup_steps else (step + 1) / (warmup_steps + 1)
 
 
 def batches(examples: list[Example], batch_size: int, rng: np.random.Generator):
@@ -96,7 +110,9 @@ def train_local(
     loaded_model.train()
     losses, seen = [], 0
     with local_dp.per_example_gradients(loaded_model) if dp else nullcontext():
-        for _ in range(cfg.local_steps):
+        for step in range(cfg.local_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * warmup_factor(step, cfg.warmup_steps)
             picked = next(stream)
             if picked:
                 batch = {k: v.to(device) for k, v in make_batch(picked, tokenizer, task, label_names, max_length, prompt_format).items()}

@@ -31,7 +31,7 @@ from fedlora.aggregate.split import SPLITS, local_layout
 from fedlora.config import Config
 from fedlora.evaluate import EvalResult, evaluate
 from fedlora.train import train_local
-from participant.runtime import ParticipantRuntime, local_seed, training_examples
+from participant.runtime import ParticipantRuntime, local_seed, round_train, training_examples
 
 PERSONAL = "personal"
 OWN_PART = "fedlora.own_part"  # context.state ArrayRecord: this site's own tensors (a split's local part, a distiller's adapter)
@@ -56,7 +56,7 @@ def personalise(
         load_adapter_vector(runtime.loaded.model, personal, runtime.layout)
     else:
         load_adapter_vector(runtime.loaded.model, global_vector, runtime.layout)
-        steps = dataclasses.replace(cfg.train, local_steps=cfg.federation.personalization_steps)
+        steps = dataclasses.replace(round_train(cfg, server_round), local_steps=cfg.federation.personalization_steps)
         with aggregator_for(cfg).training(runtime.loaded.model):  # the mode's trainable part, as in a round (sb: R only)
             train_local(
                 runtime.loaded.model, runtime.loaded.tokenizer, training_examples(cfg, runtime), steps, cfg.model.task,

@@ -27,13 +27,13 @@ from fedlora.aggregate import aggregator_for
 from fedlora.aggregate.split import local_layout
 from fedlora.atomic import read_json, write_json_atomic
 from fedlora.attacks import DATA_ATTACKS, BadData, choose_adversaries, parse_bad_data
-from fedlora.config import Config, ModelSection
+from fedlora.config import Config, ModelSection, TrainSection
 from fedlora.data import Example, answer_choices, banded, load_examples
 from fedlora.model import LoadedModel, load_model
 from fedlora.partition import Shard, shard_for, split_holdout
 from fedlora.precision import in_format, parse_site_models, parse_site_precision
 from fedlora.privacy.clipping import clip
-from fedlora.train import train_local
+from fedlora.train import round_lr, train_local
 from participant.site import refuse, site_of
 
 
@@ -119,6 +119,11 @@ def get_runtime(cfg: Config, node_config: dict[str, Any], own_rank: bool = False
         _MODEL[key] = (loaded, layout, initial)
     loaded, layout, initial = _MODEL[key]
     return ParticipantRuntime(loaded, layout, shard, partition_id, rank, site, initial)
+
+
+def round_train(cfg: Config, server_round: int) -> TrainSection:
+    """[train] with this round's rate under train.lr_schedule (over the planned federation.rounds)."""
+    return dataclasses.replace(cfg.train, lr=round_lr(cfg.train, server_round, cfg.federation.rounds))
 
 
 def local_seed(cfg: Config, server_round: int, partition_id: int) -> int:
@@ -252,7 +257,7 @@ def train_round(
                 runtime.loaded.model,
                 runtime.loaded.tokenizer,
                 examples,
-                cfg.train,
+                round_train(cfg, server_round),
                 cfg.model.task,
                 runtime.loaded.label_names,
                 cfg.data.max_length,
