@@ -11,6 +11,10 @@ attacker:
   frozen-a        lora.mode=frozen-a at the default lora.frozen_a_gain
   robust@0        examples/robust.toml (geometric median, clipping, quarantine) at PEFT's init
   robust          examples/robust.toml as shipped
+  fedavg+cosine   fedavg with train.lr_schedule=cosine (issue 28: a schedule that lets rounds settle)
+  frozen-a+cosine frozen-a with train.lr_schedule=cosine
+  fedavg+warmup   fedavg with train.warmup_steps=5 (a quarter of each round's steps)
+  frozen-a+warmup frozen-a with train.warmup_steps=5
 
 on `TASKS` (tables with 2, 3 and 4+ classes) x `PARTITIONS`, `PARTICIPANTS` participants, every one
 in every round, `ROUNDS` rounds of `LOCAL_STEPS` steps. The number is the final round's held-out
@@ -79,6 +83,10 @@ CONFIGS: dict[str, tuple[str | None, list[str]]] = {
     "frozen-a": (None, ["lora.mode=frozen-a"]),
     "robust@0": (EXAMPLE, ["lora.frozen_a_gain=0"]),
     "robust": (EXAMPLE, []),
+    "fedavg+cosine": (None, ["lora.mode=fedavg", "train.lr_schedule=cosine"]),
+    "frozen-a+cosine": (None, ["lora.mode=frozen-a", "train.lr_schedule=cosine"]),
+    "fedavg+warmup": (None, ["lora.mode=fedavg", "train.warmup_steps=5"]),
+    "frozen-a+warmup": (None, ["lora.mode=frozen-a", "train.warmup_steps=5"]),
 }
 
 
