@@ -168,9 +168,10 @@ def summary(payload: dict[str, Any]) -> dict[tuple, dict[str, float]]:
 
 def markdown(payload: dict[str, Any]) -> str:
     configs = list(CONFIGS)
-    seeds = sorted({c["seed"] for c in payload["cells"]})
+    seeds = {config: sorted({c["seed"] for c in payload["cells"] if c["config"] == config}) for config in configs}
     lines = [
-        f"Final-round held-out accuracy (mean of seeds {seeds}); in brackets the points behind fedavg "
+        "Final-round held-out accuracy, the mean over each config's seeds "
+        f"({'; '.join(f'{config} {seeds[config]}' for config in configs)}); in brackets the points behind fedavg "
         f"(target: at most {TARGET_POINTS:g}); `@0` = lora.frozen_a_gain=0 (PEFT's init), fedlora before the fix.",
         "",
         "| task | partition | majority | " + " | ".join(configs) + " |",
