@@ -29,7 +29,7 @@ records the majority class and `fedlora.baseline`'s logistic regression on the p
 On `diabetes` (eight numeric fields only) centralised MiniLM + LoRA stays at the majority class after
 200 steps at lr 3e-3 and 1e-2, so no method separates from another there.
 
-    python benchmarks/quality.py --quick                # smoke run of every code path (about 1 min)
+    python benchmarks/quality.py --quick                # smoke run of every code path (4 min on 2 busy cores)
     python benchmarks/quality.py --models tiny-llama --tasks stress --seeds 0 1 2 --rounds 8 --local-steps 10 \
         --federated fedavg+fedavg frozen-a+fedavg exact+fedavg --personal finetune local-b   # 24 min on 2 cores
     python benchmarks/quality.py --report benchmarks/results/quality-stress-tiny-llama.json
