@@ -44,7 +44,9 @@ import json
 import math
 import multiprocessing
 import os
+import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -239,8 +241,6 @@ def run_coordinated(cfg: Config, shards: list[Shard], labels: list[str], start: 
     """The same federation through the real Coordinator and participant ClientApp (`federation.run_federation`):
     every round's global adapter, read back from the run's checkpoints, scored like the in-process methods; and
     what the coordinator reported of the run (epsilon spent, its own pooled accuracy)."""
-    import tempfile
-
     from coordinator.checkpoint import VERSION_CHECKPOINTS, load_checkpoint
     from federation import run_federation
 
@@ -294,8 +294,6 @@ def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards:
 def reference_points(cfg: Config, shards: list[Shard]) -> dict[str, float]:
     """The majority class (the commonest answer over every test split, as the coordinator reports it) and the
     linear baseline on the pooled raw columns (simulation only), on exactly these shards."""
-    from collections import Counter
-
     from fedlora.baseline import linear_baseline
     from fedlora.data import label_column
 
