@@ -1,8 +1,8 @@
 """Held-out quality of federated LoRA against centralised and local-only training.
 
-On a non-IID split of a built-in clinical task (Dirichlet alpha=0.3 label skew, and a natural
-split by age band), for the pretrained MiniLM encoder (classification) and the built-in tiny
-Llama (generation), at equal local compute:
+On non-IID splits of built-in clinical tasks (`--tasks`: Dirichlet alpha=0.3 label skew, and a
+natural split by a column of each task's own, `TASKS`), for the pretrained MiniLM encoder
+(classification) and the built-in tiny Llama (generation), on an NF4 base, at equal local compute:
 
 - centralised: one LoRA trained on the pooled training records, `participants x local_steps`
   steps per round (the whole federation's compute), scored on every participant's test split;
@@ -14,21 +14,25 @@ Llama (generation), at equal local compute:
   and reported like local-only: `finetune:<local_steps>` (each round, every participant fine-tunes
   the fedavg global adapter on its own records, `participant.personal.personalise`), `local-head`
   (each participant keeps its own classification head; MiniLM only) and `local-b` (FedSA-LoRA:
-  lora_A shared, each participant's lora_B its own), all over fedavg.
+  lora_A shared, each participant's lora_B its own), all over fedavg;
+- secure (`--secure MODE`, default frozen-a, the mode every secure or private run relies on): the
+  same federation through `federation.run_federation` (the real Coordinator, SecAgg+ stages and
+  participant ClientApp) with `secagg.enabled=true`, once without DP and once at user-level
+  epsilon 8 (delta 1e-5) with distributed DP, every round's global adapter scored like the others.
 
-Everything runs in this one process, without Ray, through the same functions the Flower apps
-call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
-(mean, server optimiser, re-factorisation) and `fedlora.evaluate.evaluate`.
+The in-process methods run in this one process, without Ray, through the same functions the Flower
+apps call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
+(mean, server optimiser, re-factorisation) and `fedlora.evaluate.evaluate`. Each scenario also
+records the majority class and `fedlora.baseline`'s logistic regression on the pooled raw columns;
+`summary` gives each method's mean and spread over seeds and a met/missed line per target of issue 28.
 
-The default task is `hypertension` (1985 records, text fields such as "BP_History: Normal" and
-"Medication: Diuretic"): MiniLM + LoRA learns it from the record text. On `diabetes` (eight
-numeric fields only) centralised MiniLM + LoRA stays at the majority class after 200 steps at
-lr 3e-3 and 1e-2, so no method separates from another there.
+On `diabetes` (eight numeric fields only) centralised MiniLM + LoRA stays at the majority class after
+200 steps at lr 3e-3 and 1e-2, so no method separates from another there.
 
-    python benchmarks/quality.py                        # hypertension, both models, both splits (~1 h on 2 cores)
-    python benchmarks/quality.py --dataset breast-cancer --models minilm --rounds 6
-    python benchmarks/quality.py --quick                # smoke run of every code path (about 1 min)
-    python benchmarks/quality.py --models minilm --splits dirichlet:0.3 --federated fedavg+fedavg --seeds 0 1 2
+    python benchmarks/quality.py --quick                # smoke run of every code path (4 min on 2 busy cores)
+    python benchmarks/quality.py --models tiny-llama --tasks stress --seeds 0 1 2 --rounds 8 --local-steps 10 \
+        --federated fedavg+fedavg frozen-a+fedavg exact+fedavg --personal finetune local-b   # 24 min on 2 cores
+    python benchmarks/quality.py --report benchmarks/results/quality-stress-tiny-llama.json
 
 Scenarios run in parallel processes (`--jobs`, default 2) with one torch thread each.
 """
@@ -40,7 +44,9 @@ import json
 import math
 import multiprocessing
 import os
+import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -67,7 +73,9 @@ MODELS = {
     "minilm": ["model.name=builtin:minilm", "model.task=classification"],
     "tiny-llama": ["model.name=builtin:tiny-llama", "model.task=generation"],
 }
-SPLITS = ["dirichlet:0.3", "natural:Age"]
+# Built-in tasks (fedlora/data.py BUILTIN_TASKS) -> the column of their natural split: three tables, two and three classes.
+TASKS = {"hypertension": "Age", "stress": "headache", "cardiovascular": "age"}
+SPLITS = ["dirichlet:0.3", "natural"]  # "natural": the task's own column in TASKS
 FEDERATED = [(mode, opt) for mode in ("fedavg", "frozen-a", "exact") for opt in ("fedavg", "fedadam")]
 TARGET_SHARE = 0.95
 PERSONALISED = "fedavg + fedavg, personalised"  # each participant's fine-tune, on its own split
@@ -77,6 +85,13 @@ PERSONAL_METHODS = {  # federation.personalization -> method name; each scored o
     "local-b": "fedavg + fedavg, local B",
 }
 SETTLED_ROUNDS = 3  # verdicts use the mean of the last rounds: a single round's accuracy swings by up to 0.2
+SECURE = "secure aggregation"
+EPSILON = 8.0  # the private cell's user-level epsilon, at DELTA over the run's rounds with every participant in every round
+DELTA = 1e-5
+CLIP_SHARE = 0.55  # DP clip norm / median honest update norm, benchmarks/privacy.py's rule: every update is clipped
+MARGIN = 0.05  # targets: 5 points above the majority class where the linear baseline is 5 points above it
+PERSONAL_SHARE = 0.8  # targets: the best personalisation beats local-only on this share of participants' own splits
+FROZEN_GAP = 0.03  # targets: the secure-compatible mode within 3 points of fedavg at the final round
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,7 @@ class Scale:
     local_steps: int = 5
     batch_size: int = 8
     lr: float = 3e-3  # train.lr's default, not tuned per method
-    quantization: str = "none"  # NF4 on CPU costs minilm 2-3x per step; `--quantization nf4` for the QLoRA base
+    quantization: str = "nf4"  # the QLoRA base; NF4 on CPU costs minilm 2-3x per step (`--quantization none`)
     max_examples: int = 800  # larger tables are capped to keep per-round evaluation cheap
     seed: int = 0
     dataset: str = "hypertension"
@@ -96,12 +111,14 @@ class Scale:
 
 # Per model, so each gets enough steps to leave the majority class: a MiniLM step costs ~10x a tiny-Llama step.
 FULL = {"minilm": Scale(rounds=10, local_steps=15), "tiny-llama": Scale(rounds=10, local_steps=40)}
-QUICK = Scale(participants=3, rounds=2, local_steps=2, batch_size=4, max_examples=150)
+# The smoke run covers NF4 through tiny Llama; MiniLM's NF4 step costs 2-3x and would triple its minutes.
+QUICK = {model: Scale(participants=3, rounds=2, local_steps=2, batch_size=4, max_examples=150, quantization=q)
+         for model, q in (("minilm", "none"), ("tiny-llama", "nf4"))}
 
 
 def scenario_config(
     model: str, split: str, scale: Scale, mode: str = "fedavg", server: str = "fedavg", local_steps: int = 0, personalization: str = "none",
-    server_lr: float = 0.0,
+    server_lr: float = 0.0, extra: tuple[str, ...] = (),
 ) -> Config:
     return load_config(
         None,
@@ -122,6 +139,7 @@ def scenario_config(
             f"train.batch_size={scale.batch_size}",
             f"train.lr={scale.lr}",
             f"federation.personalization={personalization}",
+            *extra,
         ],
     )
 
@@ -186,6 +204,7 @@ def run_federated(cfg: Config, shards: list[Shard], labels: list[str], start: di
         load_adapter_vector(loaded.model, vector, layout)
         row = {"round": server_round, **score(loaded, cfg, shards)}
         row["mean_cosine_to_aggregate"] = float(np.mean([u["cosine_to_aggregate"] for u in step.metrics["participant_updates"]]))
+        row["update_norms"] = [float(np.linalg.norm(c.upload)) for c in contributions]  # what a DP clip norm is chosen from
         if fed.personalization != "none":
             row["personal"] = own_split_row([personalise(r, cfg, vector, server_round, own[r.partition_id])[1] for r in runtimes])
             load_adapter_vector(loaded.model, vector, layout)
@@ -218,11 +237,77 @@ def run_alone(cfg: Config, shard: Shard, partition_id: int, labels: list[str], e
     return curve
 
 
-def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str, str]], personal: list[str]) -> dict[str, Any]:
+def run_coordinated(cfg: Config, shards: list[Shard], labels: list[str], start: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The same federation through the real Coordinator and participant ClientApp (`federation.run_federation`):
+    every round's global adapter, read back from the run's checkpoints, scored like the in-process methods; and
+    what the coordinator reported of the run (epsilon spent, its own pooled accuracy)."""
+    from coordinator.checkpoint import VERSION_CHECKPOINTS, load_checkpoint
+    from federation import run_federation
+
+    loaded, _, layout = fresh_model(cfg, labels)
+    with tempfile.TemporaryDirectory() as run_dir:
+        rows, _ = run_federation(cfg, Path(run_dir))
+        curve = [{"round": 0, **start}]
+        for server_round in range(1, cfg.federation.rounds + 1):
+            state = load_checkpoint(Path(run_dir) / VERSION_CHECKPOINTS / f"round-{server_round:04d}.npz")
+            load_adapter_vector(loaded.model, np.asarray(state["adapter"], dtype=np.float32), layout)
+            curve.append({"round": server_round, **score(loaded, cfg, shards)})
+    trained = [r for r in rows[1:] if "stopped" not in r]
+    reported = {
+        "rounds_applied": sum(bool(r.get("applied", True)) for r in trained),
+        "epsilon": trained[-1].get("epsilon", math.inf) if trained else math.inf,
+        "coordinator_eval_accuracy": rows[-1].get("eval_accuracy", math.nan),
+    }
+    return curve, reported
+
+
+def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards: list[Shard], labels: list[str], start: dict[str, Any],
+                 methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each mode under secure aggregation (one secure sum per round, default clip norm) and then at epsilon 8.
+
+    DP is distributed (secagg.enabled=true): each participant adds its share of the noise before masking, so
+    nobody sees an un-noised sum, the deployment a consortium would run. Every participant takes part in every
+    round (q = 1, no amplification); the noise multiplier is `noise_for_budget`'s for epsilon 8 over the rounds,
+    the clip norm CLIP_SHARE times the median honest update norm of the same mode's in-process run here (as
+    benchmarks/privacy.py chooses it from no-DP runs): chosen from the data, so it is a benchmark's choice, not a
+    private one."""
+    from fedlora.privacy.accountant import noise_for_budget
+
+    secure = ("secagg.enabled=true", "secagg.bucket_size=0", f"federation.eval_every={scale.rounds}")
+    noise = noise_for_budget(1.0, scale.rounds, DELTA, EPSILON)
+    settings: dict[str, Any] = {"dp": "distributed", "epsilon": EPSILON, "delta": DELTA, "sample_rate": 1.0, "noise_multiplier": noise, "clip_norms": {}}
+    for mode in modes:
+        honest = methods.get(f"{mode} + fedavg")
+        if honest is None:
+            raise ValueError(f"--secure {mode}: the DP clip norm is chosen from the in-process {mode}+fedavg run; add it to --federated")
+        clip_norm = round(CLIP_SHARE * float(np.median([n for row in honest[1:] for n in row["update_norms"]])), 4)
+        settings["clip_norms"][mode] = clip_norm
+        private = (*secure, f"robust.clip_norm={clip_norm}", f"privacy.noise_multiplier={noise}", f"privacy.delta={DELTA}")
+        for name, extra in ((f"{mode} + fedavg, {SECURE}", secure), (f"{mode} + fedavg, {SECURE}, epsilon {EPSILON:g}", private)):
+            curve, reported = run_coordinated(scenario_config(model, split, scale, mode, extra=extra), shards, labels, start)
+            curve[-1]["coordinator"] = reported
+            methods[name] = curve
+            print(f"  {model} {split} {name}: accuracy {curve[-1]['accuracy']:.3f}", flush=True)
+    return settings
+
+
+def reference_points(cfg: Config, shards: list[Shard]) -> dict[str, float]:
+    """The majority class (the commonest answer over every test split, as the coordinator reports it) and the
+    linear baseline on the pooled raw columns (simulation only), on exactly these shards."""
+    from fedlora.baseline import linear_baseline
+    from fedlora.data import label_column
+
+    tests = [e.response for s in shards for e in s.test]
+    baseline = linear_baseline([e for s in shards for e in s.train], [e for s in shards for e in s.test], label_column(cfg.data))
+    return {"majority": Counter(tests).most_common(1)[0][1] / len(tests), "linear_baseline": baseline.accuracy}
+
+
+def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str, str]], personal: list[str], secure: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     base = scenario_config(model, split, scale)
     shards, labels = shards_for(base)
     methods: dict[str, list[dict[str, Any]]] = {}
+    references = reference_points(base, shards)
 
     start = score(fresh_model(base, labels)[0], base, shards)
     pooled = Shard(*banded([e for s in shards for e in s.train], [e for s in shards for e in s.test], base.data))  # pooled bands
@@ -257,6 +342,7 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
         curve = run_federated(scenario_config(model, split, scale, personalization=personalization), shards, labels, start)
         methods[name] = [{"round": 0, **methods["local-only"][0]}] + [{"round": row["round"], **row["personal"]} for row in curve[1:]]
         print(f"  {model} {split} {name}: accuracy {methods[name][-1]['accuracy']:.3f}", flush=True)
+    private = secure_cells(model, split, scale, secure, shards, labels, start, methods) if secure else None
 
     return {
         "model": model,
@@ -267,20 +353,22 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
             {"train": len(s.train), "test": len(s.test), "labels": {name: sum(e.response == name for e in s.train) for name in labels}}
             for s in shards
         ],
+        **references,
+        "secure_settings": private,
         "methods": methods,
         "verdict": verdict(methods),
         "seconds": round(time.monotonic() - started, 1),
     }
 
 
-def scenario_job(job: tuple[str, str, Scale, int, list[tuple[str, str]], list[str]]) -> dict[str, Any]:
+def scenario_job(job: tuple[str, str, Scale, int, list[tuple[str, str]], list[str], list[str]]) -> dict[str, Any]:
     """One scenario in a worker process with its own torch thread count."""
     import torch
 
-    model, split, scale, threads, federated, personal = job
+    model, split, scale, threads, federated, personal, secure = job
     torch.set_num_threads(threads)
-    print(f"{model} / {split} / seed {scale.seed} ...", flush=True)
-    return run_scenario(model, split, scale, federated, personal)
+    print(f"{model} / {scale.dataset} / {split} / seed {scale.seed} ...", flush=True)
+    return run_scenario(model, split, scale, federated, personal, secure)
 
 
 def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -327,6 +415,127 @@ def personalised_verdict(final: dict[str, dict[str, Any]], local: list[float]) -
                 "beats_local_only_on_every_split": all(p > l for p, l in zip(personal, local)),
             }
     return {"personalised": out} if out else {}
+
+
+OWN_SPLIT = ("local-only", *PERSONAL_METHODS.values())  # scored by each participant on its own split only
+
+
+def spread(values: list[float]) -> float:
+    """The sample standard deviation over seeds (n - 1); 0 for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, task, split): every method's settled accuracy per seed with its mean and spread (own-split
+    methods example-weighted over the participants' test splits), and the issue's targets, each met or missed."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for scenario in results:
+        groups.setdefault((scenario["model"], scenario["dataset"], scenario["split"]), []).append(scenario)
+    out = []
+    for (model, task, split), scenarios in groups.items():
+        scenarios.sort(key=lambda sc: sc["scale"]["seed"])
+        names = [n for n in scenarios[0]["methods"] if all(n in sc["methods"] for sc in scenarios)]
+        methods = {}
+        for name in names:
+            per_seed = []
+            for sc in scenarios:
+                mean = settled(sc["methods"][name])
+                sizes = [p["test"] for p in sc["participants"]]
+                local = settled(sc["methods"]["local-only"])["per_participant_accuracy"]
+                own = mean["per_participant_accuracy"]
+                per_seed.append({
+                    "accuracy": float(np.average(own, weights=sizes)) if name in OWN_SPLIT else mean["accuracy"],
+                    "final_round": sc["methods"][name][-1]["accuracy"],
+                    "against_local_only": [int(np.sign(o - lo)) for o, lo in zip(own, local)] if name != "centralised" else [],
+                })
+            accuracies = [r["accuracy"] for r in per_seed]
+            methods[name] = {
+                "seeds": per_seed,
+                "mean": float(np.mean(accuracies)),
+                "spread": spread(accuracies),
+                "final_round_mean": float(np.mean([r["final_round"] for r in per_seed])),
+            }
+        group: dict[str, Any] = {"model": model, "task": task, "split": split, "seeds": [sc["scale"]["seed"] for sc in scenarios]}
+        for reference in ("majority", "linear_baseline"):  # absent from runs before issue 28's grid
+            group[f"{reference}_by_seed"] = [sc.get(reference, math.nan) for sc in scenarios]
+            group[reference] = float(np.mean(group[f"{reference}_by_seed"]))
+        group["methods"] = methods
+        group["targets"] = targets(group)
+        out.append(group)
+    return out
+
+
+def targets(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 28's targets on one (model, task, split), over seeds: each a dict with `met` and the numbers behind it."""
+    methods, majority = group["methods"], group["majority"]
+    global_names = [n for n in methods if n not in ("centralised", *OWN_SPLIT)]
+    out = []
+    if group["linear_baseline"] - majority >= MARGIN:
+        below = [n for n in global_names if methods[n]["mean"] < majority + MARGIN]
+        out.append({
+            "target": f"every federated mode >= majority + {MARGIN:g} (linear baseline {group['linear_baseline']:.3f}, majority {majority:.3f})",
+            "met": not below, "detail": "below: " + ", ".join(f"{n} {methods[n]['mean']:.3f}" for n in below) if below else "all above",
+        })
+    else:
+        why = (f"the linear baseline ({group['linear_baseline']:.3f}) is not {MARGIN:g} above the majority ({majority:.3f})"
+               if math.isfinite(group["linear_baseline"] - majority) else "the run recorded no majority class or linear baseline")
+        out.append({"target": f"every federated mode >= majority + {MARGIN:g}", "met": None, "detail": f"not applicable: {why}"})
+    personal = [n for n in methods if n in PERSONAL_METHODS.values()]
+    if personal and "local-only" in methods:
+        best = max(personal, key=lambda n: methods[n]["mean"])
+        signs = [s for seed in methods[best]["seeds"] for s in seed["against_local_only"]]
+        gaps = [b["accuracy"] - lo["accuracy"] for b, lo in zip(methods[best]["seeds"], methods["local-only"]["seeds"])]
+        share, gap, gap_spread = sum(s > 0 for s in signs) / len(signs), float(np.mean(gaps)), spread(gaps)
+        out.append({
+            "target": f"best personalisation beats local-only on >= {PERSONAL_SHARE:.0%} of own splits and on the weighted mean by more than the seed spread",
+            "met": share >= PERSONAL_SHARE and gap > gap_spread,
+            "detail": f"{best}: better on {sum(s > 0 for s in signs)}, tied on {signs.count(0)}, worse on {sum(s < 0 for s in signs)} "
+                      f"of {len(signs)} ({share:.0%}); weighted mean {gap:+.3f} against a seed spread of the difference of {gap_spread:.3f}",
+        })
+    if global_names and "centralised" in methods:
+        best = max(global_names, key=lambda n: methods[n]["mean"])
+        share = methods[best]["mean"] / methods["centralised"]["mean"]
+        out.append({"target": f"best global adapter >= {TARGET_SHARE:.0%} of centralised", "met": share >= TARGET_SHARE,
+                    "detail": f"{best} {methods[best]['mean']:.3f} = {share:.1%} of centralised {methods['centralised']['mean']:.3f}"})
+    frozen, fedavg = methods.get("frozen-a + fedavg"), methods.get("fedavg + fedavg")
+    if frozen and fedavg:
+        gap = frozen["final_round_mean"] - fedavg["final_round_mean"]
+        out.append({"target": f"frozen-a within {FROZEN_GAP * 100:g} points of fedavg at the final round (or above it)", "met": gap >= -FROZEN_GAP,
+                    "detail": f"frozen-a {frozen['final_round_mean']:.3f}, fedavg {fedavg['final_round_mean']:.3f} ({gap:+.3f})"})
+    return out
+
+
+def summary_markdown(groups: list[dict[str, Any]]) -> str:
+    """Per (model, task, split): a row per method with each seed's settled accuracy, mean (sd) and, against
+    local-only on the participants' own splits, better / tied / worse; then a line per target."""
+    lines = []
+    for g in groups:
+        seeds = g["seeds"]
+        lines += [
+            f"**{g['model']}, {g['task']}, {g['split']}**: majority class {g['majority']:.3f}, linear baseline {g['linear_baseline']:.3f} "
+            f"(means over seeds {', '.join(map(str, seeds))})",
+            "",
+            "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (sd) | final round | better / tied / worse than local-only |",
+            "|---|" + "---:|" * len(seeds) + "---:|---:|---|",
+            *(
+                f"| {label} | " + " | ".join(f"{a:.3f}" for a in g[f"{key}_by_seed"])
+                + f" | {g[key]:.3f} ({spread(g[f'{key}_by_seed']):.3f}) | — | — |"
+                for label, key in (("majority class", "majority"), ("linear baseline (pooled raw columns)", "linear_baseline"))
+            ),
+        ]
+        for name, m in g["methods"].items():
+            signs = [s for seed in m["seeds"] for s in seed["against_local_only"]]
+            against = "—" if name in ("centralised", "local-only") else f"{signs.count(1)} / {signs.count(0)} / {signs.count(-1)}"
+            lines.append(
+                f"| {name} | " + " | ".join(f"{r['accuracy']:.3f}" for r in m["seeds"])
+                + f" | {m['mean']:.3f} ({m['spread']:.3f}) | {m['final_round_mean']:.3f} | {against} |"
+            )
+        lines.append("")
+        for t in g["targets"]:
+            verdict_word = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+            lines.append(f"- {verdict_word}: {t['target']}: {t['detail']}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -393,9 +602,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every method (not for the docs)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--splits", nargs="+", default=SPLITS)
-    parser.add_argument("--dataset", help="built-in task (default hypertension); results go to quality-<dataset>.json")
-    parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: none)")
+    parser.add_argument("--splits", nargs="+", default=SPLITS, help="partitions; 'natural' is each task's own column (TASKS)")
+    parser.add_argument("--tasks", nargs="+", default=["hypertension"], choices=list(TASKS),
+                        help="built-in tasks (default hypertension); results go to quality-<tasks>[-<models>].json")
+    parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: nf4)")
     parser.add_argument("--rounds", type=int, help="federated rounds (default 10)")
     parser.add_argument("--local-steps", type=int, help="steps per participant per round (default minilm 15, tiny-llama 40)")
     parser.add_argument("--federated", nargs="+", default=[f"{m}+{o}" for m, o in FEDERATED], metavar="MODE+SERVER[@LR]",
@@ -403,6 +613,9 @@ def main() -> None:
                         "(default: every mode with fedavg and fedadam at their default rates)")
     parser.add_argument("--personal", nargs="*", default=list(PERSONAL_METHODS), choices=list(PERSONAL_METHODS),
                         help="personalised methods to run (default all; none: --personal with no value)")
+    parser.add_argument("--secure", nargs="*", default=["frozen-a"], choices=["frozen-a", "fedavg"], metavar="MODE",
+                        help=f"lora modes also run through the real Coordinator under secure aggregation, and at epsilon {EPSILON:g} "
+                        "(default frozen-a; each needs MODE+fedavg in --federated; none: --secure with no value)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="federation seeds: one scenario each (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel processes (default 2, one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: with several "
@@ -413,30 +626,32 @@ def main() -> None:
     if args.report:
         report(args.report)
         return
-    overrides = {"quantization": args.quantization, "rounds": args.rounds, "local_steps": args.local_steps, "dataset": args.dataset}
+    overrides = {"quantization": args.quantization, "rounds": args.rounds, "local_steps": args.local_steps}
     scales = {
-        model: replace(QUICK if args.quick else FULL[model], **{k: v for k, v in overrides.items() if v})
+        model: replace((QUICK if args.quick else FULL)[model], **{k: v for k, v in overrides.items() if v})
         for model in args.models
     }
-    dataset = scales[args.models[0]].dataset
-    name = f"quality-{dataset}" + ("" if len(args.models) == len(MODELS) else "-" + "-".join(args.models))
+    name = "quality-" + "-".join(args.tasks) + ("" if len(args.models) == len(MODELS) else "-" + "-".join(args.models))
     out = args.out or RESULTS / f"{name}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     federated = [tuple(pair.split("+", 1)) for pair in args.federated]
     jobs = [
-        (model, split, replace(scales[model], seed=seed), args.threads, federated, args.personal)
-        for seed in args.seeds for model in args.models for split in args.splits
+        (model, f"natural:{TASKS[task]}" if split == "natural" else split, replace(scales[model], seed=seed, dataset=task),
+         args.threads, federated, args.personal, args.secure)
+        for seed in args.seeds for task in args.tasks for model in args.models for split in args.splits
     ]
     results: list[dict[str, Any]] = []  # each scenario records its own scale
     payload = {"processes": max(1, args.jobs), "torch_threads_per_process": args.threads, "cpu_count": os.cpu_count()}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         for result in pool.map(scenario_job, jobs):  # written as each finishes, so a crash keeps finished scenarios
             results.append(result)
-            payload |= {"seconds": round(time.monotonic() - started, 1), "complete": len(results) == len(jobs), "scenarios": results}
+            payload |= {"seconds": round(time.monotonic() - started, 1), "complete": len(results) == len(jobs), "scenarios": results,
+                        "summary": summary(results)}
             out.write_text(json.dumps(payload, indent=2) + "\n")
             plot(results, out.with_suffix(".png"))
     print(markdown(results))
+    print(summary_markdown(payload["summary"]))
     print(f"wrote {out} and {out.with_suffix('.png')} in {payload['seconds']:.0f} s")
 
 
@@ -445,9 +660,11 @@ def report(path: Path) -> None:
     payload = json.loads(path.read_text())
     for scenario in payload["scenarios"]:
         scenario["verdict"] = verdict(scenario["methods"])
+    payload["summary"] = summary(payload["scenarios"])
     path.write_text(json.dumps(payload, indent=2) + "\n")
     plot(payload["scenarios"], path.with_suffix(".png"))
     print(markdown(payload["scenarios"]))
+    print(summary_markdown(payload["summary"]))
 
 
 if __name__ == "__main__":
