@@ -586,6 +586,12 @@ class Coordinator:
             "prompt_format": asdict(self.adapter.prompt_format),  # how `fedlora generate` must ask
             "label_names": self.label_names,  # the classes (or answer choices) it picks among
         }
+        if "distillation" in row:  # the public prompts every party checked, and the soft targets this round made
+            facts["distillation"] = {
+                "variant": self.cfg.distillation.variant,
+                "public_sha256": self.cfg.distillation.public_sha256,
+                "soft_targets_sha256": row["distillation"]["soft_targets_sha256"],
+            }
         if self.dp:  # who took part, how many, and un-noised losses are not released (docs/decisions.md)
             return facts | {"epsilon": row.get("epsilon"), "delta": row.get("delta"), "adjacency": "add/remove one participant"}
         return facts | {

@@ -299,3 +299,17 @@ def test_the_adapter_part_gives_way_so_the_whole_upload_keeps_clip_norm() -> Non
     adapter, block = split_upload(upload, PROMPTS * 2)
     assert np.linalg.norm(adapter) == pytest.approx(np.sqrt(1.2**2 - 1.0), rel=1e-4)  # clipped to what the block leaves
     assert np.linalg.norm(block) <= 1.0 + 1e-6 and np.linalg.norm(upload) <= 1.2 + 1e-5
+
+
+def test_a_signed_version_names_the_public_prompts_and_the_soft_targets_its_round_made(tmp_path: Path) -> None:
+    import json
+
+    from fedlora.wire import targets_sha256
+
+    _, rows = run(tmp_path)
+    facts = json.loads((tmp_path / "adapters" / "final" / "manifest.json").read_text())["facts"]
+    assert facts["distillation"] == {
+        "variant": "with-averaging", "public_sha256": SHA, "soft_targets_sha256": targets_sha256(round_targets(tmp_path, len(rows) - 1)),
+    }
+    round_one = json.loads((tmp_path / "adapters" / "round-0001" / "manifest.json").read_text())["facts"]
+    assert round_one["distillation"]["soft_targets_sha256"] == targets_sha256(round_targets(tmp_path, 1)) != facts["distillation"]["soft_targets_sha256"]
