@@ -232,10 +232,9 @@ def train_round(
     distill = cfg.distillation
     prompts = public_prompts_for(cfg, runtime, server_round) if distill.enabled else []
     targets = checked_soft_targets(soft_targets, len(prompts), len(runtime.loaded.label_names)) if distill.enabled else None
-    prediction_only = distill.prediction_only
     aggregator = aggregator_for(cfg)
     global_layout = runtime.layout.with_rank(cfg.lora.r)
-    if prediction_only:  # this site's own adapter, trained on across rounds, on a base that may be its own
+    if distill.prediction_only:  # this site's own adapter, trained on across rounds, on a base that may be its own
         own = kept if kept is not None else runtime.initial if runtime.initial is not None else global_vector
         check_vector(own, runtime.layout.size, "this site's own adapter")
         start = np.array(own, dtype=np.float32, copy=True)
@@ -271,7 +270,7 @@ def train_round(
         if accountant is not None:
             save_local_accountant(cfg, runtime, accountant)
     trained, _ = adapter_vector(runtime.loaded.model)
-    if prediction_only:  # no parameters leave the site
+    if distill.prediction_only:  # no parameters leave the site
         upload = np.zeros(0, dtype=np.float32)
     else:
         upload = aggregator.encode_upload(trained - start, runtime.layout, global_layout, runtime.rank)
