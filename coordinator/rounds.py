@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from coordinator.checkpoint import CHECKPOINT, VERSION_CHECKPOINTS, load_checkpoint, save_checkpoint
 from coordinator.gather import Gathered, Member, Rejection, as_sent, error_reason, gather_plaintext, read_train_replies
+from coordinator.isolation import MESSAGE_TYPE as ISOLATION_MESSAGE, isolate_set_aside
 from coordinator.outcome import BUDGET, REFUSALS, read_outcome, refusal_stop
 from coordinator.outputs import GENERATION_LABELS, Lineage, RunDirectory, generation_note, majority_note
 from coordinator.participants import BOOK, ParticipantBook
@@ -46,6 +47,7 @@ from fedlora.config import Config, ModelSection
 from fedlora.distill import PredictionBlock, split_upload
 from fedlora.model import load_model, model_fingerprint
 from fedlora.prompts import PromptFormat
+from fedlora.privacy.ledger import combined_noise_multiplier
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.reputation import Reputation
 from fedlora.secagg.plan import RunBinding
@@ -393,8 +395,11 @@ class Coordinator:
                 gathered = gather_plaintext(self.simulate_attacks(members, server_round), self.upload_size, self.server_deltas, self.weights)
         gathered.skipped = rejected + gathered.skipped
         self.drop_excluded(gathered)
+        released = self.isolate(gathered, server_round) if sec.enabled else {}
         # Accounted once gathered, applied or not; against the coordinator, at the noise it saw each update in.
         seen = (seen_noise(gathered.row["secagg"]["buckets"]) if sec.enabled else {m.name: 0.0 for m in members}) if self.dp else {}
+        for name, alone in released.items():  # seen in its bucket's sum and alone
+            seen[name] = combined_noise_multiplier(*(z for z in (seen.get(name), alone) if z is not None))
         spent = self.dp.spend(server_round, seen) if self.dp else {}
         row = self.apply(server_round, len(sampled), gathered) | spent
         faulty = {r.participant for r in gathered.skipped if r.fault} | set(gathered.blamed)
@@ -496,6 +501,22 @@ class Coordinator:
             Rejection(name, f"left out during the round: {why[name]}" if name in why else f"left out with its bucket: {', '.join(sorted(why))} left during the round")
             for name in sorted(dropped)
         ]
+
+    def isolate(self, gathered: Gathered, server_round: int) -> dict[str, float]:
+        """Under distributed DP with rounds of isolation left: a set-aside bucket's members released alone
+        (coordinator/isolation.py); who was, at what noise multiplier."""
+        clip_norm = self.cfg.norm_screens[1]
+        if not (self.dp and self.dp.may_isolate() and clip_norm):
+            return {}
+        def send(nodes: list[int], content: RecordDict) -> dict[int, Message | None]:
+            return exchange(self.grid, nodes, content, ISOLATION_MESSAGE, server_round, self.cfg.secagg.timeout_s)
+
+        with self.timed("isolation"):
+            released = isolate_set_aside(gathered, self.server_length, clip_norm, self.dp.noise_multiplier * clip_norm, send, server_round)
+        if released:
+            self.dp.isolations_used += 1
+            gathered.row["secagg"]["isolation_rounds_used"] = self.dp.isolations_used
+        return released
 
     def screen(self, gathered: Gathered) -> int:
         """Set aside units that cannot be combined (their members skipped with the reason); how many."""

@@ -436,6 +436,15 @@ class SecaggSection:
         "~1e-3 (buckets of 10) to ~3e-3 (buckets of 50) in a bucket's mean; not with distributed DP).",
         32,
     )
+    isolation_rounds: int = _help(
+        "Distributed DP only: in up to this many rounds of the run, a bucket the screen sets aside is run again "
+        "member by member: each member sends the update it masked alone, with noise of std z C of its own, so a "
+        "member whose input is out of bound is blamed by name and its bucket's honest members are still summed. "
+        "An isolated member's update is then released twice in that round (z / sqrt(2) in all), so the accountant "
+        "charges the first this-many rounds at z / sqrt(2) whether or not they need it; sites consent with "
+        "policy.allow_isolation. 0 = off: a set-aside bucket takes its honest members with it.",
+        0,
+    )
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -459,6 +468,7 @@ class SecaggSection:
             f"must be 0 (auto) or an even number >= 2 (no odd-degree regular graph on an odd number of nodes), got {self.degree}",
         )
         _require(self.wire_bits in (32, 16), "secagg.wire_bits", f"must be 32 or 16, got {self.wire_bits}")
+        _require(self.isolation_rounds >= 0, "secagg.isolation_rounds", f"must be >= 0 (0 = off), got {self.isolation_rounds}")
 
 
 @dataclass
@@ -831,6 +841,12 @@ class Config:
     def _check_secagg(self) -> None:
         """Secure-aggregation settings that depend on the federation: bucket sizes, threshold, overflow."""
         sec = self.secagg
+        _require(
+            not sec.isolation_rounds or (sec.enabled and self.privacy.noise_multiplier > 0),
+            "secagg.isolation_rounds",
+            "isolates the members of a set-aside bucket with distributed DP's noise, so it needs secagg.enabled=true and "
+            "privacy.noise_multiplier > 0: without noise each member's update would reach the coordinator in the clear",
+        )
         if not sec.enabled:
             return
         from fedlora.secagg.plan import bucket_sizes, check_fixed_point, neighbourhood_degree, resolve_threshold

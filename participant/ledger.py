@@ -64,12 +64,18 @@ def check_charge(site: Path, charge: Charge, what: str, **details: Any) -> None:
         raise refuse(site, f"refused {what}: this site's privacy ledger ({LEDGER}) is at its limit: " + "; ".join(passed.values()), list(passed), **details)
 
 
-def record_charge(site: Path, key: str, charge: Charge, raise_only: bool = False) -> None:
-    """Charge one contribution (nothing if `key` is charged already), written before the contribution leaves."""
+def record_charge(site: Path, key: str, charge: Charge, raise_only: bool = False, costlier: bool = False) -> None:
+    """Charge one contribution (nothing if `key` is charged already; see `Ledger.charge` for the two
+    ways to replace a charge), written before the contribution leaves."""
     policy = policy_of(site)
     ledger = load_ledger(site, policy.delta)
-    if ledger.charge(key, charge, raise_only=raise_only):
+    if ledger.charge(key, charge, raise_only=raise_only, costlier=costlier):
         write_json_atomic(Path(site) / LEDGER, ledger.state_dict())
+
+
+def charged(site: Path, key: str) -> Charge | None:
+    """What the ledger holds for contribution `key` (None if nothing yet)."""
+    return load_ledger(site, policy_of(site).delta).entries.get(key)
 
 
 def record_contribution(

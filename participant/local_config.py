@@ -142,6 +142,14 @@ class PolicySection:
         0.0,
     )
     delta: float = _help("Delta at which this site's ledger states its epsilons and the two limits apply.", 1e-5)
+    allow_isolation: bool = _help(
+        "Under distributed DP, when the coordinator sets aside this site's bucket, send the update it masked again "
+        "alone, with noise z C of its own (secagg.isolation_rounds), so that it is still summed and a member that "
+        "cheated is blamed by name. The coordinator then sees this update twice in that round (noise z / sqrt(2) in "
+        "all), charged to this site's ledger first; at most once per round and in at most the rounds the run "
+        "accounts for. Off: such a request is refused and the bucket's honest members are left out of that round.",
+        False,
+    )
     allowed_base_sha256: list[str] = _help(
         "Base-model fingerprints this site fine-tunes for; empty = only its own model.sha256. A run must state "
         "model.sha256.",

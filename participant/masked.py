@@ -29,6 +29,10 @@ aggregation protects each sum, not a series of sums over updates the coordinator
 (docs/threat-model.md); distributed DP, charged per contribution by the site's own ledger, is the
 answer there.
 
+The record also keeps the run rounds in which the site released its masked input alone
+(`isolated`, participant/isolation.py): at most once per run round and in at most
+`secagg.isolation_rounds` rounds of a run, whatever a coordinator asks.
+
 Without a site directory (simulation) the record stays in `context.state`, as one configuration
 plays every part there and a run never resumes across processes.
 """
@@ -41,23 +45,37 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.atomic import read_json, write_json_atomic
 
-MASKED_FILE = "masked.json"  # {"masked": ["<config sha256>/<round>", ...], "trained_from": ["<adapter sha256>/<round>", ...]}
-MASKED = "secagg.masked"  # context.state ConfigRecord {"rounds": [...], "trained_from": [...]}: the same record without a site
+MASKED_FILE = "masked.json"  # {"masked": [...], "trained_from": [...], "isolated": [...]}: see `_record`
+MASKED = "secagg.masked"  # context.state ConfigRecord {"rounds": [...], "trained_from": [...], "isolated": [...]}: the same record without a site
 
 
 def run_round(config_sha256: str, server_round: int) -> str:
     return f"{config_sha256}/{server_round}"
 
 
-def masked_record(site: Path | None, state: RecordDict) -> tuple[list[str], list[str]]:
-    """Every run round this participant has masked an input for, and every (global adapter, round) those inputs were trained from."""
+def _record(site: Path | None, state: RecordDict) -> dict[str, list[str]]:
+    """{"masked": run rounds masked for, "trained_from": (adapter, round) pairs, "isolated": run rounds released alone}."""
     if site is not None:
         record = read_json(site / MASKED_FILE, {"masked": []})
-        return list(record["masked"]), list(record.get("trained_from", []))
+        return {"masked": list(record["masked"]), "trained_from": list(record.get("trained_from", [])), "isolated": list(record.get("isolated", []))}
     if MASKED not in state:
-        return [], []
+        return {"masked": [], "trained_from": [], "isolated": []}
     record = state[MASKED]
-    return [str(r) for r in record["rounds"]], [str(a) for a in record.get("trained_from", [])]
+    return {key: [str(r) for r in record.get(field, [])] for key, field in (("masked", "rounds"), ("trained_from", "trained_from"), ("isolated", "isolated"))}
+
+
+def _write(site: Path | None, state: RecordDict, record: dict[str, list[str]]) -> None:
+    """Written before what it records leaves (atomically, in a site directory)."""
+    if site is not None:
+        write_json_atomic(site / MASKED_FILE, record)
+    else:
+        state[MASKED] = ConfigRecord({"rounds": record["masked"], "trained_from": record["trained_from"], "isolated": record["isolated"]})
+
+
+def masked_record(site: Path | None, state: RecordDict) -> tuple[list[str], list[str]]:
+    """Every run round this participant has masked an input for, and every (global adapter, round) those inputs were trained from."""
+    record = _record(site, state)
+    return record["masked"], record["trained_from"]
 
 
 def replay_reason(site: Path | None, state: RecordDict, config_sha256: str, server_round: int, adapter_sha256: str) -> str | None:
@@ -76,10 +94,22 @@ def replay_reason(site: Path | None, state: RecordDict, config_sha256: str, serv
 
 def remember_masked(site: Path | None, state: RecordDict, config_sha256: str, server_round: int, adapter_sha256: str) -> None:
     """Record a run round and the (adapter, round) it trained from before its masked input leaves (crash-safe in a site directory)."""
-    rounds, trained_from = masked_record(site, state)
-    rounds = sorted({*rounds, run_round(config_sha256, server_round)})
-    trained_from = sorted({*trained_from, run_round(adapter_sha256, server_round)} if adapter_sha256 else set(trained_from))
-    if site is not None:
-        write_json_atomic(site / MASKED_FILE, {"masked": rounds, "trained_from": trained_from})
-    else:
-        state[MASKED] = ConfigRecord({"rounds": rounds, "trained_from": trained_from})
+    record = _record(site, state)
+    record["masked"] = sorted({*record["masked"], run_round(config_sha256, server_round)})
+    if adapter_sha256:
+        record["trained_from"] = sorted({*record["trained_from"], run_round(adapter_sha256, server_round)})
+    _write(site, state, record)
+
+
+def isolated_rounds(site: Path | None, state: RecordDict, config_sha256: str) -> list[int]:
+    """The rounds of the run of this configuration in which this participant released its masked update alone
+    (coordinator/isolation.py): at most once per run round, in at most `secagg.isolation_rounds` rounds."""
+    prefix = f"{config_sha256}/"
+    return sorted(int(entry[len(prefix):]) for entry in _record(site, state)["isolated"] if entry.startswith(prefix))
+
+
+def remember_isolated(site: Path | None, state: RecordDict, config_sha256: str, server_round: int) -> None:
+    """Record a run round's isolated release before it leaves."""
+    record = _record(site, state)
+    record["isolated"] = sorted({*record["isolated"], run_round(config_sha256, server_round)})
+    _write(site, state, record)

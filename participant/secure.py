@@ -66,6 +66,7 @@ from fedlora.secagg.plan import RunBinding, participant_skellam_mu, weighted_inp
 from fedlora.secure_wire import STAGE, STAGES, content_bytes, protocol_content, read_meta, read_protocol
 from fedlora.wire import Instruction, array_view, reply_content
 from participant import ledger
+from participant.isolation import ACTION as ISOLATE_ACTION, ISOLATION, keep_for_isolation, release_alone
 from participant.masked import remember_masked, replay_reason
 from participant.report import answered
 from participant.site import REPLAY, SETUP_TERMS, Refusal, min_bucket_size, record_event, refuse, remember_cards, site_identity, site_of
@@ -145,6 +146,8 @@ def keep_update(
     `sample_rate`: the run's q, for a deployed site's ledger (participant/ledger.py).
     """
     refuse_replay(context, terms.config_sha256, server_round, terms.adapter_sha256, "an update to hold")
+    if ISOLATION in context.state:  # an earlier round's copy is never released once another round starts
+        del context.state[ISOLATION]
     context.state[UPDATE] = ArrayRecord({"update": Array(np.ascontiguousarray(update, dtype=np.float32))})
     context.state[HELD] = ConfigRecord({
         "server_round": server_round, "num_examples": num_examples, "rounding_key": key, "adversary": adversary,
@@ -258,6 +261,7 @@ def mask_input(msg: Message, context: Context) -> Message:
             site, contribution_key(held), charge, context.run_id, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]),
             content_bytes(content), instance=state.round_id,
         )
+    keep_for_isolation(context, held, vector)  # only when the run plans isolated releases (participant/isolation.py)
     del context.state[UPDATE]  # masked at most once ...
     remember_masked(site, context.state, str(held["config_sha256"]), server_round, str(held["adapter_sha256"]))  # ... ever, before it leaves
     _save(context, state)
@@ -321,10 +325,24 @@ def unmask(msg: Message, context: Context) -> Message:
     return Message(protocol_content(response), reply_to=msg)
 
 
+def isolate(msg: Message, context: Context) -> Message:
+    """After the stages: release the input masked for the round named alone, noised (participant/isolation.py)."""
+    server_round = int(read_meta(msg.content)["server_round"])
+    if HELD not in context.state:
+        raise RuntimeError(f"holds no masked input of round {server_round} to release alone")
+    held = context.state[HELD]
+    site = site_of(dict(context.node_config))
+    charge = (ledger.charged(site, contribution_key(held)) if site else None) or site_charge(held, int(held["members"]), int(held["threshold"]))
+    release = release_alone(context, held, server_round, contribution_key(held), charge)
+    return Message(reply_content({"isolated-round": server_round}, release), reply_to=msg)
+
+
 HANDLERS = {"setup": setup, "share_keys": share_keys, "mask_input": mask_input, "consistency": consistency, "unmask": unmask}
 
 
 def register(app: ClientApp) -> None:
-    """Route `query.secagg_<stage>` messages of `app` to the handlers above (a refusal answered as one line)."""
+    """Route `query.secagg_<stage>` messages of `app` to the handlers above, and `query.secagg_isolate`
+    to `isolate` (a refusal answered as one line)."""
     for stage in STAGES:
         app.query(stage.action)(answered(HANDLERS[stage.name]))
+    app.query(ISOLATE_ACTION)(answered(isolate))

@@ -58,6 +58,7 @@ class Terms:
     noise_multiplier: float  # privacy.noise_multiplier (> 0: distributed DP)
     dropout_margin: float
     targets_sha256: str = ""  # of the soft targets it carried ([distillation]; empty without)
+    isolation_rounds: int = 0  # secagg.isolation_rounds: the rounds the run accounts an isolated release in (distributed DP)
 
     @classmethod
     def of(
@@ -68,7 +69,7 @@ class Terms:
             binding.config_sha256, binding.adapter_sha256, float(clip_norm), max(2, sec.bucket_size, min_bucket_size),
             sec.degree, float(sec.threshold), sec.wire_bits, float(privacy.noise_multiplier),
             float(privacy.dropout_margin) if privacy.noise_multiplier > 0 else 0.0,  # a margin only sizes DP noise shares
-            binding.targets_sha256,
+            binding.targets_sha256, sec.isolation_rounds if privacy.noise_multiplier > 0 else 0,
         )
 
     @property

@@ -8,7 +8,8 @@ the median unit norm; with fewer than 3 units there is no distribution to speak 
 DP, where whether one unit is kept would depend on the others). Norm
 screening is cheap and catches crude scaling attacks and broken training runs; what it lets
 through is the robust rule's job. Under secure aggregation a rejected bucket takes its honest
-members with it: the coordinator cannot tell them apart.
+members with it: the coordinator cannot tell them apart (under distributed DP, `secagg.isolation_rounds`
+re-runs such a bucket member by member instead: coordinator/isolation.py).
 """
 
 from __future__ import annotations

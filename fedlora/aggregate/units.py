@@ -82,7 +82,8 @@ def combine_units(
     if noisy is not None and (rule.name == "mean" or noisy.noise_std > 0):  # no per-unit norms: released without noise
         if rule.name != "mean" or rng is None:
             raise ValueError(f"central DP needs the mean rule and a noise generator, got rule {rule.name!r}")
-        contributions = [noisy.clip_one(unit.mean) if len(unit.members) == 1 else unit.total for unit in units]
+        # A participant's plaintext update is clipped again; a sum (or a noisy release of one member) is taken as it is.
+        contributions = [noisy.clip_one(unit.mean) if len(unit.members) == 1 and not unit.noise_std else unit.total for unit in units]
         dp = {"noise_std": noisy.noise_std, "expected_count": noisy.expected_count, "clip_norm": noisy.clip_norm}
         return Combined(noisy.estimate(contributions, rng).astype(np.float32), {"dp": dp})
     means = [unit.mean for unit in units]

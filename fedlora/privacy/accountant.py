@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
+from collections.abc import Callable
 from typing import Any
 
 import dp_accounting
@@ -139,12 +140,14 @@ def rounds_within_budget(
     budget = _check_budget(epsilon_budget)
     _check_int("limit", limit, 0)
 
-    def fits(r: int) -> bool:
-        return r == 0 or _epsilon_for(sample_rate, noise_multiplier, r, delta) <= budget
+    return largest_fitting(limit, lambda r: r == 0 or _epsilon_for(sample_rate, noise_multiplier, r, delta) <= budget)
 
+
+def largest_fitting(limit: int, fits: Callable[[int], bool]) -> int:
+    """Largest r <= limit with fits(r), for a `fits` that is monotone (epsilon grows with r); fits(0) is assumed."""
     if fits(limit):
         return int(limit)
-    lo, hi = 0, int(limit)  # invariant: fits(lo) and not fits(hi); epsilon is monotone in r
+    lo, hi = 0, int(limit)  # invariant: fits(lo) and not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

@@ -42,6 +42,20 @@ def present_noise_multiplier(noise_multiplier: float, members: int, masked: int,
     return noise_multiplier * math.sqrt(masked / (members * (1.0 - dropout_margin)))
 
 
+def combined_noise_multiplier(*multipliers: float) -> float:
+    """The one Gaussian release as private as independent releases of the same sum at these noise multipliers.
+
+    n releases of x with noise of std z_i Delta each tell as much about x as their precision-weighted
+    mean, whose noise has std Delta / sqrt(sum 1 / z_i^2): twice at z is once at z / sqrt(2). A 0
+    (a release in the clear) makes the whole 0.
+    """
+    if not multipliers or min(multipliers) < 0:
+        raise ValueError(f"need one or more noise multipliers >= 0, got {multipliers}")
+    if min(multipliers) == 0:
+        return 0.0
+    return 1.0 / math.sqrt(sum(1.0 / z**2 for z in multipliers))
+
+
 def meets(present: float, planned: float) -> bool:
     """Whether a sum's present noise multiplier is at least the planned one (float rounding aside)."""
     return present >= planned * (1.0 - _NOISE_REL_TOL)
@@ -66,18 +80,19 @@ class Ledger:
         self.delta = RoundAccountant(delta).delta  # validated
         self.entries: dict[str, Charge] = {}
 
-    def charge(self, key: str, charge: Charge, *, raise_only: bool = False) -> bool:
+    def charge(self, key: str, charge: Charge, *, raise_only: bool = False, costlier: bool = False) -> bool:
         """Record `charge` under `key`; False (and no change) if `key` is charged already.
 
         `raise_only`: replace an existing entry if `charge` has more noise in both views (a bound
-        refined once more is known), never less.
+        refined once more is known), never less. `costlier`: replace it if `charge` has less noise in
+        both views (the same contribution released once more: `combined_noise_multiplier`), never more.
         """
         old = self.entries.get(key)
-        if old is not None and not (
-            raise_only and charge.noise_multiplier >= old.noise_multiplier and charge.coordinator_noise_multiplier >= old.coordinator_noise_multiplier
-            and charge.sample_rate == old.sample_rate and charge != old
-        ):
-            return False
+        if old is not None:
+            more = charge.noise_multiplier >= old.noise_multiplier and charge.coordinator_noise_multiplier >= old.coordinator_noise_multiplier
+            less = charge.noise_multiplier <= old.noise_multiplier and charge.coordinator_noise_multiplier <= old.coordinator_noise_multiplier
+            if charge == old or charge.sample_rate != old.sample_rate or not ((raise_only and more) or (costlier and less)):
+                return False
         RoundAccountant(self.delta).compose(charge.sample_rate, charge.noise_multiplier)  # validates
         RoundAccountant(self.delta).compose(1.0, charge.coordinator_noise_multiplier)
         self.entries[key] = charge

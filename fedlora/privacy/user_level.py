@@ -12,14 +12,23 @@ at (q, z); it holds because the secure gatherer discards a bucket whose present 
 z (docs/decisions.md, "Charging the noise that was present"). `epsilon_coordinator` is against
 the coordinator: per site, the rounds it contributed to, unamplified, each at the noise of what
 the coordinator saw (0 under central DP, which shows it the update); the row carries the worst site.
+
+Isolation (`secagg.isolation_rounds` = K): in a round where a set-aside bucket's members each send
+their update again alone, with noise z C of their own, those members are released twice at z,
+i.e. once at z / sqrt(2). Whether a round needs it depends on what the round released, so the
+choice is adaptive; charging the first K rounds at z / sqrt(2) and allowing isolation in at most K
+rounds bounds every run's privacy loss by the same fixed composition, whichever rounds use it (an
+RDP filter with a fixed budget: Feldman & Zrnic, "Individual Privacy Accounting via a Renyi
+Filter", NeurIPS 2021).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fedlora.config import Config
-from fedlora.privacy.accountant import RoundAccountant, rounds_within_budget
+from fedlora.privacy.accountant import RoundAccountant, largest_fitting
 from fedlora.privacy.ledger import Charge, Ledger
 from fedlora.privacy.noise import NoisySum, secret_rng
 
@@ -36,7 +45,27 @@ class UserLevelDP:
         central_std = 0.0 if cfg.secagg.enabled else p.noise_multiplier * cfg.robust.clip_norm
         self.noisy = NoisySum(cfg.robust.clip_norm, central_std, fed.fraction * fed.participants)
         self.rng = secret_rng()
-        self.planned = rounds_within_budget(fed.fraction, p.noise_multiplier, p.delta, p.epsilon_budget, fed.rounds) if self.budget else fed.rounds
+        self.isolation_rounds = cfg.secagg.isolation_rounds  # K: the rounds charged as isolated, used or not
+        self.isolations_used = 0  # rounds that isolated a bucket's members: at most K
+        self.planned = self._rounds_in_budget(fed.rounds) if self.budget else fed.rounds
+
+    def round_noise_multiplier(self, rounds_before: int) -> float:
+        """The noise multiplier round `rounds_before + 1` is charged at: z / sqrt(2) among the first K (module docstring)."""
+        return self.noise_multiplier / math.sqrt(2.0) if rounds_before < self.isolation_rounds else self.noise_multiplier
+
+    def _rounds_in_budget(self, limit: int) -> int:
+        """How many of `limit` rounds fit the budget, the first K charged as isolated."""
+        def fits(rounds: int) -> bool:
+            probe = RoundAccountant(self.accountant.delta)
+            for before in range(rounds):
+                probe.compose(self.sample_rate, self.round_noise_multiplier(before))
+            return probe.epsilon() <= self.budget
+
+        return largest_fitting(limit, fits)
+
+    def may_isolate(self) -> bool:
+        """Whether this round may still isolate a set-aside bucket's members (fewer than K rounds did)."""
+        return self.isolations_used < self.isolation_rounds
 
     def sample(self, nodes: list[int]) -> list[int]:
         """Poisson sampling: each node independently with probability q (possibly none)."""
@@ -46,7 +75,7 @@ class UserLevelDP:
         """Why the next round may not run ('' if it may): it would take epsilon past the budget."""
         if not self.budget:
             return ""
-        after = self.accountant.epsilon_after(self.sample_rate, self.noise_multiplier)
+        after = self.accountant.epsilon_after(self.sample_rate, self.round_noise_multiplier(self.accountant.rounds))
         if after <= self.budget:
             return ""
         return (
@@ -58,11 +87,13 @@ class UserLevelDP:
         """Account one round; the metrics row's privacy fields.
 
         `contributed`: each site whose update reached the coordinator in this round, with the
-        noise multiplier of what the coordinator saw it in.
+        noise multiplier of what the coordinator saw it in (both of its releases, for a member isolated
+        this round: `combined_noise_multiplier`).
         """
-        self.accountant.compose(self.sample_rate, self.noise_multiplier)
+        charged = self.round_noise_multiplier(self.accountant.rounds)
+        self.accountant.compose(self.sample_rate, charged)
         for name, seen in contributed.items():
-            charge = Charge(self.sample_rate, self.noise_multiplier, seen)
+            charge = Charge(self.sample_rate, charged, seen)
             self.sites.setdefault(name, Ledger(self.accountant.delta)).charge(f"round-{server_round}", charge)
         return {
             "epsilon": self.accountant.epsilon(),
@@ -82,10 +113,14 @@ class UserLevelDP:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict(), "sites": {name: ledger.state_dict() for name, ledger in sorted(self.sites.items())}}
+        return {
+            "accountant": self.accountant.state_dict(), "sites": {name: ledger.state_dict() for name, ledger in sorted(self.sites.items())},
+            "isolations_used": self.isolations_used,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        self.isolations_used = int(state.get("isolations_used", 0))  # absent in checkpoints before isolation
         self.sites = {}
         for name, ledger_state in state.get("sites", {}).items():  # absent in checkpoints before the coordinator view
             self.sites[name] = Ledger(self.accountant.delta)

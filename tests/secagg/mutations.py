@@ -5,6 +5,7 @@ Run by hand (not in CI; the secure-aggregation group takes 30+ minutes on 2 core
     python tests/secagg/mutations.py [--only NAME] [--out docs/secagg-mutations.md]
     python tests/secagg/mutations.py --group governance --out docs/governance-mutations.md
     python tests/secagg/mutations.py --group views --out docs/views-mutations.md
+    python tests/secagg/mutations.py --group isolation --out docs/isolation-mutations.md
 
 Each mutation replaces one exact piece of source in a temporary copy of the repository and runs
 the protocol tests there (tests/secagg and the in-process stage tests of
@@ -44,6 +45,8 @@ class Mutation:
 
     @property
     def group(self) -> str:
+        if self.tests and self.tests[0] in ISOLATION_TESTS:
+            return "isolation"
         return "views" if self.tests and self.tests[0] in (*VIEW_TESTS, *SERVING_TESTS) else ("governance" if self.tests else "secagg")
 
     def command(self) -> list[str]:
@@ -601,6 +604,68 @@ MUTATIONS += [  # the read-only views (dashboard, site monitor): who may reach t
     ),
 ]
 
+ISOLATION_TESTS = ("tests/test_isolation.py",)
+MUTATIONS += [
+    Mutation(
+        "isolated-release-without-noise",
+        "an isolated member sends the input it masked without noise of its own",
+        (("participant/isolation.py",
+          "masked_input if held[\"adversary\"] else masked_input + secret_rng().normal(0.0, z * clip_norm, size=masked_input.shape)",
+          "masked_input"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolated-releases-not-screened",
+        "the coordinator sums every isolated release without screening it alone",
+        (("coordinator/isolation.py", "    summed, failed = screen_units(singles, length, 0.0, clip_norm)", "    summed, failed = singles, []"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolated-twice-in-a-round",
+        "a site does not record its isolated release, so a coordinator can ask again",
+        (("participant/isolation.py", "    remember_isolated(site, context.state, str(held[\"config_sha256\"]), server_round)\n", ""),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolation-past-the-runs-rounds",
+        "a site releases alone in more rounds than the run accounts for",
+        (("participant/isolation.py", "    elif len(done) >= allowed:", "    elif False:"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolation-without-site-consent",
+        "a deployed site releases alone whatever its policy.allow_isolation says",
+        (("participant/isolation.py", "    if site is not None and not ledger.policy_of(site).allow_isolation:", "    if False:"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolation-uncharged-by-the-site",
+        "a deployed site's ledger keeps the bucket's charge alone after an isolated release",
+        (("participant/isolation.py", "        ledger.record_charge(site, key, charge, costlier=True)\n", ""),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolation-reserve-not-accounted",
+        "the accountant charges every round at z, isolated or not",
+        (("fedlora/privacy/user_level.py",
+          "        return self.noise_multiplier / math.sqrt(2.0) if rounds_before < self.isolation_rounds else self.noise_multiplier",
+          "        return self.noise_multiplier"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolated-release-unseen-by-the-coordinator-view",
+        "a site's epsilon against the coordinator counts its bucket's sum only, not its isolated release",
+        (("coordinator/rounds.py", "            seen[name] = combined_noise_multiplier(*(z for z in (seen.get(name), alone) if z is not None))", "            pass"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
+        "isolation-rounds-uncapped",
+        "the coordinator isolates in more rounds than the accountant charged",
+        (("coordinator/rounds.py", "        if not (self.dp and self.dp.may_isolate() and clip_norm):", "        if not (self.dp and clip_norm):"),),
+        ISOLATION_TESTS, "",
+    ),
+]
+
 def _copy_tree(target: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
     for name in files:
@@ -639,7 +704,7 @@ def run(mutation: Mutation) -> tuple[str, str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="run one mutation by name")
-    parser.add_argument("--group", choices=["secagg", "governance", "views"], help="run one group (default: all)")
+    parser.add_argument("--group", choices=["secagg", "governance", "views", "isolation"], help="run one group (default: all)")
     parser.add_argument("--out", type=Path, help="write the result table (markdown) here")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if args.only in (None, m.name) and args.group in (None, m.group)]
