@@ -495,9 +495,10 @@ class RobustSection:
     weighting: str = _help(
         "How much each participant's update weighs, given the example count it claims (a claim it controls): "
         "'capped' (its claim, at most robust.weight_cap times the round's median claim), 'equal' (every "
-        "participant once) or 'claimed' (claims as they are: only where they are verified otherwise). "
+        "participant once) or 'claimed' (claims as they are: only where they are verified otherwise); 'auto' = "
+        "'equal' under a robust rule (its tolerance counts units of equal weight) and 'capped' under the mean. "
         "Plaintext rounds; under secure aggregation see docs/decisions.md.",
-        "capped",
+        "auto",
     )
     weight_cap: float = _help("With robust.weighting='capped': the most one claim weighs, in median claims of the round.", 2.0)
     expected_attackers: float = _help(
@@ -533,7 +534,9 @@ class RobustSection:
 
         from fedlora.aggregate.weights import WEIGHTINGS
 
-        _require_choice(self.weighting, "robust.weighting", WEIGHTINGS)
+        _require_choice(self.weighting, "robust.weighting", ("auto", *WEIGHTINGS))
+        if self.weighting == "auto":  # docs/decisions.md, "Robust rules weigh every participant once"
+            self.weighting = "capped" if self.rule.strip() == "mean" else "equal"
         _require(math.isfinite(self.weight_cap) and self.weight_cap >= 1, "robust.weight_cap", f"must be >= 1, got {self.weight_cap}")
         _require(0.0 <= self.expected_attackers < 1.0, "robust.expected_attackers", f"must be in [0, 1), got {self.expected_attackers}")
         try:

@@ -154,7 +154,7 @@ def test_a_simulated_attacker_inflating_its_count_reaches_the_weights_in_a_real_
     from participant import app as participant_app
     from tests.conftest import SMALL
 
-    overrides = ["federation.rounds=1", "robust.rule=median", "robust.clip_norm=0.001", "simulation.adversaries=0.34", "simulation.attack=count-inflation:1000000"]
+    overrides = ["federation.rounds=1", "robust.rule=median", "robust.weighting=capped", "robust.clip_norm=0.001", "simulation.adversaries=0.34", "simulation.attack=count-inflation:1000000"]
     cfg = load_config(None, [*SMALL, *overrides])
     (bad,) = choose_adversaries(3, 0.34, cfg.federation.seed)
     grid = LocalGrid(participant_app.app, {p + 1: {"partition-id": p, "num-partitions": 3} for p in range(3)})
@@ -165,3 +165,12 @@ def test_a_simulated_attacker_inflating_its_count_reaches_the_weights_in_a_real_
     assert liar["update_norm"] == pytest.approx(0.001, rel=1e-5)  # at the clip bound: no screen sets it aside
     assert liar["weight"] == pytest.approx(2.0 * float(np.median([u["claimed_examples"] for u in units.values()] + [10**6])))
     assert liar["cosine_to_aggregate"] < 0 < min(u["cosine_to_aggregate"] for u in units.values())
+
+
+def test_auto_weighting_is_equal_under_a_robust_rule_and_capped_under_the_mean() -> None:
+    # A robust rule's tolerance counts units of equal weight; capped claims let 20% of attackers
+    # weigh 33% (docs/decisions.md, "Robust rules weigh every participant once").
+    assert load_config(None, []).robust.weighting == "capped"
+    for rule in ("geomedian", "median", "multi-krum:1", "centered-clip:1.0", "trimmed-mean:0.2"):
+        assert load_config(None, [f"robust.rule={rule}", "federation.participants=10"]).robust.weighting == "equal"
+    assert load_config(None, ["robust.rule=geomedian", "robust.weighting=capped"]).robust.weighting == "capped"

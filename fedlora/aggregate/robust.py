@@ -4,7 +4,8 @@ A unit is a bucket of participants (DESIGN.md, decision 3); a rule sees each uni
 and weight and returns a float32 vector. Below `min_units()` a rule is refused (`check_rule_fits`):
 there it cannot compute, or it tolerates no adversary and would silently be a mean. Breakdown
 counts assume attackers' units weigh no more than honest ones: the weighted rules (mean, Multi-Krum's
-average, geomedian, centered-clip) break by weight share, and weights are claimed by participants.
+average, geomedian, centered-clip) break by weight share, and weights are claimed by participants:
+hence `robust.weighting = "auto"` weighs every participant once under any rule but the mean.
 
 Math is float64. Distance-based rules (Multi-Krum, geometric median, centred clipping) read all
 distances off one n x n Gram matrix of the units centred on their coordinate-wise median (one pass

@@ -5,7 +5,7 @@ or centred clipping) by it lets one site that claims 10^6 records outweigh every
 with an update that passes every norm screen. Each weighting here bounds one site's weight by
 construction (docs/decisions.md, "Aggregation weights"):
 
-- `capped` (default): the claim, capped at `cap` times the median claim of the round. With
+- `capped` (the default under the mean; `robust.weighting = "auto"` is `equal` under a robust rule): the claim, capped at `cap` times the median claim of the round. With
   fewer than half the sites lying, the median lies between honest claims, so a liar weighs at
   most `cap` honest medians; honest sites of different sizes keep their proportions up to it.
 - `equal`: every site counts once, whatever it claims (as DP-FedAvg does).
