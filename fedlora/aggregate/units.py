@@ -65,7 +65,7 @@ def combine_units(
     units: Sequence[Unit], rule: RobustRule | None = None, noisy: NoisySum | None = None, rng: np.random.Generator | None = None
 ) -> Combined:
     """Units -> the round's update: `rule` over the unit means (default: the weighted mean), or
-    under DP (`noisy`) DP-FedAvg's noisy estimate, each participant counted once.
+    under DP (`noisy`) with the mean DP-FedAvg's noisy estimate, each participant counted once.
 
     Under DP a single participant's unit is its update (clipped again here), a secure bucket's
     is its sum, which the secure path makes unweighted when DP is on; `rng` draws the noise.
@@ -77,9 +77,11 @@ def combine_units(
     if not units:
         raise ValueError("no units to combine")
     rule = rule or MeanRule()
-    if noisy is not None:  # no per-unit norms: they would be released without noise
+    # Distributed DP with a robust rule: every unit is a noisy sum already, so the rule over them is
+    # post-processing and goes the plaintext way (docs/decisions.md, "Robust rules under distributed DP").
+    if noisy is not None and (rule.name == "mean" or noisy.noise_std > 0):  # no per-unit norms: released without noise
         if rule.name != "mean" or rng is None:
-            raise ValueError(f"DP needs the mean rule and a noise generator, got rule {rule.name!r}")
+            raise ValueError(f"central DP needs the mean rule and a noise generator, got rule {rule.name!r}")
         contributions = [noisy.clip_one(unit.mean) if len(unit.members) == 1 else unit.total for unit in units]
         dp = {"noise_std": noisy.noise_std, "expected_count": noisy.expected_count, "clip_norm": noisy.clip_norm}
         return Combined(noisy.estimate(contributions, rng).astype(np.float32), {"dp": dp})
