@@ -299,8 +299,11 @@ def grid_markdown(payload: dict[str, Any]) -> str:
     """Per task and split: each config's clean accuracy, gap to fedavg and mean drop per attack; then the verdicts."""
     summary = summarise_grid(payload["cells"], {c: config_sha(c) for c in GRID_CONFIGS})
     attacks = payload.get("attacks") or library_attacks()
-    pm = lambda v: "{:+.1f} ± {:.1f}".format(*mean_sd(v))  # noqa: E731
-    lines = [f"Final-round held-out accuracy; drops in points against the same config's clean run, mean ± sd over the seeds; n/a: refused by the config.", ""]
+    def pm(values: list[float], form: str = "+.1f") -> str:  # mean, and ± sd once there are several seeds
+        mean, sd = mean_sd(values)
+        return f"{mean:{form}}" + (f" ± {sd:{form.lstrip('+')}}" if len(values) > 1 else "")
+
+    lines = ["Final-round held-out accuracy; drops in points against the same config's clean run, mean ± sd over the seeds (sd once there are several); n/a: refused by the config.", ""]
     for task, split in dict.fromkeys((t, s) for t, s, _ in summary):
         lines += [f"**{task}, {split}**", "", "| config | attackers | seeds | clean | behind fedavg | " + " | ".join(attacks) + " | worst |",
                   "|---|---:|---|---:|---:|" + "---:|" * (len(attacks) + 1)]
@@ -308,7 +311,7 @@ def grid_markdown(payload: dict[str, Any]) -> str:
             row = summary.get((task, split, config))
             if row is None:
                 continue
-            clean = "{:.3f} ± {:.3f}".format(*mean_sd(list(row["clean"].values())))
+            clean = pm(list(row["clean"].values()), ".3f")
             gap = pm(list(row["gap"].values())) if row["gap"] and config != "fedavg" else ""
             seeds = ",".join(map(str, row["clean"]))
             fractions = sorted({f for f, _ in row["drops"]}) or [0.0]
