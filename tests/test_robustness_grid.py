@@ -1,0 +1,58 @@
+"""The robustness benchmark's grid summary (benchmarks/robustness.py --examples-grid): seeds to
+mean and spread, drops against the same seed's clean run, refused attacks, and the verdicts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import robustness  # noqa: E402
+
+TASK, SPLIT = "stress (3 classes)", "iid"
+SHAS = {"fedavg": "", "robust": "aaa", "robust-secure": "bbb"}
+
+
+def cell(config: str, seed: int, accuracy: float | None, attack: str | None = None, fraction: float = 0.0, sha: str | None = None) -> dict[str, Any]:
+    out = {"task": TASK, "split": SPLIT, "seed": seed, "config": config, "sha": SHAS[config] if sha is None else sha, "attack": attack, "fraction": fraction}
+    return out | ({"refused": "needs the honest updates"} if accuracy is None else {"final_accuracy": accuracy})
+
+
+CELLS = [
+    cell("fedavg", 0, 0.90), cell("fedavg", 1, 0.92),
+    cell("robust", 0, 0.89), cell("robust", 1, 0.90),
+    cell("robust", 0, 0.88, "ipm:5", 0.2), cell("robust", 1, 0.86, "ipm:5", 0.2),
+    cell("robust", 0, 0.89, "alie", 0.2), cell("robust", 1, 0.90, "alie", 0.2),
+    cell("robust", 0, 0.50, "ipm:5", 0.2, sha="old"),  # an older example file: left out
+    cell("robust-secure", 0, 0.90), cell("robust-secure", 0, 0.80, "ipm:5", 0.2), cell("robust-secure", 0, None, "alie", 0.2),
+]
+
+
+def test_mean_and_sample_spread() -> None:
+    assert robustness.mean_sd([1.0]) == (1.0, 0.0)
+    mean, sd = robustness.mean_sd([1.0, 3.0])
+    assert mean == 2.0 and sd == pytest.approx(2**0.5)
+
+
+def test_drops_are_against_the_same_seeds_clean_run_and_refused_attacks_stay_none() -> None:
+    summary = robustness.summarise_grid(CELLS, SHAS)
+    robust = summary[(TASK, SPLIT, "robust")]
+    assert robust["clean"] == {0: 0.89, 1: 0.90}
+    assert robust["gap"] == pytest.approx({0: 1.0, 1: 2.0})
+    assert robust["drops"][(0.2, "ipm:5")] == pytest.approx({0: 1.0, 1: 4.0})
+    assert robustness.worst_drop(robust, 0.2) == ("ipm:5", pytest.approx(2.5))
+    secure = summary[(TASK, SPLIT, "robust-secure")]
+    assert secure["drops"][(0.2, "alie")] == {0: None}
+    assert robustness.worst_drop(secure, 0.2) == ("ipm:5", pytest.approx(10.0))
+
+
+def test_verdicts_name_the_miss_and_what_was_not_measured() -> None:
+    lines = robustness.grid_verdicts(robustness.summarise_grid(CELLS, SHAS), ["ipm:5", "alie"])
+    assert "met in all 2" in lines[0]
+    assert "robust.toml` at 20%" in lines[1] and "**missed** (stress (3 classes) / iid: +2.5 (ipm:5))" in lines[1]
+    assert "not measured" in lines[2]  # robust at 33%
+    assert "robust-secure.toml` at 20%" in lines[3] and "**missed**" in lines[3] and "+10.0 (ipm:5)" in lines[3]
+    assert "not measured" in lines[4]  # the DP config
