@@ -9,8 +9,10 @@ attacker:
   fedavg          lora.mode=fedavg, the plain mean: the reference
   frozen-a@0      lora.mode=frozen-a at PEFT's init (lora.frozen_a_gain=0: fedlora before the fix)
   frozen-a        lora.mode=frozen-a at the default lora.frozen_a_gain
+  frozen-a@4      lora.mode=frozen-a at lora.frozen_a_gain=4 (is a larger fixed A the fix for glaucoma?)
   robust@0        examples/robust.toml (geometric median, clipping, quarantine) at PEFT's init
   robust          examples/robust.toml as shipped
+  robust-capped   examples/robust.toml with claims capped at 2 median claims (robust.weighting's default before "auto")
   fedavg+cosine   fedavg with train.lr_schedule=cosine (issue 28: a schedule that lets rounds settle)
   frozen-a+cosine frozen-a with train.lr_schedule=cosine
   fedavg+warmup   fedavg with train.warmup_steps=5 (a quarter of each round's steps)
@@ -81,8 +83,10 @@ CONFIGS: dict[str, tuple[str | None, list[str]]] = {
     "fedavg": (None, ["lora.mode=fedavg"]),
     "frozen-a@0": (None, ["lora.mode=frozen-a", "lora.frozen_a_gain=0"]),
     "frozen-a": (None, ["lora.mode=frozen-a"]),
+    "frozen-a@4": (None, ["lora.mode=frozen-a", "lora.frozen_a_gain=4"]),
     "robust@0": (EXAMPLE, ["lora.frozen_a_gain=0"]),
     "robust": (EXAMPLE, []),
+    "robust-capped": (EXAMPLE, ["robust.weighting=capped"]),
     "fedavg+cosine": (None, ["lora.mode=fedavg", "train.lr_schedule=cosine"]),
     "frozen-a+cosine": (None, ["lora.mode=frozen-a", "train.lr_schedule=cosine"]),
     "fedavg+warmup": (None, ["lora.mode=fedavg", "train.warmup_steps=5"]),
@@ -103,9 +107,10 @@ def cell_config(task: str, partition: str, config: str, seed: int) -> Config:
 
 
 def cell_key(task: str, partition: str, config: str, seed: int) -> tuple:
-    """What makes a result current: the cell, the example file's hash and the gain it resolves to."""
+    """What makes a result current: the cell, the example file's hash, and the gain and weighting it resolves to."""
     sha = example_sha() if CONFIGS[config][0] else ""
-    return (task, partition, config, seed, sha, frozen_a_gain(cell_config(task, partition, config, seed)))
+    cfg = cell_config(task, partition, config, seed)
+    return (task, partition, config, seed, sha, frozen_a_gain(cfg), cfg.robust.weighting)
 
 
 def frozen_a_gain(cfg: Config) -> float | None:
@@ -120,7 +125,7 @@ def run_cell(task: str, partition: str, config: str, seed: int) -> dict[str, Any
     return {
         "task": task, "partition": partition, "config": config, "seed": seed,
         "example_sha": example_sha() if CONFIGS[config][0] else "",
-        "mode": cfg.lora.mode, "rule": cfg.robust.rule, "frozen_a_gain": frozen_a_gain(cfg),
+        "mode": cfg.lora.mode, "rule": cfg.robust.rule, "frozen_a_gain": frozen_a_gain(cfg), "weighting": cfg.robust.weighting,
         "final_accuracy": accuracy[-1],
         "accuracy_by_round": accuracy,
         "majority_accuracy": float(rows[0]["majority_accuracy"]),
@@ -131,7 +136,8 @@ def run_cell(task: str, partition: str, config: str, seed: int) -> dict[str, Any
 
 
 def stored_key(cell: dict[str, Any]) -> tuple:
-    return (cell["task"], cell["partition"], cell["config"], cell["seed"], cell["example_sha"], cell["frozen_a_gain"])
+    # Cells from before robust.weighting was recorded ran with its then default, "capped".
+    return (cell["task"], cell["partition"], cell["config"], cell["seed"], cell["example_sha"], cell["frozen_a_gain"], cell.get("weighting", "capped"))
 
 
 def load(path: Path) -> dict[str, Any]:

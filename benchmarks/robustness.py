@@ -214,8 +214,12 @@ class GridCell:
 
 
 def config_sha(config: str) -> str:
+    """What a user gets from the example file: the hash of the configuration it resolves to (its text and
+    every default it relies on, e.g. `robust.weighting = "auto"`), so a changed default makes old cells stale."""
+    from fedlora.config import load_config
+
     example = GRID_CONFIGS[config]
-    return file_sha(example) if example else ""
+    return hashlib.sha256(load_config(ROOT / example, []).to_toml().encode()).hexdigest()[:12] if example else ""
 
 
 def examples_grid(tasks: list[str], splits: list[str], seeds: list[int], configs: list[str], fractions: list[float], attacks: list[str]) -> list[GridCell]:
