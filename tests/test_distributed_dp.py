@@ -260,16 +260,3 @@ def test_a_robust_rule_is_allowed_with_distributed_dp_but_not_with_central_dp() 
     with pytest.raises(ConfigError, match="central DP"):
         load_config(None, dp)
 
-
-def test_a_distributed_dp_round_with_a_robust_rule_applies_the_rule_to_the_noisy_bucket_sums(tmp_path: Path) -> None:
-    # examples/dp-robust-secure.toml's combination: the bucket sums carry the participants' noise,
-    # so the rule runs over them (post-processing) and the coordinator adds nothing.
-    cfg = load_config(None, [
-        *SMALL, "federation.participants=6", "federation.fraction=1.0", "federation.rounds=1",
-        "secagg.enabled=true", "secagg.bucket_size=2", "privacy.noise_multiplier=1.0", "robust.rule=geomedian",
-    ])
-    grid = LocalGrid(participant_app, {p + 1: {"partition-id": p, "num-partitions": 6} for p in range(6)})
-    rows = Coordinator(cfg, tmp_path).run(grid)
-    (row,) = [r for r in rows if r["round"] == 1]
-    assert row["applied"] and row["robust"]["rule"] == "geomedian" and len(row["bucket_updates"]) == 3
-    assert all(bucket["noise_std"] > 0 for bucket in row["secagg"]["buckets"]) and row["epsilon"] > 0

@@ -208,11 +208,11 @@ def test_isolation_needs_secure_aggregation_with_distributed_dp() -> None:
         load_config(None, [*SMALL, "secagg.enabled=true", "privacy.noise_multiplier=1.0", "secagg.isolation_rounds=-1"])
 
 
-def test_a_federation_under_distributed_dp_blames_the_attacker_and_sums_its_bucket_partner(tmp_path: Path) -> None:
+def test_a_federation_under_distributed_dp_blames_the_attacker_and_its_robust_rule_sums_the_partner(tmp_path: Path) -> None:
     cfg = load_config(None, [
         *SMALL, "federation.participants=6", "federation.fraction=1.0", "federation.rounds=1", "federation.min_participants=2",
         "secagg.enabled=true", "secagg.bucket_size=2", "secagg.isolation_rounds=1", "privacy.noise_multiplier=1.0",
-        "simulation.adversaries=0.17", "simulation.attack=scaling:100000",
+        "simulation.adversaries=0.17", "simulation.attack=scaling:100000", "robust.rule=geomedian",
     ])
     grid = LocalGrid(participant_app, {p + 1: {"partition-id": p, "num-partitions": 6} for p in range(6)})
     run = Coordinator(cfg, tmp_path)
@@ -221,6 +221,9 @@ def test_a_federation_under_distributed_dp_blames_the_attacker_and_sums_its_buck
     (report,) = row["secagg"]["isolated"]
     assert set(report["blamed"]) == {attacker} and len(report["summed"]) == 1
     assert row["applied"] and row["participants"] == 5 and row["secagg"]["isolation_rounds_used"] == 1
+    # The rule runs over the noisy units (post-processing: examples/dp-robust-secure.toml's combination):
+    # the two untouched buckets and the partner's release.
+    assert row["robust"]["rule"] == "geomedian" and len(row["bucket_updates"]) == 3
     assert any(s["participant"] == attacker and "blamed by name" in s["reason"] for s in row["skipped"])
     assert row["epsilon"] == pytest.approx(rdp([sampled(1.0, 1.0 / math.sqrt(2))]), rel=1e-9)
     # Against the coordinator the partner is charged both releases it saw: its bucket's sum and its own.
