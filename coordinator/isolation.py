@@ -8,7 +8,8 @@ the coordinator asks each member of such a bucket for the input it masked, again
 of std z C of its own (participant/isolation.py), and screens each release as a unit of one (the
 same noise-aware clip-bound screen, `fedlora.aggregate.screen`). A release that fails is blamed on
 its sender by name; the others replace the bucket's sum as units of one, so the honest members are
-still summed. A member that refuses (its policy) or does not answer is left out, not blamed.
+still summed. A malformed release is blamed the same way; a member that refuses (its policy) or does not
+answer is left out, not blamed.
 
 What this costs and what it cannot do (docs/decisions.md, "Isolating a set-aside bucket"):
 - the isolated members' updates are seen twice in the round (z / sqrt(2) in all): the accountant
@@ -42,17 +43,18 @@ def isolation_request(server_round: int) -> RecordDict:
 
 
 def read_release(reply: Message | None, length: int) -> np.ndarray | str:
-    """A member's isolated release, or why there is none (no reply, a refusal, a malformed vector)."""
+    """A member's isolated release, or why there is none (no reply, a refusal); a malformed release
+    raises ValueError: an honest member never sends one, so it is its sender's fault, not a refusal."""
     if reply is None:
         return "no reply"
     if reply.has_error():
         return error_reason(reply.error.reason)
     try:
         vector, _ = read_reply(reply.content)
-    except (KeyError, TypeError, ValueError) as err:
-        return f"malformed reply ({err})"
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed release (missing {err})") from None
     if vector is None or vector.shape != (length,):
-        return f"a release of shape {None if vector is None else vector.shape}, expected ({length},)"
+        raise ValueError(f"a release of shape {None if vector is None else vector.shape}, expected ({length},)")
     return vector
 
 
@@ -74,15 +76,20 @@ def isolate_set_aside(
     replies = send([node_of[name] for name in names], isolation_request(server_round))
     released: dict[str, np.ndarray] = {}
     left_out: dict[str, str] = {}
+    malformed: dict[str, str] = {}
     for name in names:
-        release = read_release(replies.get(node_of[name]), length)
+        try:
+            release = read_release(replies.get(node_of[name]), length)
+        except ValueError as err:
+            malformed[name] = str(err)
+            continue
         if isinstance(release, str):
             left_out[name] = release
         else:
             released[name] = release
     singles = [Unit((name,), vector, 1.0, noise_std=noise_std) for name, vector in released.items()]
     summed, failed = screen_units(singles, length, 0.0, clip_norm)
-    blamed = {r.members[0]: r.reason for r in failed}
+    blamed = malformed | {r.members[0]: r.reason for r in failed}
     report: list[dict[str, Any]] = []
     for members, reason in set_aside.items():
         report.append({
@@ -94,7 +101,7 @@ def isolate_set_aside(
     out_of_sums = set(blamed) | set(left_out)
     gathered.units = [u for u in gathered.units if u.members not in set_aside] + summed
     gathered.included = [m for m in gathered.included if m.name not in out_of_sums]
-    gathered.skipped += [Rejection(n, f"isolated release out of bound, blamed by name: {why}", fault=True) for n, why in sorted(blamed.items())]
+    gathered.skipped += [Rejection(n, f"isolated release refused, blamed by name: {why}", fault=True) for n, why in sorted(blamed.items())]
     gathered.skipped += [Rejection(n, f"bucket set aside, and no isolated release: {why}") for n, why in sorted(left_out.items())]
     gathered.blamed += sorted(blamed)
     gathered.row.setdefault("secagg", {})["isolated"] = report

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from coordinator.gather import Member
@@ -29,7 +29,7 @@ from fedlora.privacy.ledger import Charge, Ledger, combined_noise_multiplier, pr
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.secagg import clip
 from fedlora.secagg.plan import RunBinding
-from fedlora.wire import config_sha256
+from fedlora.wire import config_sha256, reply_content
 from participant import ledger as site_ledger
 from participant import secure as participant_secure
 from participant.app import app as participant_app
@@ -106,6 +106,22 @@ def test_the_cheating_member_is_blamed_by_name_and_its_honest_partner_is_still_s
     node = next(m.node for m in gathered.included if m.name == partner)
     (reply,) = exchange(grid, [node], isolation_request(ROUND), MESSAGE_TYPE, ROUND, 1.0).values()
     assert reply.has_error() and "it already released its round-3 input alone" in reply.error.reason
+
+
+def test_a_malformed_release_is_blamed_on_its_sender_not_taken_for_a_refusal() -> None:
+    grid, gathered, _ = _round([None] * 4, attacker=0)
+    partner = _partner(gathered, "participant-0")
+
+    def send(nodes, content):  # the attacker answers with a vector of the wrong length
+        replies = exchange(grid, nodes, content, MESSAGE_TYPE, ROUND, 1.0)
+        node = next(m.node for m in gathered.included if m.name == "participant-0")
+        replies[node] = Message(reply_content({}, np.zeros(3, dtype=np.float32)), reply_to=replies[node])
+        return replies
+
+    isolate_set_aside(gathered, D, 1.0, Z * 1.0, send, ROUND)
+    (report,) = gathered.row["secagg"]["isolated"]
+    assert "expected (20000,)" in report["blamed"]["participant-0"] and report["summed"] == [partner]
+    assert gathered.blamed == ["participant-0"] and "not_released" not in report
 
 
 def test_a_run_that_plans_no_isolation_gets_refusals_and_blames_nobody() -> None:

@@ -659,6 +659,12 @@ MUTATIONS += [
         ISOLATION_TESTS, "",
     ),
     Mutation(
+        "malformed-isolated-release-unblamed",
+        "a member answering isolation with a malformed release is taken for one that refused, not blamed",
+        (("coordinator/isolation.py", "    blamed = malformed | {r.members[0]: r.reason for r in failed}", "    blamed = {r.members[0]: r.reason for r in failed}"),),
+        ISOLATION_TESTS, "",
+    ),
+    Mutation(
         "isolation-rounds-uncapped",
         "the coordinator isolates in more rounds than the accountant charged",
         (("coordinator/rounds.py", "        if not (self.dp and self.dp.may_isolate() and clip_norm):", "        if not (self.dp and clip_norm):"),),
