@@ -302,7 +302,7 @@ def reference_points(cfg: Config, shards: list[Shard]) -> dict[str, float]:
     return {"majority": Counter(tests).most_common(1)[0][1] / len(tests), "linear_baseline": baseline.accuracy}
 
 
-def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str, str]], personal: list[str], secure: list[str]) -> dict[str, Any]:
+def run_scenario(model: str, split: str, scale: Scale, federated: list[str], personal: list[str], secure: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     base = scenario_config(model, split, scale)
     shards, labels = shards_for(base)
@@ -330,11 +330,13 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
         }
         for rows in zip(*local_curves)
     ]
-    for mode, server in federated:  # server: an optimiser, or optimiser@lr for a fixed server learning rate
+    for spec in federated:
+        mode, server, settings = method_parts(spec)
         optimiser, _, server_lr = server.partition("@")
-        cfg = scenario_config(model, split, scale, mode, optimiser, server_lr=float(server_lr or 0))
-        methods[f"{mode} + {server}"] = run_federated(cfg, shards, labels, start)
-        print(f"  {model} {split} {mode} + {server}: accuracy {methods[f'{mode} + {server}'][-1]['accuracy']:.3f}", flush=True)
+        cfg = scenario_config(model, split, scale, mode, optimiser, server_lr=float(server_lr or 0), extra=settings)
+        name = method_name(spec)
+        methods[name] = run_federated(cfg, shards, labels, start)
+        print(f"  {model} {split} {name}: accuracy {methods[name][-1]['accuracy']:.3f}", flush=True)
     for kind, name in PERSONAL_METHODS.items():
         if kind not in personal or (kind == "local-head" and MODELS[model][1] != "model.task=classification"):
             continue  # a generation model has no head of its own
@@ -361,7 +363,22 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[tuple[str
     }
 
 
-def scenario_job(job: tuple[str, str, Scale, int, list[tuple[str, str]], list[str], list[str]]) -> dict[str, Any]:
+def method_parts(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """'MODE+SERVER[@LR][,key=value...]' -> (mode, server[@lr], config overrides of this method alone)."""
+    head, *settings = spec.split(",")
+    mode, plus, server = head.partition("+")
+    if not plus or not mode or not server or any("=" not in s for s in settings):
+        raise ValueError(f"--federated {spec!r}: expected MODE+SERVER[@LR][,key=value...], e.g. frozen-a+fedavg,train.lr=0.01")
+    return mode, server, tuple(settings)
+
+
+def method_name(spec: str) -> str:
+    """The method's name in results: 'frozen-a + fedavg' or 'frozen-a + fedavg, train.lr=0.01'."""
+    mode, server, settings = method_parts(spec)
+    return ", ".join([f"{mode} + {server}", *settings])
+
+
+def scenario_job(job: tuple[str, str, Scale, int, list[str], list[str], list[str]]) -> dict[str, Any]:
     """One scenario in a worker process with its own torch thread count."""
     import torch
 
@@ -608,9 +625,10 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="base weights (default: nf4)")
     parser.add_argument("--rounds", type=int, help="federated rounds (default 10)")
     parser.add_argument("--local-steps", type=int, help="steps per participant per round (default minilm 15, tiny-llama 40)")
-    parser.add_argument("--federated", nargs="+", default=[f"{m}+{o}" for m, o in FEDERATED], metavar="MODE+SERVER[@LR]",
-                        help="global-adapter methods to run, e.g. fedavg+fedadam@0.01 for a fixed server rate "
-                        "(default: every mode with fedavg and fedadam at their default rates)")
+    parser.add_argument("--lr", type=float, help=f"train.lr of every method, centralised and local-only included (default {Scale.lr:g})")
+    parser.add_argument("--federated", nargs="+", default=[f"{m}+{o}" for m, o in FEDERATED], metavar="MODE+SERVER[@LR][,KEY=VALUE...]",
+                        help="global-adapter methods to run, e.g. fedavg+fedadam@0.01 for a fixed server rate, frozen-a+fedavg,train.lr=0.01 "
+                        "for settings of that method alone (default: every mode with fedavg and fedadam at their default rates)")
     parser.add_argument("--personal", nargs="*", default=list(PERSONAL_METHODS), choices=list(PERSONAL_METHODS),
                         help="personalised methods to run (default all; none: --personal with no value)")
     parser.add_argument("--secure", nargs="*", default=["frozen-a"], choices=["frozen-a", "fedavg"], metavar="MODE",
@@ -626,7 +644,7 @@ def main() -> None:
     if args.report:
         report(args.report)
         return
-    overrides = {"quantization": args.quantization, "rounds": args.rounds, "local_steps": args.local_steps}
+    overrides = {"quantization": args.quantization, "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr}
     scales = {
         model: replace((QUICK if args.quick else FULL)[model], **{k: v for k, v in overrides.items() if v})
         for model in args.models
@@ -635,7 +653,9 @@ def main() -> None:
     out = args.out or RESULTS / f"{name}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    federated = [tuple(pair.split("+", 1)) for pair in args.federated]
+    federated = list(args.federated)
+    for spec in federated:
+        method_parts(spec)  # a malformed spec fails before any scenario runs
     jobs = [
         (model, f"natural:{TASKS[task]}" if split == "natural" else split, replace(scales[model], seed=seed, dataset=task),
          args.threads, federated, args.personal, args.secure)

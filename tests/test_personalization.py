@@ -35,6 +35,17 @@ def test_every_evaluation_reports_the_personalised_adapter_beside_the_global_one
     assert not any("eval_personal_loss" in row for row in plain)
 
 
+@pytest.mark.slow  # a whole federation
+def test_the_fine_tune_works_under_secure_aggregation_and_distributed_dp(tmp_path: Path) -> None:
+    """The fine-tune happens after the global adapter arrives, so masking and noise touch only the shared
+    update: the run is secure and accounted, and each evaluation still scores both adapters."""
+    cfg = load_config(None, [*FINETUNE, "secagg.enabled=true", "privacy.noise_multiplier=0.8", "robust.clip_norm=1.0"])
+    rows = Coordinator(cfg, tmp_path).run(LocalGrid(app, nodes(cfg.federation.participants)))
+    assert all(row["secagg"] and 0 < row["epsilon"] < float("inf") for row in rows[1:])
+    for row in rows:
+        assert 0.0 <= row["eval_personal_accuracy"] <= 1.0 and row["eval_personal_loss"] != row["eval_loss"]
+
+
 def test_the_fine_tune_starts_from_the_global_adapter_and_stays_at_the_site(tmp_path: Path) -> None:
     cfg = load_config(None, FINETUNE)
     runtime = get_runtime(cfg, nodes(3)[1])

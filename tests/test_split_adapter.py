@@ -123,3 +123,36 @@ def test_a_restarted_node_takes_its_own_part_back_from_its_kept_adapter(tmp_path
     np.testing.assert_allclose(layout.take(adapter_vector(runtime.loaded.model)[0], local), trained_head, atol=1e-12)
     train_round(runtime, still, global_vector, server_round=2)
     np.testing.assert_allclose(layout.take(adapter_vector(runtime.loaded.model)[0], local), layout.take(global_vector, local), atol=1e-12)
+
+
+@pytest.mark.slow  # a whole federation
+def test_under_secure_aggregation_and_distributed_dp_only_the_shared_part_is_masked_and_noised(tmp_path: Path) -> None:
+    """local-head with frozen-a under SecAgg+ and distributed DP: what a site holds for masking is the shared
+    part alone (the head is not in it), the server never moves the head, the run is accounted, and every
+    evaluation still reports the personalised adapter beside the global one."""
+    from participant.secure import UPDATE
+
+    cfg = load_config(None, [*HEAD_RUN, "federation.rounds=2", "secagg.enabled=true", "privacy.noise_multiplier=0.8", "robust.clip_norm=1.0"])
+    assert cfg.lora.mode == "frozen-a" and cfg.privacy.noise_multiplier > 0
+    grid = LocalGrid(app, nodes(cfg.federation.participants))
+    held: list[int] = []
+    original = grid.send_and_receive
+
+    def spy(messages, *args, **kwargs):
+        replies = list(original(messages, *args, **kwargs))
+        held.extend(context.state[UPDATE]["update"].numpy().size for context in grid.contexts.values() if UPDATE in context.state)
+        return replies
+
+    grid.send_and_receive = spy
+    rows = Coordinator(cfg, tmp_path).run(grid)
+    adapter_layout = Coordinator(cfg, tmp_path / "again").adapter.layout
+    shared, local = aggregator_for(cfg).upload_layout(adapter_layout, cfg.lora.r), local_layout(adapter_layout, "local-head")
+    assert held and set(held) == {shared.size}  # the head was never masked, so it never left a site
+    final = load_peft_dir(tmp_path / "adapters" / "final", adapter_layout)
+    first = load_peft_dir(tmp_path / "adapters" / "round-0000", adapter_layout)
+    np.testing.assert_array_equal(adapter_layout.take(final, local), adapter_layout.take(first, local))
+    assert not np.array_equal(adapter_layout.take(final, shared), adapter_layout.take(first, shared))
+    trained = [row for row in rows[1:] if row.get("applied", True)]
+    assert len(trained) == 2 and all(row["secagg"] and 0 < row["epsilon"] < float("inf") for row in trained)
+    assert all(0.0 <= row["eval_personal_accuracy"] <= 1.0 for row in rows)
+    assert rows[-1]["eval_personal_loss"] != rows[-1]["eval_loss"]  # the site's own head, not the global one
