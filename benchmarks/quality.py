@@ -78,12 +78,9 @@ TASKS = {"hypertension": "Age", "stress": "headache", "cardiovascular": "age"}
 SPLITS = ["dirichlet:0.3", "natural"]  # "natural": the task's own column in TASKS
 FEDERATED = [(mode, opt) for mode in ("fedavg", "frozen-a", "exact") for opt in ("fedavg", "fedadam")]
 TARGET_SHARE = 0.95
-PERSONALISED = "fedavg + fedavg, personalised"  # each participant's fine-tune, on its own split
-PERSONAL_METHODS = {  # federation.personalization -> method name; each scored on the participants' own splits
-    "finetune": PERSONALISED,
-    "local-head": "fedavg + fedavg, local head",
-    "local-b": "fedavg + fedavg, local B",
-}
+PERSONAL_TAGS = {"finetune": "personalised", "local-head": "local head", "local-b": "local B"}  # federation.personalization -> name
+PERSONAL_METHODS = {kind: f"fedavg + fedavg, {tag}" for kind, tag in PERSONAL_TAGS.items()}  # each scored on own splits
+PERSONALISED = PERSONAL_METHODS["finetune"]  # each participant's fine-tune of the global adapter, on its own split
 SETTLED_ROUNDS = 3  # verdicts use the mean of the last rounds: a single round's accuracy swings by up to 0.2
 SECURE = "secure aggregation"
 EPSILON = 8.0  # the private cell's user-level epsilon, at DELTA over the run's rounds with every participant in every round
@@ -237,10 +234,12 @@ def run_alone(cfg: Config, shard: Shard, partition_id: int, labels: list[str], e
     return curve
 
 
-def run_coordinated(cfg: Config, shards: list[Shard], labels: list[str], start: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_coordinated(
+    cfg: Config, shards: list[Shard], labels: list[str], start: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """The same federation through the real Coordinator and participant ClientApp (`federation.run_federation`):
-    every round's global adapter, read back from the run's checkpoints, scored like the in-process methods; and
-    what the coordinator reported of the run (epsilon spent, its own pooled accuracy)."""
+    every round's global adapter, read back from the run's checkpoints, scored like the in-process methods;
+    what the coordinator reported of the run (epsilon spent, its own pooled accuracy); and its metrics rows."""
     from coordinator.checkpoint import VERSION_CHECKPOINTS, load_checkpoint
     from federation import run_federation
 
@@ -258,12 +257,28 @@ def run_coordinated(cfg: Config, shards: list[Shard], labels: list[str], start: 
         "epsilon": trained[-1].get("epsilon", math.inf) if trained else math.inf,
         "coordinator_eval_accuracy": rows[-1].get("eval_accuracy", math.nan),
     }
-    return curve, reported
+    return curve, reported, rows
+
+
+def claimed_personal_curve(rows: list[dict[str, Any]], start: dict[str, Any]) -> list[dict[str, Any]]:
+    """The personalised adapters' scores each site reported at each evaluated round (the coordinator's
+    `participant_evaluations`), each on its own split, as rows like the in-process personalised methods'."""
+    curve = [{"round": 0, **start}]
+    for row in rows[1:]:
+        sites = sorted(row.get("participant_evaluations", []), key=lambda site: int(site["participant"].rsplit("-", 1)[1]))
+        if sites:
+            accuracy, loss = [s["eval_personal_accuracy"] for s in sites], [s["eval_personal_loss"] for s in sites]
+            curve.append({"round": row["round"], "accuracy": float(np.mean(accuracy)), "loss": float(np.mean(loss)),
+                          "per_participant_accuracy": accuracy, "per_participant_loss": loss})
+    return curve
 
 
 def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards: list[Shard], labels: list[str], start: dict[str, Any],
-                 methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Each mode under secure aggregation (one secure sum per round, default clip norm) and then at epsilon 8.
+                 methods: dict[str, list[dict[str, Any]]], personal: list[str]) -> dict[str, Any]:
+    """Each mode under secure aggregation (one secure sum per round, default clip norm) and then at epsilon 8;
+    with `finetune` in `personal`, the same runs also fine-tune at every site and evaluate every round, and each
+    site's personalised score on its own split, as it reported it, is a method of its own. (The fine-tune
+    starts from the global adapter a site receives, so it never changes what is masked or noised.)
 
     DP is distributed (secagg.enabled=true): each participant adds its share of the noise before masking, so
     nobody sees an un-noised sum, the deployment a consortium would run. Every participant takes part in every
@@ -273,7 +288,8 @@ def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards:
     private one."""
     from fedlora.privacy.accountant import noise_for_budget
 
-    secure = ("secagg.enabled=true", "secagg.bucket_size=0", f"federation.eval_every={scale.rounds}")
+    fine_tune = f"finetune:{scale.local_steps}" if "finetune" in personal else "none"
+    secure = ("secagg.enabled=true", "secagg.bucket_size=0", f"federation.eval_every={1 if fine_tune != 'none' else scale.rounds}")
     noise = noise_for_budget(1.0, scale.rounds, DELTA, EPSILON)
     settings: dict[str, Any] = {"dp": "distributed", "epsilon": EPSILON, "delta": DELTA, "sample_rate": 1.0, "noise_multiplier": noise, "clip_norms": {}}
     for mode in modes:
@@ -284,10 +300,16 @@ def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards:
         settings["clip_norms"][mode] = clip_norm
         private = (*secure, f"robust.clip_norm={clip_norm}", f"privacy.noise_multiplier={noise}", f"privacy.delta={DELTA}")
         for name, extra in ((f"{mode} + fedavg, {SECURE}", secure), (f"{mode} + fedavg, {SECURE}, epsilon {EPSILON:g}", private)):
-            curve, reported = run_coordinated(scenario_config(model, split, scale, mode, extra=extra), shards, labels, start)
+            cfg = scenario_config(model, split, scale, mode, personalization=fine_tune, extra=extra)
+            curve, reported, rows = run_coordinated(cfg, shards, labels, start)
             curve[-1]["coordinator"] = reported
             methods[name] = curve
             print(f"  {model} {split} {name}: accuracy {curve[-1]['accuracy']:.3f}", flush=True)
+            if fine_tune != "none":
+                personal_name = f"{mode} + fedavg, {PERSONAL_TAGS['finetune']}, {name.split(', ', 1)[1]}"
+                own_start = {k: v for k, v in methods["local-only"][0].items() if k != "round"}
+                methods[personal_name] = claimed_personal_curve(rows, own_start)
+                print(f"  {model} {split} {personal_name}: accuracy {methods[personal_name][-1]['accuracy']:.3f}", flush=True)
     return settings
 
 
@@ -344,7 +366,7 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[str], per
         curve = run_federated(scenario_config(model, split, scale, personalization=personalization), shards, labels, start)
         methods[name] = [{"round": 0, **methods["local-only"][0]}] + [{"round": row["round"], **row["personal"]} for row in curve[1:]]
         print(f"  {model} {split} {name}: accuracy {methods[name][-1]['accuracy']:.3f}", flush=True)
-    private = secure_cells(model, split, scale, secure, shards, labels, start, methods) if secure else None
+    private = secure_cells(model, split, scale, secure, shards, labels, start, methods, personal) if secure else None
 
     return {
         "model": model,
@@ -398,7 +420,7 @@ def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Best federated method against centralised and local-only training, on settled accuracy."""
     final = {name: settled(rows) for name, rows in methods.items()}
-    federated = {name: row for name, row in final.items() if name not in ("centralised", "local-only", *PERSONAL_METHODS.values())}
+    federated = {name: row for name, row in final.items() if name != "centralised" and not own_split(name)}
     best = max(federated, key=lambda name: federated[name]["accuracy"])
     central = final["centralised"]["accuracy"]
     local = final["local-only"]["per_participant_accuracy"]
@@ -422,8 +444,8 @@ def verdict(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def personalised_verdict(final: dict[str, dict[str, Any]], local: list[float]) -> dict[str, Any]:
     """For each personalised method run: its accuracy, and on how many participants' own splits it beats training alone."""
     out: dict[str, Any] = {}
-    for name in PERSONAL_METHODS.values():
-        if name in final:  # runs from before a method existed lack it
+    for name in final:
+        if own_split(name) and name != "local-only":
             personal = final[name]["per_participant_accuracy"]
             out[name] = {
                 "accuracy": final[name]["accuracy"],
@@ -434,7 +456,9 @@ def personalised_verdict(final: dict[str, dict[str, Any]], local: list[float]) -
     return {"personalised": out} if out else {}
 
 
-OWN_SPLIT = ("local-only", *PERSONAL_METHODS.values())  # scored by each participant on its own split only
+def own_split(name: str) -> bool:
+    """Whether a method is scored by each participant on its own split only: local-only and every personalisation."""
+    return name == "local-only" or any(tag in name.split(", ") for tag in PERSONAL_TAGS.values())
 
 
 def spread(values: list[float]) -> float:
@@ -461,7 +485,7 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 local = settled(sc["methods"]["local-only"])["per_participant_accuracy"]
                 own = mean["per_participant_accuracy"]
                 per_seed.append({
-                    "accuracy": float(np.average(own, weights=sizes)) if name in OWN_SPLIT else mean["accuracy"],
+                    "accuracy": float(np.average(own, weights=sizes)) if own_split(name) else mean["accuracy"],
                     "final_round": sc["methods"][name][-1]["accuracy"],
                     "against_local_only": [int(np.sign(o - lo)) for o, lo in zip(own, local)] if name != "centralised" else [],
                 })
@@ -485,7 +509,7 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def targets(group: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 28's targets on one (model, task, split), over seeds: each a dict with `met` and the numbers behind it."""
     methods, majority = group["methods"], group["majority"]
-    global_names = [n for n in methods if n not in ("centralised", *OWN_SPLIT)]
+    global_names = [n for n in methods if n != "centralised" and not own_split(n)]
     out = []
     if group["linear_baseline"] - majority >= MARGIN:
         below = [n for n in global_names if methods[n]["mean"] < majority + MARGIN]
@@ -497,7 +521,7 @@ def targets(group: dict[str, Any]) -> list[dict[str, Any]]:
         why = (f"the linear baseline ({group['linear_baseline']:.3f}) is not {MARGIN:g} above the majority ({majority:.3f})"
                if math.isfinite(group["linear_baseline"] - majority) else "the run recorded no majority class or linear baseline")
         out.append({"target": f"every federated mode >= majority + {MARGIN:g}", "met": None, "detail": f"not applicable: {why}"})
-    personal = [n for n in methods if n in PERSONAL_METHODS.values()]
+    personal = [n for n in methods if own_split(n) and n != "local-only"]
     if personal and "local-only" in methods:
         best = max(personal, key=lambda n: methods[n]["mean"])
         signs = [s for seed in methods[best]["seeds"] for s in seed["against_local_only"]]

@@ -144,6 +144,13 @@ def exchange(grid: Grid, nodes: list[int], content: RecordDict, message_type: st
     return {node: replies.get(node) for node in nodes}
 
 
+def site_claims(participant: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One site's evaluation as it reported it: its own split's scores, global and personalised, and its
+    count. Shown per site (who gains from its personalised adapter), never averaged or acted on unchecked."""
+    scores = {key: value for key, value in metrics.items() if key.startswith("eval_") and isinstance(value, (int, float))}
+    return {"participant": participant, "examples": metrics.get("num-examples"), **scores}
+
+
 def majority_accuracy(label_counts: list[Any], classes: int) -> dict[str, float]:
     """The held-out accuracy of always answering the commonest class, from the sites' label counts.
 
@@ -307,7 +314,7 @@ class Coordinator:
         rng = np.random.default_rng([self.cfg.federation.seed, server_round, 0xBAD])
         return as_sent(members, attack_updates({m.name: m.vector for m in members}, malicious, self.attack, rng, Knowledge.of(self.cfg)))
 
-    def evaluate(self, nodes: list[int], server_round: int) -> dict[str, float]:
+    def evaluate(self, nodes: list[int], server_round: int) -> dict[str, Any]:
         eligible = [node for node in nodes if not self.excluded(self.name(node))]
         nodes = self.evaluated = evaluation_nodes(eligible, self.evaluated, self.cfg.federation.eval_participants, self.cfg.federation.seed)
         replies = exchange(grid=self.grid, nodes=nodes, content=self._content(server_round), message_type="evaluate", server_round=server_round, timeout_s=self.cfg.federation.timeout_s)
@@ -325,9 +332,10 @@ class Coordinator:
         rows = [metrics for _, metrics in reports]
         if not rows:
             return {"eval_loss": float("nan"), "eval_accuracy": float("nan")}
-        result = self.averaged(reports, "eval_", server_round)
+        result: dict[str, Any] = self.averaged(reports, "eval_", server_round)
         if self.cfg.federation.personalization != "none":  # each site's personalisation of the same global adapter
             result |= self.averaged(reports, "eval_personal_", server_round)
+        result["participant_evaluations"] = [site_claims(name, metrics) for name, metrics in reports]
         return result | majority_accuracy([m.get("eval_label_counts") for m in rows], len(self.cfg.data.label_names or []))
 
     def averaged(self, reports: list[tuple[str, dict[str, Any]]], prefix: str, server_round: int) -> dict[str, float]:

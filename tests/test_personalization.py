@@ -10,6 +10,7 @@ import pytest
 from coordinator.local_grid import LocalGrid
 from coordinator.rounds import Coordinator
 from fedlora.adapter import adapter_vector, load_peft_dir
+from fedlora.aggregate.weights import score_average
 from fedlora.config import ConfigError, load_config
 from participant.app import app
 from participant.personal import keep_latest, personalise
@@ -30,6 +31,12 @@ def test_every_evaluation_reports_the_personalised_adapter_beside_the_global_one
     for row in rows:
         assert 0.0 <= row["eval_personal_accuracy"] <= 1.0 and np.isfinite(row["eval_personal_loss"])
         assert row["eval_personal_loss"] != row["eval_loss"]  # a fine-tune of it, not the global adapter again
+        sites = row["participant_evaluations"]  # each site's own claims, beside the averages made from them
+        assert [s["participant"] for s in sites] == [f"participant-{p}" for p in range(3)]
+        counts = [s["examples"] for s in sites]
+        for key in ("eval_accuracy", "eval_personal_accuracy"):
+            average, _ = score_average([s[key] for s in sites], counts, cfg.robust.weighting, cfg.robust.weight_cap)
+            assert row[key] == pytest.approx(average)
     plain = Coordinator(load_config(None, [*SMALL, "data.partition=dirichlet:0.3"]), tmp_path / "plain").run(LocalGrid(app, nodes(cfg.federation.participants)))
     assert [row["eval_loss"] for row in rows] == pytest.approx([row["eval_loss"] for row in plain])  # the aggregate never sees it
     assert not any("eval_personal_loss" in row for row in plain)
