@@ -2,7 +2,8 @@
 
 On non-IID splits of built-in clinical tasks (`--tasks`: Dirichlet alpha=0.3 label skew, and a
 natural split by a column of each task's own, `TASKS`), for the pretrained MiniLM encoder
-(classification) and the built-in tiny Llama (generation), on an NF4 base, at equal local compute:
+(classification) and the built-in tiny Llama (generation, or `tiny-llama-head`: with a classification
+head), on an NF4 base, at equal local compute:
 
 - centralised: one LoRA trained on the pooled training records, `participants x local_steps`
   steps per round (the whole federation's compute), scored on every participant's test split;
@@ -13,12 +14,17 @@ natural split by a column of each task's own, `TASKS`), for the pretrained MiniL
 - personalised (`federation.personalization`), each scored by every participant on its own split
   and reported like local-only: `finetune:<local_steps>` (each round, every participant fine-tunes
   the fedavg global adapter on its own records, `participant.personal.personalise`), `local-head`
-  (each participant keeps its own classification head; MiniLM only) and `local-b` (FedSA-LoRA:
+  (each participant keeps its own classification head; models with a head) and `local-b` (FedSA-LoRA:
   lora_A shared, each participant's lora_B its own), all over fedavg;
 - secure (`--secure MODE`, default frozen-a, the mode every secure or private run relies on): the
   same federation through `federation.run_federation` (the real Coordinator, SecAgg+ stages and
   participant ClientApp) with `secagg.enabled=true`, once without DP and once at user-level
-  epsilon 8 (delta 1e-5) with distributed DP, every round's global adapter scored like the others.
+  epsilon 8 (delta 1e-5) with distributed DP, every round's global adapter scored like the others;
+  with `finetune` in `--personal`, the sites fine-tune in those runs too and report their
+  personalised scores every round (the coordinator's `participant_evaluations`), another method each.
+
+`--federated` takes settings of one method after commas (`frozen-a+fedavg,lora.frozen_a_gain=8`),
+so a sweep of one mode's settings is one command; `--lr` sets every method's `train.lr`.
 
 The in-process methods run in this one process, without Ray, through the same functions the Flower
 apps call: `participant.runtime.train_round` (start, train, upload), `fedlora.aggregate.aggregate_round`
@@ -72,9 +78,11 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = {
     "minilm": ["model.name=builtin:minilm", "model.task=classification"],
     "tiny-llama": ["model.name=builtin:tiny-llama", "model.task=generation"],
+    # the same NF4 base with a classification head (clean_cost.py's model): a site can keep its head (local-head)
+    "tiny-llama-head": ["model.name=builtin:tiny-llama", "model.task=classification"],
 }
-# Built-in tasks (fedlora/data.py BUILTIN_TASKS) -> the column of their natural split: three tables, two and three classes.
-TASKS = {"hypertension": "Age", "stress": "headache", "cardiovascular": "age"}
+# Built-in tasks (fedlora/data.py BUILTIN_TASKS) -> the column of their natural split: four tables, two and three classes.
+TASKS = {"hypertension": "Age", "stress": "headache", "cardiovascular": "age", "glaucoma": "age"}
 SPLITS = ["dirichlet:0.3", "natural"]  # "natural": the task's own column in TASKS
 FEDERATED = [(mode, opt) for mode in ("fedavg", "frozen-a", "exact") for opt in ("fedavg", "fedadam")]
 TARGET_SHARE = 0.95
@@ -107,10 +115,10 @@ class Scale:
 
 
 # Per model, so each gets enough steps to leave the majority class: a MiniLM step costs ~10x a tiny-Llama step.
-FULL = {"minilm": Scale(rounds=10, local_steps=15), "tiny-llama": Scale(rounds=10, local_steps=40)}
+FULL = {"minilm": Scale(rounds=10, local_steps=15), "tiny-llama": Scale(rounds=10, local_steps=40), "tiny-llama-head": Scale(rounds=10, local_steps=40)}
 # The smoke run covers NF4 through tiny Llama; MiniLM's NF4 step costs 2-3x and would triple its minutes.
 QUICK = {model: Scale(participants=3, rounds=2, local_steps=2, batch_size=4, max_examples=150, quantization=q)
-         for model, q in (("minilm", "none"), ("tiny-llama", "nf4"))}
+         for model, q in (("minilm", "none"), ("tiny-llama", "nf4"), ("tiny-llama-head", "nf4"))}
 
 
 def scenario_config(
