@@ -41,7 +41,7 @@ and seeds: `examples/robust.toml`, `examples/robust-secure.toml` and `examples/d
 lora.mode=fedavg). Every attack of `fedlora.attacks` (`library_attacks`) at every share of
 attackers; attacks a config refuses (alie and alie-auto under secure aggregation) show as n/a.
 Size: 15 participants (the files' own; the DP file's buckets of 5 need 15 for the 3 units its
-geometric median requires), every one in every round, 5 rounds of 10 local steps. Clean stress
+geometric median requires; `dp-robust-secure@50` runs it at its own 50, `GRID_OWN_SIZE`), every one in every round, 5 rounds of 10 local steps. Clean stress
 runs reach about 0.91 at the final round (majority 0.36). The number is the final round's
 held-out accuracy. Cells go to benchmarks/results/robustness-grid.json, keyed by
 task/split/seed/config/file sha/attack/share; a cell that crashed is run again next time.
@@ -173,12 +173,18 @@ GRID_CONFIGS: dict[str, str | None] = {  # None: the clean reference, the plain 
     "robust": "examples/robust.toml",
     "robust-secure": "examples/robust-secure.toml",
     "dp-robust-secure": "examples/dp-robust-secure.toml",
+    "dp-robust-secure@50": "examples/dp-robust-secure.toml",  # at the file's own size: 10 buckets of 5
 }
+# Configs run at a federation size of their own instead of GRID_PARTICIPANTS: the DP file is sized for
+# 50 participants (at 15, three noisy bucket sums are too few to learn from, so its drops say nothing).
+GRID_OWN_SIZE = {"dp-robust-secure@50": 50}
+LEARNS_MARGIN = 5.0  # points above the majority class a clean run must end, or its drops measure nothing
 ATTACK_ARGS = {"scaling": "10", "gaussian": "0.1", "ipm": "5", "count-inflation": "1000"}  # those a spec needs
 GRID_SPLITS = ["iid", "dirichlet:0.3"]
 CLEAN_GAP_TARGET = 3.0  # points behind fedavg's clean run, final round
 # (config, attacker share, the most points the worst attack may take from the config's clean run)
-GRID_TARGETS = [("robust", 0.2, 2.0), ("robust", 0.33, 5.0), ("robust-secure", 0.2, 3.0), ("dp-robust-secure", 0.2, 5.0)]
+GRID_TARGETS = [("robust", 0.2, 2.0), ("robust", 0.33, 5.0), ("robust-secure", 0.2, 3.0), ("dp-robust-secure", 0.2, 5.0),
+                ("dp-robust-secure@50", 0.2, 5.0)]
 
 
 def library_attacks() -> list[str]:
@@ -210,7 +216,9 @@ class GridCell:
 
         own = CONFIGS["fedavg"][1] if self.config == "fedavg" else []
         attack = [] if self.attack is None else [f"simulation.adversaries={self.fraction}", f"simulation.attack={self.attack}"]
-        return [*COMMON, *GRID_SIZE, *TASKS[self.task], f"data.partition={self.split}", f"federation.seed={self.seed}", *own, *attack]
+        size = GRID_OWN_SIZE.get(self.config)
+        own_size = [] if size is None else [f"federation.participants={size}", f"federation.min_participants={size // 2}"]
+        return [*COMMON, *GRID_SIZE, *own_size, *TASKS[self.task], f"data.partition={self.split}", f"federation.seed={self.seed}", *own, *attack]
 
 
 def config_sha(config: str) -> str:
@@ -248,10 +256,12 @@ def summarise_grid(cells: list[dict[str, Any]], shas: dict[str, str]) -> dict[tu
     Final-round accuracy; cells of an older example file (sha not in `shas`) left out."""
     current = [c for c in cells if c["sha"] == shas.get(c["config"], c["sha"])]
     clean = {(c["task"], c["split"], c["config"], c["seed"]): c["final_accuracy"] for c in current if c["attack"] is None and "final_accuracy" in c}
+    majority = {(c["task"], c["split"], c["seed"]): c["majority_accuracy"] for c in current if "majority_accuracy" in c}
     out: dict[tuple, dict[str, Any]] = {}
     for (task, split, config, seed), accuracy in sorted(clean.items()):
-        row = out.setdefault((task, split, config), {"clean": {}, "gap": {}, "drops": {}})
+        row = out.setdefault((task, split, config), {"clean": {}, "gap": {}, "drops": {}, "majority": {}})
         row["clean"][seed] = accuracy
+        row["majority"][seed] = majority.get((task, split, seed), math.nan)
         if (task, split, "fedavg", seed) in clean:
             row["gap"][seed] = 100 * (clean[(task, split, "fedavg", seed)] - accuracy)
     for c in current:
@@ -288,7 +298,10 @@ def grid_verdicts(summary: dict[tuple, dict[str, Any]], attacks: list[str]) -> l
             if ran != set(attacks):
                 incomplete.append(f"{task} / {split}")
             found.append(worst[1])
-            if worst[1] > limit:
+            lift = 100 * mean_sd([row["clean"][s] - row["majority"][s] for s in row["clean"]])[0]
+            if lift < LEARNS_MARGIN:  # nothing learnt, so nothing to lose: not a pass (NaN: no majority recorded)
+                misses.append(f"{task} / {split}: the clean run ends {lift:+.1f} points from the majority class")
+            elif worst[1] > limit:
                 misses.append(f"{task} / {split}: {worst[1]:+.1f} ({worst[0]})")
         head = f"- `{GRID_CONFIGS[config]}` at {fraction:.0%} attackers, worst drop <= {limit:g} points: "
         if not found:

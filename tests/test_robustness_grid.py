@@ -17,7 +17,8 @@ SHAS = {"fedavg": "", "robust": "aaa", "robust-secure": "bbb"}
 
 
 def cell(config: str, seed: int, accuracy: float | None, attack: str | None = None, fraction: float = 0.0, sha: str | None = None) -> dict[str, Any]:
-    out = {"task": TASK, "split": SPLIT, "seed": seed, "config": config, "sha": SHAS[config] if sha is None else sha, "attack": attack, "fraction": fraction}
+    out = {"task": TASK, "split": SPLIT, "seed": seed, "config": config, "sha": SHAS[config] if sha is None else sha, "attack": attack,
+           "fraction": fraction, "majority_accuracy": 0.36}
     return out | ({"refused": "needs the honest updates"} if accuracy is None else {"final_accuracy": accuracy})
 
 
@@ -56,3 +57,14 @@ def test_verdicts_name_the_miss_and_what_was_not_measured() -> None:
     assert "not measured" in lines[2]  # robust at 33%
     assert "robust-secure.toml` at 20%" in lines[3] and "**missed**" in lines[3] and "+10.0 (ipm:5)" in lines[3]
     assert "not measured" in lines[4]  # the DP config
+
+
+def test_a_config_whose_clean_run_learns_nothing_misses_its_target_whatever_it_drops() -> None:
+    """At the majority class there is nothing to lose: a 1-point drop is no evidence of robustness."""
+    shas = SHAS | {"dp-robust-secure": "ccc"}
+    flat = [{**cell("fedavg", 0, 0.90), "sha": ""},
+            {**cell("fedavg", 0, 0.37), "config": "dp-robust-secure", "sha": "ccc"},
+            {**cell("fedavg", 0, 0.36, "ipm:5", 0.2), "config": "dp-robust-secure", "sha": "ccc"}]
+    lines = robustness.grid_verdicts(robustness.summarise_grid(flat, shas), ["ipm:5"])
+    dp = next(line for line in lines if "dp-robust-secure.toml` at 20%" in line)
+    assert "**missed**" in dp and "the clean run ends +1.0 points from the majority class" in dp
