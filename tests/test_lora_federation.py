@@ -63,6 +63,22 @@ def test_frozen_a_rescales_the_seeded_a_to_its_gain_and_other_modes_keep_pefts_i
         np.testing.assert_allclose(a, factor * peft_init[name], rtol=1e-5, atol=1e-7)  # the same seeded directions
 
 
+def test_an_unset_gain_is_smaller_under_user_level_dp_and_a_set_one_always_wins() -> None:
+    """Under user-level DP the gain amplifies the noise on B in the model as much as the signal, so
+    an unset gain resolves to FROZEN_A_GAIN_UNDER_DP there; config.toml records the resolved value."""
+    import tomllib
+
+    from fedlora.config import FROZEN_A_GAIN, FROZEN_A_GAIN_UNDER_DP, build_config
+
+    assert FROZEN_A_GAIN_UNDER_DP < FROZEN_A_GAIN
+    assert load_config(None, ["secagg.enabled=true"]).lora.frozen_a_gain == FROZEN_A_GAIN  # masking adds no noise
+    private = load_config(None, ["privacy.noise_multiplier=1.0"])
+    assert private.lora.mode == "frozen-a" and private.lora.frozen_a_gain == FROZEN_A_GAIN_UNDER_DP
+    assert build_config(tomllib.loads(private.to_toml())).to_toml() == private.to_toml()  # what a site rebuilds
+    assert load_config(None, ["privacy.noise_multiplier=1.0", "lora.frozen_a_gain=3"]).lora.frozen_a_gain == 3.0
+    assert load_config(None, ["privacy.local_noise_multiplier=1.0"]).lora.frozen_a_gain == FROZEN_A_GAIN  # DP-SGD: on gradients
+
+
 @pytest.fixture(scope="module")
 def frozen_a_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     cfg = load_config(None, SMALL + ["lora.mode=frozen-a", "federation.server_optimizer=fedadam"])
