@@ -303,7 +303,8 @@ def grid_verdicts(summary: dict[tuple, dict[str, Any]], attacks: list[str]) -> l
                 misses.append(f"{task} / {split}: the clean run ends {lift:+.1f} points from the majority class")
             elif worst[1] > limit:
                 misses.append(f"{task} / {split}: {worst[1]:+.1f} ({worst[0]})")
-        head = f"- `{GRID_CONFIGS[config]}` at {fraction:.0%} attackers, worst drop <= {limit:g} points: "
+        size = f" at {GRID_OWN_SIZE[config]} participants" if config in GRID_OWN_SIZE else ""
+        head = f"- `{GRID_CONFIGS[config]}`{size} at {fraction:.0%} attackers, worst drop <= {limit:g} points: "
         if not found:
             lines.append(head + "not measured")
             continue
