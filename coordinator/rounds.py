@@ -58,6 +58,10 @@ from participant.runtime import label_names_for
 log = logging.getLogger("fedlora.coordinator")
 
 GENERATION_SCORES = tuple(GENERATION_LABELS.values())  # sent by participant/app.py for free-form answers only
+# What a site's evaluation reply may show of itself (`site_claims`): the scores `averaged` reads, global and personalised.
+SITE_SCORES = frozenset(
+    key.replace("eval_", prefix, 1) for prefix in ("eval_", "eval_personal_") for key in ("eval_loss", "eval_accuracy", "eval_generated", *GENERATION_SCORES)
+)
 
 
 @dataclass
@@ -147,7 +151,7 @@ def exchange(grid: Grid, nodes: list[int], content: RecordDict, message_type: st
 def site_claims(participant: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """One site's evaluation as it reported it: its own split's scores, global and personalised, and its
     count. Shown per site (who gains from its personalised adapter), never averaged or acted on unchecked."""
-    scores = {key: value for key, value in metrics.items() if key.startswith("eval_") and isinstance(value, (int, float))}
+    scores = {key: value for key, value in metrics.items() if key in SITE_SCORES and isinstance(value, (int, float))}
     return {"participant": participant, "examples": metrics.get("num-examples"), **scores}
 
 

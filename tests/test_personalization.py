@@ -83,7 +83,7 @@ def test_a_site_lying_about_its_personal_scores_or_losses_cannot_corrupt_the_ave
 
     from fedlora.aggregate.weights import claimed_average
 
-    lies = {0: {"eval_personal_accuracy": 7.0}, 1: {"eval_personal_loss": -3.0, "eval_loss": math.inf}}
+    lies = {0: {"eval_personal_accuracy": 7.0, "eval_invented": 5.0}, 1: {"eval_personal_loss": -3.0, "eval_loss": math.inf}}
     reported: dict[int, dict] = {}
     lying_app = lying_evaluator(lies, reported)
     cfg = load_config(None, [*FINETUNE, "federation.rounds=1", "train.local_steps=1", "federation.personalization=finetune:2"])
@@ -93,3 +93,6 @@ def test_a_site_lying_about_its_personal_scores_or_losses_cannot_corrupt_the_ave
         honest = claimed_average([m[key] for m in kept], [m["num-examples"] for m in kept], "capped", 2.0)
         assert rows[-1][key] == pytest.approx(honest, rel=1e-9), key
     assert 0.0 <= rows[-1]["eval_personal_accuracy"] <= 1.0 and rows[-1]["eval_personal_loss"] >= 0.0
+    shown = {site["participant"]: site for site in rows[-1]["participant_evaluations"]}
+    assert shown["participant-0"]["eval_personal_accuracy"] == 7.0  # the lie is shown as its claim...
+    assert "eval_invented" not in shown["participant-0"]  # ...but a key no evaluation sends is not kept
