@@ -21,7 +21,8 @@ head), on an NF4 base, at equal local compute:
   participant ClientApp) with `secagg.enabled=true`, once without DP and once at user-level
   epsilon 8 (delta 1e-5) with distributed DP, every round's global adapter scored like the others;
   with `finetune` in `--personal`, the sites fine-tune in those runs too and report their
-  personalised scores every round (the coordinator's `participant_evaluations`), another method each.
+  personalised scores every round (the coordinator's `participant_evaluations`), another method each;
+  with `--record-level`, once more at sample-level epsilon 8: DP-SGD at every site (`record_level_noise`).
 
 `--federated` takes settings of one method after commas (`frozen-a+fedavg,lora.frozen_a_gain=8`),
 so a sweep of one mode's settings is one command; `--lr` sets every method's `train.lr`.
@@ -91,7 +92,8 @@ PERSONAL_METHODS = {kind: f"fedavg + fedavg, {tag}" for kind, tag in PERSONAL_TA
 PERSONALISED = PERSONAL_METHODS["finetune"]  # each participant's fine-tune of the global adapter, on its own split
 SETTLED_ROUNDS = 3  # verdicts use the mean of the last rounds: a single round's accuracy swings by up to 0.2
 SECURE = "secure aggregation"
-EPSILON = 8.0  # the private cell's user-level epsilon, at DELTA over the run's rounds with every participant in every round
+EPSILON = 8.0  # the private cells' epsilon at DELTA over the run: user-level (every participant in every round), and record-level
+RECORD_LEVEL = "record-level"  # the DP-SGD cell's tag (--record-level)
 DELTA = 1e-5
 CLIP_SHARE = 0.55  # DP clip norm / median honest update norm, benchmarks/privacy.py's rule: every update is clipped
 MARGIN = 0.05  # targets: 5 points above the majority class where the linear baseline is 5 points above it
@@ -263,6 +265,8 @@ def run_coordinated(
     reported = {
         "rounds_applied": sum(bool(r.get("applied", True)) for r in trained),
         "epsilon": trained[-1].get("epsilon", math.inf) if trained else math.inf,
+        # sample-level, the largest any site reported after its last round (its last evaluation's fine-tune comes after)
+        **({"local_epsilon": max(trained[-1]["local_epsilon"].values())} if trained and "local_epsilon" in trained[-1] else {}),
         "coordinator_eval_accuracy": rows[-1].get("eval_accuracy", math.nan),
     }
     return curve, reported, rows
@@ -281,8 +285,23 @@ def claimed_personal_curve(rows: list[dict[str, Any]], start: dict[str, Any]) ->
     return curve
 
 
+def record_level_noise(shards: list[Shard], scale: Scale, fine_tune_steps: int) -> dict[str, Any]:
+    """DP-SGD's noise multiplier giving every site sample-level epsilon EPSILON at DELTA over the whole run: each
+    round's local steps and, with a fine-tune, one fine-tune per evaluation (rounds + 1: round 0 is evaluated too),
+    at the smallest site's sampling rate, whose epsilon is the largest. Opacus's RDP search, the accountant the
+    sites charge (fedlora/privacy/local_dp.py)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedlora.privacy.local_dp import sample_rate
+
+    rate = max(sample_rate(scale.batch_size, len(s.train)) for s in shards)
+    steps = scale.rounds * scale.local_steps + (scale.rounds + 1) * fine_tune_steps
+    noise = get_noise_multiplier(target_epsilon=EPSILON, target_delta=DELTA, sample_rate=rate, steps=steps, accountant="rdp")
+    return {"epsilon": EPSILON, "delta": DELTA, "sample_rate": rate, "steps": steps, "noise_multiplier": round(float(noise), 4)}
+
+
 def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards: list[Shard], labels: list[str], start: dict[str, Any],
-                 methods: dict[str, list[dict[str, Any]]], personal: list[str]) -> dict[str, Any]:
+                 methods: dict[str, list[dict[str, Any]]], personal: list[str], record_level: bool = False) -> dict[str, Any]:
     """Each mode under secure aggregation (one secure sum per round, default clip norm) and then at epsilon 8;
     with `finetune` in `personal`, the same runs also fine-tune at every site and evaluate every round, and each
     site's personalised score on its own split, as it reported it, is a method of its own. (The fine-tune
@@ -293,7 +312,12 @@ def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards:
     round (q = 1, no amplification); the noise multiplier is `noise_for_budget`'s for epsilon 8 over the rounds,
     the clip norm CLIP_SHARE times the median honest update norm of the same mode's in-process run here (as
     benchmarks/privacy.py chooses it from no-DP runs): chosen from the data, so it is a benchmark's choice, not a
-    private one."""
+    private one.
+
+    With `record_level`, also at sample-level epsilon 8 (`record_level_noise`): each site trains (and fine-tunes) with
+    DP-SGD under secure aggregation, so what is protected is each patient's record rather than each site's whole
+    table, the unit a consortium of a few hospitals can afford (with four sites, user-level noise of std z C swamps
+    a sum of four updates of norm at most C). Each site also enforces the budget itself (privacy.local_epsilon_budget)."""
     from fedlora.privacy.accountant import noise_for_budget
 
     fine_tune = f"finetune:{scale.local_steps}" if "finetune" in personal else "none"
@@ -307,7 +331,14 @@ def secure_cells(model: str, split: str, scale: Scale, modes: list[str], shards:
         clip_norm = round(CLIP_SHARE * float(np.median([n for row in honest[1:] for n in row["update_norms"]])), 4)
         settings["clip_norms"][mode] = clip_norm
         private = (*secure, f"robust.clip_norm={clip_norm}", f"privacy.noise_multiplier={noise}", f"privacy.delta={DELTA}")
-        for name, extra in ((f"{mode} + fedavg, {SECURE}", secure), (f"{mode} + fedavg, {SECURE}, epsilon {EPSILON:g}", private)):
+        cells = [(f"{mode} + fedavg, {SECURE}", secure), (f"{mode} + fedavg, {SECURE}, epsilon {EPSILON:g}", private)]
+        if record_level:
+            sgd = settings["record_level"] = record_level_noise(shards, scale, scale.local_steps if fine_tune != "none" else 0)
+            cells.append((f"{mode} + fedavg, {SECURE}, {RECORD_LEVEL} epsilon {EPSILON:g}", (
+                *secure, f"privacy.local_noise_multiplier={sgd['noise_multiplier']}", f"privacy.local_delta={DELTA}",
+                f"privacy.local_epsilon_budget={EPSILON}",
+            )))
+        for name, extra in cells:
             cfg = scenario_config(model, split, scale, mode, personalization=fine_tune, extra=extra)
             curve, reported, rows = run_coordinated(cfg, shards, labels, start)
             curve[-1]["coordinator"] = reported
@@ -332,7 +363,8 @@ def reference_points(cfg: Config, shards: list[Shard]) -> dict[str, float]:
     return {"majority": Counter(tests).most_common(1)[0][1] / len(tests), "linear_baseline": baseline.accuracy}
 
 
-def run_scenario(model: str, split: str, scale: Scale, federated: list[str], personal: list[str], secure: list[str]) -> dict[str, Any]:
+def run_scenario(model: str, split: str, scale: Scale, federated: list[str], personal: list[str], secure: list[str],
+                 record_level: bool = False) -> dict[str, Any]:
     started = time.monotonic()
     base = scenario_config(model, split, scale)
     shards, labels = shards_for(base)
@@ -374,7 +406,7 @@ def run_scenario(model: str, split: str, scale: Scale, federated: list[str], per
         curve = run_federated(scenario_config(model, split, scale, personalization=personalization), shards, labels, start)
         methods[name] = [{"round": 0, **methods["local-only"][0]}] + [{"round": row["round"], **row["personal"]} for row in curve[1:]]
         print(f"  {model} {split} {name}: accuracy {methods[name][-1]['accuracy']:.3f}", flush=True)
-    private = secure_cells(model, split, scale, secure, shards, labels, start, methods, personal) if secure else None
+    private = secure_cells(model, split, scale, secure, shards, labels, start, methods, personal, record_level) if secure else None
 
     return {
         "model": model,
@@ -408,14 +440,14 @@ def method_name(spec: str) -> str:
     return ", ".join([f"{mode} + {server}", *settings])
 
 
-def scenario_job(job: tuple[str, str, Scale, int, list[str], list[str], list[str]]) -> dict[str, Any]:
+def scenario_job(job: tuple[str, str, Scale, int, list[str], list[str], list[str], bool]) -> dict[str, Any]:
     """One scenario in a worker process with its own torch thread count."""
     import torch
 
-    model, split, scale, threads, federated, personal, secure = job
+    model, split, scale, threads, federated, personal, secure, record_level = job
     torch.set_num_threads(threads)
     print(f"{model} / {scale.dataset} / {split} / seed {scale.seed} ...", flush=True)
-    return run_scenario(model, split, scale, federated, personal, secure)
+    return run_scenario(model, split, scale, federated, personal, secure, record_level)
 
 
 def settled(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -666,6 +698,8 @@ def main() -> None:
     parser.add_argument("--secure", nargs="*", default=["frozen-a"], choices=["frozen-a", "fedavg"], metavar="MODE",
                         help=f"lora modes also run through the real Coordinator under secure aggregation, and at epsilon {EPSILON:g} "
                         "(default frozen-a; each needs MODE+fedavg in --federated; none: --secure with no value)")
+    parser.add_argument("--record-level", action="store_true",
+                        help=f"each --secure mode also at sample-level epsilon {EPSILON:g}: DP-SGD at every site under secure aggregation")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="federation seeds: one scenario each (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel processes (default 2, one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: with several "
@@ -690,7 +724,7 @@ def main() -> None:
         method_parts(spec)  # a malformed spec fails before any scenario runs
     jobs = [
         (model, f"natural:{TASKS[task]}" if split == "natural" else split, replace(scales[model], seed=seed, dataset=task),
-         args.threads, federated, args.personal, args.secure)
+         args.threads, federated, args.personal, args.secure, args.record_level)
         for seed in args.seeds for task in args.tasks for model in args.models for split in args.splits
     ]
     results: list[dict[str, Any]] = []  # each scenario records its own scale

@@ -276,7 +276,8 @@ class FederationSection:
         "(lora.mode='fedavg' only). Each evaluated site scores its personalised adapter on its held-out split "
         "(eval_personal_* beside eval_*). Only the shared part is ever aggregated, so every option composes with "
         "secure aggregation and DP; the site's own part stays at the site (a deployed site keeps its latest "
-        "personalised adapter under personal/<run>/ in its directory).",
+        "personalised adapter under personal/<run>/ in its directory). Under sample-level DP-SGD the fine-tune is "
+        "DP-SGD too, charged to the site's accountant (its scores leave the site), and skipped past its budget.",
         "none",
     )
 
@@ -950,12 +951,6 @@ class Config:
             "train.fedprox_mu",
             "FedProx's proximal term is not part of DP-SGD's per-example gradients; set train.fedprox_mu=0 "
             "or privacy.local_noise_multiplier=0",
-        )
-        _require(
-            not (p.local_noise_multiplier > 0 and self.federation.personalization_steps),
-            "federation.personalization",
-            "its fine-tuning steps would spend sample-level epsilon that privacy.local_epsilon_budget does not account; "
-            "set federation.personalization='none' or privacy.local_noise_multiplier=0",
         )
         _require(
             not (p.local_noise_multiplier > 0 and self.lora.mode == "sb"),

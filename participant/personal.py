@@ -1,7 +1,10 @@
 """Personalised adapters (`federation.personalization`): what each site serves its own patients.
 
 - `finetune:<steps>`: the global adapter fine-tuned for a few steps on the site's own training
-  records at evaluation time; the next round starts from the global adapter again.
+  records at evaluation time; the next round starts from the global adapter again. Under sample-level
+  DP-SGD (privacy.local_noise_multiplier) the fine-tune is DP-SGD too, charged to the site's own
+  accountant like a round's steps: its adapter stays here, but its scores leave, and they depend on
+  the records it fine-tuned on. A fine-tune that would pass privacy.local_epsilon_budget is skipped.
 - `local-head` / `local-b`: a split adapter (fedlora/aggregate/split.py). The site's own tensors
   (the head, or lora_B) train in every round and never leave: they are kept in `context.state`
   between the messages of a run and, at a deployed site, in its latest personalised adapter,
@@ -18,8 +21,10 @@ directory, a plain PEFT adapter.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,7 +36,14 @@ from fedlora.aggregate.split import SPLITS, local_layout
 from fedlora.config import Config
 from fedlora.evaluate import EvalResult, evaluate
 from fedlora.train import train_local
-from participant.runtime import ParticipantRuntime, local_seed, round_train, training_examples
+from participant.runtime import (
+    ParticipantRuntime, load_local_accountant, local_seed, planned_local_epsilon, round_train, save_local_accountant, training_examples,
+)
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
+
+log = logging.getLogger("fedlora.participant")
 
 PERSONAL = "personal"
 OWN_PART = "fedlora.own_part"  # context.state ArrayRecord: this site's own tensors (a split's local part, a distiller's adapter)
@@ -55,20 +67,42 @@ def personalise(
         personal = runtime.layout.put(global_vector, local_layout(runtime.layout, cfg.federation.personalization), own)
         load_adapter_vector(runtime.loaded.model, personal, runtime.layout)
     else:
-        load_adapter_vector(runtime.loaded.model, global_vector, runtime.layout)
         steps = dataclasses.replace(round_train(cfg, server_round), local_steps=cfg.federation.personalization_steps)
-        with aggregator_for(cfg).training(runtime.loaded.model):  # the mode's trainable part, as in a round (sb: R only)
-            train_local(
-                runtime.loaded.model, runtime.loaded.tokenizer, training_examples(cfg, runtime), steps, cfg.model.task,
-                runtime.loaded.label_names, cfg.data.max_length, seed=local_seed(cfg, server_round, runtime.partition_id) + 1,
-                prompt_format=runtime.loaded.prompt_format,
-            )
+        examples = training_examples(cfg, runtime)
+        accountant = load_local_accountant(cfg, runtime) if cfg.privacy.local_noise_multiplier > 0 else None
+        if accountant is not None and fine_tune_past_budget(cfg, accountant, len(examples), steps.local_steps, runtime.partition_id):
+            return None
+        load_adapter_vector(runtime.loaded.model, global_vector, runtime.layout)
+        try:
+            with aggregator_for(cfg).training(runtime.loaded.model):  # the mode's trainable part, as in a round (sb: R only)
+                train_local(
+                    runtime.loaded.model, runtime.loaded.tokenizer, examples, steps, cfg.model.task,
+                    runtime.loaded.label_names, cfg.data.max_length, seed=local_seed(cfg, server_round, runtime.partition_id) + 1,
+                    privacy=cfg.privacy, accountant=accountant, prompt_format=runtime.loaded.prompt_format,
+                )
+        finally:  # steps taken count even if the fine-tune then fails
+            if accountant is not None:
+                save_local_accountant(cfg, runtime, accountant)
         personal, _ = adapter_vector(runtime.loaded.model)
     result = evaluate(
         runtime.loaded.model, runtime.loaded.tokenizer, runtime.shard.test, cfg.model.task, runtime.loaded.label_names,
         cfg.data.max_length, generation=cfg.evaluation, prompt_format=runtime.loaded.prompt_format,
     )
     return personal, result
+
+
+def fine_tune_past_budget(cfg: Config, accountant: RDPAccountant, records: int, steps: int, partition_id: int) -> bool:
+    """Whether the fine-tune's DP-SGD steps would take the site past privacy.local_epsilon_budget: then it is
+    skipped (the site's personalised adapter is the global one), so that budget stays for the rounds' training."""
+    budget = cfg.privacy.local_epsilon_budget
+    planned = planned_local_epsilon(cfg, accountant, records, steps)
+    if budget > 0 and planned > budget:
+        log.warning(
+            "participant %d skips its personal fine-tune: its %d DP-SGD steps would bring sample-level epsilon to %.4g, "
+            "past privacy.local_epsilon_budget=%g; its personalised adapter is the global one", partition_id, steps, planned, budget,
+        )
+        return True
+    return False
 
 
 def own_part(context: Context, runtime: ParticipantRuntime, cfg: Config, run_id: int) -> np.ndarray | None:

@@ -169,13 +169,17 @@ def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]
     return bad.examples(runtime.shard.train, runtime.loaded.label_names, cfg.federation.seed + runtime.partition_id)
 
 
+def planned_local_epsilon(cfg: Config, accountant: RDPAccountant, records: int, steps: int) -> float:
+    """Sample-level epsilon this site will have spent once `steps` more DP-SGD steps over `records` are taken."""
+    from fedlora.privacy import local_dp
+
+    return local_dp.epsilon_after(accountant, cfg.privacy, local_dp.sample_rate(cfg.train.batch_size, records), steps)
+
+
 def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, runtime: ParticipantRuntime, server_round: int) -> None:
     """Raise before training when this round's DP-SGD steps would take epsilon past the local budget."""
     budget = cfg.privacy.local_epsilon_budget
-    from fedlora.privacy import local_dp
-
-    rate = local_dp.sample_rate(cfg.train.batch_size, records)
-    planned = local_dp.epsilon_after(accountant, cfg.privacy, rate, cfg.train.local_steps)
+    planned = planned_local_epsilon(cfg, accountant, records, cfg.train.local_steps)
     if budget > 0 and planned > budget:
         spent = accountant.get_epsilon(delta=cfg.privacy.local_delta)
         raise refuse(

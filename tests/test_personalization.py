@@ -14,7 +14,8 @@ from fedlora.aggregate.weights import score_average
 from fedlora.config import ConfigError, load_config
 from participant.app import app
 from participant.personal import keep_latest, personalise
-from participant.runtime import get_runtime
+from fedlora.privacy.local_dp import sample_rate
+from participant.runtime import get_runtime, load_local_accountant
 from tests.conftest import SMALL, lying_evaluator
 
 FINETUNE = [*SMALL, "federation.personalization=finetune:6", "data.partition=dirichlet:0.3"]
@@ -68,11 +69,29 @@ def test_the_fine_tune_starts_from_the_global_adapter_and_stays_at_the_site(tmp_
 
 
 @pytest.mark.parametrize("spec", ["finetune", "finetune:0", "adapt:3"])
-def test_a_bad_personalization_or_one_with_sample_level_dp_is_refused(spec: str) -> None:
+def test_a_bad_personalization_is_refused(spec: str) -> None:
     with pytest.raises(ConfigError, match="federation.personalization"):
         load_config(None, [f"federation.personalization={spec}"])
-    with pytest.raises(ConfigError, match="federation.personalization"):
-        load_config(None, ["federation.personalization=finetune:3", "privacy.local_noise_multiplier=1.0"])
+
+
+def test_under_dp_sgd_the_fine_tune_is_dp_sgd_charged_to_the_site_and_skipped_past_its_budget() -> None:
+    """Its scores leave the site, so the fine-tune's steps are private and accounted like a round's: each
+    fine-tune steps the site's own accountant (noise from the OS, so two differ), and one that would pass
+    privacy.local_epsilon_budget is not run (the personalised adapter is then the global one)."""
+    dp = [*FINETUNE, "privacy.local_noise_multiplier=1.0", "federation.seed=9173"]  # a seed of its own: its own accountant
+    cfg = load_config(None, dp)
+    runtime = get_runtime(cfg, nodes(3)[1])
+    global_vector, _ = adapter_vector(runtime.loaded.model)
+    personal, _ = personalise(runtime, cfg, global_vector, server_round=1)
+    rate = sample_rate(cfg.train.batch_size, len(runtime.shard.train))
+    assert load_local_accountant(cfg, runtime).history == [(1.0, rate, 6)]
+    again, _ = personalise(runtime, cfg, global_vector, server_round=1)
+    assert not np.array_equal(personal, again)  # the same start and seed: only DP-SGD's noise differs
+    spent = load_local_accountant(cfg, runtime)
+    assert spent.history == [(1.0, rate, 12)]
+    tight = load_config(None, [*dp, f"privacy.local_epsilon_budget={spent.get_epsilon(cfg.privacy.local_delta) * 1.01}"])
+    assert personalise(runtime, tight, global_vector, server_round=2) is None
+    assert load_local_accountant(cfg, runtime).history == [(1.0, rate, 12)]  # nothing spent on a fine-tune not run
 
 
 def test_a_site_lying_about_its_personal_scores_or_losses_cannot_corrupt_the_averages(tmp_path: Path) -> None:
