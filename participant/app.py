@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     extra = {"own_part": own} if split else {}
     if cfg.distillation.enabled:  # the soft targets the instruction carried, and in prediction-only the site's own adapter
         extra |= {"soft_targets": instruction.soft_targets, "kept": own if cfg.distillation.prediction_only else None}
-    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, **extra)
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, **extra, node_state=context.state)
     if keeps_own:
         personal.keep_own_part(context, runtime, cfg, msg.metadata.run_id, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
@@ -157,7 +157,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         from participant import personal
 
         own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if cfg.federation.personalization in PERSONAL_SPLITS else None
-        personalised = personal.personalise(runtime, cfg, instruction.vector, instruction.server_round, own)
+        personalised = personal.personalise(runtime, cfg, instruction.vector, instruction.server_round, own, node_state=context.state)
         metrics |= scores(personalised[1] if personalised else result, "eval_personal_")  # none yet: it is the global one
         if personalised and runtime.site is not None:
             personal.keep_latest(runtime.site, msg.metadata.run_id, instruction.server_round, personalised[0], runtime)

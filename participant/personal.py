@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector, load_peft_dir, save_peft_dir
 from fedlora.aggregate import aggregator_for
@@ -56,11 +56,13 @@ def kept_layout(layout: AdapterLayout, cfg: Config) -> AdapterLayout:
 
 
 def personalise(
-    runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int, own: np.ndarray | None = None
+    runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int, own: np.ndarray | None = None,
+    node_state: RecordDict | None = None,
 ) -> tuple[np.ndarray, EvalResult] | None:
     """This site's personalised adapter for `global_vector` and its held-out result: the global adapter
     fine-tuned (finetune:<steps>) or with the site's own tensors `own` put in (a split adapter); None for
-    a split adapter before the site first trained (its personalised adapter is the global one)."""
+    a split adapter before the site first trained, or a fine-tune past the DP-SGD budget (its personalised
+    adapter is then the global one). `node_state`: where a simulated site keeps its accountant (`train_round`)."""
     if cfg.federation.personalization in SPLITS:
         if own is None:
             return None
@@ -69,7 +71,7 @@ def personalise(
     else:
         steps = dataclasses.replace(round_train(cfg, server_round), local_steps=cfg.federation.personalization_steps)
         examples = training_examples(cfg, runtime)
-        accountant = load_local_accountant(cfg, runtime) if cfg.privacy.local_noise_multiplier > 0 else None
+        accountant = load_local_accountant(cfg, runtime, node_state) if cfg.privacy.local_noise_multiplier > 0 else None
         if accountant is not None and fine_tune_past_budget(cfg, accountant, len(examples), steps.local_steps, runtime.partition_id):
             return None
         load_adapter_vector(runtime.loaded.model, global_vector, runtime.layout)
@@ -82,7 +84,7 @@ def personalise(
                 )
         finally:  # steps taken count even if the fine-tune then fails
             if accountant is not None:
-                save_local_accountant(cfg, runtime, accountant)
+                save_local_accountant(cfg, runtime, accountant, node_state)
         personal, _ = adapter_vector(runtime.loaded.model)
     result = evaluate(
         runtime.loaded.model, runtime.loaded.tokenizer, runtime.shard.test, cfg.model.task, runtime.loaded.label_names,

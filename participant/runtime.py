@@ -8,19 +8,25 @@ may hold one model per LoRA rank it serves (its own rank for training, lora.r fo
 the global adapter).
 
 With local DP-SGD a participant also keeps its privacy accountant: the sample-level epsilon it
-has spent on its records across rounds. In simulation that state lives in this process
-(`_ACCOUNTANTS`); a deployed participant keeps it in its own directory (accountant.json,
-replaced atomically), so neither a restart nor Flower's one process per message forgets it.
+has spent on its records across rounds. A deployed participant keeps it in its own directory
+(accountant.json, replaced atomically), so neither a restart nor Flower's one process per message
+forgets it. A simulated one keeps it in its node's Flower state (`context.state`), which Flower
+holds per node and run whichever worker process serves a message: kept in a worker's memory, a
+site served by two workers would forget what the other charged. Only code that calls
+`train_round` in one process for every participant (benchmarks, tests) passes no node state, and
+then this process's memory (`_ACCOUNTANTS`) holds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.adapter import AdapterLayout, adapter_vector, check_vector, load_adapter_vector
 from fedlora.aggregate import aggregator_for
@@ -54,8 +60,10 @@ class ParticipantRuntime:
 
 _MODEL: dict[tuple, tuple[LoadedModel, AdapterLayout, np.ndarray]] = {}
 _SHARDS: dict[tuple, tuple[Shard, int]] = {}
-# Opacus RDPAccountant state_dicts (plain data: a list of (z, q, steps)), one per participant's records.
+# Opacus RDPAccountant state_dicts (plain data: a list of (z, q, steps)), one per participant's records,
+# for callers that pass no node state (module docstring).
 _ACCOUNTANTS: dict[tuple, dict] = {}
+LOCAL_ACCOUNTANT = "fedlora.local_accountant"  # context.state ConfigRecord: a simulated site's accountant, as JSON
 _PUBLIC: dict[tuple, list[Example]] = {}  # public prompts (distillation), per file and run
 
 
@@ -136,16 +144,24 @@ def accountant_key(cfg: Config, runtime: ParticipantRuntime) -> tuple:
     return (repr(cfg.data), cfg.federation.seed, cfg.federation.participants, runtime.partition_id)
 
 
-def load_local_accountant(cfg: Config, runtime: ParticipantRuntime) -> RDPAccountant:
-    state = read_json(runtime.site / "accountant.json") if runtime.site else _ACCOUNTANTS.get(accountant_key(cfg, runtime))
+def load_local_accountant(cfg: Config, runtime: ParticipantRuntime, node_state: RecordDict | None = None) -> RDPAccountant:
+    """This site's accountant: from its directory, else its node's Flower state, else this process (module docstring)."""
+    if runtime.site:
+        state = read_json(runtime.site / "accountant.json")
+    elif node_state is not None:
+        state = json.loads(str(node_state[LOCAL_ACCOUNTANT]["state"])) if LOCAL_ACCOUNTANT in node_state else None
+    else:
+        state = _ACCOUNTANTS.get(accountant_key(cfg, runtime))
     from fedlora.privacy import local_dp
 
     return local_dp.load_accountant(state)
 
 
-def save_local_accountant(cfg: Config, runtime: ParticipantRuntime, accountant: RDPAccountant) -> None:
+def save_local_accountant(cfg: Config, runtime: ParticipantRuntime, accountant: RDPAccountant, node_state: RecordDict | None = None) -> None:
     if runtime.site:
         write_json_atomic(runtime.site / "accountant.json", accountant.state_dict())
+    elif node_state is not None:
+        node_state[LOCAL_ACCOUNTANT] = ConfigRecord({"state": json.dumps(accountant.state_dict())})
     else:
         _ACCOUNTANTS[accountant_key(cfg, runtime)] = accountant.state_dict()
 
@@ -219,6 +235,7 @@ def checked_soft_targets(targets: np.ndarray | None, prompts: int, classes: int)
 def train_round(
     runtime: ParticipantRuntime, cfg: Config, global_vector: np.ndarray, server_round: int,
     own_part: np.ndarray | None = None, soft_targets: np.ndarray | None = None, kept: np.ndarray | None = None,
+    node_state: RecordDict | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """One round on this participant: start from the global adapter, train, return (upload, metrics).
 
@@ -230,6 +247,7 @@ def train_round(
     With [distillation] the upload ends with the prediction block on the public prompts (fedlora/distill.py),
     and training adds the distillation term towards `soft_targets` (none in round 1). In the prediction-only
     variant the site starts from its own adapter `kept` (the global one the first time) and sends the block alone.
+    `node_state` (the node's `context.state`) holds a simulated site's DP-SGD accountant (module docstring).
     """
     from fedlora.distill import PublicTargets, adapter_clip, encode_block, predict
 
@@ -251,7 +269,7 @@ def train_round(
     examples = training_examples(cfg, runtime)
     accountant = None
     if cfg.privacy.local_noise_multiplier > 0:
-        accountant = load_local_accountant(cfg, runtime)
+        accountant = load_local_accountant(cfg, runtime, node_state)
         refuse_past_budget(cfg, accountant, len(examples), runtime, server_round)
     public = PublicTargets(prompts, targets, distill.weight, distill.temperature) if targets is not None and distill.weight > 0 else None
     try:
@@ -272,7 +290,7 @@ def train_round(
             )
     finally:  # steps taken count even if the round then fails
         if accountant is not None:
-            save_local_accountant(cfg, runtime, accountant)
+            save_local_accountant(cfg, runtime, accountant, node_state)
     trained, _ = adapter_vector(runtime.loaded.model)
     if distill.prediction_only:  # no parameters leave the site
         upload = np.zeros(0, dtype=np.float32)

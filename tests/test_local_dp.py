@@ -165,3 +165,31 @@ def test_a_participant_refuses_to_train_past_its_local_epsilon_budget(participan
     assert f"{eps1:.4g}" in str(refused.value)
     (state,) = runtime._ACCOUNTANTS.values()
     assert state["history"] == [(1.0, q, steps)]  # the refused round spent nothing
+
+
+class FreshWorkerEachMessage(dict):
+    """A worker process's memory when Flower serves every message of a site from another worker: nothing stays."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+@pytest.mark.slow  # a whole federation
+def test_a_simulated_sites_spending_survives_being_served_by_another_worker(tmp_path, monkeypatch) -> None:
+    """Flower's simulation may run one site's messages in different worker processes, so a site's accountant lives
+    in its node state: its epsilon counts every round's and every fine-tune's steps whichever process ran them."""
+    from coordinator.local_grid import LocalGrid
+    from coordinator.rounds import Coordinator
+    from participant.app import app
+
+    monkeypatch.setattr(runtime, "_ACCOUNTANTS", FreshWorkerEachMessage())
+    cfg = dp_config("federation.personalization=finetune:3")
+    nodes = {p + 1: {"partition-id": p, "num-partitions": 3} for p in range(3)}
+    rows = Coordinator(cfg, tmp_path).run(LocalGrid(app, nodes))
+    steps, fine_tune = cfg.train.local_steps, cfg.federation.personalization_steps
+    for p, node in nodes.items():
+        q = local_dp.sample_rate(cfg.train.batch_size, len(runtime.get_runtime(cfg, node).shard.train))
+        # round r's reply: the fine-tunes of evaluations 0 .. r-1 and the training of rounds 1 .. r, all at rate q
+        expected = [opacus_epsilon(1.0, q, r * (steps + fine_tune), cfg.privacy.local_delta) for r in (1, 2)]
+        reported = [row["local_epsilon"][f"participant-{p - 1}"] for row in rows[1:3]]
+        assert reported == pytest.approx(expected, rel=1e-9)
