@@ -62,6 +62,8 @@ GENERATION_SCORES = tuple(GENERATION_LABELS.values())  # sent by participant/app
 SITE_SCORES = frozenset(
     key.replace("eval_", prefix, 1) for prefix in ("eval_", "eval_personal_") for key in ("eval_loss", "eval_accuracy", "eval_generated", *GENERATION_SCORES)
 )
+# ... and, after a fine-tune under DP-SGD, the sample-level epsilon it has spent (that fine-tune included).
+SITE_CLAIMS = SITE_SCORES | {"local_epsilon"}
 
 
 @dataclass
@@ -151,7 +153,7 @@ def exchange(grid: Grid, nodes: list[int], content: RecordDict, message_type: st
 def site_claims(participant: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """One site's evaluation as it reported it: its own split's scores, global and personalised, and its
     count. Shown per site (who gains from its personalised adapter), never averaged or acted on unchecked."""
-    scores = {key: value for key, value in metrics.items() if key in SITE_SCORES and isinstance(value, (int, float))}
+    scores = {key: value for key, value in metrics.items() if key in SITE_CLAIMS and isinstance(value, (int, float))}
     return {"participant": participant, "examples": metrics.get("num-examples"), **scores}
 
 

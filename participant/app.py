@@ -159,6 +159,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if cfg.federation.personalization in PERSONAL_SPLITS else None
         personalised = personal.personalise(runtime, cfg, instruction.vector, instruction.server_round, own, node_state=context.state)
         metrics |= scores(personalised[1] if personalised else result, "eval_personal_")  # none yet: it is the global one
+        if cfg.privacy.local_noise_multiplier > 0 and cfg.federation.personalization_steps:  # what the site has spent, its fine-tunes included
+            from participant.runtime import load_local_accountant
+
+            metrics["local_epsilon"] = load_local_accountant(cfg, runtime, context.state).get_epsilon(delta=cfg.privacy.local_delta)
         if personalised and runtime.site is not None:
             personal.keep_latest(runtime.site, msg.metadata.run_id, instruction.server_round, personalised[0], runtime)
     return Message(reply_content(metrics), reply_to=msg)

@@ -193,3 +193,6 @@ def test_a_simulated_sites_spending_survives_being_served_by_another_worker(tmp_
         expected = [opacus_epsilon(1.0, q, r * (steps + fine_tune), cfg.privacy.local_delta) for r in (1, 2)]
         reported = [row["local_epsilon"][f"participant-{p - 1}"] for row in rows[1:3]]
         assert reported == pytest.approx(expected, rel=1e-9)
+        # its evaluation replies show it too, the last one with the last fine-tune (never followed by training)
+        (last,) = [site for site in rows[2]["participant_evaluations"] if site["participant"] == f"participant-{p - 1}"]
+        assert last["local_epsilon"] == pytest.approx(opacus_epsilon(1.0, q, 2 * (steps + fine_tune) + fine_tune, cfg.privacy.local_delta), rel=1e-9)
