@@ -307,7 +307,7 @@ def privacy_note(cfg: Config, noise_std: float) -> str:
             f"distributed DP: every unit is a noisy bucket sum (noise std per coordinate up to {noise_std:.3g} in the sum), so the values "
             "are post-processing of what the run already released to the coordinator and spend no further epsilon; the noise is in them"
         )
-    if cfg.privacy.local_noise_multiplier > 0:
+    if cfg.privacy.sample_level:
         notes.append("local DP-SGD: each update is sample-level private, and values computed from it are post-processing")
     return "; ".join(notes) or "no DP"
 

@@ -281,6 +281,10 @@ class FederationSection:
         "none",
     )
 
+    def evaluated_rounds(self) -> int:
+        """How many evaluations a run of `rounds` makes: round 0, every eval_every-th round and the last."""
+        return len({0, self.rounds} | set(range(self.eval_every, self.rounds + 1, self.eval_every)))
+
     @property
     def personalization_steps(self) -> int:
         """Local fine-tuning steps of `personalization` (0 = no fine-tuning)."""
@@ -579,6 +583,13 @@ class PrivacySection:
         "privacy.local_max_grad_norm (0 = off).",
         0.0,
     )
+    local_epsilon_target: float = _help(
+        "Sample-level DP-SGD, calibrated per site: each participant derives its own local_noise_multiplier so that the "
+        "run's planned steps on its records (every round's local steps and every evaluation's personal fine-tune) "
+        "spend at most this epsilon at local_delta, and refuses past it. A small site gets more noise, a large one "
+        "less, where one multiplier for all is set by the smallest. 0 = off; set it or local_noise_multiplier.",
+        0.0,
+    )
     local_max_grad_norm: float = _help("DP-SGD per-example gradient clip.", 1.0)
     local_delta: float = _help("Target delta of each participant's sample-level guarantee; below 1 / its records.", 1e-5)
     local_epsilon_budget: float = _help(
@@ -586,6 +597,11 @@ class PrivacySection:
         "exceed it (0 = no budget; epsilon is still reported).",
         0.0,
     )
+
+    @property
+    def sample_level(self) -> bool:
+        """Whether participants train with DP-SGD (a multiplier for all, or one each from a target epsilon)."""
+        return self.local_noise_multiplier > 0 or self.local_epsilon_target > 0
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
@@ -596,6 +612,15 @@ class PrivacySection:
             f"must be >= 0, got {self.local_noise_multiplier}",
         )
         _require(0.0 < self.local_delta < 1.0, "privacy.local_delta", "must be in (0, 1)")
+        _require(
+            math.isfinite(self.local_epsilon_target) and self.local_epsilon_target >= 0,
+            "privacy.local_epsilon_target", f"must be >= 0, got {self.local_epsilon_target}",
+        )
+        _require(
+            not (self.local_epsilon_target > 0 and self.local_noise_multiplier > 0),
+            "privacy.local_epsilon_target",
+            "each site derives its own noise multiplier from it; set privacy.local_noise_multiplier=0 (or the target to 0)",
+        )
         _require(self.epsilon_budget >= 0.0, "privacy.epsilon_budget", "must be >= 0")
         _require(self.local_epsilon_budget >= 0.0, "privacy.local_epsilon_budget", "must be >= 0")
         _require(0.0 <= self.dropout_margin < 1.0, "privacy.dropout_margin", f"must be in [0, 1), got {self.dropout_margin}")
@@ -842,7 +867,7 @@ class Config:
                 "set federation.personalization='none' or distillation.variant='with-averaging'",
             )
         _require(
-            self.privacy.local_noise_multiplier == 0,
+            not self.privacy.sample_level,
             "distillation.public_data",
             "the distillation term's public batches are not part of DP-SGD's per-example accounting; "
             "set privacy.local_noise_multiplier=0 (user-level DP, privacy.noise_multiplier, covers the predictions sent)",
@@ -947,19 +972,19 @@ class Config:
         """User-level DP needs a bounded-sensitivity rule, a linear mode, a sane delta and a feasible budget."""
         p, fed = self.privacy, self.federation
         _require(
-            not (p.local_noise_multiplier > 0 and self.train.fedprox_mu > 0),
+            not (p.sample_level and self.train.fedprox_mu > 0),
             "train.fedprox_mu",
             "FedProx's proximal term is not part of DP-SGD's per-example gradients; set train.fedprox_mu=0 "
             "or privacy.local_noise_multiplier=0",
         )
         _require(
-            not (p.local_noise_multiplier > 0 and self.lora.mode == "sb"),
+            not (p.sample_level and self.lora.mode == "sb"),
             "lora.mode",
             "'sb' trains R through a parametrisation of lora_B, which Opacus's per-example gradient hooks do not see; "
             "use lora.mode='frozen-a' with privacy.local_noise_multiplier, or user-level DP (privacy.noise_multiplier) with 'sb'",
         )
         _require(
-            not (p.local_noise_multiplier > 0 and self.train.gradient_checkpointing),
+            not (p.sample_level and self.train.gradient_checkpointing),
             "train.gradient_checkpointing",
             "recomputed activations would reach Opacus's per-example gradient hooks twice; set "
             "train.gradient_checkpointing=false or privacy.local_noise_multiplier=0",

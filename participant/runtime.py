@@ -192,6 +192,25 @@ def planned_local_epsilon(cfg: Config, accountant: RDPAccountant, records: int, 
     return local_dp.epsilon_after(accountant, cfg.privacy, local_dp.sample_rate(cfg.train.batch_size, records), steps)
 
 
+def site_privacy(cfg: Config, runtime: ParticipantRuntime) -> Config:
+    """`cfg` with this site's own DP-SGD noise when the run sets privacy.local_epsilon_target: the multiplier at which
+    the run's planned steps on this site's records (every round's local steps and every evaluation's fine-tune, as
+    if it took part in every round) spend the target, which is also its budget (the lower one if the run or the
+    site set a budget too). Unchanged otherwise."""
+    privacy = cfg.privacy
+    if privacy.local_epsilon_target <= 0:
+        return cfg
+    from fedlora.privacy import local_dp
+
+    fed = cfg.federation
+    steps = fed.rounds * cfg.train.local_steps + fed.evaluated_rounds() * fed.personalization_steps
+    rate = local_dp.sample_rate(cfg.train.batch_size, len(training_examples(cfg, runtime)))
+    noise = local_dp.noise_for_target(privacy.local_epsilon_target, privacy.local_delta, rate, steps)
+    budget = min(b for b in (privacy.local_epsilon_target, privacy.local_epsilon_budget) if b > 0)
+    own = dataclasses.replace(privacy, local_noise_multiplier=noise, local_epsilon_target=0.0, local_epsilon_budget=budget)
+    return dataclasses.replace(cfg, privacy=own)
+
+
 def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, runtime: ParticipantRuntime, server_round: int) -> None:
     """Raise before training when this round's DP-SGD steps would take epsilon past the local budget."""
     budget = cfg.privacy.local_epsilon_budget

@@ -196,3 +196,36 @@ def test_a_simulated_sites_spending_survives_being_served_by_another_worker(tmp_
         # its evaluation replies show it too, the last one with the last fine-tune (never followed by training)
         (last,) = [site for site in rows[2]["participant_evaluations"] if site["participant"] == f"participant-{p - 1}"]
         assert last["local_epsilon"] == pytest.approx(opacus_epsilon(1.0, q, 2 * (steps + fine_tune) + fine_tune, cfg.privacy.local_delta), rel=1e-9)
+
+
+def test_under_a_target_epsilon_each_site_derives_its_own_noise_and_spends_at_most_the_target() -> None:
+    """One multiplier for every site is set by the smallest; with privacy.local_epsilon_target each site calibrates
+    its own to its records and the run's planned steps (rounds and fine-tunes), so a larger site adds less noise."""
+    cfg = load_config(None, [*SMALL, "privacy.local_epsilon_target=6", "data.partition=dirichlet:0.3", "federation.personalization=finetune:3"])
+    planned = cfg.federation.rounds * cfg.train.local_steps + (cfg.federation.rounds + 1) * 3
+    sites = []
+    for p in range(3):
+        rt = runtime.get_runtime(cfg, {"partition-id": p, "num-partitions": 3})
+        own = runtime.site_privacy(cfg, rt).privacy
+        q = local_dp.sample_rate(cfg.train.batch_size, len(rt.shard.train))
+        assert own.local_epsilon_budget == 6 and own.local_epsilon_target == 0
+        assert 6 * 0.98 <= opacus_epsilon(own.local_noise_multiplier, q, planned, own.local_delta) <= 6
+        sites.append((len(rt.shard.train), own.local_noise_multiplier))
+    sizes = [size for size, _ in sites]
+    assert len(set(sizes)) == 3  # the skewed split gives the sites different sizes ...
+    assert [noise for _, noise in sorted(sites)] == sorted((noise for _, noise in sites), reverse=True)  # ... the smaller, the noisier
+    assert runtime.site_privacy(dp_config(), rt) == dp_config()  # a multiplier for all stays as it is
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["privacy.local_epsilon_target=-1"], "privacy.local_epsilon_target"),
+        (["privacy.local_epsilon_target=8", "privacy.local_noise_multiplier=1"], "privacy.local_epsilon_target"),
+        (["privacy.local_epsilon_target=8", "lora.mode=sb"], "lora.mode"),
+        (["privacy.local_epsilon_target=8", "train.fedprox_mu=0.1"], "train.fedprox_mu"),
+    ],
+)
+def test_a_target_epsilon_is_checked_like_a_noise_multiplier(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)

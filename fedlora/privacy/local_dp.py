@@ -46,6 +46,14 @@ def sample_rate(batch_size: int, records: int) -> float:
     return min(1.0, batch_size / records)
 
 
+def noise_for_target(epsilon: float, delta: float, rate: float, steps: int) -> float:
+    """The DP-SGD noise multiplier at which `steps` Poisson steps at `rate` spend at most `epsilon` at `delta`
+    (Opacus's search over its RDP accountant, the one every step is charged to)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=rate, steps=steps, accountant="rdp"))
+
+
 def unseeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator seeded from the OS entropy pool: no run seed reproduces its draws."""
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
