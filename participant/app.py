@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
         secure.refuse_replay(context, instruction.config_sha256, instruction.server_round, instruction.adapter_sha256, "a train request")
     refuse_stale(context, instruction.server_round)
     from fedlora.model import weight_format
-    from participant.runtime import get_runtime, site_privacy, train_round
+    from participant.runtime import get_runtime, train_round
 
     site = site_of(dict(context.node_config))
     planned = ledger_charge(cfg)
@@ -83,8 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     extra = {"own_part": own} if split else {}
     if cfg.distillation.enabled:  # the soft targets the instruction carried, and in prediction-only the site's own adapter
         extra |= {"soft_targets": instruction.soft_targets, "kept": own if cfg.distillation.prediction_only else None}
-    # DP-SGD at this site's own noise when the run sets a target epsilon (site_privacy)
-    upload, metrics = train_round(runtime, site_privacy(cfg, runtime), instruction.vector, instruction.server_round, **extra, node_state=context.state)
+    upload, metrics = train_round(runtime, cfg, instruction.vector, instruction.server_round, **extra, node_state=context.state)
     if keeps_own:
         personal.keep_own_part(context, runtime, cfg, msg.metadata.run_id, instruction.server_round)
     trained(instruction.server_round, metrics, time.perf_counter() - started)
@@ -156,13 +155,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         metrics["eval_label_counts"] = result.label_counts
     if cfg.federation.personalization != "none":  # the site's personalised adapter, scored the same way
         from participant import personal
-        from participant.runtime import load_local_accountant, site_privacy
+        from participant.runtime import load_local_accountant
 
         own = personal.own_part(context, runtime, cfg, msg.metadata.run_id) if cfg.federation.personalization in PERSONAL_SPLITS else None
-        private = site_privacy(cfg, runtime)  # this site's own DP-SGD noise under a target epsilon, as in training
-        personalised = personal.personalise(runtime, private, instruction.vector, instruction.server_round, own, node_state=context.state)
+        personalised = personal.personalise(runtime, cfg, instruction.vector, instruction.server_round, own, node_state=context.state)
         metrics |= scores(personalised[1] if personalised else result, "eval_personal_")  # none yet: it is the global one
-        if private.privacy.local_noise_multiplier > 0 and cfg.federation.personalization_steps:  # what the site has spent, its fine-tunes included
+        if cfg.privacy.sample_level and cfg.federation.personalization_steps:  # what the site has spent, its fine-tunes included
             metrics["local_epsilon"] = load_local_accountant(cfg, runtime, context.state).get_epsilon(delta=cfg.privacy.local_delta)
         if personalised and runtime.site is not None:
             personal.keep_latest(runtime.site, msg.metadata.run_id, instruction.server_round, personalised[0], runtime)

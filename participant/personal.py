@@ -37,7 +37,8 @@ from fedlora.config import Config
 from fedlora.evaluate import EvalResult, evaluate
 from fedlora.train import train_local
 from participant.runtime import (
-    ParticipantRuntime, load_local_accountant, local_seed, planned_local_epsilon, round_train, save_local_accountant, training_examples,
+    ParticipantRuntime, load_local_accountant, local_seed, planned_local_epsilon, round_train, save_local_accountant, site_privacy,
+    training_examples,
 )
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def personalise(
         personal = runtime.layout.put(global_vector, local_layout(runtime.layout, cfg.federation.personalization), own)
         load_adapter_vector(runtime.loaded.model, personal, runtime.layout)
     else:
+        cfg = site_privacy(cfg, runtime)  # under a target epsilon, DP-SGD at this site's own noise, as in its rounds
         steps = dataclasses.replace(round_train(cfg, server_round), local_steps=cfg.federation.personalization_steps)
         examples = training_examples(cfg, runtime)
         accountant = load_local_accountant(cfg, runtime, node_state) if cfg.privacy.local_noise_multiplier > 0 else None

@@ -270,6 +270,7 @@ def train_round(
     """
     from fedlora.distill import PublicTargets, adapter_clip, encode_block, predict
 
+    cfg = site_privacy(cfg, runtime)  # under a target epsilon, DP-SGD at this site's own noise
     distill = cfg.distillation
     prompts = public_prompts_for(cfg, runtime, server_round) if distill.enabled else []
     targets = checked_soft_targets(soft_targets, len(prompts), len(runtime.loaded.label_names)) if distill.enabled else None

@@ -275,7 +275,7 @@ def deterministic_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def get_runtime(cfg, node_config: dict, own_rank: bool = False) -> dict:
         return node_config
 
-    def train_round(runtime: dict, cfg, vector: np.ndarray, server_round: int) -> tuple[np.ndarray, dict]:
+    def train_round(runtime: dict, cfg, vector: np.ndarray, server_round: int, **_: object) -> tuple[np.ndarray, dict]:
         update = np.random.default_rng(int(runtime["fake-node"])).normal(size=setup_tests.D).astype(np.float32) * 0.05
         return update, {"num-examples": 50, "train_loss": 0.5}
 

@@ -59,7 +59,7 @@ def fixed_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def get_runtime(cfg: Config, node_config: dict, own_rank: bool = False) -> dict:
         return node_config
 
-    def train_round(runtime: dict, cfg: Config, vector: np.ndarray, server_round: int) -> tuple[np.ndarray, dict]:
+    def train_round(runtime: dict, cfg: Config, vector: np.ndarray, server_round: int, **_: object) -> tuple[np.ndarray, dict]:
         update = np.random.default_rng(int(runtime["fake-node"])).normal(size=D).astype(np.float32) * 0.05
         return update, {"num-examples": 50, "train_loss": 0.5}
 
