@@ -221,13 +221,32 @@ class GridCell:
         return [*COMMON, *GRID_SIZE, *own_size, *TASKS[self.task], f"data.partition={self.split}", f"federation.seed={self.seed}", *own, *attack]
 
 
+# Keys added to the run configuration since the grid's first cells, each off at this default: a file that leaves
+# one there resolves to the configuration its older cells ran, so the hash leaves the line out. A key whose
+# default changes behaviour never goes here: its addition must make old cells stale.
+NEUTRAL_NEW_KEYS = {("privacy", "local_epsilon_target"): "0.0"}
+
+
+def without_neutral_keys(resolved_toml: str) -> str:
+    """`resolved_toml` without the lines of NEUTRAL_NEW_KEYS that hold their neutral default."""
+    kept, section = [], ""
+    for line in resolved_toml.split("\n"):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        key, _, value = line.partition(" = ")
+        if NEUTRAL_NEW_KEYS.get((section, key)) != value:
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def config_sha(config: str) -> str:
     """What a user gets from the example file: the hash of the configuration it resolves to (its text and
-    every default it relies on, e.g. `robust.weighting = "auto"`), so a changed default makes old cells stale."""
+    every default it relies on, e.g. `robust.weighting = "auto"`), so a changed default makes old cells stale;
+    keys added since at their neutral default are left out (`NEUTRAL_NEW_KEYS`)."""
     from fedlora.config import load_config
 
     example = GRID_CONFIGS[config]
-    return hashlib.sha256(load_config(ROOT / example, []).to_toml().encode()).hexdigest()[:12] if example else ""
+    return hashlib.sha256(without_neutral_keys(load_config(ROOT / example, []).to_toml()).encode()).hexdigest()[:12] if example else ""
 
 
 def examples_grid(tasks: list[str], splits: list[str], seeds: list[int], configs: list[str], fractions: list[float], attacks: list[str]) -> list[GridCell]:

@@ -68,3 +68,13 @@ def test_a_config_whose_clean_run_learns_nothing_misses_its_target_whatever_it_d
     lines = robustness.grid_verdicts(robustness.summarise_grid(flat, shas), ["ipm:5"])
     dp = next(line for line in lines if "dp-robust-secure.toml` at 20%" in line)
     assert "**missed**" in dp and "the clean run ends +1.0 points from the majority class" in dp
+
+
+def test_a_key_added_at_its_neutral_default_keeps_old_cells_current_and_any_other_value_makes_them_stale() -> None:
+    from fedlora.config import load_config
+
+    plain = load_config(None, []).to_toml()
+    targeted = load_config(None, ["privacy.local_epsilon_target=8"]).to_toml()
+    assert "local_epsilon_target = 0.0" in plain and "local_epsilon_target" not in robustness.without_neutral_keys(plain)
+    assert robustness.without_neutral_keys(targeted) == targeted  # set: part of what the cells ran
+    assert robustness.without_neutral_keys(plain).count("\n") == plain.count("\n") - 1  # nothing else goes
