@@ -229,3 +229,18 @@ def test_under_a_target_epsilon_each_site_derives_its_own_noise_and_spends_at_mo
 def test_a_target_epsilon_is_checked_like_a_noise_multiplier(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_under_a_target_epsilon_the_rounds_and_the_fine_tune_run_dp_sgd_at_the_sites_own_noise(participant) -> None:
+    """No multiplier is set, so without its own (`site_privacy`) a site would train without any DP."""
+    from participant.personal import personalise
+
+    rt, start = participant
+    cfg = load_config(None, SMALL + ["privacy.local_epsilon_target=6", "federation.personalization=finetune:3"])
+    own = runtime.site_privacy(cfg, rt).privacy
+    q = local_dp.sample_rate(cfg.train.batch_size, len(rt.shard.train))
+    _, metrics = runtime.train_round(rt, cfg, start, server_round=1)
+    assert metrics["local_epsilon"] == pytest.approx(opacus_epsilon(own.local_noise_multiplier, q, cfg.train.local_steps, own.local_delta), rel=1e-9)
+    personalise(rt, cfg, start, server_round=1)
+    (state,) = runtime._ACCOUNTANTS.values()
+    assert state["history"] == [(own.local_noise_multiplier, q, cfg.train.local_steps + 3)]
