@@ -288,15 +288,13 @@ def claimed_personal_curve(rows: list[dict[str, Any]], start: dict[str, Any]) ->
 def record_level_noise(shards: list[Shard], scale: Scale, fine_tune_steps: int) -> dict[str, Any]:
     """DP-SGD's noise multiplier giving every site sample-level epsilon EPSILON at DELTA over the whole run: each
     round's local steps and, with a fine-tune, one fine-tune per evaluation (rounds + 1: round 0 is evaluated too),
-    at the smallest site's sampling rate, whose epsilon is the largest. Opacus's RDP search, the accountant the
-    sites charge (fedlora/privacy/local_dp.py)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    from fedlora.privacy.local_dp import sample_rate
+    at the smallest site's sampling rate, whose epsilon is the largest (`noise_for_target`, the search a site runs
+    for privacy.local_epsilon_target over its own rate)."""
+    from fedlora.privacy.local_dp import noise_for_target, sample_rate
 
     rate = max(sample_rate(scale.batch_size, len(s.train)) for s in shards)
     steps = scale.rounds * scale.local_steps + (scale.rounds + 1) * fine_tune_steps
-    noise = get_noise_multiplier(target_epsilon=EPSILON, target_delta=DELTA, sample_rate=rate, steps=steps, accountant="rdp")
+    noise = noise_for_target(EPSILON, DELTA, rate, steps)
     return {"epsilon": EPSILON, "delta": DELTA, "sample_rate": rate, "steps": steps, "noise_multiplier": round(float(noise), 4)}
 
 

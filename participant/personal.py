@@ -37,7 +37,7 @@ from fedlora.config import Config
 from fedlora.evaluate import EvalResult, evaluate
 from fedlora.train import train_local
 from participant.runtime import (
-    ParticipantRuntime, load_local_accountant, local_seed, planned_local_epsilon, round_train, save_local_accountant, site_privacy,
+    ParticipantRuntime, epsilon_past_budget, load_local_accountant, local_seed, round_train, save_local_accountant, site_privacy,
     training_examples,
 )
 
@@ -98,15 +98,14 @@ def personalise(
 def fine_tune_past_budget(cfg: Config, accountant: RDPAccountant, records: int, steps: int, partition_id: int) -> bool:
     """Whether the fine-tune's DP-SGD steps would take the site past privacy.local_epsilon_budget: then it is
     skipped (the site's personalised adapter is the global one), so that budget stays for the rounds' training."""
-    budget = cfg.privacy.local_epsilon_budget
-    planned = planned_local_epsilon(cfg, accountant, records, steps)
-    if budget > 0 and planned > budget:
+    planned = epsilon_past_budget(cfg, accountant, records, steps)
+    if planned is not None:
         log.warning(
             "participant %d skips its personal fine-tune: its %d DP-SGD steps would bring sample-level epsilon to %.4g, "
-            "past privacy.local_epsilon_budget=%g; its personalised adapter is the global one", partition_id, steps, planned, budget,
+            "past privacy.local_epsilon_budget=%g; its personalised adapter is the global one",
+            partition_id, steps, planned, cfg.privacy.local_epsilon_budget,
         )
-        return True
-    return False
+    return planned is not None
 
 
 def own_part(context: Context, runtime: ParticipantRuntime, cfg: Config, run_id: int) -> np.ndarray | None:

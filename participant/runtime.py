@@ -185,11 +185,14 @@ def training_examples(cfg: Config, runtime: ParticipantRuntime) -> list[Example]
     return bad.examples(runtime.shard.train, runtime.loaded.label_names, cfg.federation.seed + runtime.partition_id)
 
 
-def planned_local_epsilon(cfg: Config, accountant: RDPAccountant, records: int, steps: int) -> float:
-    """Sample-level epsilon this site will have spent once `steps` more DP-SGD steps over `records` are taken."""
+def epsilon_past_budget(cfg: Config, accountant: RDPAccountant, records: int, steps: int) -> float | None:
+    """The sample-level epsilon this site would have spent after `steps` more DP-SGD steps over `records`, when
+    that passes privacy.local_epsilon_budget; None when it does not (or there is no budget)."""
     from fedlora.privacy import local_dp
 
-    return local_dp.epsilon_after(accountant, cfg.privacy, local_dp.sample_rate(cfg.train.batch_size, records), steps)
+    budget = cfg.privacy.local_epsilon_budget
+    planned = local_dp.epsilon_after(accountant, cfg.privacy, local_dp.sample_rate(cfg.train.batch_size, records), steps)
+    return planned if budget > 0 and planned > budget else None
 
 
 def site_privacy(cfg: Config, runtime: ParticipantRuntime) -> Config:
@@ -214,8 +217,8 @@ def site_privacy(cfg: Config, runtime: ParticipantRuntime) -> Config:
 def refuse_past_budget(cfg: Config, accountant: RDPAccountant, records: int, runtime: ParticipantRuntime, server_round: int) -> None:
     """Raise before training when this round's DP-SGD steps would take epsilon past the local budget."""
     budget = cfg.privacy.local_epsilon_budget
-    planned = planned_local_epsilon(cfg, accountant, records, cfg.train.local_steps)
-    if budget > 0 and planned > budget:
+    planned = epsilon_past_budget(cfg, accountant, records, cfg.train.local_steps)
+    if planned is not None:
         spent = accountant.get_epsilon(delta=cfg.privacy.local_delta)
         raise refuse(
             runtime.site,
